@@ -28,3 +28,21 @@ def open_packet(datagram: bytes, header: LongHeader, keys: PacketKeys) -> tuple[
     Packet numbers are returned truncated-decoded against 0 (first flight: no largest acked).
     """
     raise NotImplementedError
+
+
+def seal_initial(
+    keys: PacketKeys,
+    version: int,
+    dcid: bytes,
+    scid: bytes,
+    token: bytes,
+    packet_number: int,
+    payload: bytes,
+    *,
+    pn_len: int = 4,
+) -> bytes:
+    """Build one protected Initial packet (header, encrypted payload, header protection).
+
+    The caller pads ``payload`` (client Initials must fill a 1200-byte datagram).
+    """
+    raise NotImplementedError

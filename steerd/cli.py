@@ -1,15 +1,32 @@
-"""The ``steerd`` command line."""
+"""The ``steerd`` command line.
+
+Each sub-command lives in its own module with ``add_command(subparsers)``, which registers a
+parser whose ``func(args) -> int`` does the work; this file only wires them together, so
+sub-commands can be added without touching each other.
+"""
 
 import argparse
+import importlib
 import sys
+
+COMMAND_MODULES: tuple[str, ...] = (
+    # "steerd.classify",   # steerd classify FILE
+    # "steerd.doctor",     # steerd doctor
+    # "steerd.config",     # steerd check-config FILE
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="steerd", description="QUIC ALPN steering for Linux")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).add_command(sub)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point; sub-commands register themselves in ``build_parser``."""
-    parser = argparse.ArgumentParser(prog="steerd")
-    parser.add_subparsers(dest="command", required=True)
-    parser.parse_args(argv)
-    return 0
+    args = build_parser().parse_args(argv)
+    return int(args.func(args))
 
 
 if __name__ == "__main__":
