@@ -1,33 +1,318 @@
 """Initial packet protection for QUIC v1 (RFC 9001 §5) and v2 (RFC 9369 §3.3).
 
-CONTRACT (stub written first so parallel work can code against it; fill in, keep signatures).
+This is the classifier's hot path: every new connection costs one key derivation, one header
+protection mask and one AEAD open per Initial packet. So:
+
+- HKDF is HMAC-SHA256 built on ``hashlib`` with precomputed pad states: the salt's pads are
+  hashed once at import, a secret's pads once per secret, and each Expand-Label is one
+  ``copy()`` + ``update()`` per pad (cheaper than ``hmac.digest``, which re-keys every call).
+  Every output we need fits one SHA-256 block (<= 32 bytes), so Expand is a single HMAC.
+- ``PacketKeys`` builds its AEAD and header-protection cipher contexts once, so the several
+  Initial packets of one connection reuse them.
+- cryptography (OpenSSL) does the AES work; its exceptions never escape: a failed open is
+  ``QuicError("decrypt_failed")``.
 """
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from hashlib import sha256
 
-from quic.packet import LongHeader
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
+
+from quic.errors import QuicError
+from quic.packet import (
+    VERSION_1,
+    VERSION_2,
+    LongHeader,
+    PacketType,
+    ShortHeader,
+    encode_varint_fixed,
+    long_header_type_bits,
+)
+from quic.varint import encode_varint
+
+AES_128_GCM = "aes-128-gcm"
+CHACHA20_POLY1305 = "chacha20-poly1305"
+SAMPLE_LEN = 16
+TAG_LEN = 16
+MAX_PN_LEN = 4
+
+INITIAL_SALTS = {
+    VERSION_1: bytes.fromhex("38762cf7f55934b34d179ae6a4c80cadccbb7f0a"),
+    VERSION_2: bytes.fromhex("0dede3def700a6db819381be6e269dcbf9bd2ed9"),
+}
+# Label prefix per version: "quic key" / "quicv2 key" etc. (RFC 9369 §3.3.2).
+LABEL_PREFIXES = {VERSION_1: b"quic ", VERSION_2: b"quicv2 "}
+
+_BLOCK = 64  # SHA-256 block size
+_IPAD = bytes(b ^ 0x36 for b in range(256))
+_OPAD = bytes(b ^ 0x5C for b in range(256))
+_ZERO5 = bytes(5)
+
+
+class _HmacKey:
+    """HMAC-SHA256 with the key's inner and outer pad blocks already absorbed."""
+
+    __slots__ = ("inner", "outer")
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) > _BLOCK:
+            key = sha256(key).digest()
+        key = key.ljust(_BLOCK, b"\0")
+        self.inner = sha256(key.translate(_IPAD))
+        self.outer = sha256(key.translate(_OPAD))
+
+    def digest(self, msg: bytes) -> bytes:
+        inner = self.inner.copy()
+        inner.update(msg)
+        outer = self.outer.copy()
+        outer.update(inner.digest())
+        return outer.digest()
+
+
+def hkdf_label_info(label: bytes, length: int, context: bytes = b"") -> bytes:
+    """The HkdfLabel structure of TLS 1.3 (RFC 8446 §7.1) followed by HKDF-Expand's counter 1."""
+    full = b"tls13 " + label
+    return (
+        length.to_bytes(2, "big")
+        + bytes((len(full),))
+        + full
+        + bytes((len(context),))
+        + context
+        + b"\x01"
+    )
+
+
+def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
+    """HKDF-Extract with SHA-256 (RFC 5869 §2.2)."""
+    return _HmacKey(salt).digest(ikm)
+
+
+def hkdf_expand_label(secret: bytes, label: bytes, length: int, context: bytes = b"") -> bytes:
+    """HKDF-Expand-Label with SHA-256 for outputs of at most one hash block (<= 32 bytes)."""
+    if not 0 < length <= 32:
+        raise QuicError("bad_length", f"HKDF-Expand-Label of {length} bytes")
+    return _HmacKey(secret).digest(hkdf_label_info(label, length, context))[:length]
+
+
+_SALT_KEYS = {version: _HmacKey(salt) for version, salt in INITIAL_SALTS.items()}
+_INFO_CLIENT_IN = hkdf_label_info(b"client in", 32)
+_INFO_SERVER_IN = hkdf_label_info(b"server in", 32)
+# (key info, iv info, hp info) per version for the 16-byte AES-128-GCM Initial keys.
+_INITIAL_KIH_INFO = {
+    version: (
+        hkdf_label_info(prefix + b"key", 16),
+        hkdf_label_info(prefix + b"iv", 12),
+        hkdf_label_info(prefix + b"hp", 16),
+    )
+    for version, prefix in LABEL_PREFIXES.items()
+}
 
 
 @dataclass(frozen=True, slots=True)
 class PacketKeys:
-    """AEAD key, IV and header-protection key of one direction."""
+    """AEAD key, IV and header-protection key of one direction.
+
+    The cipher contexts are built once here, not per packet: a connection's Initials (a
+    2-datagram ClientHello, retransmissions) reuse them.
+    """
 
     key: bytes
     iv: bytes
     hp: bytes
+    suite: str = AES_128_GCM
+    _aead: AESGCM | ChaCha20Poly1305 = field(init=False, repr=False, compare=False)
+    _mask: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
+    _iv_int: int = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        try:
+            if self.suite == AES_128_GCM:
+                if len(self.key) != 16 or len(self.hp) != 16:
+                    raise QuicError("bad_key", "AES-128-GCM needs 16-byte key and hp")
+                aead: AESGCM | ChaCha20Poly1305 = AESGCM(self.key)
+                mask = Cipher(algorithms.AES(self.hp), modes.ECB()).encryptor().update
+            elif self.suite == CHACHA20_POLY1305:
+                if len(self.key) != 32 or len(self.hp) != 32:
+                    raise QuicError("bad_key", "ChaCha20-Poly1305 needs 32-byte key and hp")
+                aead = ChaCha20Poly1305(self.key)
+                mask = _chacha20_mask_fn(self.hp)
+            else:
+                raise QuicError("bad_key", f"unknown cipher suite {self.suite!r}")
+        except ValueError as exc:
+            raise QuicError("bad_key", str(exc)) from None
+        if len(self.iv) != 12:
+            raise QuicError("bad_key", f"IV of {len(self.iv)} bytes")
+        object.__setattr__(self, "_aead", aead)
+        object.__setattr__(self, "_mask", mask)
+        object.__setattr__(self, "_iv_int", int.from_bytes(self.iv, "big"))
+
+    def header_mask(self, sample: bytes) -> bytes:
+        """The header-protection mask for a 16-byte sample (RFC 9001 §5.4.3 / §5.4.4)."""
+        return self._mask(sample)[:5]
+
+    def nonce(self, packet_number: int) -> bytes:
+        """IV XOR the left-padded packet number (RFC 9001 §5.3)."""
+        return (self._iv_int ^ packet_number).to_bytes(12, "big")
+
+
+def _chacha20_mask_fn(hp: bytes) -> Callable[[bytes], bytes]:
+    """ChaCha20 header protection: the sample is counter (4 bytes LE) || nonce (12 bytes),
+    exactly the 16-byte nonce cryptography's ChaCha20 takes; mask = keystream over 5 zeros."""
+
+    def mask(sample: bytes) -> bytes:
+        return Cipher(algorithms.ChaCha20(hp, sample), mode=None).encryptor().update(_ZERO5)
+
+    return mask
 
 
 def derive_initial_keys(dcid: bytes, version: int, *, server: bool) -> PacketKeys:
-    """Keys protecting client (``server=False``) or server Initial packets for this DCID."""
-    raise NotImplementedError
+    """Keys protecting client (``server=False``) or server Initial packets for this DCID.
+
+    Anyone can compute these (RFC 9001 §5.2): that is what lets steerd read a ClientHello
+    without holding any TLS key. The DCID is the one of the client's first Initial.
+    """
+    salt_key = _SALT_KEYS.get(version)
+    if salt_key is None:
+        raise QuicError("unsupported_version", f"no Initial salt for version 0x{version:08x}")
+    initial_secret = salt_key.digest(dcid)
+    secret = _HmacKey(initial_secret).digest(_INFO_SERVER_IN if server else _INFO_CLIENT_IN)
+    secret_key = _HmacKey(secret)
+    key_info, iv_info, hp_info = _INITIAL_KIH_INFO[version]
+    return PacketKeys(
+        secret_key.digest(key_info)[:16],
+        secret_key.digest(iv_info)[:12],
+        secret_key.digest(hp_info)[:16],
+    )
 
 
-def open_packet(datagram: bytes, header: LongHeader, keys: PacketKeys) -> tuple[int, bytes]:
+def derive_packet_keys(secret: bytes, version: int, suite: str = AES_128_GCM) -> PacketKeys:
+    """Keys of one direction from a TLS traffic secret (RFC 9001 §5.1), any suite.
+
+    Not needed for Initials (``derive_initial_keys`` is the fast path); it exists so the
+    ChaCha20 vector of RFC 9001 A.5 / RFC 9369 A.5 can be reproduced from its secret.
+    """
+    prefix = LABEL_PREFIXES.get(version)
+    if prefix is None:
+        raise QuicError("unsupported_version", f"no labels for version 0x{version:08x}")
+    key_len = 32 if suite == CHACHA20_POLY1305 else 16
+    secret_key = _HmacKey(secret)
+    return PacketKeys(
+        secret_key.digest(hkdf_label_info(prefix + b"key", key_len))[:key_len],
+        secret_key.digest(hkdf_label_info(prefix + b"iv", 12))[:12],
+        secret_key.digest(hkdf_label_info(prefix + b"hp", key_len))[:key_len],
+        suite,
+    )
+
+
+def decode_packet_number(truncated: int, pn_len: int, expected: int) -> int:
+    """Recover a full packet number from its truncated encoding (RFC 9000 §A.3)."""
+    win = 1 << (8 * pn_len)
+    hwin = win >> 1
+    mask = win - 1
+    candidate = (expected & ~mask) | truncated
+    if candidate <= expected - hwin and candidate < (1 << 62) - win:
+        return candidate + win
+    if candidate > expected + hwin and candidate >= win:
+        return candidate - win
+    return candidate
+
+
+def _unprotect(
+    datagram: bytes,
+    start: int,
+    pn_offset: int,
+    end: int,
+    keys: PacketKeys,
+    first_mask: int,
+    reserved_mask: int,
+    expected_pn: int,
+) -> tuple[int, bytes]:
+    sample_at = pn_offset + MAX_PN_LEN
+    if sample_at + SAMPLE_LEN > end:
+        raise QuicError("too_short", "packet too short to sample for header protection")
+    mask = keys._mask(datagram[sample_at : sample_at + SAMPLE_LEN])
+    first = datagram[start] ^ (mask[0] & first_mask)
+    pn_len = (first & 0x03) + 1
+    payload_at = pn_offset + pn_len
+    truncated = int.from_bytes(datagram[pn_offset:payload_at], "big") ^ int.from_bytes(
+        mask[1 : 1 + pn_len], "big"
+    )
+    aad = b"".join(
+        (bytes((first,)), datagram[start + 1 : pn_offset], truncated.to_bytes(pn_len, "big"))
+    )
+    pn = decode_packet_number(truncated, pn_len, expected_pn)
+    try:
+        payload = keys._aead.decrypt(keys.nonce(pn), datagram[payload_at:end], aad)
+    except (InvalidTag, ValueError, OverflowError):
+        raise QuicError("decrypt_failed", f"AEAD open failed for packet number {pn}") from None
+    # RFC 9000 §17.2/§17.3.1: reserved bits are checked only after a successful open, so an
+    # attacker cannot use them to probe header protection.
+    if first & reserved_mask:
+        raise QuicError("reserved_bits", f"reserved bits set in first byte 0x{first:02x}")
+    return pn, payload
+
+
+def open_packet(
+    datagram: bytes, header: LongHeader, keys: PacketKeys, *, expected_pn: int = 0
+) -> tuple[int, bytes]:
     """Remove header protection and decrypt; return ``(packet_number, plaintext_payload)``.
 
-    Packet numbers are returned truncated-decoded against 0 (first flight: no largest acked).
+    Packet numbers are decoded against ``expected_pn`` (0 by default: a first flight has no
+    largest acknowledged packet, so the truncated value is the packet number).
     """
-    raise NotImplementedError
+    if header.packet_type is None or header.packet_type >= PacketType.RETRY:
+        raise QuicError("not_protected", "Retry, Version Negotiation and unknown versions")
+    return _unprotect(
+        datagram, header.start, header.pn_offset, header.end, keys, 0x0F, 0x0C, expected_pn
+    )
+
+
+def open_short_packet(
+    datagram: bytes, header: ShortHeader, keys: PacketKeys, *, expected_pn: int = 0
+) -> tuple[int, bytes]:
+    """Open a 1-RTT packet (5 header bits protected instead of 4; key phase not handled)."""
+    return _unprotect(
+        datagram,
+        header.pn_offset - len(header.dcid) - 1,
+        header.pn_offset,
+        header.end,
+        keys,
+        0x1F,
+        0x18,
+        expected_pn,
+    )
+
+
+def _protect(
+    keys: PacketKeys,
+    header: bytes,
+    pn_len: int,
+    packet_number: int,
+    payload: bytes,
+    first_mask: int,
+) -> bytes:
+    """AEAD-seal ``payload`` under ``header`` (which ends with the packet number) and apply
+    header protection."""
+    if pn_len + len(payload) + TAG_LEN < MAX_PN_LEN + SAMPLE_LEN:
+        raise QuicError("too_short", "payload too short to sample: pad it")
+    ciphertext = keys._aead.encrypt(keys.nonce(packet_number), payload, header)
+    sample_at = MAX_PN_LEN - pn_len
+    mask = keys._mask(ciphertext[sample_at : sample_at + SAMPLE_LEN])
+    out = bytearray(header)
+    out += ciphertext
+    out[0] ^= mask[0] & first_mask
+    pn_offset = len(header) - pn_len
+    for i in range(pn_len):
+        out[pn_offset + i] ^= mask[1 + i]
+    return bytes(out)
+
+
+def _check_pn_len(pn_len: int) -> None:
+    if not 1 <= pn_len <= MAX_PN_LEN:
+        raise QuicError("bad_pn_len", f"packet number length {pn_len}")
 
 
 def seal_initial(
@@ -40,9 +325,53 @@ def seal_initial(
     payload: bytes,
     *,
     pn_len: int = 4,
+    length_len: int = 2,
 ) -> bytes:
     """Build one protected Initial packet (header, encrypted payload, header protection).
 
-    The caller pads ``payload`` (client Initials must fill a 1200-byte datagram).
+    The caller pads ``payload`` (client Initials must fill a 1200-byte datagram). The Length
+    field is written on ``length_len`` bytes (2 fits any Initial; RFC 9001 A.3 uses 2 too).
+    The packet number is sent as its low ``pn_len`` bytes.
     """
-    raise NotImplementedError
+    _check_pn_len(pn_len)
+    if len(dcid) > 20 or len(scid) > 20:
+        raise QuicError("bad_cid_length", f"DCID {len(dcid)} / SCID {len(scid)} bytes")
+    first = 0xC0 | (long_header_type_bits(version, PacketType.INITIAL) << 4) | (pn_len - 1)
+    header = b"".join(
+        (
+            bytes((first,)),
+            version.to_bytes(4, "big"),
+            bytes((len(dcid),)),
+            dcid,
+            bytes((len(scid),)),
+            scid,
+            encode_varint(len(token)),
+            token,
+            encode_varint_fixed(pn_len + len(payload) + TAG_LEN, length_len),
+            (packet_number & ((1 << (8 * pn_len)) - 1)).to_bytes(pn_len, "big"),
+        )
+    )
+    return _protect(keys, header, pn_len, packet_number, payload, 0x0F)
+
+
+def seal_short(
+    keys: PacketKeys,
+    dcid: bytes,
+    packet_number: int,
+    payload: bytes,
+    *,
+    pn_len: int = 4,
+    key_phase: int = 0,
+    spin: int = 0,
+) -> bytes:
+    """Build one protected 1-RTT (short header) packet (RFC 9000 §17.3.1)."""
+    _check_pn_len(pn_len)
+    first = 0x40 | (spin & 1) << 5 | (key_phase & 1) << 2 | (pn_len - 1)
+    header = b"".join(
+        (
+            bytes((first,)),
+            dcid,
+            (packet_number & ((1 << (8 * pn_len)) - 1)).to_bytes(pn_len, "big"),
+        )
+    )
+    return _protect(keys, header, pn_len, packet_number, payload, 0x1F)

@@ -1,15 +1,27 @@
 """QUIC packet headers: RFC 8999 invariants, RFC 9000 v1 and RFC 9369 v2 long headers.
 
-CONTRACT (stub written first so parallel work can code against it; fill in, keep signatures).
+The classifier sees hostile bytes first, so every parser here checks each length against the
+buffer before slicing and reports failures only as ``QuicError`` with a stable reason
+(``truncated``, ``bad_length``, ``bad_cid_length``, ``fixed_bit_clear``, ``not_long_header``).
+Offsets in the results are datagram offsets so the crypto layer can work in place without
+copying packets out of coalesced datagrams.
 """
 
 from dataclasses import dataclass
 from enum import IntEnum
 
+from quic.errors import QuicError
+from quic.varint import decode_varint
+
+VERSION_NEGOTIATION_VERSION = 0x0000_0000
 VERSION_1 = 0x0000_0001
 VERSION_2 = 0x6B33_43CF
 SUPPORTED_VERSIONS = (VERSION_1, VERSION_2)
 MAX_CID_LEN = 20  # RFC 9000 §17.2; RFC 8999 allows 255 for unknown versions
+RETRY_INTEGRITY_TAG_LEN = 16
+
+LONG_HEADER_BIT = 0x80
+FIXED_BIT = 0x40
 
 
 class PacketType(IntEnum):
@@ -22,28 +34,183 @@ class PacketType(IntEnum):
     VERSION_NEGOTIATION = 4
 
 
+# The two "Long Packet Type" bits (0x30 of the first byte) per version. v2 permutes them
+# (RFC 9369 §3.2) precisely so middleboxes cannot ossify on v1's encoding.
+_TYPES_BY_BITS: dict[int, tuple[PacketType, PacketType, PacketType, PacketType]] = {
+    VERSION_1: (PacketType.INITIAL, PacketType.ZERO_RTT, PacketType.HANDSHAKE, PacketType.RETRY),
+    VERSION_2: (PacketType.RETRY, PacketType.INITIAL, PacketType.ZERO_RTT, PacketType.HANDSHAKE),
+}
+_BITS_BY_TYPE: dict[int, dict[PacketType, int]] = {
+    version: {ptype: bits for bits, ptype in enumerate(types)}
+    for version, types in _TYPES_BY_BITS.items()
+}
+
+
+def long_header_type_bits(version: int, packet_type: PacketType) -> int:
+    """The 2-bit type code of ``packet_type`` in ``version`` (builders need the reverse map)."""
+    try:
+        return _BITS_BY_TYPE[version][packet_type]
+    except KeyError:
+        raise QuicError(
+            "unsupported_version", f"no {packet_type.name} encoding for version 0x{version:08x}"
+        ) from None
+
+
+def is_long_header(first_byte: int) -> bool:
+    """RFC 8999 §5.1: the most significant bit alone tells long from short headers."""
+    return bool(first_byte & LONG_HEADER_BIT)
+
+
 @dataclass(frozen=True, slots=True)
 class LongHeader:
-    """One long-header packet located inside a datagram (offsets are datagram offsets)."""
+    """One long-header packet located inside a datagram (offsets are datagram offsets).
+
+    For a Version Negotiation or unknown-version packet, ``pn_offset`` is the offset just past
+    the SCID (where the version list or the version-specific part begins) and ``end`` is the
+    end of the datagram. For a Retry, ``token`` is the Retry token, ``pn_offset`` is the offset
+    of the 16-byte integrity tag and ``end`` the end of the datagram.
+    """
 
     version: int
     packet_type: PacketType | None  # None for an unknown version (only invariants parsed)
     dcid: bytes
     scid: bytes
-    token: bytes  # Initial only, else b""
+    token: bytes  # Initial and Retry only, else b""
     start: int  # offset of the first byte of this packet in the datagram
     pn_offset: int  # offset of the (protected) packet number field
     end: int  # offset one past this packet (coalesced packets follow)
 
 
 def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
-    """Parse the long header at ``pos``; unknown versions parse only RFC 8999 invariants."""
-    raise NotImplementedError
+    """Parse the long header at ``pos``; unknown versions parse only RFC 8999 invariants.
+
+    Known versions (v1, v2) get full RFC 9000 §17.2 validation: CIDs of at most 20 bytes, the
+    fixed bit set (a client cannot have negotiated grease_quic_bit in its first flight), and a
+    Length field that stays inside the datagram. Unknown versions must still yield their DCID
+    and SCID because Version Negotiation echoes them back (CIDs up to 255 bytes, RFC 8999 §5.1).
+    """
+    n = len(datagram)
+    if pos + 7 > n:
+        raise QuicError("truncated", "long header shorter than its invariant fields")
+    first = datagram[pos]
+    if not first & LONG_HEADER_BIT:
+        raise QuicError("not_long_header", f"first byte 0x{first:02x} at offset {pos}")
+    version = int.from_bytes(datagram[pos + 1 : pos + 5], "big")
+    types = _TYPES_BY_BITS.get(version)
+    max_cid = MAX_CID_LEN if types is not None else 255
+    dcid_len = datagram[pos + 5]
+    if dcid_len > max_cid:
+        raise QuicError("bad_cid_length", f"DCID length {dcid_len} for version 0x{version:08x}")
+    p = pos + 6 + dcid_len
+    if p >= n:
+        raise QuicError("truncated", "packet ends inside the DCID")
+    dcid = datagram[pos + 6 : p]
+    scid_len = datagram[p]
+    if scid_len > max_cid:
+        raise QuicError("bad_cid_length", f"SCID length {scid_len} for version 0x{version:08x}")
+    p += 1
+    if p + scid_len > n:
+        raise QuicError("truncated", "packet ends inside the SCID")
+    scid = datagram[p : p + scid_len]
+    p += scid_len
+
+    if types is None:
+        ptype = PacketType.VERSION_NEGOTIATION if version == VERSION_NEGOTIATION_VERSION else None
+        return LongHeader(version, ptype, dcid, scid, b"", pos, p, n)
+
+    if not first & FIXED_BIT:
+        raise QuicError("fixed_bit_clear", f"first byte 0x{first:02x}")
+    ptype = types[(first >> 4) & 0x03]
+    token = b""
+    if ptype is PacketType.RETRY:
+        tag_at = n - RETRY_INTEGRITY_TAG_LEN
+        if tag_at < p:
+            raise QuicError("truncated", "Retry shorter than its integrity tag")
+        return LongHeader(version, ptype, dcid, scid, datagram[p:tag_at], pos, tag_at, n)
+    if ptype is PacketType.INITIAL:
+        token_len, p = decode_varint(datagram, p)
+        if p + token_len > n:
+            raise QuicError("bad_length", f"token length {token_len} exceeds the datagram")
+        token = datagram[p : p + token_len]
+        p += token_len
+    length, p = decode_varint(datagram, p)
+    end = p + length
+    if end > n:
+        raise QuicError("bad_length", f"Length {length} exceeds the datagram by {end - n}")
+    return LongHeader(version, ptype, dcid, scid, token, pos, p, end)
 
 
 def split_datagram(datagram: bytes) -> list[LongHeader]:
     """Every coalesced long-header packet of a datagram, in order (RFC 9000 §12.2).
 
-    A short-header packet or trailing padding ends the walk.
+    A short-header packet or trailing padding ends the walk: both start with a clear high bit
+    (zero padding after the last packet is how many clients fill 1200 bytes). Packets without
+    a Length field (Retry, Version Negotiation, unknown versions) run to the end of the datagram.
     """
-    raise NotImplementedError
+    packets: list[LongHeader] = []
+    pos = 0
+    n = len(datagram)
+    while pos < n and datagram[pos] & LONG_HEADER_BIT:
+        header = parse_long_header(datagram, pos)
+        packets.append(header)
+        if header.end == n or header.packet_type is None or header.packet_type >= PacketType.RETRY:
+            break
+        pos = header.end
+    return packets
+
+
+def parse_version_negotiation(datagram: bytes) -> tuple[bytes, bytes, list[int]]:
+    """``(dcid, scid, supported_versions)`` of a Version Negotiation packet (RFC 9000 §17.2.1).
+
+    The version list must be whole 4-byte entries and non-empty; anything else is malformed.
+    """
+    header = parse_long_header(datagram)
+    if header.packet_type is not PacketType.VERSION_NEGOTIATION:
+        raise QuicError("not_version_negotiation", f"version 0x{header.version:08x}")
+    body = datagram[header.pn_offset :]
+    if not body or len(body) % 4:
+        raise QuicError("bad_length", f"version list of {len(body)} bytes")
+    versions = [int.from_bytes(body[i : i + 4], "big") for i in range(0, len(body), 4)]
+    return header.dcid, header.scid, versions
+
+
+@dataclass(frozen=True, slots=True)
+class ShortHeader:
+    """A 1-RTT packet: its DCID and where its protected packet number starts."""
+
+    dcid: bytes
+    pn_offset: int
+    end: int
+
+
+def parse_short_header(datagram: bytes, dcid_len: int, pos: int = 0) -> ShortHeader:
+    """Parse a short header whose DCID length the receiver knows (it chose the CID).
+
+    A short-header packet always runs to the end of the datagram (RFC 9000 §12.2).
+    """
+    n = len(datagram)
+    if pos >= n:
+        raise QuicError("truncated", "empty packet")
+    first = datagram[pos]
+    if first & LONG_HEADER_BIT:
+        raise QuicError("not_short_header", f"first byte 0x{first:02x}")
+    if not 0 <= dcid_len <= MAX_CID_LEN:
+        raise QuicError("bad_cid_length", f"DCID length {dcid_len}")
+    pn_offset = pos + 1 + dcid_len
+    if pn_offset >= n:
+        raise QuicError("truncated", "packet ends inside the DCID")
+    return ShortHeader(datagram[pos + 1 : pn_offset], pn_offset, n)
+
+
+def encode_varint_fixed(value: int, size: int) -> bytes:
+    """A varint in exactly ``size`` bytes (1, 2, 4 or 8), not the shortest form.
+
+    Builders want a fixed-size Length field so the header can be laid out before the payload
+    length is final; RFC 9001 A.3 itself encodes 117 on two bytes.
+    """
+    prefix = {1: 0x00, 2: 0x40, 4: 0x80, 8: 0xC0}.get(size)
+    if prefix is None:
+        raise QuicError("varint_range", f"varint size {size}")
+    if value < 0 or value >= 1 << (8 * size - 2):
+        raise QuicError("varint_range", f"{value} does not fit a {size}-byte varint")
+    return (value | (prefix << (8 * size - 8))).to_bytes(size, "big")
