@@ -1,0 +1,338 @@
+"""Turn the raw UDP datagrams of clients' first flights into steering decisions.
+
+API (what ``steerd classify``, the daemon and the benchmark use)::
+
+    asm = FirstFlightAssembler(AssemblerConfig())      # all limits have sane defaults
+    result = asm.feed(datagram, addr, now)              # now: caller's clock, seconds
+    match result:
+        case Ready():     # result.version, .dcid, .scid, .client_hello (.sni, .alpn, ...),
+                          # .datagrams: every accepted datagram of the flight as (bytes, addr),
+                          # in arrival order -> route the connection, re-inject them all
+        case NeedMore():  # buffered; nothing to do yet
+        case VersionNegotiationNeeded():  # .version, .dcid, .scid -> answer with VN
+        case Rejected():  # .reason (stable token), .dcid (or None), .detail;
+                          # .connection_dropped: the pending connection went with it
+    asm.expire(now)     # drop pending connections older than the TTL (feed does it too)
+    asm.pending_count, asm.pending_bytes, asm.stats   # for metrics
+
+The assembler never does I/O and never reads a clock. Connections are keyed by the client's
+original Destination Connection ID. Once a connection is decided (Ready or Rejected with
+``connection_dropped``) the assembler forgets it: later datagrams of that DCID are the
+caller's to route (feeding one anyway just starts a new pending entry; nothing breaks).
+
+What a pending connection holds, and why:
+
+* Initial packets: opened with keys derived once per DCID (cached in the entry); their CRYPTO
+  frames go into a bounded :class:`~quic.reassembly.CryptoReassembler`. As soon as the
+  gap-free prefix holds a whole ClientHello, it is parsed and the answer is Ready — in
+  whatever order the datagrams came and however the client cut its CRYPTO frames.
+* 0-RTT packets (and Initial retransmissions) of the same DCID: kept verbatim, to be forwarded
+  with the flight so the chosen server sees everything the client sent. A 0-RTT datagram may
+  arrive before any Initial (reordering): it opens a pending entry of its own.
+* Limits: ``max_pending`` connections, ``max_bytes_per_connection`` and ``max_bytes_total``
+  (buffered datagrams plus reassembly buffers, so a tiny fragment at a large offset is charged
+  for the buffer it causes), and a TTL counted from the first datagram. When full, the oldest
+  pending connection is evicted first: a flood of half-flights can only push out other
+  half-flights, never an already decided connection.
+
+Per-datagram rules (RFC 9000): a datagram carrying an Initial must be at least 1200 bytes
+(§14.1) and its DCID at least 8 bytes (§7.2); an unsupported version gets Version
+Negotiation only for datagrams of at least 1200 bytes (§6.1, §14.1); coalesced packets with
+another DCID than the first are ignored (§12.2); Handshake packets and short headers are never
+part of a client's first flight. An Initial that fails to decrypt is dropped alone (§12.2:
+packets that fail authentication are discarded) and does not hurt the pending connection; a
+decrypted Initial that breaks the protocol (forbidden frame, conflicting CRYPTO data, data
+beyond the cap, a malformed ClientHello) drops the whole pending connection.
+"""
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from quic.crypto import PacketKeys, derive_initial_keys, open_packet
+from quic.errors import QuicError
+from quic.frames import parse_initial_frames
+from quic.packet import SUPPORTED_VERSIONS, PacketType, parse_long_header
+from quic.reassembly import DEFAULT_CRYPTO_CAP, DEFAULT_MAX_RANGES, CryptoReassembler
+from quic.tls import ClientHello, client_hello_length, parse_client_hello
+
+Addr = Any  # whatever the caller uses for a peer address; stored and handed back untouched
+
+MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1
+MIN_CLIENT_DCID_LEN = 8  # RFC 9000 §7.2
+
+
+@dataclass(frozen=True, slots=True)
+class AssemblerConfig:
+    """Limits of one assembler; the defaults suit a busy public server."""
+
+    crypto_cap: int = DEFAULT_CRYPTO_CAP  # CRYPTO bytes per connection (RFC 9000 §7.5: >= 4096)
+    max_crypto_ranges: int = DEFAULT_MAX_RANGES  # CRYPTO holes open at once per connection
+    max_pending: int = 4096  # pending connections
+    max_bytes_per_connection: int = 64 * 1024  # datagrams + reassembly buffer, one connection
+    max_bytes_total: int = 32 * 1024 * 1024  # the same over all pending connections
+    ttl: float = 10.0  # seconds from a connection's first datagram to its eviction
+
+    def __post_init__(self) -> None:
+        if self.crypto_cap < 4096:
+            raise ValueError("crypto_cap must be at least 4096 (RFC 9000 §7.5)")
+        if self.max_pending < 1 or self.ttl <= 0:
+            raise ValueError("max_pending and ttl must be positive")
+        if self.max_bytes_per_connection < MIN_INITIAL_DATAGRAM + self.crypto_cap:
+            raise ValueError("max_bytes_per_connection must hold a datagram and the CRYPTO cap")
+        if self.max_bytes_total < self.max_bytes_per_connection:
+            raise ValueError("max_bytes_total must be at least max_bytes_per_connection")
+
+
+@dataclass(frozen=True, slots=True)
+class NeedMore:
+    """The datagram was buffered with its connection; the ClientHello is not complete yet."""
+
+    dcid: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Ready:
+    """A complete ClientHello: everything needed to steer, and the datagrams to forward."""
+
+    version: int
+    dcid: bytes
+    scid: bytes
+    client_hello: ClientHello
+    datagrams: tuple[tuple[bytes, Addr], ...]  # arrival order, this datagram included
+
+    @property
+    def sni(self) -> str | None:
+        return self.client_hello.sni
+
+    @property
+    def alpn(self) -> tuple[str, ...]:
+        return self.client_hello.alpn
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """The datagram is not accepted; ``reason`` is a stable lower_snake_case token."""
+
+    reason: str
+    dcid: bytes | None
+    detail: str = ""
+    connection_dropped: bool = False  # a pending connection of this DCID was discarded too
+
+
+@dataclass(frozen=True, slots=True)
+class VersionNegotiationNeeded:
+    """A datagram large enough to start a connection, in a version we do not speak."""
+
+    version: int
+    dcid: bytes
+    scid: bytes
+
+
+FeedResult = NeedMore | Ready | Rejected | VersionNegotiationNeeded
+
+
+@dataclass(slots=True)
+class AssemblerStats:
+    """Counters since creation (monotonic, for metrics)."""
+
+    ready: int = 0
+    rejected: int = 0
+    evicted: int = 0  # pushed out by the count or byte limits
+    expired: int = 0  # TTL
+    version_negotiation: int = 0
+
+
+class _Pending:
+    """One undecided connection."""
+
+    __slots__ = ("bytes", "created", "datagrams", "keys", "reasm", "scid", "version")
+
+    def __init__(self, version: int, created: float, cfg: AssemblerConfig) -> None:
+        self.version = version
+        self.created = created
+        self.keys: PacketKeys | None = None
+        self.scid: bytes | None = None
+        self.reasm = CryptoReassembler(cfg.crypto_cap, cfg.max_crypto_ranges)
+        self.datagrams: list[tuple[bytes, Addr]] = []
+        self.bytes = 0  # datagram bytes + reassembly buffer, as charged to the budgets
+
+
+@dataclass(slots=True)
+class FirstFlightAssembler:
+    """Bounded store of pending first flights; see the module docstring for the contract."""
+
+    config: AssemblerConfig = field(default_factory=AssemblerConfig)
+    stats: AssemblerStats = field(default_factory=AssemblerStats)
+    _pending: dict[bytes, _Pending] = field(default_factory=dict)  # insertion = age order
+    _bytes: int = 0
+
+    @property
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    @property
+    def pending_bytes(self) -> int:
+        return self._bytes
+
+    def expire(self, now: float) -> int:
+        """Drop pending connections whose TTL has passed; return how many."""
+        deadline = now - self.config.ttl
+        pending = self._pending
+        n = 0
+        while pending:
+            dcid = next(iter(pending))
+            if pending[dcid].created > deadline:
+                break
+            self._drop(dcid)
+            n += 1
+        self.stats.expired += n
+        return n
+
+    def _drop(self, dcid: bytes) -> None:
+        entry = self._pending.pop(dcid, None)
+        if entry is not None:
+            self._bytes -= entry.bytes
+
+    def _reject(self, reason: str, dcid: bytes | None, detail: str = "") -> Rejected:
+        dropped = dcid is not None and dcid in self._pending
+        if dropped:
+            self._drop(dcid)  # type: ignore[arg-type]
+        self.stats.rejected += 1
+        return Rejected(reason, dcid, detail, dropped)
+
+    def _make_room(self, need: int, new_connection: bool, keep: bytes | None = None) -> None:
+        """Evict oldest-first (never ``keep``) until the connection and ``need`` bytes fit."""
+        cfg = self.config
+        pending = self._pending
+        extra = 1 if new_connection else 0
+        while len(pending) + extra > cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
+            victim = None
+            for dcid in pending:
+                if dcid != keep:
+                    victim = dcid
+                    break
+            if victim is None:
+                return
+            self._drop(victim)
+            self.stats.evicted += 1
+
+    def feed(self, datagram: bytes, addr: Addr, now: float) -> FeedResult:
+        """Take one datagram from ``addr`` received at ``now``; see the module docstring."""
+        if self._pending:
+            self.expire(now)
+        size = len(datagram)
+        if size == 0 or not datagram[0] & 0x80:
+            return self._reject("not_long_header", None, "short header or empty datagram")
+        try:
+            first = parse_long_header(datagram, 0)
+        except QuicError as e:
+            return self._reject(e.reason, None, e.detail)
+        version, dcid = first.version, first.dcid
+        if version not in SUPPORTED_VERSIONS:
+            if version == 0:
+                return self._reject("unexpected_version_negotiation", None)
+            if size < MIN_INITIAL_DATAGRAM:
+                return self._reject("short_unknown_version", None, f"{size} bytes")
+            self.stats.version_negotiation += 1
+            return VersionNegotiationNeeded(version, dcid, first.scid)
+
+        # Collect the packets of this datagram that belong to the first flight.
+        headers = [first]
+        pos = first.end
+        while pos < size and datagram[pos] & 0x80:
+            try:
+                h = parse_long_header(datagram, pos)
+            except QuicError:
+                break  # RFC 9000 §12.2: the rest of the datagram is not ours to judge
+            if h.dcid == dcid and h.version == version:
+                headers.append(h)
+            pos = h.end
+        has_initial = False
+        for h in headers:
+            if h.packet_type is PacketType.INITIAL:
+                has_initial = True
+            elif h.packet_type is not PacketType.ZERO_RTT:
+                name = h.packet_type.name.lower() if h.packet_type is not None else "unknown"
+                return self._reject("unexpected_packet_type", dcid, f"{name} in a first flight")
+        if len(dcid) < MIN_CLIENT_DCID_LEN:
+            return self._reject("short_dcid", dcid, f"{len(dcid)}-byte DCID")
+        if has_initial and size < MIN_INITIAL_DATAGRAM:
+            return self._reject("short_initial", dcid, f"{size}-byte datagram")
+
+        entry = self._pending.get(dcid)
+        if entry is not None and entry.version != version:
+            self.stats.rejected += 1
+            detail = f"0x{version:08x} after 0x{entry.version:08x}"
+            return Rejected("version_mismatch", dcid, detail)
+        if entry is not None and entry.bytes + size > self.config.max_bytes_per_connection:
+            self.stats.rejected += 1
+            return Rejected("connection_over_budget", dcid, f"{entry.bytes} bytes buffered")
+
+        keys = entry.keys if entry is not None else None
+        crypto: list[tuple[int, bytes]] = []
+        scid = first.scid
+        if has_initial:
+            if keys is None:
+                keys = derive_initial_keys(dcid, version, server=False)
+            opened = 0
+            for h in headers:
+                if h.packet_type is not PacketType.INITIAL:
+                    continue
+                try:
+                    _pn, payload = open_packet(datagram, h, keys)
+                except QuicError:
+                    continue  # undecryptable: discard this packet only
+                try:
+                    frames = parse_initial_frames(payload)
+                except QuicError as e:
+                    return self._reject(e.reason, dcid, e.detail)
+                if frames.connection_close:
+                    return self._reject("client_closed", dcid, "CONNECTION_CLOSE in Initial")
+                crypto.extend(frames.crypto)
+                scid = h.scid
+                opened += 1
+            if not opened:
+                self.stats.rejected += 1
+                return Rejected("decrypt_failed", dcid, "no Initial packet could be opened")
+
+        if entry is None:
+            self._make_room(size, True)
+            entry = _Pending(version, now, self.config)
+            entry.keys = keys
+            self._pending[dcid] = entry
+        elif entry.keys is None:
+            entry.keys = keys
+        if has_initial and entry.scid is None:
+            entry.scid = scid
+        reasm = entry.reasm
+        before = reasm.buffered
+        try:
+            for offset, data in crypto:
+                reasm.add(offset, data)
+        except QuicError as e:
+            return self._reject(e.reason, dcid, e.detail)
+        grown = size + reasm.buffered - before
+        if entry.bytes + grown > self.config.max_bytes_per_connection:
+            return self._reject("connection_over_budget", dcid, "CRYPTO buffer too large")
+        entry.datagrams.append((datagram, addr))
+        entry.bytes += grown
+        self._bytes += grown
+        if self._bytes > self.config.max_bytes_total:
+            # Evict others (oldest first) rather than the connection that just made progress.
+            self._make_room(0, False, keep=dcid)
+
+        have = reasm.contiguous
+        if have < 4:
+            return NeedMore(dcid)
+        try:
+            total = client_hello_length(reasm.data(4))
+            if total > reasm.cap:
+                raise QuicError("crypto_over_cap", f"ClientHello of {total} bytes > cap")
+            if have < total:
+                return NeedMore(dcid)
+            hello = parse_client_hello(reasm.data(total))
+        except QuicError as e:
+            return self._reject(e.reason, dcid, e.detail)
+        self._drop(dcid)
+        self.stats.ready += 1
+        return Ready(version, dcid, entry.scid or b"", hello, tuple(entry.datagrams))

@@ -1,0 +1,231 @@
+"""Parse the TLS 1.3 ClientHello a QUIC client sends in its Initial CRYPTO stream.
+
+Only what steering needs is extracted (RFC 8446 §4.1.2, RFC 6066 §3, RFC 7301, RFC 9001 §8.2,
+draft-ietf-tls-esni): the server name, the ALPN list in the client's order, supported
+versions, key-share groups, and whether QUIC transport parameters and ECH are present. Every
+length is checked against its enclosing vector and vectors must end exactly where their
+parent ends: the answer steers a connection, so a ClientHello that a strict TLS stack would
+refuse must not be classified "successfully" here. Every failure is a ``QuicError``.
+
+Choices worth knowing:
+
+* The server name is returned lowercased (DNS names are case-insensitive and steering rules
+  compare it). Only ``host_name`` (type 0) entries are accepted; the name must be a dotted
+  ASCII hostname (IDNA names arrive as ``xn--`` A-labels), no trailing dot, <= 253 bytes.
+* ALPN names are bytes on the wire; they are decoded as Latin-1, which never fails and maps
+  each byte to one code point, so ``name.encode("latin-1")`` gives the wire bytes back.
+* ``sni_is_outer`` is true whenever an ``encrypted_client_hello`` extension is present: the
+  server name is then the ECH outer public name, not necessarily the name the client wants.
+  Chromium sends GREASE ECH by default, which is indistinguishable from real ECH by design,
+  so for Chromium this is true even when the SNI is the real name.
+* Duplicate extensions are rejected (RFC 8446 §4.2), as is a ``pre_shared_key`` that is not
+  the last extension.
+"""
+
+import re
+from dataclasses import dataclass
+
+from quic.errors import QuicError
+
+HANDSHAKE_CLIENT_HELLO = 1
+
+EXT_SERVER_NAME = 0x0000
+EXT_ALPN = 0x0010
+EXT_PRE_SHARED_KEY = 0x0029
+EXT_SUPPORTED_VERSIONS = 0x002B
+EXT_KEY_SHARE = 0x0033
+EXT_QUIC_TRANSPORT_PARAMETERS = 0x0039
+EXT_QUIC_TRANSPORT_PARAMETERS_DRAFT = 0xFFA5
+EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
+
+_LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
+_HOSTNAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}".encode())
+MAX_HOSTNAME_LEN = 253
+
+
+@dataclass(frozen=True, slots=True)
+class ClientHello:
+    """What a ClientHello says about where its connection should go."""
+
+    sni: str | None
+    alpn: tuple[str, ...]
+    supported_versions: tuple[int, ...]
+    key_share_groups: tuple[int, ...]
+    cipher_suites: tuple[int, ...]
+    extensions: tuple[int, ...]  # extension types in wire order (GREASE included)
+    has_transport_parameters: bool  # quic_transport_parameters (0x39)
+    has_draft_transport_parameters: bool  # the pre-RFC codepoint 0xffa5
+    sni_is_outer: bool  # encrypted_client_hello present: sni is the ECH outer public name
+    length: int  # the whole handshake message, header included
+
+
+def client_hello_length(header: bytes | bytearray) -> int:
+    """Total length (4-byte header included) of the handshake message starting ``header``.
+
+    Lets the assembler know how much CRYPTO data makes a complete ClientHello before it has
+    all of it; rejects anything that is not a ClientHello as early as the first byte.
+    """
+    if len(header) < 4:
+        raise QuicError("truncated", "handshake header needs 4 bytes")
+    if header[0] != HANDSHAKE_CLIENT_HELLO:
+        raise QuicError("not_client_hello", f"handshake type {header[0]} is not ClientHello")
+    return 4 + ((header[1] << 16) | (header[2] << 8) | header[3])
+
+
+def _fail(what: str) -> QuicError:
+    return QuicError("bad_client_hello", what)
+
+
+def _parse_sni(data: bytes, start: int, end: int) -> str:
+    if end - start < 2:
+        raise _fail("server_name extension too short")
+    list_end = start + 2 + ((data[start] << 8) | data[start + 1])
+    if list_end != end or list_end == start + 2:
+        raise _fail("server_name list length mismatch")
+    pos = start + 2
+    name: str | None = None
+    while pos < end:
+        if pos + 3 > end:
+            raise _fail("server_name entry truncated")
+        name_type = data[pos]
+        name_end = pos + 3 + ((data[pos + 1] << 8) | data[pos + 2])
+        if name_end > end:
+            raise _fail("server_name entry past its list")
+        if name_type != 0:
+            raise _fail(f"server_name type {name_type} is not host_name")
+        if name is not None:
+            raise _fail("two host_name entries")
+        raw = data[pos + 3 : name_end]
+        if len(raw) > MAX_HOSTNAME_LEN or _HOSTNAME.fullmatch(raw) is None:
+            raise QuicError("bad_sni", f"server name {raw[:64]!r} is not a valid hostname")
+        name = raw.decode("ascii").lower()
+        pos = name_end
+    if name is None:  # unreachable: the list is non-empty and each entry sets it or raises
+        raise _fail("empty server_name list")
+    return name
+
+
+def _parse_alpn(data: bytes, start: int, end: int) -> tuple[str, ...]:
+    if end - start < 2:
+        raise _fail("ALPN extension too short")
+    if start + 2 + ((data[start] << 8) | data[start + 1]) != end or end == start + 2:
+        raise _fail("ALPN list length mismatch")
+    names: list[str] = []
+    pos = start + 2
+    while pos < end:
+        n = data[pos]
+        if n == 0:
+            raise _fail("empty ALPN protocol name")
+        pos += 1 + n
+        if pos > end:
+            raise _fail("ALPN protocol name past its list")
+        names.append(data[pos - n : pos].decode("latin-1"))
+    return tuple(names)
+
+
+def _parse_u16_list(data: bytes, start: int, end: int, prefix: int, what: str) -> tuple[int, ...]:
+    """A vector of uint16 with a ``prefix``-byte length that must fill the extension."""
+    if end - start < prefix:
+        raise _fail(f"{what} extension too short")
+    n = data[start] if prefix == 1 else (data[start] << 8) | data[start + 1]
+    pos = start + prefix
+    if pos + n != end or n % 2 or n == 0:
+        raise _fail(f"{what} length mismatch")
+    return tuple((data[i] << 8) | data[i + 1] for i in range(pos, end, 2))
+
+
+def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
+    if end - start < 2 or start + 2 + ((data[start] << 8) | data[start + 1]) != end:
+        raise _fail("key_share length mismatch")
+    groups: list[int] = []
+    pos = start + 2
+    while pos < end:
+        if pos + 4 > end:
+            raise _fail("key_share entry truncated")
+        groups.append((data[pos] << 8) | data[pos + 1])
+        klen = (data[pos + 2] << 8) | data[pos + 3]
+        if klen == 0:
+            raise _fail("empty key_exchange")
+        pos += 4 + klen
+        if pos > end:
+            raise _fail("key_exchange past its list")
+    return tuple(groups)
+
+
+def parse_client_hello(msg: bytes) -> ClientHello:
+    """Parse one complete ClientHello handshake message (header included; trailing bytes
+    after the message, such as a following handshake message, are ignored)."""
+    total = client_hello_length(msg)
+    if len(msg) < total:
+        raise QuicError("truncated", f"ClientHello of {total} bytes, {len(msg)} held")
+    data = bytes(msg[:total]) if len(msg) != total else bytes(msg)
+    end = total
+    # legacy_version(2) random(32) session_id<0..32>
+    pos = 4 + 2 + 32
+    if pos + 1 > end:
+        raise _fail("truncated before legacy_session_id")
+    sid_len = data[pos]
+    if sid_len > 32:
+        raise _fail("legacy_session_id longer than 32")
+    pos += 1 + sid_len
+    if pos + 2 > end:
+        raise _fail("truncated before cipher_suites")
+    cs_len = (data[pos] << 8) | data[pos + 1]
+    if cs_len == 0 or cs_len % 2 or pos + 2 + cs_len > end:
+        raise _fail("cipher_suites length mismatch")
+    suites = tuple((data[i] << 8) | data[i + 1] for i in range(pos + 2, pos + 2 + cs_len, 2))
+    pos += 2 + cs_len
+    if pos + 1 > end:
+        raise _fail("truncated before compression_methods")
+    cm_len = data[pos]
+    pos += 1 + cm_len
+    if cm_len == 0 or pos > end:
+        raise _fail("legacy_compression_methods length mismatch")
+    if pos + 2 > end:
+        raise _fail("no extensions (TLS 1.3 requires them)")
+    if pos + 2 + ((data[pos] << 8) | data[pos + 1]) != end:
+        raise _fail("extensions length does not match the message length")
+    pos += 2
+
+    sni: str | None = None
+    alpn: tuple[str, ...] = ()
+    versions: tuple[int, ...] = ()
+    groups: tuple[int, ...] = ()
+    seen: set[int] = set()
+    types: list[int] = []
+    while pos < end:
+        if pos + 4 > end:
+            raise _fail("extension header truncated")
+        etype = (data[pos] << 8) | data[pos + 1]
+        estart = pos + 4
+        eend = estart + ((data[pos + 2] << 8) | data[pos + 3])
+        if eend > end:
+            raise _fail(f"extension 0x{etype:04x} past the message end")
+        if etype in seen:
+            raise QuicError("duplicate_extension", f"extension 0x{etype:04x} appears twice")
+        if EXT_PRE_SHARED_KEY in seen:
+            raise _fail("pre_shared_key is not the last extension")
+        seen.add(etype)
+        types.append(etype)
+        if etype == EXT_SERVER_NAME:
+            sni = _parse_sni(data, estart, eend)
+        elif etype == EXT_ALPN:
+            alpn = _parse_alpn(data, estart, eend)
+        elif etype == EXT_SUPPORTED_VERSIONS:
+            versions = _parse_u16_list(data, estart, eend, 1, "supported_versions")
+        elif etype == EXT_KEY_SHARE:
+            groups = _parse_key_share(data, estart, eend)
+        pos = eend
+
+    return ClientHello(
+        sni=sni,
+        alpn=alpn,
+        supported_versions=versions,
+        key_share_groups=groups,
+        cipher_suites=suites,
+        extensions=tuple(types),
+        has_transport_parameters=EXT_QUIC_TRANSPORT_PARAMETERS in seen,
+        has_draft_transport_parameters=EXT_QUIC_TRANSPORT_PARAMETERS_DRAFT in seen,
+        sni_is_outer=EXT_ENCRYPTED_CLIENT_HELLO in seen,
+        length=total,
+    )
