@@ -1,0 +1,581 @@
+"""steerd's configuration: one TOML file, validated up front, with a default for everything.
+
+Why so strict: the daemon runs as root and owns port 443 for every QUIC server on the host, so
+a typo (``prot = 443``, ``alpn = "h3"`` instead of a list) must stop it at start-up with a
+message naming the file, the section, the key, what was expected and what was found, instead
+of silently running with a default. Unknown keys are errors for the same reason. Every error
+is a ``ConfigError`` whose text is stable (tests compare it exactly), in the form::
+
+    steerd.toml: [listen] port: must be an integer 1..65535, got "x"
+
+Every setting has an embedded default, so ``Config()`` is a daemon that runs with no file
+(listening on 0.0.0.0 and :: port 443, only root may register apps). ``deploy/steerd.toml``
+documents every key. ``steerd check-config FILE`` validates a file and prints a summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import re
+import sys
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MIN_NONCE_LEN, CidLayout
+
+DEFAULT_CONFIG_PATH = "/etc/steerd/steerd.toml"
+DEFAULT_CONTROL_PATH = "/run/steerd/control.sock"
+# Loopback only by default: the metrics name apps and counts clients, which is nobody else's
+# business; an operator who scrapes from another host opts in. 9443 is not a well-known port
+# of anything steerd is likely to share a host with.
+DEFAULT_METRICS_ADDRESS = "127.0.0.1"
+DEFAULT_METRICS_PORT = 9443
+# The kernel passes at most SCM_MAX_FD (253) descriptors in one message; a register reply
+# carries one per listen address per worker, so workers * addresses must stay within it.
+SCM_MAX_FD = 253
+# Upper bound of the worker slot pool (the BPF sockarray has one entry per slot).
+MAX_WORKER_SLOTS = 65536
+
+_LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
+_IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
+_APP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?\Z")  # POSIX-ish user/group names
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; ``str()`` is the complete, stable message."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Names shared with the registry (register requests are checked with the same rules as the
+# config, so an ACL can never name something a request could not claim, and vice versa).
+
+
+def check_alpn(value: object) -> str:
+    """An ALPN protocol ID as the daemon stores it; ValueError says what is wrong.
+
+    ALPN IDs are opaque byte strings of 1..255 bytes (RFC 7301); steerd handles them as
+    UTF-8 text because every registered ID is (h3, smb, doq, ...) and JSON carries text.
+    """
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string of 1..255 bytes, got {render(value)}")
+    if not 1 <= len(value.encode("utf-8", "surrogatepass")) <= 255:
+        raise ValueError(f"must be a string of 1..255 bytes, got {render(value)}")
+    return value
+
+
+def check_server_name(value: object) -> str:
+    """A server-name claim normalised to lowercase: ``example.com``, ``*.example.com`` or ``*``.
+
+    ``*`` means every name (and no SNI at all); ``*.suffix`` means every name that ends in
+    ``.suffix``, however many labels deep (routing, unlike certificate matching, has no reason
+    to stop at one label). Names are compared in lowercase because DNS names are
+    case-insensitive and a client may send either case.
+    """
+    bad = ValueError(
+        f'must be a DNS name, "*.suffix" or "*", got {render(value)}'
+    )
+    if not isinstance(value, str):
+        raise bad
+    name = value.lower()
+    if name == "*":
+        return name
+    host = name[2:] if name.startswith("*.") else name
+    if not host or len(host) > 253 or not all(_LABEL.match(x) for x in host.split(".")):
+        raise bad
+    return name
+
+
+def check_app_name(value: object) -> str:
+    """An app name: what operators see in status and metrics labels, so keep it tame."""
+    if not isinstance(value, str) or not _APP_NAME.match(value):
+        raise ValueError(
+            "must be 1..64 characters of letters, digits, '.', '_' or '-', "
+            f"starting with a letter or digit, got {render(value)}"
+        )
+    return value
+
+
+def render(value: object) -> str:
+    """A value as the user wrote it in TOML/JSON, so messages quote strings and not ints."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except (TypeError, ValueError):
+        return str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# The configuration, section by section.
+
+
+@dataclass(frozen=True, slots=True)
+class ListenConfig:
+    """Where the reuseport group lives: one worker socket per address per worker."""
+
+    addresses: tuple[str, ...] = ("0.0.0.0", "::")
+    port: int = 443
+
+
+@dataclass(frozen=True, slots=True)
+class XdpConfig:
+    """Interfaces that get the XDP guard; none means the guard is off (steering still works)."""
+
+    interfaces: tuple[str, ...] = ()
+    mode: str = "auto"  # "auto": native where the driver has it, else generic
+
+
+@dataclass(frozen=True, slots=True)
+class ControlConfig:
+    """The control socket: who may connect is decided by the file mode and group."""
+
+    path: str = DEFAULT_CONTROL_PATH
+    mode: int = 0o660
+    group: str | int | None = None  # a group name or gid; None leaves root's group
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    """Prometheus endpoint (``/metrics``)."""
+
+    enabled: bool = True
+    address: str = DEFAULT_METRICS_ADDRESS
+    port: int = DEFAULT_METRICS_PORT
+
+
+@dataclass(frozen=True, slots=True)
+class AclRule:
+    """Peers matching any of uids/gids/users/groups may claim these ALPNs and server names.
+
+    A claim of ALPN A for server name N (or for all names) needs one rule that matches the
+    peer, lists A (or ``*``), and covers N (see ``covers``). Root may claim anything.
+    """
+
+    uids: tuple[int, ...] = ()
+    gids: tuple[int, ...] = ()
+    users: tuple[str, ...] = ()
+    groups: tuple[str, ...] = ()
+    alpn: tuple[str, ...] = ()
+    server_names: tuple[str, ...] = ("*",)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    """What happens when no app owns the offered ALPNs, and whose ALPN preference wins."""
+
+    no_owner: str = "close"  # "close": CONNECTION_CLOSE no_application_protocol; or "default_app"
+    default_app: str | None = None
+    alpn_preference: str = "client"  # or "server": alpn_order first, then the client's order
+    alpn_order: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class LimitsConfig:
+    """Bounds on everything a client or an app can make the daemon hold."""
+
+    pending_connections: int = 4096
+    pending_bytes: int = 16384  # per pending connection: the buffered first-flight datagrams
+    pending_ttl: float = 2.0  # seconds a first flight may take to complete
+    route_ttl: float = 10.0  # seconds an initial_routes entry lives
+    classifiers: int = 1  # classifier processes (sharded by DCID hash)
+    worker_slots: int = 256  # size of the worker slot pool (and of the BPF sockarray)
+    workers_per_app: int = 64
+    control_connections: int = 64
+    control_message_bytes: int = 65536
+    control_rate: float = 20.0  # messages per second per control connection, sustained
+    control_burst: int = 40
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration; ``Config()`` is the built-in default."""
+
+    listen: ListenConfig = field(default_factory=ListenConfig)
+    xdp: XdpConfig = field(default_factory=XdpConfig)
+    cid: CidLayout = field(default_factory=CidLayout)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    acl: tuple[AclRule, ...] = ()
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    source: str = "<defaults>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing.
+
+T = TypeVar("T")
+
+
+class _Section:
+    """One TOML table being read: typed getters that raise exact, located errors."""
+
+    def __init__(self, source: str, where: str, table: Mapping[str, Any], known: tuple[str, ...]):
+        self.source = source
+        self.where = where
+        self.table = table
+        unknown = sorted(set(table) - set(known))
+        if unknown:
+            raise ConfigError(
+                f"{source}: {where} {unknown[0]}: unknown key (known: {', '.join(sorted(known))})"
+            )
+
+    def fail(self, key: str, message: str) -> ConfigError:
+        return ConfigError(f"{self.source}: {self.where} {key}: {message}")
+
+    def get(self, key: str, default: T, check: Callable[[str, Any], T]) -> T:
+        if key not in self.table:
+            return default
+        return check(key, self.table[key])
+
+    def int_range(self, key: str, default: int, lo: int, hi: int) -> int:
+        def check(k: str, v: Any) -> int:
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise self.fail(k, f"must be an integer {lo}..{hi}, got {render(v)}")
+            return v
+
+        return self.get(key, default, check)
+
+    def seconds(self, key: str, default: float, lo: float, hi: float) -> float:
+        def check(k: str, v: Any) -> float:
+            if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
+                raise self.fail(k, f"must be a number of seconds {lo:g}..{hi:g}, got {render(v)}")
+            return float(v)
+
+        return self.get(key, default, check)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        def check(k: str, v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise self.fail(k, f"must be true or false, got {render(v)}")
+            return v
+
+        return self.get(key, default, check)
+
+    def choice(self, key: str, default: str, choices: tuple[str, ...]) -> str:
+        def check(k: str, v: Any) -> str:
+            if v not in choices or not isinstance(v, str):
+                options = ", ".join(f'"{c}"' for c in choices)
+                raise self.fail(k, f"must be one of {options}, got {render(v)}")
+            return v
+
+        return self.get(key, default, check)
+
+    def items(
+        self, key: str, default: tuple[T, ...], item: Callable[[Any], T], what: str,
+        nonempty: bool = False,
+    ) -> tuple[T, ...]:
+        """A list of items, each checked by ``item`` (ValueError -> located message)."""
+
+        def check(k: str, v: Any) -> tuple[T, ...]:
+            if not isinstance(v, list) or (nonempty and not v):
+                kind = "a non-empty list" if nonempty else "a list"
+                raise self.fail(k, f"must be {kind} of {what}, got {render(v)}")
+            out: list[T] = []
+            for x in v:
+                try:
+                    y = item(x)
+                except ValueError as e:
+                    raise self.fail(k, f"each item {e}") from None
+                if y in out:
+                    raise self.fail(k, f"duplicate item {render(x)}")
+                out.append(y)
+            return tuple(out)
+
+        return self.get(key, default, check)
+
+
+def _ip(value: Any) -> str:
+    bad = ValueError(f"must be an IPv4 or IPv6 address, got {render(value)}")
+    if not isinstance(value, str):
+        raise bad
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise bad from None
+
+
+def _ifname(value: Any) -> str:
+    if not isinstance(value, str) or not _IFNAME.match(value) or value in (".", ".."):
+        raise ValueError(f"must be an interface name of 1..15 characters, got {render(value)}")
+    return value
+
+
+def _uid(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2**32 - 1:
+        raise ValueError(f"must be an integer 0..4294967294, got {render(value)}")
+    return value
+
+
+def _posix_name(value: Any) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"must be a user or group name, got {render(value)}")
+    return value
+
+
+def _alpn_or_any(value: Any) -> str:
+    return check_alpn(value)  # "*" is a valid ALPN string and means "any" in an ACL rule
+
+
+def _table(source: str, where: str, value: Any) -> Mapping[str, Any]:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: {where}: must be a table, got {render(value)}")
+    return value
+
+
+_SECTIONS = ("acl", "cid", "control", "limits", "listen", "metrics", "policy", "xdp")
+
+
+def parse_config(data: Mapping[str, Any], source: str) -> Config:
+    """Validate a parsed TOML document; ``source`` names the file in messages."""
+    unknown = sorted(set(data) - set(_SECTIONS))
+    if unknown:
+        raise ConfigError(
+            f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})"
+        )
+
+    def section(name: str, known: tuple[str, ...]) -> _Section:
+        return _Section(source, f"[{name}]", _table(source, f"[{name}]", data.get(name, {})), known)
+
+    s = section("listen", ("addresses", "port"))
+    d = ListenConfig()
+    listen = ListenConfig(
+        addresses=s.items("addresses", d.addresses, _ip, "IP addresses", nonempty=True),
+        port=s.int_range("port", d.port, 1, 65535),
+    )
+
+    s = section("xdp", ("interfaces", "mode"))
+    dx = XdpConfig()
+    xdp = XdpConfig(
+        interfaces=s.items("interfaces", dx.interfaces, _ifname, "interface names"),
+        mode=s.choice("mode", dx.mode, ("auto", "native", "generic")),
+    )
+
+    s = section("cid", ("config_id", "host_id", "host_id_len", "nonce_len", "slot_len"))
+    dc = CidLayout()
+    config_id = s.int_range("config_id", dc.config_id, 0, CR_UNROUTABLE - 1)
+    host_id_len = s.int_range("host_id_len", dc.host_id_len, 0, 4)
+    slot_len = s.int_range("slot_len", dc.slot_len, 1, 4)
+    nonce_len = s.int_range("nonce_len", dc.nonce_len, MIN_NONCE_LEN, MAX_CID_LEN - 2)
+    host_max = 256**host_id_len - 1
+    host_id = s.int_range("host_id", dc.host_id, 0, host_max)
+    cid_len = 1 + host_id_len + slot_len + nonce_len
+    if cid_len > MAX_CID_LEN:
+        raise ConfigError(
+            f"{source}: [cid]: 1 + host_id_len + slot_len + nonce_len must be at most "
+            f"{MAX_CID_LEN}, got {cid_len}"
+        )
+    try:
+        cid = CidLayout(
+            config_id=config_id, host_id=host_id, host_id_len=host_id_len,
+            slot_len=slot_len, nonce_len=nonce_len,
+        )
+    except ValueError as e:  # the layout's own checks, should they be stricter than ours
+        raise ConfigError(f"{source}: [cid]: {e}") from None
+
+    s = section("control", ("group", "mode", "path"))
+    dk = ControlConfig()
+
+    def abs_path(k: str, v: Any) -> str:
+        if not isinstance(v, str) or not v.startswith("/") or "\0" in v or len(v) > 107:
+            raise s.fail(k, f"must be an absolute path of at most 107 bytes, got {render(v)}")
+        return v
+
+    def group(k: str, v: Any) -> str | int:
+        if isinstance(v, int) and not isinstance(v, bool):
+            try:
+                return _uid(v)
+            except ValueError as e:
+                raise s.fail(k, str(e)) from None
+        try:
+            return _posix_name(v)
+        except ValueError:
+            raise s.fail(k, f"must be a group name or gid, got {render(v)}") from None
+
+    def mode(k: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= 0o777:
+            raise s.fail(k, f"must be an integer 0o000..0o777 (write 0o660), got {render(v)}")
+        return v
+
+    control = ControlConfig(
+        path=s.get("path", dk.path, abs_path),
+        mode=s.get("mode", dk.mode, mode),
+        group=s.get("group", dk.group, group),
+    )
+
+    s = section("metrics", ("address", "enabled", "port"))
+    dm = MetricsConfig()
+
+    def ip(k: str, v: Any) -> str:
+        try:
+            return _ip(v)
+        except ValueError as e:
+            raise s.fail(k, str(e)) from None
+
+    metrics = MetricsConfig(
+        enabled=s.boolean("enabled", dm.enabled),
+        address=s.get("address", dm.address, ip),
+        port=s.int_range("port", dm.port, 1, 65535),
+    )
+
+    raw_acl = data.get("acl", [])
+    if not isinstance(raw_acl, list):
+        raise ConfigError(
+            f"{source}: [acl]: must be an array of tables ([[acl]]), got {render(raw_acl)}"
+        )
+    rules = []
+    for n, raw in enumerate(raw_acl, 1):
+        where = f"[[acl]] #{n}"
+        s = _Section(
+            source, where, _table(source, where, raw),
+            ("alpn", "gids", "groups", "server_names", "uids", "users"),
+        )
+        rule = AclRule(
+            uids=s.items("uids", (), _uid, "uids"),
+            gids=s.items("gids", (), _uid, "gids"),
+            users=s.items("users", (), _posix_name, "user names"),
+            groups=s.items("groups", (), _posix_name, "group names"),
+            alpn=s.items("alpn", (), _alpn_or_any, "ALPN strings", nonempty=True),
+            server_names=s.items(
+                "server_names", AclRule().server_names, check_server_name, "server names",
+                nonempty=True,
+            ),
+        )
+        if "alpn" not in s.table:
+            raise s.fail("alpn", "missing (a list of the ALPNs this rule allows, or [\"*\"])")
+        if not (rule.uids or rule.gids or rule.users or rule.groups):
+            raise ConfigError(
+                f"{source}: {where}: must name at least one of uids, gids, users, groups"
+            )
+        rules.append(rule)
+
+    s = section("policy", ("alpn_order", "alpn_preference", "default_app", "no_owner"))
+    dp = PolicyConfig()
+
+    def app_name(k: str, v: Any) -> str:
+        try:
+            return check_app_name(v)
+        except ValueError as e:
+            raise s.fail(k, str(e)) from None
+
+    policy = PolicyConfig(
+        no_owner=s.choice("no_owner", dp.no_owner, ("close", "default_app")),
+        default_app=s.get("default_app", dp.default_app, app_name),
+        alpn_preference=s.choice("alpn_preference", dp.alpn_preference, ("client", "server")),
+        alpn_order=s.items("alpn_order", dp.alpn_order, check_alpn, "ALPN strings"),
+    )
+    if policy.no_owner == "default_app" and policy.default_app is None:
+        raise s.fail("default_app", 'missing: no_owner = "default_app" needs an app name')
+    if policy.no_owner == "close" and policy.default_app is not None:
+        raise s.fail("default_app", 'is set but no_owner is "close" (set no_owner = "default_app")')
+
+    s = section("limits", tuple(LimitsConfig.__dataclass_fields__))
+    dl = LimitsConfig()
+    limits = LimitsConfig(
+        pending_connections=s.int_range("pending_connections", dl.pending_connections, 1, 10**7),
+        pending_bytes=s.int_range("pending_bytes", dl.pending_bytes, 1200, 2**20),
+        pending_ttl=s.seconds("pending_ttl", dl.pending_ttl, 0.01, 60),
+        route_ttl=s.seconds("route_ttl", dl.route_ttl, 0.1, 3600),
+        classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),
+        worker_slots=s.int_range(
+            "worker_slots", dl.worker_slots, 1, min(256**slot_len, MAX_WORKER_SLOTS)
+        ),
+        workers_per_app=s.int_range("workers_per_app", dl.workers_per_app, 1, SCM_MAX_FD),
+        control_connections=s.int_range("control_connections", dl.control_connections, 1, 4096),
+        control_message_bytes=s.int_range(
+            "control_message_bytes", dl.control_message_bytes, 1024, 2**20
+        ),
+        control_rate=s.seconds("control_rate", dl.control_rate, 0.1, 10**6),
+        control_burst=s.int_range("control_burst", dl.control_burst, 1, 10**6),
+    )
+    fds = limits.workers_per_app * len(listen.addresses)
+    if fds > SCM_MAX_FD:
+        raise ConfigError(
+            f"{source}: [limits] workers_per_app: {limits.workers_per_app} workers x "
+            f"{len(listen.addresses)} listen addresses = {fds} sockets, more than the "
+            f"{SCM_MAX_FD} one control message can carry"
+        )
+    return Config(
+        listen=listen, xdp=xdp, cid=cid, control=control, metrics=metrics, acl=tuple(rules),
+        policy=policy, limits=limits, source=source,
+    )
+
+
+def load_config(path: str | Path) -> Config:
+    """Read and validate a TOML file; every failure is a ConfigError naming the file."""
+    source = str(path)
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{source}: cannot read: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source}: invalid TOML: not UTF-8") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: invalid TOML: {e}") from None
+    return parse_config(data, source)
+
+
+def summary(config: Config) -> list[str]:
+    """What the daemon will do with this config, for an operator to eyeball."""
+    c = config.cid
+    ctl = config.control
+    pol = config.policy
+    lim = config.limits
+    lines = [
+        f"listen: {', '.join(config.listen.addresses)} port {config.listen.port}",
+        "xdp: "
+        + (f"{', '.join(config.xdp.interfaces)} ({config.xdp.mode})" if config.xdp.interfaces
+           else "off"),
+        f"cid: {c.cid_len} bytes (config_id {c.config_id}, host_id {c.host_id} in "
+        f"{c.host_id_len} bytes, slot {c.slot_len} bytes, nonce {c.nonce_len} bytes)",
+        f"control: {ctl.path} mode {ctl.mode:04o}"
+        + (f" group {ctl.group}" if ctl.group is not None else ""),
+        "metrics: "
+        + (_hostport(config.metrics.address, config.metrics.port) if config.metrics.enabled
+           else "off"),
+        f"acl: {len(config.acl)} rule(s); root may claim anything",
+        "policy: no owner -> "
+        + ("CONNECTION_CLOSE no_application_protocol" if pol.no_owner == "close"
+           else f"app {pol.default_app}")
+        + f"; ALPN preference: {pol.alpn_preference}"
+        + (f" ({', '.join(pol.alpn_order)})" if pol.alpn_order else ""),
+        f"limits: {lim.pending_connections} pending connections of {lim.pending_bytes} bytes, "
+        f"pending TTL {lim.pending_ttl:g}s, route TTL {lim.route_ttl:g}s, "
+        f"{lim.classifiers} classifier(s), {lim.worker_slots} worker slots, "
+        f"{lim.workers_per_app} workers per app",
+        f"control limits: {lim.control_connections} connections, "
+        f"{lim.control_message_bytes} bytes per message, {lim.control_rate:g} messages/s "
+        f"(burst {lim.control_burst})",
+    ]
+    return lines
+
+
+def _hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    try:
+        config = load_config(args.file)
+    except ConfigError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"ok: {config.source}")
+    for line in summary(config):
+        print(f"  {line}")
+    return 0
+
+
+def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """``steerd check-config FILE``: validate before restarting the daemon, not after."""
+    p = subparsers.add_parser(
+        "check-config", help="validate a steerd TOML config file and summarise it"
+    )
+    p.add_argument("file", metavar="FILE", help="the TOML file, e.g. " + DEFAULT_CONFIG_PATH)
+    p.set_defaults(func=_check_config)
