@@ -10,7 +10,7 @@ import importlib
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
-    # "steerd.classify",   # steerd classify FILE
+    "steerd.classify",  # steerd classify FILE
     # "steerd.doctor",     # steerd doctor
     "steerd.config",  # steerd check-config FILE
 )
