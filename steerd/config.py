@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MIN_NONCE_LEN, CidLayout
+from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MAX_SLOT_LEN, MIN_NONCE_LEN, CidLayout
+from quic.errors import QuicError
 
 DEFAULT_CONFIG_PATH = "/etc/steerd/steerd.toml"
 DEFAULT_CONTROL_PATH = "/run/steerd/control.sock"
@@ -240,10 +241,12 @@ class _Section:
 
         return self.get(key, default, check)
 
-    def seconds(self, key: str, default: float, lo: float, hi: float) -> float:
+    def number(
+        self, key: str, default: float, lo: float, hi: float, what: str = "seconds"
+    ) -> float:
         def check(k: str, v: Any) -> float:
             if isinstance(v, bool) or not isinstance(v, int | float) or not lo <= v <= hi:
-                raise self.fail(k, f"must be a number of seconds {lo:g}..{hi:g}, got {render(v)}")
+                raise self.fail(k, f"must be a number of {what} {lo:g}..{hi:g}, got {render(v)}")
             return float(v)
 
         return self.get(key, default, check)
@@ -359,7 +362,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     dc = CidLayout()
     config_id = s.int_range("config_id", dc.config_id, 0, CR_UNROUTABLE - 1)
     host_id_len = s.int_range("host_id_len", dc.host_id_len, 0, 4)
-    slot_len = s.int_range("slot_len", dc.slot_len, 1, 4)
+    slot_len = s.int_range("slot_len", dc.slot_len, 1, MAX_SLOT_LEN)
     nonce_len = s.int_range("nonce_len", dc.nonce_len, MIN_NONCE_LEN, MAX_CID_LEN - 2)
     host_max = 256**host_id_len - 1
     host_id = s.int_range("host_id", dc.host_id, 0, host_max)
@@ -374,8 +377,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             config_id=config_id, host_id=host_id, host_id_len=host_id_len,
             slot_len=slot_len, nonce_len=nonce_len,
         )
-    except ValueError as e:  # the layout's own checks, should they be stricter than ours
-        raise ConfigError(f"{source}: [cid]: {e}") from None
+    except QuicError as e:  # the layout's own checks, should they be stricter than ours
+        raise ConfigError(f"{source}: [cid]: {e.detail}") from None
 
     s = section("control", ("group", "mode", "path"))
     dk = ControlConfig()
@@ -478,8 +481,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     limits = LimitsConfig(
         pending_connections=s.int_range("pending_connections", dl.pending_connections, 1, 10**7),
         pending_bytes=s.int_range("pending_bytes", dl.pending_bytes, 1200, 2**20),
-        pending_ttl=s.seconds("pending_ttl", dl.pending_ttl, 0.01, 60),
-        route_ttl=s.seconds("route_ttl", dl.route_ttl, 0.1, 3600),
+        pending_ttl=s.number("pending_ttl", dl.pending_ttl, 0.01, 60),
+        route_ttl=s.number("route_ttl", dl.route_ttl, 0.1, 3600),
         classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),
         worker_slots=s.int_range(
             "worker_slots", dl.worker_slots, 1, min(256**slot_len, MAX_WORKER_SLOTS)
@@ -489,7 +492,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         control_message_bytes=s.int_range(
             "control_message_bytes", dl.control_message_bytes, 1024, 2**20
         ),
-        control_rate=s.seconds("control_rate", dl.control_rate, 0.1, 10**6),
+        control_rate=s.number(
+            "control_rate", dl.control_rate, 0.1, 100000, "messages per second"
+        ),
         control_burst=s.int_range("control_burst", dl.control_burst, 1, 10**6),
     )
     fds = limits.workers_per_app * len(listen.addresses)

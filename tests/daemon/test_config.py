@@ -1,0 +1,251 @@
+"""steerd.config: every setting parses, every mistake gets its exact message."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from quic.cid import CidLayout
+from steerd.config import (
+    AclRule,
+    Config,
+    ConfigError,
+    ControlConfig,
+    LimitsConfig,
+    ListenConfig,
+    PolicyConfig,
+    load_config,
+    parse_config,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLE = ROOT / "deploy" / "steerd.toml"
+
+
+def parse(text: str) -> Config:
+    return parse_config(tomllib.loads(text), "steerd.toml")
+
+
+def error(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        parse(text)
+    return str(e.value)
+
+
+def test_empty_file_is_the_defaults() -> None:
+    c = parse("")
+    assert c.listen == ListenConfig(addresses=("0.0.0.0", "::"), port=443)
+    assert c.cid == CidLayout()
+    assert c.control == ControlConfig("/run/steerd/control.sock", 0o660, None)
+    assert (c.metrics.enabled, c.metrics.address, c.metrics.port) == (True, "127.0.0.1", 9443)
+    assert c.acl == ()
+    assert c.policy == PolicyConfig("close", None, "client", ())
+    assert c.limits == LimitsConfig()
+    assert Config().listen == c.listen  # the daemon runs with no file at all
+
+
+def test_full_config_parses() -> None:
+    c = parse(
+        """
+        [listen]
+        addresses = ["192.0.2.1", "2001:DB8::1"]
+        port = 8443
+        [xdp]
+        interfaces = ["eth0", "veth-s"]
+        mode = "generic"
+        [cid]
+        config_id = 2
+        host_id = 513
+        host_id_len = 2
+        slot_len = 1
+        nonce_len = 8
+        [control]
+        path = "/tmp/s.sock"
+        mode = 0o600
+        group = "steerd"
+        [metrics]
+        address = "::1"
+        port = 9100
+        [[acl]]
+        users = ["www-data"]
+        uids = [1000]
+        alpn = ["h3"]
+        server_names = ["Example.COM", "*.example.com"]
+        [[acl]]
+        groups = ["smb"]
+        gids = [3000]
+        alpn = ["smb"]
+        [policy]
+        no_owner = "default_app"
+        default_app = "web"
+        alpn_preference = "server"
+        alpn_order = ["smb", "h3"]
+        [limits]
+        pending_connections = 100
+        pending_ttl = 1
+        route_ttl = 2.5
+        classifiers = 2
+        worker_slots = 200
+        """
+    )
+    assert c.listen.addresses == ("192.0.2.1", "2001:db8::1")
+    assert c.listen.port == 8443
+    assert c.xdp.interfaces == ("eth0", "veth-s") and c.xdp.mode == "generic"
+    assert c.cid == CidLayout(config_id=2, host_id=513, host_id_len=2, slot_len=1, nonce_len=8)
+    assert c.cid.cid_len == 12
+    assert c.control == ControlConfig("/tmp/s.sock", 0o600, "steerd")
+    assert (c.metrics.address, c.metrics.port) == ("::1", 9100)
+    assert c.acl == (
+        AclRule(uids=(1000,), users=("www-data",), alpn=("h3",),
+                server_names=("example.com", "*.example.com")),
+        AclRule(gids=(3000,), groups=("smb",), alpn=("smb",), server_names=("*",)),
+    )
+    assert c.policy == PolicyConfig("default_app", "web", "server", ("smb", "h3"))
+    assert c.limits.pending_connections == 100 and c.limits.pending_ttl == 1.0
+    assert c.limits.route_ttl == 2.5 and c.limits.classifiers == 2
+    assert c.limits.worker_slots == 200
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('[listen]\nport = "x"', '[listen] port: must be an integer 1..65535, got "x"'),
+        ("[listen]\nport = 0", "[listen] port: must be an integer 1..65535, got 0"),
+        ("[listen]\nport = true", "[listen] port: must be an integer 1..65535, got true"),
+        ("[listen]\nprot = 443",
+         "[listen] prot: unknown key (known: addresses, port)"),
+        ("[lsiten]\nport = 443",
+         "unknown section [lsiten] (known: acl, cid, control, limits, listen, metrics, policy, "
+         "xdp)"),
+        ("listen = 3", "[listen]: must be a table, got 3"),
+        ('[listen]\naddresses = ["10.0.0.300"]',
+         '[listen] addresses: each item must be an IPv4 or IPv6 address, got "10.0.0.300"'),
+        ("[listen]\naddresses = []",
+         "[listen] addresses: must be a non-empty list of IP addresses, got []"),
+        ('[listen]\naddresses = "::"',
+         '[listen] addresses: must be a non-empty list of IP addresses, got "::"'),
+        ('[listen]\naddresses = ["::1", "0::1"]', '[listen] addresses: duplicate item "0::1"'),
+        ('[xdp]\ninterfaces = ["a/b"]',
+         '[xdp] interfaces: each item must be an interface name of 1..15 characters, '
+         'got "a/b"'),
+        ('[xdp]\nmode = "fast"',
+         '[xdp] mode: must be one of "auto", "native", "generic", got "fast"'),
+        ("[cid]\nconfig_id = 7", "[cid] config_id: must be an integer 0..6, got 7"),
+        ("[cid]\nnonce_len = 3", "[cid] nonce_len: must be an integer 4..18, got 3"),
+        ("[cid]\nslot_len = 0", "[cid] slot_len: must be an integer 1..4, got 0"),
+        ("[cid]\nhost_id_len = 1\nhost_id = 256",
+         "[cid] host_id: must be an integer 0..255, got 256"),
+        ("[cid]\nhost_id = 1", "[cid] host_id: must be an integer 0..0, got 1"),
+        ("[cid]\nhost_id_len = 4\nslot_len = 4\nnonce_len = 12",
+         "[cid]: 1 + host_id_len + slot_len + nonce_len must be at most 20, got 21"),
+        ('[control]\npath = "run/x.sock"',
+         '[control] path: must be an absolute path of at most 107 bytes, got "run/x.sock"'),
+        ('[control]\nmode = "0660"',
+         '[control] mode: must be an integer 0o000..0o777 (write 0o660), got "0660"'),
+        ("[control]\nmode = 0o1777",
+         "[control] mode: must be an integer 0o000..0o777 (write 0o660), got 1023"),
+        ('[control]\ngroup = "bad group"',
+         '[control] group: must be a group name or gid, got "bad group"'),
+        ('[metrics]\naddress = "localhost"',
+         '[metrics] address: must be an IPv4 or IPv6 address, got "localhost"'),
+        ('[metrics]\nenabled = "yes"', '[metrics] enabled: must be true or false, got "yes"'),
+        ("acl = 1", "[acl]: must be an array of tables ([[acl]]), got 1"),
+        ('[[acl]]\nalpn = ["h3"]',
+         "[[acl]] #1: must name at least one of uids, gids, users, groups"),
+        ("[[acl]]\nuids = [1]",
+         '[[acl]] #1 alpn: missing (a list of the ALPNs this rule allows, or ["*"])'),
+        ('[[acl]]\nuids = [1]\nalpn = ["h3"]\n[[acl]]\nuids = [-1]\nalpn = ["h3"]',
+         "[[acl]] #2 uids: each item must be an integer 0..4294967294, got -1"),
+        ('[[acl]]\nuids = [1]\nalpn = ["h3"]\nserver_name = ["a"]',
+         "[[acl]] #1 server_name: unknown key (known: alpn, gids, groups, server_names, uids, "
+         "users)"),
+        ('[[acl]]\nuids = [1]\nalpn = ["h3"]\nserver_names = ["a..b"]',
+         '[[acl]] #1 server_names: each item must be a DNS name, "*.suffix" or "*", got "a..b"'),
+        ('[[acl]]\nuids = [1]\nalpn = [""]',
+         '[[acl]] #1 alpn: each item must be a string of 1..255 bytes, got ""'),
+        ('[[acl]]\nusers = ["r:oot"]\nalpn = ["h3"]',
+         '[[acl]] #1 users: each item must be a user or group name, got "r:oot"'),
+        ('[policy]\nno_owner = "drop"',
+         '[policy] no_owner: must be one of "close", "default_app", got "drop"'),
+        ('[policy]\nno_owner = "default_app"',
+         '[policy] default_app: missing: no_owner = "default_app" needs an app name'),
+        ('[policy]\ndefault_app = "web"',
+         '[policy] default_app: is set but no_owner is "close" (set no_owner = "default_app")'),
+        ('[policy]\nalpn_preference = "mine"',
+         '[policy] alpn_preference: must be one of "client", "server", got "mine"'),
+        ('[policy]\nno_owner = "default_app"\ndefault_app = "a b"',
+         "[policy] default_app: must be 1..64 characters of letters, digits, '.', '_' or '-', "
+         'starting with a letter or digit, got "a b"'),
+        ('[limits]\npending_ttl = "2s"',
+         '[limits] pending_ttl: must be a number of seconds 0.01..60, got "2s"'),
+        ("[limits]\nclassifiers = 0", "[limits] classifiers: must be an integer 1..64, got 0"),
+        ("[cid]\nslot_len = 1\n[limits]\nworker_slots = 257",
+         "[limits] worker_slots: must be an integer 1..256, got 257"),
+        ("[limits]\nworkers_per_app = 200",
+         "[limits] workers_per_app: 200 workers x 2 listen addresses = 400 sockets, more than "
+         "the 253 one control message can carry"),
+        ("[limits]\ncontrol_rate = 0", "[limits] control_rate: must be a number of messages "
+         "per second 0.1..100000, got 0"),
+    ],
+)
+def test_error_messages_are_exact(text: str, message: str) -> None:
+    assert error(text) == "steerd.toml: " + message
+
+
+def test_load_config_file_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "none.toml"
+    with pytest.raises(ConfigError) as e:
+        load_config(missing)
+    assert str(e.value) == f"{missing}: cannot read: No such file or directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[listen\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(bad)
+    assert str(e.value).startswith(f"{bad}: invalid TOML: ")
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe")
+    with pytest.raises(ConfigError) as e:
+        load_config(binary)
+    assert str(e.value) == f"{binary}: invalid TOML: not UTF-8"
+
+
+def test_example_config_is_valid_and_documents_every_key() -> None:
+    c = load_config(EXAMPLE)
+    assert c.source == str(EXAMPLE)
+    text = EXAMPLE.read_text()
+    for cls in (ListenConfig, ControlConfig, PolicyConfig, LimitsConfig):
+        for name in cls.__dataclass_fields__:
+            assert f"{name} =" in text, f"deploy/steerd.toml does not document {name}"
+    for name in ("interfaces", "config_id", "host_id_len", "slot_len", "nonce_len", "enabled",
+                 "uids", "gids", "users", "groups", "alpn", "server_names"):
+        assert f"{name} =" in text, f"deploy/steerd.toml does not document {name}"
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "steerd.cli", *args], cwd=cwd, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, timeout=60,
+    )
+
+
+def test_check_config_command(tmp_path: Path) -> None:
+    (tmp_path / "steerd.toml").write_text('[listen]\nport = "x"\n')
+    r = run_cli("check-config", "steerd.toml", cwd=tmp_path)
+    assert r.returncode == 1
+    assert r.stdout == ""
+    assert r.stderr == 'steerd.toml: [listen] port: must be an integer 1..65535, got "x"\n'
+
+    (tmp_path / "good.toml").write_text('[listen]\naddresses = ["127.0.0.1"]\nport = 4433\n')
+    r = run_cli("check-config", "good.toml", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0] == "ok: good.toml"
+    assert "  listen: 127.0.0.1 port 4433" in lines
+    assert "  metrics: 127.0.0.1:9443" in lines
+
+    r = run_cli("check-config", "missing.toml", cwd=tmp_path)
+    assert (r.returncode, r.stderr) == (1, "missing.toml: cannot read: No such file or directory\n")
