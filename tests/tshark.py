@@ -29,6 +29,8 @@ FIELDS = (
     "tls.handshake.type",
     "tls.handshake.extensions_server_name",
     "tls.handshake.extensions_alpn_str",
+    "tls.handshake.extensions_key_share_group",
+    "tls.handshake.extensions.supported_version",
 )
 CRYPTO_FRAME_TYPE = 6
 CLIENT_HELLO = 1
@@ -53,6 +55,8 @@ class Connection:
     version: int
     sni: str | None = None
     alpn: list[str] = field(default_factory=list)
+    key_share_groups: list[int] = field(default_factory=list)
+    supported_versions: list[int] = field(default_factory=list)
     frames: list[int] = field(default_factory=list)  # every datagram carrying this DCID
     crypto_frames: list[int] = field(default_factory=list)  # those carrying CRYPTO frames
     hello_frame: int | None = None  # the datagram in which the ClientHello became complete
@@ -105,4 +109,8 @@ def connections(path: Path, port: int | None = None) -> dict[bytes, Connection]:
             names = layers.get("tls.handshake.extensions_server_name", [])
             conn.sni = names[0] if names else None
             conn.alpn = list(layers.get("tls.handshake.extensions_alpn_str", []))
+            groups = layers.get("tls.handshake.extensions_key_share_group", [])
+            conn.key_share_groups = [int(g, 0) for g in groups]
+            versions = layers.get("tls.handshake.extensions.supported_version", [])
+            conn.supported_versions = [int(v, 0) for v in versions]
     return conns
