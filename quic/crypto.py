@@ -50,6 +50,10 @@ _BLOCK = 64  # SHA-256 block size
 _IPAD = bytes(b ^ 0x36 for b in range(256))
 _OPAD = bytes(b ^ 0x5C for b in range(256))
 _ZERO5 = bytes(5)
+_ZERO32 = bytes(32)
+_sha256 = sha256
+_ECB = modes.ECB()
+_object_new = object.__new__
 
 
 class _HmacKey:
@@ -97,12 +101,14 @@ def hkdf_expand_label(secret: bytes, label: bytes, length: int, context: bytes =
     return _HmacKey(secret).digest(hkdf_label_info(label, length, context))[:length]
 
 
-_SALT_KEYS = {version: _HmacKey(salt) for version, salt in INITIAL_SALTS.items()}
 _INFO_CLIENT_IN = hkdf_label_info(b"client in", 32)
 _INFO_SERVER_IN = hkdf_label_info(b"server in", 32)
-# (key info, iv info, hp info) per version for the 16-byte AES-128-GCM Initial keys.
-_INITIAL_KIH_INFO = {
+# Per version: the salt's inner and outer pad states, then the HkdfLabel infos of the 16-byte
+# AES-128-GCM key, the IV and the header-protection key.
+_SALT_PADS = {
     version: (
+        _HmacKey(INITIAL_SALTS[version]).inner,
+        _HmacKey(INITIAL_SALTS[version]).outer,
         hkdf_label_info(prefix + b"key", 16),
         hkdf_label_info(prefix + b"iv", 12),
         hkdf_label_info(prefix + b"hp", 16),
@@ -128,26 +134,30 @@ class PacketKeys:
     _iv_int: int = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        key, iv, hp = self.key, self.iv, self.hp
+        if len(iv) != 12:
+            raise QuicError("bad_key", f"IV of {len(iv)} bytes")
         try:
             if self.suite == AES_128_GCM:
-                if len(self.key) != 16 or len(self.hp) != 16:
+                if len(key) != 16 or len(hp) != 16:
                     raise QuicError("bad_key", "AES-128-GCM needs 16-byte key and hp")
-                aead: AESGCM | ChaCha20Poly1305 = AESGCM(self.key)
-                mask = Cipher(algorithms.AES(self.hp), modes.ECB()).encryptor().update
+                aead: AESGCM | ChaCha20Poly1305 = AESGCM(key)
+                # ECB on single blocks keeps no state between calls: one context serves every
+                # sample of this key.
+                mask = Cipher(algorithms.AES(hp), _ECB).encryptor().update
             elif self.suite == CHACHA20_POLY1305:
-                if len(self.key) != 32 or len(self.hp) != 32:
+                if len(key) != 32 or len(hp) != 32:
                     raise QuicError("bad_key", "ChaCha20-Poly1305 needs 32-byte key and hp")
-                aead = ChaCha20Poly1305(self.key)
-                mask = _chacha20_mask_fn(self.hp)
+                aead = ChaCha20Poly1305(key)
+                mask = _chacha20_mask_fn(hp)
             else:
                 raise QuicError("bad_key", f"unknown cipher suite {self.suite!r}")
         except ValueError as exc:
             raise QuicError("bad_key", str(exc)) from None
-        if len(self.iv) != 12:
-            raise QuicError("bad_key", f"IV of {len(self.iv)} bytes")
-        object.__setattr__(self, "_aead", aead)
-        object.__setattr__(self, "_mask", mask)
-        object.__setattr__(self, "_iv_int", int.from_bytes(self.iv, "big"))
+        _setattr = object.__setattr__
+        _setattr(self, "_aead", aead)
+        _setattr(self, "_mask", mask)
+        _setattr(self, "_iv_int", int.from_bytes(iv, "big"))
 
     def header_mask(self, sample: bytes) -> bytes:
         """The header-protection mask for a 16-byte sample (RFC 9001 §5.4.3 / §5.4.4)."""
@@ -173,19 +183,44 @@ def derive_initial_keys(dcid: bytes, version: int, *, server: bool) -> PacketKey
 
     Anyone can compute these (RFC 9001 §5.2): that is what lets steerd read a ClientHello
     without holding any TLS key. The DCID is the one of the client's first Initial.
+
+    The five HMACs (Extract, "client in"/"server in", key, iv, hp) are written out inline:
+    every key is at most 32 bytes, so each HMAC is two one-shot SHA-256 calls over
+    ``key ^ pad || message``, which is the cheapest form CPython offers.
     """
-    salt_key = _SALT_KEYS.get(version)
-    if salt_key is None:
+    pads = _SALT_PADS.get(version)
+    if pads is None:
         raise QuicError("unsupported_version", f"no Initial salt for version 0x{version:08x}")
-    initial_secret = salt_key.digest(dcid)
-    secret = _HmacKey(initial_secret).digest(_INFO_SERVER_IN if server else _INFO_CLIENT_IN)
-    secret_key = _HmacKey(secret)
-    key_info, iv_info, hp_info = _INITIAL_KIH_INFO[version]
-    return PacketKeys(
-        secret_key.digest(key_info)[:16],
-        secret_key.digest(iv_info)[:12],
-        secret_key.digest(hp_info)[:16],
+    salt_inner, salt_outer, key_info, iv_info, hp_info = pads
+    inner = salt_inner.copy()
+    inner.update(dcid)
+    outer = salt_outer.copy()
+    outer.update(inner.digest())
+    k = outer.digest() + _ZERO32  # initial_secret, padded to the SHA-256 block
+    info = _INFO_SERVER_IN if server else _INFO_CLIENT_IN
+    k = _sha256(k.translate(_OPAD) + _sha256(k.translate(_IPAD) + info).digest()).digest() + _ZERO32
+    ki = k.translate(_IPAD)
+    ko = k.translate(_OPAD)
+    return _aes_keys(
+        _sha256(ko + _sha256(ki + key_info).digest()).digest()[:16],
+        _sha256(ko + _sha256(ki + iv_info).digest()).digest()[:12],
+        _sha256(ko + _sha256(ki + hp_info).digest()).digest()[:16],
     )
+
+
+def _aes_keys(key: bytes, iv: bytes, hp: bytes) -> PacketKeys:
+    """``PacketKeys(key, iv, hp)`` for lengths known to be right, without the frozen-dataclass
+    ``__init__``/``__post_init__`` round (about a microsecond per connection on this path)."""
+    keys = _object_new(PacketKeys)
+    _setattr = object.__setattr__
+    _setattr(keys, "key", key)
+    _setattr(keys, "iv", iv)
+    _setattr(keys, "hp", hp)
+    _setattr(keys, "suite", AES_128_GCM)
+    _setattr(keys, "_aead", AESGCM(key))
+    _setattr(keys, "_mask", Cipher(algorithms.AES(hp), _ECB).encryptor().update)
+    _setattr(keys, "_iv_int", int.from_bytes(iv, "big"))
+    return keys
 
 
 def derive_packet_keys(secret: bytes, version: int, suite: str = AES_128_GCM) -> PacketKeys:
@@ -230,22 +265,23 @@ def _unprotect(
     reserved_mask: int,
     expected_pn: int,
 ) -> tuple[int, bytes]:
-    sample_at = pn_offset + MAX_PN_LEN
-    if sample_at + SAMPLE_LEN > end:
+    sample_at = pn_offset + 4
+    if sample_at + 16 > end:
         raise QuicError("too_short", "packet too short to sample for header protection")
-    mask = keys._mask(datagram[sample_at : sample_at + SAMPLE_LEN])
+    mask = keys._mask(datagram[sample_at : sample_at + 16])
     first = datagram[start] ^ (mask[0] & first_mask)
     pn_len = (first & 0x03) + 1
     payload_at = pn_offset + pn_len
     truncated = int.from_bytes(datagram[pn_offset:payload_at], "big") ^ int.from_bytes(
         mask[1 : 1 + pn_len], "big"
     )
-    aad = b"".join(
-        (bytes((first,)), datagram[start + 1 : pn_offset], truncated.to_bytes(pn_len, "big"))
-    )
-    pn = decode_packet_number(truncated, pn_len, expected_pn)
+    aad = bytes((first,)) + datagram[start + 1 : pn_offset] + truncated.to_bytes(pn_len, "big")
+    # Against expected 0 the decoding is the identity; skip the call on the hot path.
+    pn = decode_packet_number(truncated, pn_len, expected_pn) if expected_pn else truncated
     try:
-        payload = keys._aead.decrypt(keys.nonce(pn), datagram[payload_at:end], aad)
+        payload = keys._aead.decrypt(
+            (keys._iv_int ^ pn).to_bytes(12, "big"), datagram[payload_at:end], aad
+        )
     except (InvalidTag, ValueError, OverflowError):
         raise QuicError("decrypt_failed", f"AEAD open failed for packet number {pn}") from None
     # RFC 9000 §17.2/§17.3.1: reserved bits are checked only after a successful open, so an

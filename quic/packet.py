@@ -46,6 +46,10 @@ _BITS_BY_TYPE: dict[int, dict[PacketType, int]] = {
 }
 
 
+_INITIAL = PacketType.INITIAL
+_RETRY = PacketType.RETRY
+
+
 def long_header_type_bits(version: int, packet_type: PacketType) -> int:
     """The 2-bit type code of ``packet_type`` in ``version`` (builders need the reverse map)."""
     try:
@@ -122,18 +126,28 @@ def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
         raise QuicError("fixed_bit_clear", f"first byte 0x{first:02x}")
     ptype = types[(first >> 4) & 0x03]
     token = b""
-    if ptype is PacketType.RETRY:
+    if ptype is _RETRY:
         tag_at = n - RETRY_INTEGRITY_TAG_LEN
         if tag_at < p:
             raise QuicError("truncated", "Retry shorter than its integrity tag")
         return LongHeader(version, ptype, dcid, scid, datagram[p:tag_at], pos, tag_at, n)
-    if ptype is PacketType.INITIAL:
-        token_len, p = decode_varint(datagram, p)
+    if ptype is _INITIAL:
+        # Varints inlined for their usual sizes (1-byte token length, 2-byte Length): this is
+        # the per-datagram hot path of the classifier.
+        if p < n and datagram[p] < 0x40:
+            token_len = datagram[p]
+            p += 1
+        else:
+            token_len, p = decode_varint(datagram, p)
         if p + token_len > n:
             raise QuicError("bad_length", f"token length {token_len} exceeds the datagram")
         token = datagram[p : p + token_len]
         p += token_len
-    length, p = decode_varint(datagram, p)
+    if p + 1 < n and datagram[p] >> 6 == 1:
+        length = ((datagram[p] & 0x3F) << 8) | datagram[p + 1]
+        p += 2
+    else:
+        length, p = decode_varint(datagram, p)
     end = p + length
     if end > n:
         raise QuicError("bad_length", f"Length {length} exceeds the datagram by {end - n}")
