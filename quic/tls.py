@@ -24,6 +24,7 @@ Choices worth knowing:
 
 import re
 from dataclasses import dataclass
+from struct import Struct, unpack_from
 
 from quic.errors import QuicError
 
@@ -41,6 +42,7 @@ EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}".encode())
 MAX_HOSTNAME_LEN = 253
+_EXT_HEADER = Struct(">HH")
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,7 +133,7 @@ def _parse_u16_list(data: bytes, start: int, end: int, prefix: int, what: str) -
     pos = start + prefix
     if pos + n != end or n % 2 or n == 0:
         raise _fail(f"{what} length mismatch")
-    return tuple((data[i] << 8) | data[i + 1] for i in range(pos, end, 2))
+    return unpack_from(f">{n >> 1}H", data, pos)
 
 
 def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
@@ -173,7 +175,7 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     cs_len = (data[pos] << 8) | data[pos + 1]
     if cs_len == 0 or cs_len % 2 or pos + 2 + cs_len > end:
         raise _fail("cipher_suites length mismatch")
-    suites = tuple((data[i] << 8) | data[i + 1] for i in range(pos + 2, pos + 2 + cs_len, 2))
+    suites = unpack_from(f">{cs_len >> 1}H", data, pos + 2)
     pos += 2 + cs_len
     if pos + 1 > end:
         raise _fail("truncated before compression_methods")
@@ -191,31 +193,32 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     alpn: tuple[str, ...] = ()
     versions: tuple[int, ...] = ()
     groups: tuple[int, ...] = ()
-    seen: set[int] = set()
     types: list[int] = []
+    unpack = _EXT_HEADER.unpack_from
     while pos < end:
         if pos + 4 > end:
             raise _fail("extension header truncated")
-        etype = (data[pos] << 8) | data[pos + 1]
+        etype, elen = unpack(data, pos)
         estart = pos + 4
-        eend = estart + ((data[pos + 2] << 8) | data[pos + 3])
-        if eend > end:
+        pos = estart + elen
+        if pos > end:
             raise _fail(f"extension 0x{etype:04x} past the message end")
-        if etype in seen:
-            raise QuicError("duplicate_extension", f"extension 0x{etype:04x} appears twice")
-        if EXT_PRE_SHARED_KEY in seen:
-            raise _fail("pre_shared_key is not the last extension")
-        seen.add(etype)
         types.append(etype)
-        if etype == EXT_SERVER_NAME:
-            sni = _parse_sni(data, estart, eend)
-        elif etype == EXT_ALPN:
-            alpn = _parse_alpn(data, estart, eend)
-        elif etype == EXT_SUPPORTED_VERSIONS:
-            versions = _parse_u16_list(data, estart, eend, 1, "supported_versions")
-        elif etype == EXT_KEY_SHARE:
-            groups = _parse_key_share(data, estart, eend)
-        pos = eend
+        if etype <= EXT_KEY_SHARE:  # one compare skips the many extensions not parsed here
+            if etype == EXT_SERVER_NAME:
+                sni = _parse_sni(data, estart, pos)
+            elif etype == EXT_ALPN:
+                alpn = _parse_alpn(data, estart, pos)
+            elif etype == EXT_SUPPORTED_VERSIONS:
+                versions = _parse_u16_list(data, estart, pos, 1, "supported_versions")
+            elif etype == EXT_KEY_SHARE:
+                groups = _parse_key_share(data, estart, pos)
+    seen = set(types)
+    if len(seen) != len(types):
+        dup = next(t for i, t in enumerate(types) if t in types[:i])
+        raise QuicError("duplicate_extension", f"extension 0x{dup:04x} appears twice")
+    if EXT_PRE_SHARED_KEY in seen and types[-1] != EXT_PRE_SHARED_KEY:
+        raise _fail("pre_shared_key is not the last extension")
 
     return ClientHello(
         sni=sni,
