@@ -1,0 +1,400 @@
+"""The first-flight assembler: real aioquic first flights (v1, v2, 1 and 2 datagrams, any
+order) and hand-built Initials sealed with the real Initial keys, for every rule and limit.
+
+``initial_datagram`` and ``zero_rtt_packet`` are reused by the property tests.
+"""
+
+import os
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from test_tls import build_client_hello, quic_hello
+
+import quic.flight
+from quic.crypto import derive_initial_keys, seal_initial
+from quic.flight import (
+    AssemblerConfig,
+    FirstFlightAssembler,
+    NeedMore,
+    Ready,
+    Rejected,
+    VersionNegotiationNeeded,
+)
+from quic.packet import VERSION_1, VERSION_2, PacketType, long_header_type_bits
+from quic.varint import encode_varint
+
+ADDR = ("192.0.2.7", 51234)
+SCID = bytes.fromhex("c0ffee0011223344")
+
+
+def crypto(offset: int, data: bytes) -> bytes:
+    return b"\x06" + encode_varint(offset) + encode_varint(len(data)) + data
+
+
+def initial_packet(
+    dcid: bytes,
+    frames: bytes,
+    *,
+    version: int = VERSION_1,
+    scid: bytes = SCID,
+    pn: int = 0,
+    size: int = 1200,
+    token: bytes = b"",
+) -> bytes:
+    """One client Initial sealed with the real keys, its payload padded so the packet is
+    ``size`` bytes (or as small as the frames allow)."""
+    header_len = 1 + 4 + 1 + len(dcid) + 1 + len(scid) + len(encode_varint(len(token)))
+    header_len += len(token) + 2 + 4
+    pad = max(0, size - header_len - 16 - len(frames))
+    keys = derive_initial_keys(dcid, version, server=False)
+    return seal_initial(keys, version, dcid, scid, token, pn, frames + bytes(pad))
+
+
+def initial_datagram(dcid: bytes, frames: bytes, **kw: object) -> bytes:
+    return initial_packet(dcid, frames, **kw)  # type: ignore[arg-type]
+
+
+def zero_rtt_packet(dcid: bytes, size: int = 300, version: int = VERSION_1) -> bytes:
+    """A 0-RTT long-header packet (its payload is opaque to the classifier: random bytes)."""
+    first = 0xC0 | (long_header_type_bits(version, PacketType.ZERO_RTT) << 4) | 0x03
+    body_len = size - (1 + 4 + 1 + len(dcid) + 1 + len(SCID) + 2)
+    return (
+        bytes((first,))
+        + version.to_bytes(4, "big")
+        + bytes((len(dcid),))
+        + dcid
+        + bytes((len(SCID),))
+        + SCID
+        + (0x4000 | body_len).to_bytes(2, "big")
+        + os.urandom(body_len)
+    )
+
+
+def long_packet(ptype: PacketType, dcid: bytes, version: int = VERSION_1) -> bytes:
+    first = 0xC0 | (long_header_type_bits(version, ptype) << 4)
+    body = bytes(1200)
+    return (
+        bytes((first,))
+        + version.to_bytes(4, "big")
+        + bytes((len(dcid),))
+        + dcid
+        + bytes((len(SCID),))
+        + SCID
+        + (b"\x00" if ptype is PacketType.INITIAL else b"")  # token length
+        + (0x4000 | len(body)).to_bytes(2, "big")
+        + body
+    )
+
+
+def aioquic_flight(
+    alpn: list[str], server_name: str | None, version: int = VERSION_1, two: bool = False
+) -> list[bytes]:
+    cfg = QuicConfiguration(
+        is_client=True,
+        alpn_protocols=alpn,
+        server_name=server_name,
+        original_version=version,
+        quantum_readiness_test=two,
+    )
+    conn = QuicConnection(configuration=cfg)
+    conn.connect(("127.0.0.1", 443), now=0.0)
+    datagrams = [d for d, _ in conn.datagrams_to_send(now=0.0)]
+    assert len(datagrams) == (2 if two else 1)
+    return datagrams
+
+
+def dcid_of(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+# --- real client ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", [VERSION_1, VERSION_2])
+@pytest.mark.parametrize("two", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize(
+    ("alpn", "sni"),
+    [(["h3"], "www.example.com"), (["smb", "h3", "doq"], None), (["hq-interop"], "a.b.example")],
+)
+def test_aioquic_first_flights(
+    version: int, two: bool, reverse: bool, alpn: list[str], sni: str | None
+) -> None:
+    datagrams = aioquic_flight(alpn, sni, version, two)
+    order = datagrams[::-1] if reverse else datagrams
+    asm = FirstFlightAssembler()
+    results = [asm.feed(d, ADDR, 1.0) for d in order]
+    assert all(isinstance(r, NeedMore) for r in results[:-1])
+    ready = results[-1]
+    assert isinstance(ready, Ready)
+    assert ready.version == version
+    assert ready.sni == sni and ready.alpn == tuple(alpn)
+    assert len(ready.dcid) == 8 and len(ready.scid) == 8
+    assert ready.datagrams == tuple((d, ADDR) for d in order)
+    assert ready.client_hello.has_transport_parameters
+    assert asm.pending_count == 0 and asm.pending_bytes == 0
+    assert asm.stats.ready == 1
+
+
+def test_interleaved_connections() -> None:
+    a = aioquic_flight(["h3"], "a.example", two=True)
+    b = aioquic_flight(["smb"], "b.example", version=VERSION_2, two=True)
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(a[1], ADDR, 0.0), NeedMore)
+    assert isinstance(asm.feed(b[0], ("198.51.100.1", 4444), 0.0), NeedMore)
+    assert asm.pending_count == 2
+    ra = asm.feed(a[0], ADDR, 0.1)
+    rb = asm.feed(b[1], ("198.51.100.1", 4444), 0.1)
+    assert isinstance(ra, Ready) and ra.sni == "a.example" and ra.alpn == ("h3",)
+    assert isinstance(rb, Ready) and rb.sni == "b.example" and rb.version == VERSION_2
+
+
+# --- hand-built flights ----------------------------------------------------------------------
+
+
+def test_scrambled_crypto_frames_and_0rtt_kept_in_order() -> None:
+    dcid = os.urandom(12)
+    hello = quic_hello(pad=1500)
+    cut = [0, 300, 700, 1100, 1400, len(hello)]
+    parts = [crypto(cut[i], hello[cut[i] : cut[i + 1]]) for i in range(5)]
+    early = zero_rtt_packet(dcid)
+    d1 = initial_datagram(dcid, parts[3] + b"\x01" + parts[0])
+    d2 = initial_datagram(dcid, parts[4] + parts[1] + parts[2])
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(early, ADDR, 0.0), NeedMore)  # 0-RTT before any Initial
+    assert isinstance(asm.feed(d1, ADDR, 0.0), NeedMore)
+    assert isinstance(asm.feed(d1, ADDR, 0.2), NeedMore)  # retransmission: kept, harmless
+    late = zero_rtt_packet(dcid, 500)
+    assert isinstance(asm.feed(late, ADDR, 0.3), NeedMore)
+    ready = asm.feed(d2, ADDR, 0.4)
+    assert isinstance(ready, Ready)
+    assert ready.dcid == dcid and ready.scid == SCID and ready.sni == "example.com"
+    assert [d for d, _ in ready.datagrams] == [early, d1, d1, late, d2]
+
+
+def test_coalesced_initial_and_0rtt() -> None:
+    dcid = os.urandom(8)
+    initial = initial_packet(dcid, crypto(0, quic_hello()), size=900)
+    datagram = initial + zero_rtt_packet(dcid, 400)
+    ready = FirstFlightAssembler().feed(datagram, ADDR, 0.0)
+    assert isinstance(ready, Ready) and ready.datagrams == ((datagram, ADDR),)
+
+
+def test_coalesced_packet_with_other_dcid_ignored() -> None:
+    dcid = os.urandom(8)
+    initial = initial_packet(dcid, crypto(0, quic_hello()), size=900)
+    # A Handshake packet would be rejected, but it belongs to another DCID: ignored (§12.2).
+    datagram = initial + long_packet(PacketType.HANDSHAKE, os.urandom(8))
+    assert isinstance(FirstFlightAssembler().feed(datagram, ADDR, 0.0), Ready)
+
+
+def test_trailing_zero_padding_after_initial() -> None:
+    dcid = os.urandom(8)
+    datagram = initial_packet(dcid, crypto(0, quic_hello()), size=600) + bytes(600)
+    assert isinstance(FirstFlightAssembler().feed(datagram, ADDR, 0.0), Ready)
+
+
+def test_version_negotiation_needed() -> None:
+    dcid, datagram = os.urandom(8), bytearray(long_packet(PacketType.INITIAL, os.urandom(8)))
+    datagram[1:5] = (0x1A2A3A4A).to_bytes(4, "big")
+    datagram[6:14] = dcid
+    result = FirstFlightAssembler().feed(bytes(datagram), ADDR, 0.0)
+    assert result == VersionNegotiationNeeded(0x1A2A3A4A, dcid, SCID)
+    short = FirstFlightAssembler().feed(bytes(datagram[:1199]), ADDR, 0.0)
+    assert isinstance(short, Rejected) and short.reason == "short_unknown_version"
+    datagram[1:5] = bytes(4)
+    vn = FirstFlightAssembler().feed(bytes(datagram), ADDR, 0.0)
+    assert isinstance(vn, Rejected) and vn.reason == "unexpected_version_negotiation"
+
+
+@pytest.mark.parametrize(
+    ("datagram", "reason"),
+    [
+        (b"", "not_long_header"),
+        (b"\x40" + bytes(1300), "not_long_header"),
+        (b"\xc0\x00\x00", "truncated"),
+        (initial_packet(os.urandom(8), crypto(0, quic_hello()), size=1199), "short_initial"),
+        (initial_packet(os.urandom(7), crypto(0, quic_hello())), "short_dcid"),
+        (long_packet(PacketType.HANDSHAKE, os.urandom(8)), "unexpected_packet_type"),
+        (long_packet(PacketType.INITIAL, os.urandom(8)), "decrypt_failed"),
+        (initial_packet(os.urandom(8), crypto(0, quic_hello()) + b"\x1d" + bytes(8)), None),
+        (initial_packet(os.urandom(8), crypto(0, quic_hello()) + b"\x1c\x00\x00\x00"), None),
+    ],
+)
+def test_rejected_datagrams(datagram: bytes, reason: str | None) -> None:
+    asm = FirstFlightAssembler()
+    result = asm.feed(datagram, ADDR, 0.0)
+    assert isinstance(result, Rejected)
+    if reason is not None:
+        assert result.reason == reason
+    else:
+        assert result.reason in ("forbidden_frame", "client_closed")
+    assert asm.pending_count == 0 and asm.pending_bytes == 0
+    assert asm.stats.rejected == 1
+
+
+def test_protocol_violation_drops_pending_connection() -> None:
+    dcid = os.urandom(8)
+    hello = quic_hello(pad=2000)
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(initial_datagram(dcid, crypto(0, hello[:900])), ADDR, 0), NeedMore)
+    bad = initial_datagram(dcid, crypto(900, hello[900:1000]) + b"\x08\x00\x00")
+    result = asm.feed(bad, ADDR, 0.0)
+    assert result == Rejected("forbidden_frame", dcid, result.detail, True)  # type: ignore[union-attr]
+    assert asm.pending_count == 0 and asm.pending_bytes == 0
+
+
+def test_undecryptable_initial_does_not_hurt_pending_connection() -> None:
+    dcid = os.urandom(8)
+    hello = quic_hello(pad=2000)
+    asm = FirstFlightAssembler()
+    first = initial_datagram(dcid, crypto(0, hello[:1000]))
+    assert isinstance(asm.feed(first, ADDR, 0.0), NeedMore)
+    forged = bytearray(initial_datagram(dcid, crypto(1000, b"evil.example")))
+    forged[-1] ^= 1  # breaks the AEAD tag
+    result = asm.feed(bytes(forged), ADDR, 0.0)
+    assert isinstance(result, Rejected) and result.reason == "decrypt_failed"
+    assert not result.connection_dropped and asm.pending_count == 1
+    ready = asm.feed(initial_datagram(dcid, crypto(1000, hello[1000:])), ADDR, 0.0)
+    assert isinstance(ready, Ready) and len(ready.datagrams) == 2
+
+
+@pytest.mark.parametrize(
+    ("frames", "reason"),
+    [
+        (crypto(0, b"\x02\x00\x00\x10" + bytes(16)), "not_client_hello"),
+        (crypto(0, b"\x01\x00\x50\x00"), "crypto_over_cap"),  # announces 20 KiB > 16 KiB
+        (crypto(16000, bytes(400)), "crypto_over_cap"),
+        (crypto(0, build_client_hello([b"\x00\x10\x00"])), "bad_client_hello"),
+        (crypto(0, b"\x01\x00\x00\x10abc") + crypto(1, b"XY"), "crypto_conflict"),
+    ],
+)
+def test_hostile_crypto_rejected(frames: bytes, reason: str) -> None:
+    asm = FirstFlightAssembler()
+    result = asm.feed(initial_datagram(os.urandom(8), frames), ADDR, 0.0)
+    assert isinstance(result, Rejected) and result.reason == reason
+    assert asm.pending_count == 0
+
+
+def test_version_mismatch_within_a_connection() -> None:
+    dcid = os.urandom(8)
+    hello = quic_hello(pad=2000)
+    asm = FirstFlightAssembler()
+    asm.feed(initial_datagram(dcid, crypto(0, hello[:1000])), ADDR, 0.0)
+    other = initial_datagram(dcid, crypto(1000, hello[1000:]), version=VERSION_2)
+    result = asm.feed(other, ADDR, 0.0)
+    assert isinstance(result, Rejected) and result.reason == "version_mismatch"
+    assert asm.pending_count == 1
+
+
+def test_decided_dcid_fed_again_does_not_crash() -> None:
+    datagram = initial_datagram(os.urandom(8), crypto(0, quic_hello()))
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(datagram, ADDR, 0.0), Ready)
+    assert isinstance(asm.feed(datagram, ADDR, 0.1), Ready)  # a retransmission: new answer
+    assert isinstance(asm.feed(zero_rtt_packet(datagram[6:14]), ADDR, 0.2), NeedMore)
+
+
+def test_keys_derived_once_per_connection(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = quic.flight.derive_initial_keys
+
+    def counting(dcid: bytes, version: int, *, server: bool) -> object:
+        calls.append(dcid)
+        return real(dcid, version, server=server)
+
+    monkeypatch.setattr(quic.flight, "derive_initial_keys", counting)
+    dcid = os.urandom(8)
+    hello = quic_hello(pad=3000)
+    asm = FirstFlightAssembler()
+    for start in (2000, 1000, 0):
+        end = min(start + 1000, len(hello))
+        rest = start + 1000 if start == 2000 else end
+        asm.feed(initial_datagram(dcid, crypto(start, hello[start:rest])), ADDR, 0.0)
+    result = asm.feed(initial_datagram(dcid, crypto(3000, hello[3000:])), ADDR, 0.0)
+    assert isinstance(result, Ready)
+    assert calls == [dcid]
+
+
+# --- limits ----------------------------------------------------------------------------------
+
+
+def partial(dcid: bytes) -> bytes:
+    return initial_datagram(dcid, crypto(0, quic_hello(pad=3000)[:500]))
+
+
+def test_max_pending_evicts_oldest_first() -> None:
+    asm = FirstFlightAssembler(AssemblerConfig(max_pending=3))
+    for i in range(5):
+        assert isinstance(asm.feed(partial(dcid_of(i)), ADDR, float(i)), NeedMore)
+    assert asm.pending_count == 3 and asm.stats.evicted == 2
+    assert list(asm._pending) == [dcid_of(2), dcid_of(3), dcid_of(4)]
+
+
+def test_total_bytes_evicts_oldest_first() -> None:
+    cfg = AssemblerConfig(max_bytes_per_connection=20000, max_bytes_total=20000)
+    asm = FirstFlightAssembler(cfg)
+    for i in range(20):
+        asm.feed(partial(dcid_of(i)), ADDR, 0.0)
+        assert asm.pending_bytes <= 20000
+    # each partial costs 1200 datagram bytes + 500 reassembly bytes
+    assert asm.pending_count == 20000 // 1700
+    assert list(asm._pending)[-1] == dcid_of(19)
+    assert asm.pending_bytes == 1700 * asm.pending_count
+
+
+def test_per_connection_budget() -> None:
+    cfg = AssemblerConfig(max_bytes_per_connection=1200 + 16384)
+    asm = FirstFlightAssembler(cfg)
+    dcid = dcid_of(1)
+    asm.feed(partial(dcid), ADDR, 0.0)
+    results = [asm.feed(zero_rtt_packet(dcid, 1200), ADDR, 0.0) for _ in range(20)]
+    assert isinstance(results[0], NeedMore)
+    over = [r for r in results if isinstance(r, Rejected)]
+    assert over and all(r.reason == "connection_over_budget" for r in over)
+    assert not any(r.connection_dropped for r in over)
+    assert asm.pending_bytes <= cfg.max_bytes_per_connection
+
+
+def test_sparse_crypto_charged_for_its_buffer() -> None:
+    """A tiny fragment at a high offset costs the buffer it creates, not its own size."""
+    asm = FirstFlightAssembler()
+    asm.feed(initial_datagram(dcid_of(1), crypto(15000, b"x")), ADDR, 0.0)
+    assert asm.pending_bytes == 1200 + 15001
+
+
+def test_ttl_expiry() -> None:
+    asm = FirstFlightAssembler(AssemblerConfig(ttl=5.0))
+    asm.feed(partial(dcid_of(1)), ADDR, 0.0)
+    asm.feed(partial(dcid_of(2)), ADDR, 3.0)
+    assert asm.expire(4.9) == 0
+    assert asm.expire(5.0) == 1 and asm.pending_count == 1
+    asm.feed(partial(dcid_of(3)), ADDR, 8.5)  # lazy expiry on feed drops dcid 2
+    assert list(asm._pending) == [dcid_of(3)]
+    assert asm.stats.expired == 2
+    assert asm.pending_bytes == 1700
+
+
+def test_expired_connection_starts_over() -> None:
+    dcid = os.urandom(8)
+    hello = quic_hello(pad=2000)
+    asm = FirstFlightAssembler(AssemblerConfig(ttl=1.0))
+    asm.feed(initial_datagram(dcid, crypto(0, hello[:1000])), ADDR, 0.0)
+    result = asm.feed(initial_datagram(dcid, crypto(1000, hello[1000:])), ADDR, 2.0)
+    assert isinstance(result, NeedMore)  # the first half is gone with its entry
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"crypto_cap": 4095},
+        {"max_pending": 0},
+        {"ttl": 0},
+        {"max_bytes_per_connection": 1000},
+        {"max_bytes_total": 1000},
+    ],
+)
+def test_config_validation(kwargs: dict[str, float]) -> None:
+    with pytest.raises(ValueError):
+        AssemblerConfig(**kwargs)  # type: ignore[arg-type]
