@@ -1,0 +1,201 @@
+/* guard.c: XDP guard in front of the service port(s).
+ *
+ * Why in XDP: junk that RFC 9000 says a server must discard (Initials in datagrams under
+ * 1200 bytes, datagrams too short to be QUIC, small datagrams of unknown versions) and
+ * floods of new Initials are cheapest to drop before the kernel allocates an skb, and
+ * counting each packet class here gives the daemon its traffic picture for free. The guard
+ * only reads headers (no state but the optional flood buckets) and passes everything it does
+ * not understand untouched: other ports, non-UDP, non-IP, IP fragments.
+ */
+#include <uapi/linux/bpf.h>
+#include <uapi/linux/if_ether.h>
+#include <uapi/linux/in.h>
+#include <uapi/linux/ip.h>
+#include <uapi/linux/ipv6.h>
+#include <uapi/linux/udp.h>
+#include "steerd.h"
+
+#define GUARD_CONFIG ((void *)bpf_pseudo_fd(1, STEERD_FD_GUARD_CONFIG))
+#define BUCKETS ((void *)bpf_pseudo_fd(1, STEERD_FD_FLOOD_BUCKETS))
+
+#ifndef STEERD_PORT_1
+#define STEERD_PORT_1 STEERD_PORT_0
+#endif
+#ifndef STEERD_PORT_2
+#define STEERD_PORT_2 STEERD_PORT_0
+#endif
+#ifndef STEERD_PORT_3
+#define STEERD_PORT_3 STEERD_PORT_0
+#endif
+
+static __always_inline int is_service_port(__be16 port)
+{
+    return port == bpf_htons(STEERD_PORT_0) || port == bpf_htons(STEERD_PORT_1) ||
+           port == bpf_htons(STEERD_PORT_2) || port == bpf_htons(STEERD_PORT_3);
+}
+
+/* GCRA flood guard: 1 = let this Initial through, 0 = over the prefix's budget. */
+static __always_inline int flood_allows(struct steerd_bucket_key *key)
+{
+    __u32 zero = 0;
+    struct steerd_guard_config *cfg = bpf_map_lookup_elem(GUARD_CONFIG, &zero);
+    __u64 now, tat, *state;
+    __u32 bits;
+
+    if (!cfg || !cfg->flood_enabled)
+        return 1;
+    bits = key->family == 4 ? cfg->v4_prefix_len : cfg->v6_prefix_len;
+#pragma unroll
+    for (int i = 0; i < 16; i++) {
+        if (bits >= 8) {
+            bits -= 8;
+        } else if (bits > 0) {
+            key->addr[i] &= (__u8)(0xff << (8 - bits));
+            bits = 0;
+        } else {
+            key->addr[i] = 0;
+        }
+    }
+    now = bpf_ktime_get_ns();
+    state = bpf_map_lookup_elem(BUCKETS, key);
+    if (!state) {
+        tat = now + cfg->interval_ns;
+        bpf_map_update_elem(BUCKETS, key, &tat, BPF_ANY);
+        return 1;
+    }
+    /* Racy across CPUs by design: an approximate budget is enough for a flood guard. */
+    tat = *state > now ? *state : now;
+    if (tat - now > cfg->burst_ns)
+        return 0;
+    *state = tat + cfg->interval_ns;
+    return 1;
+}
+
+int steerd_guard(struct xdp_md *ctx)
+{
+    void *data = (void *)(long)ctx->data;
+    void *end = (void *)(long)ctx->data_end;
+    struct ethhdr *eth = data;
+    struct steerd_bucket_key src = {};
+    struct udphdr *udp;
+    __u8 *quic;
+    __u32 plen, version, type;
+    __u8 first;
+
+    if ((void *)(eth + 1) > end)
+        return XDP_PASS;
+    if (eth->h_proto == bpf_htons(ETH_P_IP)) {
+        struct iphdr *ip = (void *)(eth + 1);
+
+        if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
+            return XDP_PASS;
+        udp = (void *)ip + ip->ihl * 4;
+        if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
+            return XDP_PASS;
+        if (ip->frag_off & bpf_htons(0x3fff)) {
+            steerd_count(STEERD_CNT_XDP_FRAGMENT);
+            return XDP_PASS;
+        }
+        src.family = 4;
+        __builtin_memcpy(src.addr, &ip->saddr, 4);
+    } else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
+        struct ipv6hdr *ip6 = (void *)(eth + 1);
+        __u8 *hdr = (void *)(ip6 + 1);
+        __u8 next;
+
+        if ((void *)(ip6 + 1) > end)
+            return XDP_PASS;
+        next = ip6->nexthdr;
+#pragma unroll
+        for (int i = 0; i < STEERD_MAX_IPV6_EXT_HEADERS; i++) {
+            if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
+                if ((void *)(hdr + 2) > end)
+                    return XDP_PASS;
+                next = hdr[0];
+                hdr += (hdr[1] + 1) * 8;
+            } else if (next == IPPROTO_AH) {
+                if ((void *)(hdr + 2) > end)
+                    return XDP_PASS;
+                next = hdr[0];
+                hdr += (hdr[1] + 2) * 4;
+            } else if (next == IPPROTO_FRAGMENT) {
+                /* A fragment (first or not) has no whole datagram to judge. */
+                steerd_count(STEERD_CNT_XDP_FRAGMENT);
+                return XDP_PASS;
+            } else {
+                break;
+            }
+        }
+        if (next != IPPROTO_UDP)
+            return XDP_PASS;
+        udp = (void *)hdr;
+        if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
+            return XDP_PASS;
+        src.family = 6;
+        __builtin_memcpy(src.addr, &ip6->saddr, 16);
+    } else {
+        return XDP_PASS;
+    }
+
+    plen = bpf_ntohs(udp->len);
+    if (plen < sizeof(*udp))
+        return XDP_PASS; /* the kernel rejects a bad UDP length itself */
+    plen -= sizeof(*udp);
+    quic = (void *)(udp + 1);
+    if (plen < 1 || (void *)(quic + 1) > end) {
+        steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
+        return XDP_DROP;
+    }
+    first = quic[0];
+    if (!(first & STEERD_LONG_HEADER_BIT)) {
+        if (plen < STEERD_MIN_SHORT_PACKET) {
+            steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
+            return XDP_DROP;
+        }
+        steerd_count(STEERD_CNT_XDP_SHORT);
+        return XDP_PASS;
+    }
+    if (plen < STEERD_MIN_LONG_PACKET || (void *)(quic + 6) > end) {
+        steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
+        return XDP_DROP;
+    }
+    version = ((__u32)quic[1] << 24) | ((__u32)quic[2] << 16) | ((__u32)quic[3] << 8) | quic[4];
+    if (version == 0) {
+        steerd_count(STEERD_CNT_XDP_VERSION_NEGOTIATION);
+        return XDP_PASS;
+    }
+    type = (first >> 4) & 3;
+    if (version == STEERD_QUIC_V2) {
+        /* RFC 9369 §3.2: Initial 0b01, 0-RTT 0b10, Handshake 0b11, Retry 0b00. */
+        type = (type + 3) & 3;
+    } else if (version != STEERD_QUIC_V1) {
+        if (plen < STEERD_MIN_INITIAL_DATAGRAM) {
+            steerd_count(STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION);
+            return XDP_DROP;
+        }
+        steerd_count(STEERD_CNT_XDP_UNKNOWN_VERSION);
+        return XDP_PASS;
+    }
+    if (quic[5] > STEERD_MAX_CID_LEN) {
+        steerd_count(STEERD_CNT_XDP_DROP_BAD_CID_LEN);
+        return XDP_DROP;
+    }
+    if (type == STEERD_TYPE_INITIAL) {
+        if (plen < STEERD_MIN_INITIAL_DATAGRAM) {
+            steerd_count(STEERD_CNT_XDP_DROP_SMALL_INITIAL);
+            return XDP_DROP;
+        }
+        if (!flood_allows(&src)) {
+            steerd_count(STEERD_CNT_XDP_DROP_RATE_LIMITED);
+            return XDP_DROP;
+        }
+        steerd_count(STEERD_CNT_XDP_INITIAL);
+    } else if (type == STEERD_TYPE_0RTT) {
+        steerd_count(STEERD_CNT_XDP_0RTT);
+    } else if (type == STEERD_TYPE_HANDSHAKE) {
+        steerd_count(STEERD_CNT_XDP_HANDSHAKE);
+    } else {
+        steerd_count(STEERD_CNT_XDP_RETRY);
+    }
+    return XDP_PASS;
+}

@@ -1,0 +1,134 @@
+/* steerd.h: the one header shared by every steerd BPF program and read by Python.
+ *
+ * Why one header: the steering program, the XDP guard and steerd/dataplane must agree on
+ * every number (CID layout constants, counter indexes, map key and value layouts). Python
+ * parses the "#define STEERD_CNT_*" lines below to name the counters, and
+ * tests/dataplane/test_header.py checks the QUIC-LB constants against quic/cid.py, so a
+ * change here that is not made there fails a test instead of mis-steering packets.
+ *
+ * Fixed constants live here. Per-deployment values come from steerd/dataplane as -D flags:
+ *   the CID layout from quic.cid.CidLayout.defines() (STEERD_CID_LEN, STEERD_CID_FIRST_OCTET,
+ *   STEERD_CID_HOST_ID, STEERD_CID_HOST_ID_LEN, STEERD_CID_SLOT_OFFSET, STEERD_CID_SLOT_LEN),
+ *   STEERD_WORKER_SLOTS, STEERD_CLASSIFIER_SLOTS, STEERD_PORT_0..3, STEERD_NPORTS and the map
+ *   file descriptors STEERD_FD_* (maps are created by Python, referenced with bpf_pseudo_fd,
+ *   so bcc never owns them and they can be pinned and reused across daemon restarts).
+ */
+#ifndef STEERD_H
+#define STEERD_H
+
+/* QUIC-LB plaintext CID layout (draft-ietf-quic-load-balancers); must equal quic/cid.py. */
+#define STEERD_CONFIG_ROTATION_SHIFT 5
+#define STEERD_LENGTH_MASK 0x1f
+#define STEERD_CR_UNROUTABLE 7
+#define STEERD_MIN_NONCE_LEN 4
+#define STEERD_MAX_CID_LEN 20
+#define STEERD_MAX_SLOT_LEN 4
+
+/* QUIC wire facts (RFC 9000, RFC 9369). */
+#define STEERD_QUIC_V1 0x00000001
+#define STEERD_QUIC_V2 0x6b3343cf
+#define STEERD_LONG_HEADER_BIT 0x80
+/* RFC 9000 §14.1: a server MUST discard an Initial in a UDP payload under 1200 bytes, and
+ * §6 (5.2.2): it MUST drop smaller datagrams of unsupported versions. */
+#define STEERD_MIN_INITIAL_DATAGRAM 1200
+/* Smallest short-header packet: a stateless reset may be as short as 21 bytes (§10.3). */
+#define STEERD_MIN_SHORT_PACKET 21
+/* Smallest long-header packet: first byte, version, DCID length, SCID length. */
+#define STEERD_MIN_LONG_PACKET 7
+/* Offset of the QUIC packet in an SK_REUSEPORT context: md->data is the UDP header. */
+#define STEERD_UDP_HEADER_LEN 8
+/* Bound for the IPv6 extension header walk in the XDP guard. */
+#define STEERD_MAX_IPV6_EXT_HEADERS 6
+/* Upper bounds for maps; the actual sizes are chosen by Python. */
+#define STEERD_MAX_CLASSIFIER_SLOTS 16
+#define STEERD_MAX_WORKER_SLOTS 65536
+#define STEERD_MAX_PORTS 4
+
+/* Long-header packet types, as the guard names them after mapping v1/v2 type bits. */
+#define STEERD_TYPE_INITIAL 0
+#define STEERD_TYPE_0RTT 1
+#define STEERD_TYPE_HANDSHAKE 2
+#define STEERD_TYPE_RETRY 3
+
+/* Per-CPU counters, one per branch: index into the `counters` PERCPU_ARRAY.
+ * steerd/dataplane turns STEERD_CNT_FOO_BAR into the counter name "foo_bar". */
+/* SK_REUSEPORT steering */
+#define STEERD_CNT_STEER_SHORT_WORKER 0          /* short header -> the worker its CID names */
+#define STEERD_CNT_STEER_SHORT_NOT_OURS 1        /* short header, CID not ours -> classifier */
+#define STEERD_CNT_STEER_SHORT_DEAD_SLOT 2       /* short header, named slot empty -> classifier */
+#define STEERD_CNT_STEER_ROUTE_HIT 3             /* long header, initial_routes hit -> worker */
+#define STEERD_CNT_STEER_ROUTE_EXPIRED 4         /* long header, route past its TTL (ignored) */
+#define STEERD_CNT_STEER_ROUTE_DEAD_SLOT 5       /* route names an empty slot -> classifier */
+#define STEERD_CNT_STEER_LONG_OURS_WORKER 6      /* long header, DCID is our CID -> worker */
+#define STEERD_CNT_STEER_LONG_OURS_DEAD_SLOT 7   /* our CID, slot empty -> classifier */
+#define STEERD_CNT_STEER_LONG_NEW 8              /* long header, no route, not ours -> classifier */
+#define STEERD_CNT_STEER_MALFORMED 9             /* header unreadable -> classifier */
+#define STEERD_CNT_STEER_TO_CLASSIFIER 10        /* total delivered to a classifier socket */
+#define STEERD_CNT_STEER_DROP_NO_CLASSIFIER 11   /* wanted a classifier, none alive: dropped */
+/* XDP guard (only UDP to a service port is classified; all else passes uncounted) */
+#define STEERD_CNT_XDP_INITIAL 16
+#define STEERD_CNT_XDP_0RTT 17
+#define STEERD_CNT_XDP_HANDSHAKE 18
+#define STEERD_CNT_XDP_RETRY 19
+#define STEERD_CNT_XDP_SHORT 20
+#define STEERD_CNT_XDP_VERSION_NEGOTIATION 21
+#define STEERD_CNT_XDP_UNKNOWN_VERSION 22
+#define STEERD_CNT_XDP_FRAGMENT 23               /* IP fragment: passed untouched */
+#define STEERD_CNT_XDP_DROP_TOO_SHORT 24
+#define STEERD_CNT_XDP_DROP_SMALL_INITIAL 25
+#define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26
+#define STEERD_CNT_XDP_DROP_BAD_CID_LEN 27
+#define STEERD_CNT_XDP_DROP_RATE_LIMITED 28
+#define STEERD_CNT_MAX 32
+
+/* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
+ * `len` so Python and BPF build byte-identical keys. */
+struct steerd_route_key {
+    __u8 len;
+    __u8 cid[STEERD_MAX_CID_LEN];
+    __u8 pad[3];
+};                                    /* 24 bytes */
+
+struct steerd_route {
+    __u32 slot;
+    __u32 flags;                      /* reserved, 0 */
+    __u64 expires_ns;                 /* CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = no expiry */
+};                                    /* 16 bytes */
+
+/* guard_config: ARRAY of one entry, written by Python. Flood guard = GCRA per source
+ * prefix: a bucket's "theoretical arrival time" advances by interval_ns per Initial and an
+ * Initial is dropped when it would run more than burst_ns ahead of now. */
+struct steerd_guard_config {
+    __u32 flood_enabled;
+    __u8 v4_prefix_len;
+    __u8 v6_prefix_len;
+    __u16 pad;
+    __u64 interval_ns;
+    __u64 burst_ns;
+};                                    /* 24 bytes */
+
+/* flood_buckets: LRU hash, source prefix -> GCRA state (u64 tat_ns). */
+struct steerd_bucket_key {
+    __u8 family;                      /* 4 or 6 */
+    __u8 pad[3];
+    __u8 addr[16];                    /* masked to the prefix length */
+};                                    /* 20 bytes */
+
+#define STEERD_ROUTE_KEY_SIZE 24
+#define STEERD_ROUTE_VALUE_SIZE 16
+#define STEERD_GUARD_CONFIG_SIZE 24
+#define STEERD_BUCKET_KEY_SIZE 20
+
+
+/* Shared BPF-side helper: one per-CPU counter bump (only in programs given the counters fd). */
+#ifdef STEERD_FD_COUNTERS
+static __always_inline void steerd_count(__u32 idx)
+{
+    __u64 *value = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, STEERD_FD_COUNTERS), &idx);
+
+    if (value)
+        *value += 1;
+}
+#endif
+
+#endif /* STEERD_H */
