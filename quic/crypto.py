@@ -54,6 +54,38 @@ _ZERO32 = bytes(32)
 _sha256 = sha256
 _ECB = modes.ECB()
 _object_new = object.__new__
+_INITIAL, _HANDSHAKE, _ZERO_RTT = PacketType.INITIAL, PacketType.HANDSHAKE, PacketType.ZERO_RTT
+
+
+def _public_ecb_encryptor(hp: bytes) -> Callable[[bytes], bytes]:
+    return Cipher(algorithms.AES(hp), _ECB).encryptor().update
+
+
+def _pick_ecb_encryptor() -> Callable[[bytes], Callable[[bytes], bytes]]:
+    """The cheapest way this cryptography offers to get an AES-ECB context for a new key.
+
+    ``Cipher(...).encryptor()`` is the public API, but about a third of its cost per
+    connection is Python-side ABC ``isinstance`` checks that can never fail here. The Rust
+    function behind it is used directly when it exists and reproduces the public path's
+    output (checked once, here); otherwise the public path is used.
+    """
+    try:
+        from cryptography.hazmat.bindings._rust import openssl as rust_openssl
+
+        create = rust_openssl.ciphers.create_encryption_ctx
+
+        def fast(hp: bytes) -> Callable[[bytes], bytes]:
+            return create(algorithms.AES(hp), _ECB).update  # type: ignore[no-any-return]
+
+        probe_key, probe_block = bytes(range(16)), bytes(range(16, 32))
+        if fast(probe_key)(probe_block) == _public_ecb_encryptor(probe_key)(probe_block):
+            return fast
+    except Exception:  # any internal-API drift: fall back to the public API
+        pass
+    return _public_ecb_encryptor
+
+
+_ecb_encryptor = _pick_ecb_encryptor()
 
 
 class _HmacKey:
@@ -218,7 +250,7 @@ def _aes_keys(key: bytes, iv: bytes, hp: bytes) -> PacketKeys:
     _setattr(keys, "hp", hp)
     _setattr(keys, "suite", AES_128_GCM)
     _setattr(keys, "_aead", AESGCM(key))
-    _setattr(keys, "_mask", Cipher(algorithms.AES(hp), _ECB).encryptor().update)
+    _setattr(keys, "_mask", _ecb_encryptor(hp))
     _setattr(keys, "_iv_int", int.from_bytes(iv, "big"))
     return keys
 
@@ -299,7 +331,8 @@ def open_packet(
     Packet numbers are decoded against ``expected_pn`` (0 by default: a first flight has no
     largest acknowledged packet, so the truncated value is the packet number).
     """
-    if header.packet_type is None or header.packet_type >= PacketType.RETRY:
+    ptype = header.packet_type
+    if ptype is not _INITIAL and ptype is not _HANDSHAKE and ptype is not _ZERO_RTT:
         raise QuicError("not_protected", "Retry, Version Negotiation and unknown versions")
     return _unprotect(
         datagram, header.start, header.pn_offset, header.end, keys, 0x0F, 0x0C, expected_pn
