@@ -11,7 +11,7 @@ import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
     "steerd.classify",  # steerd classify FILE
-    # "steerd.doctor",     # steerd doctor
+    "steerd.doctor",  # steerd doctor
     "steerd.config",  # steerd check-config FILE
 )
 

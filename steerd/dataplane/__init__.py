@@ -177,7 +177,7 @@ def check_prerequisites(pin_dir: str = DEFAULT_PIN_DIR) -> list[Prerequisite]:
             "bpffs",
             mounted,
             f"{root_dir} is {'' if mounted else 'not '}a bpf filesystem (pin dir {pin_dir})",
-            "mount -t bpf bpf /sys/fs/bpf",
+            "mount -t bpf bpf /sys/fs/bpf (and keep the pin dir under it)",
         )
     )
     if have_bcc and root:

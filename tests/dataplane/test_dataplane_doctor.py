@@ -1,0 +1,50 @@
+"""``steerd doctor`` as a user runs it: a subprocess, its output and exit code."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.root
+
+
+def doctor(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "steerd.cli", "doctor", *args],
+        capture_output=True, text=True, timeout=120, check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def steerd_prog_count() -> int:
+    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
+                         check=True).stdout
+    return sum(p.get("name", "").startswith("steerd_") for p in json.loads(out))
+
+
+def test_doctor_passes_here_and_loads_for_real() -> None:
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    before = steerd_prog_count()
+    proc = doctor()
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    names = [line.split()[1] for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")]
+    assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs"]
+    assert "programs load   steer (SK_REUSEPORT) and guard (XDP) compiled" in proc.stdout
+    assert steerd_prog_count() == before  # the scratch programs are gone
+    assert not [d for d in os.listdir("/sys/fs/bpf") if d.startswith("steerd-doctor-")]
+
+
+def test_doctor_names_what_is_missing_and_fails() -> None:
+    proc = doctor("--pin-dir", "/tmp/steerd-not-bpffs",
+                  env={"BCC_KERNEL_SOURCE": "/nonexistent-headers"})
+    assert proc.returncode == 1
+    assert "FAIL  kernel headers  no header tree: $BCC_KERNEL_SOURCE=/nonexistent-headers" in (
+        proc.stdout)
+    assert "fix: mount -t bpf bpf /sys/fs/bpf" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert "prerequisite(s) missing: kernel headers, bpffs, programs load" in proc.stderr
