@@ -5,6 +5,8 @@ impossible to miss (opening fails), and sealing must give back exactly the RFC's
 """
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from quic.builders import build_retry, verify_retry_integrity
 from quic.crypto import (
@@ -25,7 +27,9 @@ from quic.packet import (
     PacketType,
     parse_long_header,
     parse_short_header,
+    split_datagram,
 )
+from quic.varint import encode_varint
 
 RFC_DCID = bytes.fromhex("8394c8f03e515708")
 SERVER_SCID = bytes.fromhex("f067a5502a4262b5")
@@ -356,3 +360,27 @@ def test_chacha20_short_header(version: int) -> None:
     assert seal_short(keys, b"", A5_PN, b"\x01", pn_len=3) == packet
     header = parse_short_header(packet, 0)
     assert open_short_packet(packet, header, keys, expected_pn=A5_PN - 1) == (A5_PN, b"\x01")
+
+
+@given(st.lists(st.tuples(st.integers(0, 1199), st.integers(1, 255)), min_size=1, max_size=4))
+def test_corrupted_initials_raise_only_quic_error(flips: list[tuple[int, int]]) -> None:
+    """Hostile edits anywhere in a real Initial: parsing and opening fail only as QuicError."""
+    datagram = bytearray(V1_CLIENT_INITIAL)
+    for at, xor in flips:
+        datagram[at] ^= xor
+    keys = derive_initial_keys(RFC_DCID, VERSION_1, server=False)
+    try:
+        for header in split_datagram(bytes(datagram)):
+            open_packet(bytes(datagram), header, keys)
+    except QuicError:
+        return
+
+
+@given(st.binary(min_size=0, max_size=80), st.integers(0, 3))
+def test_short_random_initials_raise_only_quic_error(body: bytes, pn_bits: int) -> None:
+    packet = bytes((0xC0 | pn_bits,)) + b"\x00\x00\x00\x01\x08" + RFC_DCID + b"\x00\x00"
+    packet += encode_varint(len(body)) + body
+    keys = derive_initial_keys(RFC_DCID, VERSION_1, server=False)
+    with pytest.raises(QuicError) as info:
+        open_packet(packet, parse_long_header(packet), keys)
+    assert info.value.reason in ("too_short", "decrypt_failed")
