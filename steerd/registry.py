@@ -100,6 +100,7 @@ class Generation:
     workers: list[Worker]
     draining: bool = False
     cursor: int = 0  # round-robin position
+    replaced: Generation | None = field(default=None, repr=False)  # for undo()
 
     @property
     def state(self) -> str:
@@ -287,8 +288,9 @@ class Registry:
         # Everything checked: now change state (nothing below can fail).
         if record is None:
             record = self._apps[app] = _App(app)
-        if record.active is not None:
-            self._set_draining(record.active)
+        replaced = record.active
+        if replaced is not None:
+            self._set_draining(replaced)
         number = self._next_generation.get(app, 0) + 1
         self._next_generation[app] = number
         slots = [self._free.popleft() for _ in range(workers)]
@@ -296,12 +298,27 @@ class Registry:
             app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
             server_names=names,
             workers=[Worker(slot=s, server_id=server_id(self.layout, s)) for s in slots],
+            replaced=replaced,
         )
         record.generations.append(generation)
         for alpn in clean_alpns:
             for name in names:
                 self._claims[(alpn, name)] = app
         return generation
+
+    def undo(self, gen: Generation) -> list[int]:
+        """Take back a registration that could not be completed (its sockets could not be
+        made or handed over): remove ``gen`` and give the generation it replaced its claims
+        back, as if the request had never come. Returns the freed slots."""
+        freed = self._remove([gen])
+        old = gen.replaced
+        record = self._apps.get(gen.app)
+        if old is not None and record is not None and record.generations[-1:] == [old]:
+            old.draining = False
+            for alpn in old.alpns:
+                for name in old.server_names:
+                    self._claims.setdefault((alpn, name), old.app)
+        return freed
 
     def drain(self, app: str, owner: Hashable) -> list[Generation]:
         """Stop giving new connections to the owner's generations of ``app``; they keep their

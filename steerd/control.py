@@ -1,0 +1,712 @@
+"""The control socket: apps claim ALPNs and server names and receive their worker sockets.
+
+Why this shape:
+- AF_UNIX SOCK_SEQPACKET keeps message boundaries (one JSON object per packet, no framing
+  code) and, unlike a datagram socket, is connection-oriented: the daemon learns at once when
+  an app dies (its end closes) and removes its routes, and SO_PEERCRED names the peer's uid
+  and gid as the kernel saw them at connect time, which the ACL trusts.
+- The daemon (root) creates every socket of the reuseport group, because all members of a
+  group must have the same owner; it hands worker sockets to apps by SCM_RIGHTS, so apps need
+  no privilege to serve port 443, and different users share it. The daemon closes its own
+  copies right after the hand-over: when the app exits, its sockets are really closed and
+  leave the group (the data plane only keeps them in its BPF map).
+- The data plane is reached through the narrow ``SocketSink`` protocol, so this module can be
+  tested end to end with real sockets without BPF (the BPF side has its own tests).
+
+Protocol (one JSON object per packet, UTF-8; every request may carry an ``"id"`` (string or
+integer) that the reply echoes; requests carry no file descriptors):
+
+=========== ================================================== ================================
+op          request fields                                     reply (besides ok, op, id)
+=========== ================================================== ================================
+register    app, alpn [..], server_names [..] (default: all),  app, generation, workers [{slot,
+            workers (default 1), replace (default false)       server_id, sockets [{address,
+                                                               port, fd_index}]}], cid {...},
+                                                               reset_key (hex); FDs attached
+deregister  app                                                app, slots (freed)
+drain       app                                                app, generations (now draining)
+load        app, workers [{slot, load}]                        app
+status      (none)                                             status {...}
+=========== ================================================== ================================
+
+Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
+carries on, and the connection stays open (except when the daemon cannot reply at all).
+"""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import grp
+import json
+import os
+import pwd
+import socket
+import stat
+import struct
+import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from quic.cid import CidLayout
+from steerd.config import SCM_MAX_FD, Config, render
+from steerd.metrics import Metrics
+from steerd.registry import Generation, Peer, Registry, RegistryError
+
+OPS = ("deregister", "drain", "load", "register", "status")
+SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+RESET_KEY_LEN = 32
+_FD_SIZE = array.array("i").itemsize
+
+
+class SocketSink(Protocol):
+    """What the control server needs from the data plane: put a worker's sockets in the BPF
+    sockarray under its slot, and take them out.
+
+    ``sockets`` has one socket per listen address, in the config's order (each address is its
+    own reuseport group). The sink must not close them; it may keep references (or dups) until
+    ``remove_worker``. ``remove_worker`` must be idempotent: a slot whose socket the kernel
+    already dropped (the app closed it) is simply cleared.
+    """
+
+    def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None: ...
+
+    def remove_worker(self, slot: int) -> None: ...
+
+
+def bind_worker_socket(address: str, port: int) -> socket.socket:
+    """A UDP socket of the reuseport group on ``address``:``port``, owned by the daemon.
+
+    IPv6 sockets are v6-only so that "0.0.0.0" and "::" are two separate groups, each with
+    its own steering, instead of one IPv6 socket silently taking IPv4-mapped traffic.
+    """
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def peer_credentials(sock: socket.socket) -> Peer:
+    """The peer as the ACL sees it: SO_PEERCRED uid/gid, supplementary groups, names.
+
+    Supplementary groups come from SO_PEERGROUPS (captured at connect time, like
+    SO_PEERCRED); a peer in more groups than one getsockopt buffer holds is read from
+    /proc/PID/status instead. Names are resolved here, once per connection, so the registry
+    stays free of system calls.
+    """
+    pid, uid, gid = struct.unpack("3i", sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+    groups: set[int] = set()
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 1024)
+        groups.update(array.array("I", raw[: len(raw) - len(raw) % 4]))
+    except OSError:
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                for line in f:
+                    if line.startswith("Groups:"):
+                        groups.update(int(g) for g in line.split()[1:])
+        except (OSError, ValueError):
+            pass  # primary gid only: fewer rights, never more
+    try:
+        user: str | None = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = None
+    names = set()
+    for g in groups | {gid}:
+        with contextlib.suppress(KeyError):
+            names.add(grp.getgrgid(g).gr_name)
+    return Peer(uid=uid, gid=gid, groups=frozenset(groups), user=user,
+                group_names=frozenset(names))
+
+
+def layout_dict(layout: CidLayout) -> dict[str, int]:
+    return {
+        "config_id": layout.config_id, "host_id": layout.host_id,
+        "host_id_len": layout.host_id_len, "slot_len": layout.slot_len,
+        "nonce_len": layout.nonce_len, "cid_len": layout.cid_len,
+    }
+
+
+class _Refused(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(slots=True)
+class _TokenBucket:
+    rate: float
+    burst: float
+    tokens: float
+    last: float
+
+    def take(self, now: float) -> bool:
+        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
+        self.last = now
+        if self.tokens < 1.0:
+            return False
+        self.tokens -= 1.0
+        return True
+
+
+@dataclass(eq=False)
+class _Connection:
+    sock: socket.socket
+    peer: Peer
+    bucket: _TokenBucket
+    id: int
+    closed: bool = field(default=False)
+
+
+class ControlServer:
+    """The daemon's control-socket server, driven by an asyncio loop (readers on the
+    listening and connected sockets; every request is handled synchronously, as the registry
+    is pure and fast)."""
+
+    def __init__(
+        self,
+        config: Config,
+        registry: Registry,
+        sink: SocketSink,
+        *,
+        metrics: Metrics | None = None,
+        reset_key: bytes | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        status_extra: Callable[[], Mapping[str, Any]] | None = None,
+        socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
+    ) -> None:
+        self.config = config
+        self.registry = registry
+        self.sink = sink
+        self.metrics = metrics
+        # Per daemon run: apps derive stateless-reset tokens as HMAC(key, CID), so the daemon
+        # could reset connections of a dead worker; a restart invalidates old tokens, which
+        # is what RFC 9000 §10.3 expects of a server that lost state.
+        self.reset_key = reset_key if reset_key is not None else os.urandom(RESET_KEY_LEN)
+        self.clock = clock
+        self.status_extra = status_extra
+        self.socket_factory = socket_factory
+        self.path = config.control.path
+        self._listener: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._conns: dict[int, _Connection] = {}
+        self._next_id = 0
+        limits = config.limits
+        self._max_message = limits.control_message_bytes
+        self._max_conns = limits.control_connections
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Create the socket file (refusing to steal one a live daemon listens on) and serve."""
+        self._loop = asyncio.get_running_loop()
+        path = self.path
+        os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            pass
+        else:
+            if not stat.S_ISSOCK(st.st_mode):
+                raise OSError(f"{path} exists and is not a socket; not replacing it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            try:
+                probe.connect(path)
+            except OSError:
+                os.unlink(path)  # stale: left by a daemon that died
+            else:
+                raise OSError(f"another steerd is serving {path}")
+            finally:
+                probe.close()
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC
+        )
+        try:
+            sock.bind(path)
+            ctl = self.config.control
+            if ctl.group is not None:
+                gid = ctl.group if isinstance(ctl.group, int) else grp.getgrnam(ctl.group).gr_gid
+                os.chown(path, -1, gid)
+            os.chmod(path, ctl.mode)
+            sock.listen(min(self._max_conns, socket.SOMAXCONN))
+        except BaseException:
+            sock.close()
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise
+        self._listener = sock
+        self._loop.add_reader(sock.fileno(), self._accept)
+        self._update_gauges()
+
+    async def close(self) -> None:
+        """Stop serving; every connected app is disconnected (and loses its routes)."""
+        for conn in list(self._conns.values()):
+            self._drop(conn)
+        if self._listener is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            with contextlib.suppress(OSError):
+                os.unlink(self.path)
+
+    # -- connections ------------------------------------------------------------------------
+
+    def _accept(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self._error("accept_failed")
+                return
+            sock.setblocking(False)
+            if len(self._conns) >= self._max_conns:
+                self._error("too_many_connections")
+                with contextlib.suppress(OSError):
+                    sock.send(self._encode(None, None, "too_many_connections",
+                                           f"too many control connections (limit "
+                                           f"{self._max_conns})"))
+                sock.close()
+                continue
+            try:
+                peer = peer_credentials(sock)
+            except OSError:
+                self._error("no_credentials")
+                sock.close()
+                continue
+            limits = self.config.limits
+            now = self.clock()
+            self._next_id += 1
+            conn = _Connection(
+                sock=sock, peer=peer, id=self._next_id,
+                bucket=_TokenBucket(limits.control_rate, limits.control_burst,
+                                    limits.control_burst, now),
+            )
+            self._conns[conn.id] = conn
+            self._loop.add_reader(sock.fileno(), self._readable, conn)
+            self._update_gauges()
+
+    def _drop(self, conn: _Connection) -> None:
+        """The app is gone (or must go): its generations and routes go with it, at once."""
+        if conn.closed:
+            return
+        conn.closed = True
+        assert self._loop is not None
+        self._loop.remove_reader(conn.sock.fileno())
+        conn.sock.close()
+        del self._conns[conn.id]
+        self._release(self.registry.disconnect(conn.id))
+        self._update_gauges()
+
+    def _release(self, slots: Sequence[int]) -> None:
+        for slot in slots:
+            self.sink.remove_worker(slot)
+
+    def _readable(self, conn: _Connection) -> None:
+        anc_space = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
+        try:
+            data, ancdata, flags, _ = conn.sock.recvmsg(
+                self._max_message + 1, anc_space, socket.MSG_CMSG_CLOEXEC
+            )
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            self._drop(conn)
+            return
+        fds = _fds_from(ancdata)
+        for fd in fds:  # a request never carries FDs: never keep one
+            os.close(fd)
+        if not data and not ancdata:
+            self._drop(conn)  # orderly shutdown by the app
+            return
+        reply, send_fds, cleanup = self._handle(conn, data, flags, len(fds))
+        try:
+            self._send(conn, reply, send_fds)
+        finally:
+            for s in cleanup:
+                s.close()
+
+    def _send(self, conn: _Connection, reply: bytes, fds: Sequence[int]) -> None:
+        """Reply; an app that cannot take its reply (queue full, gone) is disconnected rather
+        than waited for: the daemon never blocks on one app."""
+        if conn.closed:
+            return
+        try:
+            if fds:
+                socket.send_fds(conn.sock, [reply], list(fds))
+            else:
+                conn.sock.send(reply)
+        except OSError:
+            self._error("send_failed")
+            self._drop(conn)
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _handle(
+        self, conn: _Connection, data: bytes, flags: int, nfds: int
+    ) -> tuple[bytes, list[int], list[socket.socket]]:
+        """One request -> (reply bytes, FDs to attach, sockets to close after sending)."""
+        op: str | None = None
+        rid: str | int | None = None
+        try:
+            if not conn.bucket.take(self.clock()):
+                limits = self.config.limits
+                raise _Refused(
+                    "rate_limited",
+                    f"rate limit: at most {limits.control_rate:g} messages per second "
+                    f"(burst {limits.control_burst})",
+                )
+            if flags & socket.MSG_TRUNC or len(data) > self._max_message:
+                raise _Refused(
+                    "too_large", f"message too large: the limit is {self._max_message} bytes"
+                )
+            if nfds or flags & socket.MSG_CTRUNC:
+                raise _Refused(
+                    "unexpected_fds",
+                    f"unexpected file descriptors: requests carry none, got {nfds or 'some'}",
+                )
+            try:
+                message = json.loads(data.decode("utf-8"))
+            except UnicodeDecodeError:
+                raise _Refused("bad_json", "invalid JSON: not UTF-8") from None
+            except json.JSONDecodeError as e:
+                raise _Refused("bad_json", f"invalid JSON: {e.msg} at byte {e.pos}") from None
+            if not isinstance(message, dict):
+                raise _Refused(
+                    "bad_message",
+                    f"a request must be a JSON object, got {type(message).__name__}",
+                )
+            raw_id = message.get("id")
+            if raw_id is not None:
+                if isinstance(raw_id, bool) or not isinstance(raw_id, str | int):
+                    raise _Refused("bad_message", f'"id" must be a string or integer, got '
+                                   f"{render(raw_id)}")
+                rid = raw_id
+            raw_op = message.get("op")
+            if not isinstance(raw_op, str) or raw_op not in OPS:
+                raise _Refused(
+                    "unknown_op", f"unknown op {render(raw_op)} (known: {', '.join(OPS)})"
+                )
+            op = raw_op
+            if self.metrics is not None:
+                self.metrics.control_messages.labels(op).inc()
+            handler = getattr(self, f"_op_{op}")
+            body, fds, cleanup = handler(conn, message)
+        except _Refused as e:
+            self._error(e.reason)
+            return self._encode(op, rid, e.reason, str(e)), [], []
+        except RegistryError as e:
+            self._error(e.reason)
+            return self._encode(op, rid, e.reason, f"{op}: {e}"), [], []
+        except Exception as e:  # a bug or a data-plane failure: say so, keep serving
+            self._error("internal_error")
+            return self._encode(
+                op, rid, "internal_error", f"{op}: internal error: {type(e).__name__}: {e}"
+            ), [], []
+        reply = {"ok": True, "op": op, **({"id": rid} if rid is not None else {}), **body}
+        return json.dumps(reply).encode(), fds, cleanup
+
+    @staticmethod
+    def _fields(op: str, message: Mapping[str, Any], allowed: tuple[str, ...],
+                required: tuple[str, ...]) -> None:
+        known = ("id", "op", *allowed)
+        for key in message:
+            if key not in known:
+                raise _Refused(
+                    "bad_message",
+                    f"{op}: unknown field {render(key)} (known: {', '.join(sorted(known))})",
+                )
+        for key in required:
+            if key not in message:
+                raise _Refused("bad_message", f"{op}: missing field {render(key)}")
+
+    def _op_register(
+        self, conn: _Connection, m: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[int], list[socket.socket]]:
+        self._fields("register", m, ("alpn", "app", "replace", "server_names", "workers"),
+                     ("alpn", "app"))
+        workers = m.get("workers", 1)
+        limit = self.config.limits.workers_per_app
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= limit:
+            # checked before sockets are made for them, not only by the registry
+            raise _Refused(
+                "bad_request",
+                f'register: "workers" must be an integer 1..{limit}, got {render(workers)}',
+            )
+        addresses = self.config.listen.addresses
+        port = self.config.listen.port
+        gen = self.registry.register(
+            m["app"], m["alpn"], m.get("server_names", []), workers, m.get("replace", False),
+            conn.peer, conn.id,
+        )
+        made: list[socket.socket] = []
+        added: list[int] = []
+        try:
+            for _ in gen.workers:
+                for address in addresses:
+                    made.append(self.socket_factory(address, port))
+            for i, w in enumerate(gen.workers):
+                self.sink.add_worker(w.slot, made[i * len(addresses) : (i + 1) * len(addresses)])
+                added.append(w.slot)
+        except OSError as e:
+            self._undo(gen, made, added)
+            raise _Refused("socket_error", f"register: cannot create worker sockets: {e}") from None
+        except BaseException:
+            self._undo(gen, made, added)
+            raise
+        self._update_gauges()
+        return self._register_reply(gen, addresses, port), [s.fileno() for s in made], made
+
+    def _undo(self, gen: Generation, made: list[socket.socket], added: list[int]) -> None:
+        for slot in added:
+            self.sink.remove_worker(slot)
+        for s in made:
+            s.close()
+        self.registry.undo(gen)
+
+    def _register_reply(
+        self, gen: Generation, addresses: Sequence[str], port: int
+    ) -> dict[str, Any]:
+        n = len(addresses)
+        return {
+            "app": gen.app,
+            "generation": gen.number,
+            "workers": [
+                {
+                    "slot": w.slot, "server_id": w.server_id.hex(),
+                    "sockets": [
+                        {"address": a, "port": port, "fd_index": i * n + j}
+                        for j, a in enumerate(addresses)
+                    ],
+                }
+                for i, w in enumerate(gen.workers)
+            ],
+            "cid": layout_dict(self.registry.layout),
+            "reset_key": self.reset_key.hex(),
+        }
+
+    def _app_of(self, op: str, m: Mapping[str, Any]) -> str:
+        app = m["app"]
+        if not isinstance(app, str):
+            raise _Refused("bad_request", f'{op}: "app" must be a string, got {render(app)}')
+        return app
+
+    def _op_deregister(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[
+        dict[str, Any], list[int], list[socket.socket]
+    ]:
+        self._fields("deregister", m, ("app",), ("app",))
+        app = self._app_of("deregister", m)
+        freed = self.registry.deregister(app, conn.id)
+        self._release(freed)
+        self._update_gauges()
+        return {"app": app, "slots": sorted(freed)}, [], []
+
+    def _op_drain(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[
+        dict[str, Any], list[int], list[socket.socket]
+    ]:
+        self._fields("drain", m, ("app",), ("app",))
+        app = self._app_of("drain", m)
+        gens = self.registry.drain(app, conn.id)
+        self._update_gauges()
+        return {"app": app, "generations": [g.number for g in gens]}, [], []
+
+    def _op_load(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[
+        dict[str, Any], list[int], list[socket.socket]
+    ]:
+        self._fields("load", m, ("app", "workers"), ("app", "workers"))
+        app = self._app_of("load", m)
+        reports = m["workers"]
+        bad = _Refused(
+            "bad_request",
+            'load: "workers" must be a list of {"slot": integer, "load": number >= 0}, got '
+            f"{render(reports)}",
+        )
+        if not isinstance(reports, list):
+            raise bad
+        loads: dict[int, float] = {}
+        for r in reports:
+            if not isinstance(r, dict) or set(r) != {"slot", "load"}:
+                raise bad
+            slot, load = r["slot"], r["load"]
+            if (
+                isinstance(slot, bool) or not isinstance(slot, int)
+                or isinstance(load, bool) or not isinstance(load, int | float) or not load >= 0
+            ):
+                raise bad
+            loads[slot] = float(load)
+        self.registry.report_load(app, conn.id, loads)
+        return {"app": app}, [], []
+
+    def _op_status(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[
+        dict[str, Any], list[int], list[socket.socket]
+    ]:
+        self._fields("status", m, (), ())
+        status = self.registry.status()
+        status["control_connections"] = len(self._conns)
+        if self.status_extra is not None:
+            status.update(self.status_extra())
+        return {"status": status}, [], []
+
+    # -- helpers ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _encode(op: str | None, rid: str | int | None, reason: str, message: str) -> bytes:
+        reply: dict[str, Any] = {"ok": False, "op": op}
+        if rid is not None:
+            reply["id"] = rid
+        reply.update(reason=reason, error=message)
+        return json.dumps(reply).encode()
+
+    def _error(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.control_errors.labels(reason).inc()
+
+    def _update_gauges(self) -> None:
+        if self.metrics is not None:
+            self.metrics.update_registry(self.registry.counts())
+            self.metrics.control_connections.set(len(self._conns))
+
+    @property
+    def connections(self) -> int:
+        return len(self._conns)
+
+    def owner_ids(self) -> list[Hashable]:
+        return list(self._conns)
+
+
+def _fds_from(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
+    fds: list[int] = []
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            a = array.array("i")
+            a.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
+            fds.extend(a)
+    return fds
+
+
+# ---------------------------------------------------------------------------------------------
+# The client side, for apps, tests and the SDK.
+
+
+class ControlError(Exception):
+    """The daemon refused a request: ``reason`` is its stable token, ``str()`` its message."""
+
+    def __init__(self, reason: str, message: str, reply: Mapping[str, Any]) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.reply = dict(reply)
+
+
+@dataclass
+class Registration:
+    """A successful register: the worker sockets (one per listen address per worker, in the
+    reply's fd_index order), the CID layout to issue CIDs in, and the stateless-reset key."""
+
+    app: str
+    generation: int
+    workers: list[dict[str, Any]]
+    sockets: list[socket.socket]
+    layout: CidLayout
+    reset_key: bytes
+    reply: dict[str, Any]
+
+    def worker_sockets(self, slot: int) -> list[socket.socket]:
+        for w in self.workers:
+            if w["slot"] == slot:
+                return [self.sockets[s["fd_index"]] for s in w["sockets"]]
+        raise KeyError(slot)
+
+    def close(self) -> None:
+        for s in self.sockets:
+            s.close()
+
+
+class ControlClient:
+    """A blocking client: one request, one reply. Keep it open as long as the app serves:
+    closing it (or exiting) withdraws the app's routes."""
+
+    def __init__(self, path: str, timeout: float | None = 10.0) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            self.sock.settimeout(timeout)
+            self.sock.connect(path)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
+        if fds:
+            socket.send_fds(self.sock, [data], list(fds))
+        else:
+            self.sock.send(data)
+
+    def receive(self) -> tuple[dict[str, Any], list[socket.socket]]:
+        """The next reply and the sockets attached to it (owned by the caller)."""
+        data, fds, _, _ = socket.recv_fds(
+            self.sock, 1 << 20, SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC
+        )
+        sockets = [socket.socket(fileno=fd) for fd in fds]
+        if not data:
+            for s in sockets:
+                s.close()
+            raise ConnectionError("steerd closed the control connection")
+        return json.loads(data), sockets
+
+    def call(self, message: Mapping[str, Any]) -> tuple[dict[str, Any], list[socket.socket]]:
+        """Send a request; return the successful reply or raise ControlError."""
+        self.send_raw(json.dumps(message).encode())
+        reply, sockets = self.receive()
+        if not reply.get("ok"):
+            for s in sockets:
+                s.close()
+            raise ControlError(reply.get("reason", ""), reply.get("error", ""), reply)
+        return reply, sockets
+
+    def register(
+        self, app: str, alpn: Sequence[str], server_names: Sequence[str] = (), workers: int = 1,
+        replace: bool = False,
+    ) -> Registration:
+        reply, sockets = self.call({
+            "op": "register", "app": app, "alpn": list(alpn),
+            "server_names": list(server_names), "workers": workers, "replace": replace,
+        })
+        cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
+        return Registration(
+            app=reply["app"], generation=reply["generation"], workers=reply["workers"],
+            sockets=sockets, layout=CidLayout(**cid), reset_key=bytes.fromhex(reply["reset_key"]),
+            reply=reply,
+        )
+
+    def deregister(self, app: str) -> list[int]:
+        return list(self.call({"op": "deregister", "app": app})[0]["slots"])
+
+    def drain(self, app: str) -> list[int]:
+        return list(self.call({"op": "drain", "app": app})[0]["generations"])
+
+    def load(self, app: str, loads: Mapping[int, float]) -> None:
+        self.call({"op": "load", "app": app,
+                   "workers": [{"slot": s, "load": v} for s, v in loads.items()]})
+
+    def status(self) -> dict[str, Any]:
+        return dict(self.call({"op": "status"})[0]["status"])

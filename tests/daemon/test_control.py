@@ -1,0 +1,452 @@
+"""The control socket end to end: real AF_UNIX SEQPACKET sockets, real UDP worker sockets
+handed over by SCM_RIGHTS, a client running as another uid, and /metrics over HTTP."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import urllib.request
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from steerd.control import ControlClient, ControlError, ControlServer
+from tests.daemon.harness import NOBODY, Daemon
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def socket_inodes() -> dict[int, int]:
+    """Socket inode -> number of FDs of this process referring to it."""
+    counts: dict[int, int] = {}
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            ino = int(link[8:-1])
+            counts[ino] = counts.get(ino, 0) + 1
+    return counts
+
+
+def raw_reply(client: ControlClient, data: bytes, fds: tuple[int, ...] = ()) -> dict:
+    client.send_raw(data, fds)
+    reply, sockets = client.receive()
+    assert sockets == []
+    return reply
+
+
+def test_register_hands_over_real_bound_udp_sockets(daemon: Daemon) -> None:
+    before = socket_inodes()
+    with ControlClient(daemon.path) as c:
+        reg = c.register("web", ["h3"], ["Example.com"], workers=2)
+        try:
+            assert (reg.app, reg.generation) == ("web", 1)
+            assert [w["slot"] for w in reg.workers] == [0, 1]
+            assert [w["server_id"] for w in reg.workers] == ["0000", "0001"]
+            assert reg.layout == daemon.config.cid
+            assert reg.reset_key == daemon.server.reset_key and len(reg.reset_key) == 32
+            assert reg.reply["cid"]["cid_len"] == 9
+            assert len(reg.sockets) == 4
+            for w in reg.workers:
+                for entry, sock in zip(w["sockets"], reg.worker_sockets(w["slot"]), strict=True):
+                    assert sock.type == socket.SOCK_DGRAM
+                    assert sock.getsockname()[:2] == (entry["address"], daemon.port)
+                    assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 1
+                    assert sock.family == (
+                        socket.AF_INET6 if ":" in entry["address"] else socket.AF_INET
+                    )
+            assert daemon.sink.workers == {
+                0: [(socket.AF_INET, "127.0.0.1", daemon.port), (socket.AF_INET6, "::1",
+                                                                daemon.port)],
+                1: [(socket.AF_INET, "127.0.0.1", daemon.port), (socket.AF_INET6, "::1",
+                                                                daemon.port)],
+            }
+            # The daemon kept no copy: each worker socket is open exactly once in this
+            # process (the client's end), so the app's exit really closes it.
+            daemon.in_loop(lambda: None)  # the reply is sent, and its callback has finished
+            now = socket_inodes()
+            for s in reg.sockets:
+                assert now[os.fstat(s.fileno()).st_ino] == 1
+            decision = daemon.in_loop(lambda: daemon.registry.decide("example.com", ["h3"]))
+            assert decision is not None and decision.slot in (0, 1)
+        finally:
+            reg.close()
+    daemon.sink.wait_for(lambda: not daemon.sink.workers)
+    assert daemon.sink.calls == [("add", 0), ("add", 1), ("remove", 0), ("remove", 1)]
+    assert socket_inodes() == before
+
+
+def test_worker_sockets_receive_datagrams(daemon: Daemon) -> None:
+    with ControlClient(daemon.path) as c:
+        reg = c.register("web", ["h3"], workers=1)
+        try:
+            for sock, (family, address) in zip(
+                reg.sockets, [(socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")],
+                strict=True,
+            ):
+                sock.settimeout(5)
+                with socket.socket(family, socket.SOCK_DGRAM) as sender:
+                    sender.bind((address, 0))
+                    sender.sendto(b"first flight", (address, daemon.port))
+                    data, source = sock.recvfrom(2048)
+                    assert data == b"first flight"
+                    assert source[:2] == sender.getsockname()[:2]
+        finally:
+            reg.close()
+
+
+def test_deregister_and_disconnect_free_everything(daemon: Daemon) -> None:
+    baseline = len(socket_inodes())
+    a = ControlClient(daemon.path)
+    b = ControlClient(daemon.path)
+    try:
+        ra = a.register("web", ["h3"], workers=2)
+        rb = b.register("files", ["smb"], workers=1)
+        assert [w["slot"] for w in rb.workers] == [2]
+        assert a.deregister("web") == [0, 1]
+        assert set(daemon.sink.workers) == {2}
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["h3"])) is None
+        with pytest.raises(ControlError) as e:
+            a.deregister("files")  # not a's to remove
+        assert (e.value.reason, str(e.value)) == (
+            "not_registered", 'deregister: app "files" has no generation on this connection')
+        b.close()  # the app dies: its routes go at once
+        daemon.sink.wait_for(lambda: not daemon.sink.workers)
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["smb"])) is None
+        status = a.status()
+        assert status["apps"] == [] and status["slots"] == {"total": 8, "free": 8}
+        ra.close()
+        rb.close()
+    finally:
+        a.close()
+        b.close()
+    daemon.wait_until(lambda: daemon.server.connections == 0)
+    assert len(socket_inodes()) == baseline
+
+
+def test_replace_starts_a_generation_and_old_one_drains(daemon: Daemon) -> None:
+    old = ControlClient(daemon.path)
+    new = ControlClient(daemon.path)
+    try:
+        r1 = old.register("web", ["h3"], workers=1)
+        with pytest.raises(ControlError) as e:
+            new.register("web", ["h3"], workers=1)
+        assert str(e.value) == (
+            'register: app "web" is already registered (generation 1); send "replace": true '
+            "to start a new generation"
+        )
+        r2 = new.register("web", ["h3"], workers=1, replace=True)
+        assert (r2.generation, r2.workers[0]["slot"]) == (2, 1)
+        assert set(daemon.sink.workers) == {0, 1}  # the draining generation keeps its slot
+        gens = new.status()["apps"][0]["generations"]
+        assert [(g["generation"], g["state"]) for g in gens] == [(1, "draining"), (2, "active")]
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["h3"])).slot == 1
+        old.close()
+        daemon.sink.wait_for(lambda: set(daemon.sink.workers) == {1})
+        assert new.drain("web") == [2]
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["h3"])) is None
+        r1.close()
+        r2.close()
+    finally:
+        old.close()
+        new.close()
+
+
+def test_conflict_and_load_over_the_socket(daemon: Daemon) -> None:
+    with ControlClient(daemon.path) as a, ControlClient(daemon.path) as b:
+        ra = a.register("web", ["h3"], workers=2)
+        with pytest.raises(ControlError) as e:
+            b.register("other", ["h2", "h3"])
+        assert e.value.reply == {
+            "ok": False, "op": "register", "reason": "conflict",
+            "error": 'register: ALPN "h3" for all server names is already claimed by app "web"',
+        }
+        a.load("web", {0: 7, 1: 2})
+        assert [daemon.in_loop(lambda: daemon.registry.decide(None, ["h3"])).slot
+                for _ in range(3)] == [1, 1, 1]
+        workers = a.status()["apps"][0]["generations"][0]["workers"]
+        assert [(w["load"], w["assigned"]) for w in workers] == [(7.0, 0), (2.0, 3)]
+        ra.close()
+
+
+MALFORMED = [
+    (b"{", "bad_json", "invalid JSON: Expecting property name enclosed in double quotes at "
+     "byte 1", None),
+    (b"\xff\xfe", "bad_json", "invalid JSON: not UTF-8", None),
+    (b"[1, 2]", "bad_message", "a request must be a JSON object, got list", None),
+    (b'{"op": "fly"}', "unknown_op",
+     'unknown op "fly" (known: deregister, drain, load, register, status)', None),
+    (b'{"app": "web"}', "unknown_op",
+     "unknown op null (known: deregister, drain, load, register, status)", None),
+    (b'{"op": "status", "id": [1]}', "bad_message", '"id" must be a string or integer, got [1]',
+     None),
+    (b'{"op": "status", "verbose": true, "id": 7}', "bad_message",
+     'status: unknown field "verbose" (known: id, op)', "status"),
+    (b'{"op": "register", "app": "web"}', "bad_message", 'register: missing field "alpn"',
+     "register"),
+    (b'{"op": "register", "app": "web", "alpns": ["h3"]}', "bad_message",
+     'register: unknown field "alpns" (known: alpn, app, id, op, replace, server_names, '
+     'workers)', "register"),
+    (b'{"op": "register", "app": "web", "alpn": "h3"}', "bad_request",
+     'register: "alpn" must be a non-empty list of strings, got "h3"', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "workers": "2"}', "bad_request",
+     'register: "workers" must be an integer 1..4, got "2"', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "workers": 5}', "bad_request",
+     'register: "workers" must be an integer 1..4, got 5', "register"),
+    (b'{"op": "register", "app": 5, "alpn": ["h3"]}', "bad_request",
+     "register: \"app\": must be 1..64 characters of letters, digits, '.', '_' or '-', "
+     "starting with a letter or digit, got 5", "register"),
+    (b'{"op": "deregister", "app": ["web"]}', "bad_request",
+     'deregister: "app" must be a string, got ["web"]', "deregister"),
+    (b'{"op": "load", "app": "web", "workers": {"0": 1}}', "bad_request",
+     'load: "workers" must be a list of {"slot": integer, "load": number >= 0}, got {"0": 1}',
+     "load"),
+    (b'{"op": "load", "app": "web", "workers": [{"slot": 0, "load": -1}]}', "bad_request",
+     'load: "workers" must be a list of {"slot": integer, "load": number >= 0}, got '
+     '[{"slot": 0, "load": -1}]', "load"),
+    (b'{"op": "drain", "app": "web"}', "not_registered",
+     'drain: app "web" has no generation on this connection', "drain"),
+    (b'{"op": "status", "pad": "' + b"x" * 1100 + b'"}', "too_large",
+     "message too large: the limit is 1024 bytes", None),
+]
+
+
+@pytest.mark.parametrize(("data", "reason", "error", "op"), MALFORMED)
+def test_malformed_messages_get_exact_errors(
+    daemon: Daemon, data: bytes, reason: str, error: str, op: str | None
+) -> None:
+    with ControlClient(daemon.path) as c:
+        reply = raw_reply(c, data)
+        expected = {"ok": False, "op": op, "reason": reason, "error": error}
+        if b'"id": 7' in data:
+            expected["id"] = 7
+        assert reply == expected
+        # the daemon carries on, on the same connection
+        assert c.status()["apps"] == []
+    families = {m.name: m for m in text_string_to_metric_families(scrape(daemon))}
+    errors = {s.labels["reason"]: s.value for s in families["steerd_control_errors"].samples
+              if s.name.endswith("_total")}
+    assert errors == {reason: 1.0}
+
+
+def test_file_descriptors_in_a_request_are_refused_and_closed(daemon: Daemon) -> None:
+    r, w = os.pipe()
+    try:
+        with ControlClient(daemon.path) as c:
+            reply = raw_reply(c, b'{"op": "status"}', (r, r))
+            assert reply == {
+                "ok": False, "op": None, "reason": "unexpected_fds",
+                "error": "unexpected file descriptors: requests carry none, got 2",
+            }
+            os.close(r)
+            r = -1
+            # nobody holds the read end any more: the daemon closed what it received
+            with pytest.raises(BrokenPipeError):
+                os.write(w, b"x")
+            assert c.status()["apps"] == []
+    finally:
+        if r >= 0:
+            os.close(r)
+        os.close(w)
+
+
+def test_rate_limit(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(control_rate=0.1, control_burst=3)
+    with ControlClient(daemon.path) as c:
+        for _ in range(3):
+            assert raw_reply(c, b'{"op": "status"}')["ok"] is True
+        assert raw_reply(c, b'{"op": "status", "id": "x"}') == {
+            "ok": False, "op": None, "reason": "rate_limited",  # not parsed: no id
+            "error": "rate limit: at most 0.1 messages per second (burst 3)",
+        }
+    with ControlClient(daemon.path) as other:  # the limit is per connection
+        assert raw_reply(other, b'{"op": "status"}')["ok"] is True
+
+
+def test_connection_limit(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(control_connections=1)
+    with ControlClient(daemon.path) as first:
+        assert first.status()["control_connections"] == 1
+        with ControlClient(daemon.path) as second:
+            reply, _ = second.receive()
+            assert reply == {
+                "ok": False, "op": None, "reason": "too_many_connections",
+                "error": "too many control connections (limit 1)",
+            }
+            with pytest.raises(ConnectionError):
+                second.receive()
+        assert first.status()["control_connections"] == 1
+
+
+def test_socket_failure_rolls_back(daemon: Daemon) -> None:
+    # Someone outside the group holds the port on ::1 (no SO_REUSEPORT): binding fails.
+    squatter = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    squatter.bind(("::1", daemon.port))
+    try:
+        with ControlClient(daemon.path) as c:
+            with pytest.raises(ControlError) as e:
+                c.register("web", ["h3"], workers=2)
+            assert (e.value.reason, str(e.value)) == (
+                "socket_error",
+                "register: cannot create worker sockets: [Errno 98] Address already in use",
+            )
+            status = c.status()
+            assert status["apps"] == [] and status["slots"]["free"] == 8
+            assert daemon.sink.workers == {}
+    finally:
+        squatter.close()
+
+
+def test_stale_socket_is_replaced_and_a_live_one_is_not(daemon: Daemon, sockdir: str) -> None:
+    second = ControlServer(daemon.config, daemon.registry, daemon.sink)
+    with pytest.raises(OSError) as e:
+        daemon.run(second.start())
+    assert str(e.value) == f"another steerd is serving {daemon.path}"
+    stale = os.path.join(sockdir, "stale.sock")
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.bind(stale)
+    s.close()  # the file stays, nobody listens: what a crashed daemon leaves
+    config = dataclasses.replace(
+        daemon.config, control=dataclasses.replace(daemon.config.control, path=stale)
+    )
+    third = ControlServer(config, daemon.registry, daemon.sink)
+    daemon.run(third.start())
+    try:
+        assert os.stat(stale).st_mode & 0o777 == 0o666
+        with ControlClient(stale) as c:
+            assert c.status()["apps"] == []
+    finally:
+        daemon.run(third.close())
+    assert not os.path.exists(stale)
+
+
+CHILD = textwrap.dedent(
+    """
+    import json, os, socket, sys
+    from steerd.control import ControlClient, ControlError
+    out = {"uid": os.getuid(), "gid": os.getgid()}
+    with ControlClient(sys.argv[1]) as c:
+        try:
+            c.register("bad", ["h3"])
+        except ControlError as e:
+            out["refused"] = [e.reason, str(e)]
+        try:
+            c.register("nb", ["nb"])
+        except ControlError as e:
+            out["refused_all_names"] = [e.reason, str(e)]
+        reg = c.register("nb", ["nb"], ["nobody.example"])
+        out["generation"] = reg.generation
+        out["sockets"] = [list(s.getsockname()[:2]) for s in reg.sockets]
+        out["status_uid"] = c.status()["apps"][0]["generations"][0]["uid"]
+        print(json.dumps(out), flush=True)
+        sys.stdin.read()  # hold the registration until the test says go
+    """
+)
+
+
+def test_acl_as_another_uid(daemon: Daemon) -> None:
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, daemon.path], user=NOBODY, group=NOBODY, extra_groups=[],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
+    )
+    try:
+        assert child.stdout is not None and child.stdin is not None
+        line = child.stdout.readline()
+        assert line, child.stderr.read() if child.stderr else ""
+        out = json.loads(line)
+        assert (out["uid"], out["gid"]) == (NOBODY, NOBODY)
+        assert out["refused"] == [
+            "acl_denied", 'register: uid 65534 may not claim ALPN "h3" for all server names'
+        ]
+        assert out["refused_all_names"] == [
+            "acl_denied", 'register: uid 65534 may not claim ALPN "nb" for all server names'
+        ]
+        assert out["generation"] == 1 and out["status_uid"] == NOBODY
+        assert out["sockets"] == [["127.0.0.1", daemon.port], ["::1", daemon.port]]
+        assert set(daemon.sink.workers) == {0}
+        # root may not take over nobody's app name without being root... root may:
+        with ControlClient(daemon.path) as c:
+            with pytest.raises(ControlError) as e:
+                c.register("nb", ["nb"], ["nobody.example"])
+            assert e.value.reason == "exists"
+        child.stdin.close()  # the app exits: its routes go
+        assert child.wait(30) == 0
+        daemon.sink.wait_for(lambda: not daemon.sink.workers)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+        for f in (child.stdin, child.stdout, child.stderr):
+            if f is not None:
+                f.close()
+
+
+def scrape(daemon: Daemon) -> str:
+    if daemon.metrics._server is None:
+        daemon.metrics.serve("127.0.0.1", 0)
+    assert daemon.metrics._server is not None
+    port = daemon.metrics._server.server_address[1]
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        return str(r.read().decode())
+
+
+def test_metrics_scraped_over_http(daemon: Daemon) -> None:
+    daemon.metrics.set_bpf_source(lambda: {"steer_short_header": 12, "xdp_drop_short": 3})
+    with ControlClient(daemon.path) as a, ControlClient(daemon.path) as b:
+        ra = a.register("web", ["h3"], workers=2)
+        rb = b.register("web", ["h3"], workers=1, replace=True)
+        raw_reply(a, b"nope")
+        m = daemon.metrics
+        m.first_flights.labels("routed", "web").inc(5)
+        m.first_flights.labels("no_owner", "").inc()
+        m.decision_seconds.observe(0.0004)
+        m.reinjected_datagrams.inc(7)
+        text = scrape(daemon)
+        ra.close()
+        rb.close()
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(text) for s in f.samples
+    }
+    assert values[("steerd_apps", ())] == 1
+    assert values[("steerd_generations", (("state", "active"),))] == 1
+    assert values[("steerd_generations", (("state", "draining"),))] == 1
+    assert values[("steerd_workers", ())] == 3
+    assert values[("steerd_free_worker_slots", ())] == 5
+    assert values[("steerd_control_connections", ())] == 2
+    assert values[("steerd_control_messages_total", (("op", "register"),))] == 2
+    assert values[("steerd_control_errors_total", (("reason", "bad_json"),))] == 1
+    assert values[("steerd_first_flights_total", (("app", "web"), ("result", "routed")))] == 5
+    assert values[("steerd_first_flights_total", (("app", ""), ("result", "no_owner")))] == 1
+    assert values[("steerd_decision_seconds_bucket", (("le", "0.0005"),))] == 1
+    assert values[("steerd_decision_seconds_bucket", (("le", "0.00025"),))] == 0
+    assert values[("steerd_reinjected_datagrams_total", ())] == 7
+    assert values[("steerd_bpf_events_total", (("counter", "steer_short_header"),))] == 12
+    assert values[("steerd_bpf_events_total", (("counter", "xdp_drop_short"),))] == 3
+    # after both apps are gone the gauges follow
+    daemon.sink.wait_for(lambda: not daemon.sink.workers)
+    daemon.wait_until(lambda: daemon.server.connections == 0)
+    values = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for f in text_string_to_metric_families(scrape(daemon)) for s in f.samples
+    }
+    assert values[("steerd_apps", ())] == 0 and values[("steerd_workers", ())] == 0
+
+
+def test_metrics_bpf_source_failure_does_not_break_scrape(daemon: Daemon) -> None:
+    def broken() -> dict[str, int]:
+        raise OSError("map gone")
+
+    daemon.metrics.set_bpf_source(broken)
+    text = scrape(daemon)
+    assert "steerd_apps 0.0" in text and "steerd_bpf_events_total{" not in text
