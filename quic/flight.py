@@ -25,7 +25,9 @@ What a pending connection holds, and why:
 * Initial packets: opened with keys derived once per DCID (cached in the entry); their CRYPTO
   frames go into a bounded :class:`~quic.reassembly.CryptoReassembler`. As soon as the
   gap-free prefix holds a whole ClientHello, it is parsed and the answer is Ready — in
-  whatever order the datagrams came and however the client cut its CRYPTO frames.
+  whatever order the datagrams came and however the client cut its CRYPTO frames. (A new
+  connection whose single CRYPTO frame holds the whole ClientHello skips the reassembler and
+  the pending table altogether: the common one-datagram case stays cheap.)
 * 0-RTT packets (and Initial retransmissions) of the same DCID: kept verbatim, to be forwarded
   with the flight so the chosen server sees everything the client sent. A 0-RTT datagram may
   arrive before any Initial (reordering): it opens a pending entry of its own.
@@ -294,6 +296,20 @@ class FirstFlightAssembler:
             if not opened:
                 self.stats.rejected += 1
                 return Rejected("decrypt_failed", dcid, "no Initial packet could be opened")
+
+        if entry is None and len(crypto) == 1 and crypto[0][0] == 0:
+            # Fast path, the common case (aioquic, ngtcp2, most stacks): a new connection whose
+            # one CRYPTO frame holds the whole ClientHello. Same checks, nothing stored.
+            data = crypto[0][1]
+            try:
+                if len(data) > self.config.crypto_cap:
+                    raise QuicError("crypto_over_cap", f"{len(data)} CRYPTO bytes > cap")
+                if len(data) >= 4 and len(data) >= client_hello_length(data):
+                    hello = parse_client_hello(data)
+                    self.stats.ready += 1
+                    return Ready(version, dcid, scid, hello, ((datagram, addr),))
+            except QuicError as e:
+                return self._reject(e.reason, dcid, e.detail)
 
         if entry is None:
             self._make_room(size, True)

@@ -194,7 +194,10 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     versions: tuple[int, ...] = ()
     groups: tuple[int, ...] = ()
     types: list[int] = []
+    append = types.append
     unpack = _EXT_HEADER.unpack_from
+    # Literal codepoints below (0, 16, 43, 51 = EXT_SERVER_NAME, EXT_ALPN,
+    # EXT_SUPPORTED_VERSIONS, EXT_KEY_SHARE): global lookups cost on this, the hottest loop.
     while pos < end:
         if pos + 4 > end:
             raise _fail("extension header truncated")
@@ -203,15 +206,15 @@ def parse_client_hello(msg: bytes) -> ClientHello:
         pos = estart + elen
         if pos > end:
             raise _fail(f"extension 0x{etype:04x} past the message end")
-        types.append(etype)
-        if etype <= EXT_KEY_SHARE:  # one compare skips the many extensions not parsed here
-            if etype == EXT_SERVER_NAME:
+        append(etype)
+        if etype <= 51:  # one compare skips the many extensions not parsed here
+            if etype == 0:
                 sni = _parse_sni(data, estart, pos)
-            elif etype == EXT_ALPN:
+            elif etype == 16:
                 alpn = _parse_alpn(data, estart, pos)
-            elif etype == EXT_SUPPORTED_VERSIONS:
+            elif etype == 43:
                 versions = _parse_u16_list(data, estart, pos, 1, "supported_versions")
-            elif etype == EXT_KEY_SHARE:
+            elif etype == 51:
                 groups = _parse_key_share(data, estart, pos)
     seen = set(types)
     if len(seen) != len(types):
@@ -221,14 +224,14 @@ def parse_client_hello(msg: bytes) -> ClientHello:
         raise _fail("pre_shared_key is not the last extension")
 
     return ClientHello(
-        sni=sni,
-        alpn=alpn,
-        supported_versions=versions,
-        key_share_groups=groups,
-        cipher_suites=suites,
-        extensions=tuple(types),
-        has_transport_parameters=EXT_QUIC_TRANSPORT_PARAMETERS in seen,
-        has_draft_transport_parameters=EXT_QUIC_TRANSPORT_PARAMETERS_DRAFT in seen,
-        sni_is_outer=EXT_ENCRYPTED_CLIENT_HELLO in seen,
-        length=total,
+        sni,
+        alpn,
+        versions,
+        groups,
+        suites,
+        tuple(types),
+        EXT_QUIC_TRANSPORT_PARAMETERS in seen,
+        EXT_QUIC_TRANSPORT_PARAMETERS_DRAFT in seen,
+        EXT_ENCRYPTED_CLIENT_HELLO in seen,
+        total,
     )

@@ -277,6 +277,17 @@ def test_hostile_crypto_rejected(frames: bytes, reason: str) -> None:
     assert asm.pending_count == 0
 
 
+def test_single_frame_beyond_cap_in_a_jumbo_datagram() -> None:
+    hello = quic_hello(pad=17000)
+    for cap in (16384, 32768):
+        asm = FirstFlightAssembler(AssemblerConfig(crypto_cap=cap))
+        result = asm.feed(initial_datagram(os.urandom(8), crypto(0, hello)), ADDR, 0.0)
+        if cap < len(hello):
+            assert isinstance(result, Rejected) and result.reason == "crypto_over_cap"
+        else:
+            assert isinstance(result, Ready) and result.client_hello.length == len(hello)
+
+
 def test_version_mismatch_within_a_connection() -> None:
     dcid = os.urandom(8)
     hello = quic_hello(pad=2000)
