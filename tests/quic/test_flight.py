@@ -44,11 +44,13 @@ def initial_packet(
 ) -> bytes:
     """One client Initial sealed with the real keys, its payload padded so the packet is
     ``size`` bytes (or as small as the frames allow)."""
+    length_len = 2 if size + len(frames) < 16000 else 4
     header_len = 1 + 4 + 1 + len(dcid) + 1 + len(scid) + len(encode_varint(len(token)))
-    header_len += len(token) + 2 + 4
+    header_len += len(token) + length_len + 4
     pad = max(0, size - header_len - 16 - len(frames))
     keys = derive_initial_keys(dcid, version, server=False)
-    return seal_initial(keys, version, dcid, scid, token, pn, frames + bytes(pad))
+    payload = frames + bytes(pad)
+    return seal_initial(keys, version, dcid, scid, token, pn, payload, length_len=length_len)
 
 
 def initial_datagram(dcid: bytes, frames: bytes, **kw: object) -> bytes:
