@@ -24,6 +24,7 @@ FIXTURES = [  # file, client, expected verdict
     ("aioquic-v1-pq-retrans.pcapng", "aioquic 1.7, 2 datagrams + retransmission", "classified"),
     ("ngtcp2-h3.pcapng", "ngtcp2 0.12 gtlsclient (18-byte DCID)", "classified"),
     ("ngtcp2-version-1a2a3a4a.pcapng", "ngtcp2 0.12, unknown version", "version_negotiation"),
+    ("aioquic-conversation.pcap", "aioquic client+server, whole handshake", "classified"),
 ]
 
 print("\nsteerd classify: what each real client's first flight asked for\n")

@@ -163,6 +163,29 @@ def test_unknown_version_prints_version_negotiation() -> None:
     assert line["frame"] == 1
 
 
+@pytest.mark.tshark
+@pytest.mark.parametrize("port", [None, PORT])
+def test_whole_conversation_prints_only_the_first_flight(port: int | None) -> None:
+    """Server replies, Handshake and 1-RTT packets, and the client's Initial ACKs to the
+    server's CID are all in this capture; none of them is a first flight or a rejection."""
+    name = "aioquic-conversation.pcap"
+    args: list[str | Path] = [FIXTURES / name] + (["--port", str(port)] if port else [])
+    code, lines, err = classify(*args)
+    assert (code, err) == (0, "")
+    conns = tshark.connections(FIXTURES / name, PORT)
+    (want,) = [c for c in conns.values() if c.hello_frame is not None]
+    assert [_core(x) for x in lines] == [
+        {
+            "dcid": want.dcid.hex(),
+            "version": f"0x{want.version:08x}",
+            "sni": want.sni,
+            "alpn": want.alpn,
+            "datagrams": want.hello_datagrams,
+            "verdict": "classified",
+        }
+    ]
+
+
 def test_console_script_is_installed() -> None:
     """The operator runs ``steerd``, not ``python -m``: the entry point must work too."""
     exe = Path(sys.executable).parent / "steerd"

@@ -32,6 +32,7 @@ CLASSIFIED = {
     "ngtcp2-h3.pcapng": {"version": VERSION_1, "hello_datagrams": 1},
 }
 VERSION_NEGOTIATION = {"ngtcp2-version-1a2a3a4a.pcapng": 0x1A2A3A4A}
+CONVERSATION = "aioquic-conversation.pcap"  # both directions of a whole handshake
 X25519MLKEM768 = 0x11EC
 
 pytestmark = pytest.mark.tshark
@@ -60,8 +61,8 @@ def _feed_until_ready(datagrams: list[Datagram]) -> tuple[Ready, int]:
 
 def test_every_fixture_is_covered() -> None:
     """A fixture without a test, or a test without its fixture, is a mistake."""
-    on_disk = {p.name for p in FIXTURES.glob("*.pcapng")}
-    assert on_disk == set(CLASSIFIED) | set(VERSION_NEGOTIATION)
+    on_disk = {p.name for p in FIXTURES.glob("*.pcap*")}
+    assert on_disk == set(CLASSIFIED) | set(VERSION_NEGOTIATION) | {CONVERSATION}
 
 
 @pytest.mark.parametrize("name", sorted(CLASSIFIED))
@@ -176,3 +177,26 @@ def test_unknown_version_needs_version_negotiation(name: str) -> None:
     assert isinstance(result, VersionNegotiationNeeded)
     assert result.version == want.version
     assert result.dcid == want.dcid
+
+
+def test_whole_conversation_first_flight_matches_tshark() -> None:
+    """A real handshake: our reader finds both directions; the client's flight is classified.
+
+    The client's later datagrams go to the CID the server chose: tshark sees them as other
+    DCIDs without a ClientHello, and they are no first flight.
+    """
+    conns = tshark.connections(FIXTURES / CONVERSATION, PORT)
+    (want,) = [c for c in conns.values() if c.hello_frame is not None]
+    assert len(conns) >= 2  # the original DCID and the server-chosen one
+    datagrams = _datagrams(CONVERSATION)
+    to_server = [d for d in datagrams if d.dst[1] == PORT]
+    assert len(to_server) < len(datagrams)  # the server's replies are in the file too
+    assert [d.frame for d in to_server] == sorted(f for c in conns.values() for f in c.frames)
+    ready, used = _feed_until_ready(to_server[: want.hello_datagrams])
+    assert (ready.dcid, ready.version, ready.sni, list(ready.alpn)) == (
+        want.dcid,
+        want.version,
+        want.sni,
+        want.alpn,
+    )
+    assert used == want.hello_datagrams == 1

@@ -52,7 +52,7 @@ class Connection:
     """What tshark says about one client connection (one client-chosen DCID) in a file."""
 
     dcid: bytes
-    version: int
+    version: int | None  # None when tshark saw only short-header packets for this DCID
     sni: str | None = None
     alpn: list[str] = field(default_factory=list)
     key_share_groups: list[int] = field(default_factory=list)
@@ -89,16 +89,21 @@ def packets(path: Path, port: int | None = None) -> list[dict[str, list[str]]]:
 def connections(path: Path, port: int | None = None) -> dict[bytes, Connection]:
     """Client connections in ``path`` keyed by DCID, in order of first appearance.
 
-    A datagram's first (long-header) packet names its connection: coalesced packets of one
-    datagram share the DCID.
+    With ``port``, only datagrams sent to it (client->server) count. A datagram's first
+    packet names its connection: coalesced packets of one datagram share the DCID. A client's
+    packets to a CID the server chose appear as connections without a ClientHello.
     """
     conns: dict[bytes, Connection] = {}
     for layers in packets(path, port):
         if "quic.dcid" not in layers:
             continue
+        if port is not None and int(layers["udp.dstport"][0]) != port:
+            continue
         frame = int(layers["frame.number"][0])
         dcid = bytes.fromhex(layers["quic.dcid"][0].replace(":", ""))
-        conn = conns.setdefault(dcid, Connection(dcid, int(layers["quic.version"][0], 16)))
+        # Short-header (1-RTT) packets have no version field.
+        version = int(layers["quic.version"][0], 16) if "quic.version" in layers else None
+        conn = conns.setdefault(dcid, Connection(dcid, version))
         conn.frames.append(frame)
         types = [int(t) for t in layers.get("quic.frame_type", [])]
         if CRYPTO_FRAME_TYPE in types:
