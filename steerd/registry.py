@@ -42,6 +42,7 @@ from steerd.config import (
 )
 
 ANY_NAME = "*"
+MAX_NAME_LEN = 253  # a DNS name; claims are never longer
 
 
 class RegistryError(Exception):
@@ -367,16 +368,17 @@ class Registry:
             last = len(rank)
             order = sorted(alpns, key=lambda a: rank.get(a, last))  # stable: client order after
         name = sni.lower().rstrip(".") if sni else None
+        if name is not None and len(name) > MAX_NAME_LEN:
+            name = None  # no claim can match it; and the suffix walk below stays bounded
         claims = self._claims
         for alpn in order:
             app = None
             if name is not None:
                 app = claims.get((alpn, name))
-                if app is None:
-                    rest = name
-                    while app is None and "." in rest:
-                        rest = rest.split(".", 1)[1]
-                        app = claims.get((alpn, "*." + rest))
+                dot = name.find(".")
+                while app is None and dot >= 0:
+                    app = claims.get((alpn, "*" + name[dot:]))
+                    dot = name.find(".", dot + 1)
             if app is None:
                 app = claims.get((alpn, ANY_NAME))
             if app is not None:

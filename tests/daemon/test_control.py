@@ -4,6 +4,7 @@ handed over by SCM_RIGHTS, a client running as another uid, and /metrics over HT
 from __future__ import annotations
 
 import dataclasses
+import grp
 import json
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from steerd.config import AclRule
 from steerd.control import ControlClient, ControlError, ControlServer
 from tests.daemon.harness import NOBODY, Daemon
 
@@ -374,7 +376,7 @@ def test_acl_as_another_uid(daemon: Daemon) -> None:
         assert out["generation"] == 1 and out["status_uid"] == NOBODY
         assert out["sockets"] == [["127.0.0.1", daemon.port], ["::1", daemon.port]]
         assert set(daemon.sink.workers) == {0}
-        # root may not take over nobody's app name without being root... root may:
+        # the name is taken: even root must ask for a new generation explicitly
         with ControlClient(daemon.path) as c:
             with pytest.raises(ControlError) as e:
                 c.register("nb", ["nb"], ["nobody.example"])
@@ -389,6 +391,65 @@ def test_acl_as_another_uid(daemon: Daemon) -> None:
         for f in (child.stdin, child.stdout, child.stderr):
             if f is not None:
                 f.close()
+
+
+GROUP_CHILD = textwrap.dedent(
+    """
+    import json, os, sys
+    from steerd.control import ControlClient, ControlError
+    with ControlClient(sys.argv[1]) as c:
+        reg = c.register("grp", ["grp"])
+        print(json.dumps({"groups": os.getgroups(), "slots": [w["slot"] for w in reg.workers]}))
+    """
+)
+
+
+def test_acl_by_supplementary_group_name(make_daemon: Callable[..., Daemon]) -> None:
+    """SO_PEERGROUPS: a rule naming a group the peer has only as a supplementary group."""
+    daemon = make_daemon()
+    users_gid = grp.getgrnam("users").gr_gid
+    rule = AclRule(groups=("users",), alpn=("grp",))
+    daemon.registry.acl = (*daemon.registry.acl, rule)
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP_CHILD, daemon.path], user=NOBODY, group=NOBODY,
+        extra_groups=[users_gid], capture_output=True, text=True, timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
+    )
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == {"groups": [users_gid], "slots": [0]}
+    daemon.sink.wait_for(lambda: daemon.sink.calls == [("add", 0), ("remove", 0)])
+    # without the group, the same request is refused
+    done = subprocess.run(
+        [sys.executable, "-c", GROUP_CHILD, daemon.path], user=NOBODY, group=NOBODY,
+        extra_groups=[], capture_output=True, text=True, timeout=60,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
+    )
+    assert done.returncode == 1
+    assert 'ControlError: register: uid 65534 may not claim ALPN "grp" for all server names' in (
+        done.stderr
+    )
+
+
+def test_data_plane_refusal_rolls_back_to_the_old_generation(daemon: Daemon) -> None:
+    with daemon.sink.cond:
+        daemon.sink.workers[2] = []  # the data plane will refuse slot 2
+    with ControlClient(daemon.path) as c:
+        r1 = c.register("web", ["h3"], workers=1)
+        daemon.in_loop(lambda: None)  # the daemon's copies of r1's sockets are closed
+        before = socket_inodes()
+        with pytest.raises(ControlError) as e:
+            c.register("web", ["h3", "h2"], workers=2, replace=True)  # slots 1 and 2
+        assert (e.value.reason, str(e.value)) == (
+            "internal_error", "register: internal error: ValueError: slot 2 is already in use"
+        )
+        daemon.in_loop(lambda: None)
+        assert socket_inodes() == before  # the four sockets made for it are closed
+        assert daemon.sink.calls == [("add", 0), ("add", 1), ("remove", 1)]
+        gens = c.status()["apps"][0]["generations"]
+        assert [(g["generation"], g["state"]) for g in gens] == [(1, "active")]
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["h2"])) is None
+        assert daemon.in_loop(lambda: daemon.registry.decide(None, ["h3"])).slot == 0
+        r1.close()
 
 
 def scrape(daemon: Daemon) -> str:

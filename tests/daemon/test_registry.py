@@ -288,3 +288,27 @@ def test_status_snapshot() -> None:
         "policy": {"no_owner": "close", "default_app": None, "alpn_preference": "client",
                    "alpn_order": []},
     }
+
+
+def test_hostile_sni_cannot_match_or_stall() -> None:
+    r = make()
+    reg(r, "any", ["h3"], owner=1)
+    reg(r, "wild", ["h3"], ["*.a"], owner=2)
+    assert r.decide("a." * 30000 + "a", ["h3"]).app == "any"  # too long to be a claim
+    assert r.decide("x." * 120 + "a", ["h3"]).app == "wild"
+    assert r.decide("..a", ["h3"]).app == "wild"  # whatever the parser let through
+
+
+def test_undo_restores_the_replaced_generation() -> None:
+    r = make(slots=4)
+    g1 = reg(r, "web", ["h3"], workers=1, owner=1)
+    g2 = reg(r, "web", ["h3", "h2"], workers=2, replace=True, owner=2)
+    assert r.decide(None, ["h2"]).app == "web"
+    assert sorted(r.undo(g2)) == [1, 2]
+    assert (g1.state, r.generations("web")) == ("active", [g1])
+    assert r.decide(None, ["h3"]) == Decision("web", 1, 0, "h3")
+    assert r.decide(None, ["h2"]) is None
+    assert r.counts().free_slots == 3
+    g3 = reg(r, "fresh", ["x"], owner=3)
+    r.undo(g3)
+    assert r.generations("fresh") == [] and r.counts().apps == 1
