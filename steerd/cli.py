@@ -13,6 +13,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "steerd.classify",  # steerd classify FILE
     "steerd.doctor",  # steerd doctor
     "steerd.config",  # steerd check-config FILE
+    "steerd.daemon",  # steerd run, steerd status
 )
 
 

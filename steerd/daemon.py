@@ -1,0 +1,376 @@
+"""The steerd daemon: the data plane, classifier sockets, control socket and metrics, wired.
+
+One reuseport group per listen address (an IPv4 and an IPv6 wildcard are two groups), each
+with its own :class:`~steerd.dataplane.Dataplane` pinned under ``PIN_DIR/gN``: the kernel only
+lets the steering program select sockets of the group the datagram arrived on, so worker and
+classifier sockarrays are per group. A worker slot means the same worker in every group, so a
+server CID routes the same whichever address family the client moves to.
+
+The event loop owns everything (registry, assembler): readers on the classifier sockets and on
+the control socket, and a one-second tick that ages pending flights out. The daemon never sees
+a TLS key or a 1-RTT byte.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import struct
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from quic.flight import AssemblerConfig
+from steerd.classifier import Classifier, Origin
+from steerd.config import Config
+from steerd.control import ControlServer
+from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
+from steerd.metrics import Metrics
+from steerd.registry import Registry
+from steerd.reinject import Reinjector
+
+log = logging.getLogger("steerd")
+
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; CPython only exports it lately
+_IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
+_IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
+_RECV_BUFFER = 65535
+_ANC_SPACE = socket.CMSG_SPACE(64)
+_BATCH = 64  # datagrams read per readiness event, so one busy socket cannot starve the loop
+
+
+def bind_classifier_socket(address: str, port: int) -> socket.socket:
+    """A classifier socket of the group on ``address``: the same bind as a worker's (so it
+    joins the same reuseport group), non-blocking, reporting each datagram's local address."""
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        sock.bind((address, port))
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _local_address(ancdata: Sequence[tuple[int, int, bytes]], fallback: tuple[str, int]) -> str:
+    for level, kind, data in ancdata:
+        if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
+            return socket.inet_ntop(socket.AF_INET, _IN_PKTINFO.unpack_from(data)[2])
+        if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
+            return socket.inet_ntop(socket.AF_INET6, _IN6_PKTINFO.unpack_from(data)[0])
+    return fallback[0]
+
+
+class _Group:
+    """One reuseport group: a listen address, its data plane and its classifier sockets."""
+
+    def __init__(self, index: int, address: str, dataplane: Dataplane) -> None:
+        self.index = index
+        self.address = address
+        self.dataplane = dataplane
+        self.sockets: list[socket.socket] = []
+
+
+class Daemon:
+    """Everything ``steerd run`` starts; :meth:`start` and :meth:`stop` bracket its life."""
+
+    def __init__(self, config: Config, *, pin_dir: str = DEFAULT_PIN_DIR) -> None:
+        self.config = config
+        self.pin_dir = pin_dir
+        self.metrics = Metrics()
+        limits = config.limits
+        self.registry = Registry(
+            config.cid, config.policy, config.acl, limits.worker_slots, limits.workers_per_app
+        )
+        self.groups: list[_Group] = []
+        self.reinjector = Reinjector()
+        self.classifier = Classifier(
+            self.registry,
+            self._write_route,
+            self.reinjector.send,
+            self._reply,
+            metrics=self.metrics,
+            assembler=AssemblerConfig(
+                max_pending=limits.pending_connections,
+                max_bytes_per_connection=max(limits.pending_bytes, 1200 + 16384),
+                ttl=limits.pending_ttl,
+            ),
+            decided_ttl=limits.route_ttl,
+        )
+        self.control = ControlServer(
+            config, self.registry, self, metrics=self.metrics, status_extra=self._status_extra
+        )
+        self._tick: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._xdp: list[str] = []
+        self.metrics_address: tuple[str, int] | None = None
+        self._stopped = asyncio.Event()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load the data plane, open the classifier sockets, serve control and metrics."""
+        self._loop = asyncio.get_running_loop()
+        cfg, limits = self.config, self.config.limits
+        try:
+            for index, address in enumerate(cfg.listen.addresses):
+                dp = Dataplane(
+                    DataplaneConfig(
+                        layout=cfg.cid,
+                        port=cfg.listen.port,
+                        classifier_slots=limits.classifiers,
+                        worker_slots=limits.worker_slots,
+                        pin_dir=f"{self.pin_dir}/g{index}",
+                    )
+                )
+                group = _Group(index, address, dp)
+                self.groups.append(group)
+                dp.load()
+                dp.clear_routes()  # routes of a previous run name slots this run reassigns
+                for j in range(limits.classifiers):
+                    sock = bind_classifier_socket(address, cfg.listen.port)
+                    group.sockets.append(sock)
+                    if j == 0:
+                        # Before any worker joins: until the program is attached the kernel
+                        # hashes, and only classifier sockets may be there to receive.
+                        dp.attach_reuseport(sock)
+                    dp.set_classifier(j, sock)
+                    self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+            if self.groups:
+                for ifname in cfg.xdp.interfaces:
+                    mode = self.groups[0].dataplane.attach_xdp(ifname, cfg.xdp.mode)
+                    self._xdp.append(ifname)
+                    log.info("XDP guard on %s (%s)", ifname, mode)
+            self.metrics.set_bpf_source(self.counters)
+            await self.control.start()
+            if cfg.metrics.enabled:
+                self.metrics_address = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
+            self._tick = asyncio.create_task(self._ticker())
+        except BaseException:
+            await self.stop()
+            raise
+
+    async def stop(self) -> None:
+        """Undo :meth:`start`: sockets closed, XDP detached, programs and maps unpinned."""
+        if self._tick is not None:
+            self._tick.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._tick
+            self._tick = None
+        await self.control.close()
+        self.metrics.close()
+        for group in self.groups:
+            for sock in group.sockets:
+                if self._loop is not None:
+                    self._loop.remove_reader(sock.fileno())
+                sock.close()
+        for ifname in self._xdp:
+            with contextlib.suppress(Exception):
+                self.groups[0].dataplane.detach_xdp(ifname)
+        self._xdp.clear()
+        for group in self.groups:
+            with contextlib.suppress(Exception):
+                group.dataplane.destroy()
+        self.groups.clear()
+        self.reinjector.close()
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        """Run until SIGTERM or SIGINT, then stop cleanly."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopped.set)
+        await self._stopped.wait()
+        await self.stop()
+
+    async def _ticker(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            self.classifier.expire(time.monotonic())
+
+    # -- the socket sink the control server calls ----------------------------------------------
+
+    def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None:
+        for group, sock in zip(self.groups, sockets, strict=True):
+            group.dataplane.set_worker(slot, sock)
+
+    def remove_worker(self, slot: int) -> None:
+        for group in self.groups:
+            group.dataplane.remove_worker(slot)
+
+    # -- classifier I/O --------------------------------------------------------------------------
+
+    def _readable(self, group: _Group, sock: socket.socket) -> None:
+        now = time.monotonic()
+        port = self.config.listen.port
+        for _ in range(_BATCH):
+            try:
+                data, anc, _flags, client = sock.recvmsg(_RECV_BUFFER, _ANC_SPACE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ICMP errors surfacing on the socket: not fatal
+                log.debug("classifier recv: %s", exc)
+                return
+            service = (_local_address(anc, (group.address, port)), port)
+            origin = Origin((client[0], client[1]), service, group.index)
+            try:
+                self.classifier.on_datagram(data, origin, now)
+            except Exception:  # a bug must cost one datagram, never the daemon
+                log.exception("classifier failed on a datagram from %s", client)
+                self.classifier.dropped["internal_error"] = (
+                    self.classifier.dropped.get("internal_error", 0) + 1
+                )
+
+    def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
+        self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)
+
+    def _reply(self, packet: bytes, client: tuple[str, int], service: tuple[str, int],
+               group: int) -> None:
+        """Send from the service address the client used, via the group's first socket."""
+        sock = self.groups[group].sockets[0]
+        ip = ipaddress.ip_address(service[0])
+        if ip.version == 4:
+            anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, ip.packed, bytes(4)))]
+        else:
+            anc = [(socket.IPPROTO_IPV6, socket.IPV6_PKTINFO, _IN6_PKTINFO.pack(ip.packed, 0))]
+        try:
+            sock.sendmsg([packet], anc, 0, client)
+        except OSError as exc:
+            log.debug("reply to %s failed: %s", client, exc)
+
+    # -- views --------------------------------------------------------------------------------
+
+    def counters(self) -> dict[str, int]:
+        """BPF counters summed over the groups (each group counts what it steered)."""
+        total: dict[str, int] = {}
+        for group in self.groups:
+            for name, value in group.dataplane.counters().items():
+                total[name] = total.get(name, 0) + value
+        return total
+
+    def _status_extra(self) -> dict[str, Any]:
+        return {
+            "listen": [g.address for g in self.groups],
+            "port": self.config.listen.port,
+            "pending_connections": self.classifier.assembler.pending_count,
+            "pending_bytes": self.classifier.assembler.pending_bytes,
+            "classifier_drops": dict(self.classifier.dropped),
+            "counters": self.counters(),
+            "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
+                        if self.metrics_address else None),
+        }
+
+
+# -- CLI: steerd run, steerd status -----------------------------------------------------------
+
+
+def _run(args: Any) -> int:
+    import os
+
+    from steerd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+    from steerd.dataplane import DataplaneError
+
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="steerd: %(message)s")
+    path = args.config
+    try:
+        if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+            path = DEFAULT_CONFIG_PATH
+        config = load_config(path) if path else Config()
+    except ConfigError as exc:
+        print(f"steerd: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        daemon = Daemon(config, pin_dir=args.pin_dir)
+        await daemon.start()
+        groups = ", ".join(f"{g.address}:{config.listen.port}" for g in daemon.groups)
+        log.info("serving %s; control %s; metrics %s", groups, config.control.path,
+                 daemon.metrics_address)
+        # The line tests and scripts wait for: everything is listening from here on.
+        print("steerd: ready", flush=True)
+        await daemon.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except DataplaneError as exc:
+        print(f"steerd: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"steerd: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _status(args: Any) -> int:
+    import json
+
+    from steerd.config import DEFAULT_CONTROL_PATH
+    from steerd.control import ControlClient, ControlError
+
+    try:
+        with ControlClient(args.control or DEFAULT_CONTROL_PATH) as client:
+            status = client.status()
+    except (OSError, ControlError) as exc:
+        print(f"steerd: cannot reach the daemon at {args.control or DEFAULT_CONTROL_PATH}: "
+              f"{exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(status, indent=2, sort_keys=True))
+        return 0
+    print(format_status(status))
+    return 0
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """The human table of ``steerd status``: apps and generations, then counters."""
+    lines = [f"listen: {', '.join(status.get('listen', []))} port {status.get('port')}"]
+    lines.append(f"pending first flights: {status.get('pending_connections', 0)} "
+                 f"({status.get('pending_bytes', 0)} bytes)")
+    lines.append("")
+    lines.append(f"{'APP':<16} {'GEN':>4} {'STATE':<9} {'ALPN':<16} {'SERVER NAMES':<24} WORKERS")
+    for app in status.get("apps", []):
+        for gen in app.get("generations", []):
+            workers = " ".join(str(w.get("slot")) for w in gen.get("workers", []))
+            lines.append(
+                f"{app.get('app', ''):<16} {gen.get('generation', ''):>4} "
+                f"{gen.get('state', ''):<9} {','.join(gen.get('alpn', [])):<16} "
+                f"{','.join(gen.get('server_names', [])):<24} {workers}"
+            )
+    counters = status.get("counters", {})
+    if counters:
+        lines.append("")
+        lines.append("data plane counters:")
+        width = max(len(k) for k in counters)
+        lines.extend(f"  {k:<{width}} {v}" for k, v in sorted(counters.items()) if v)
+    drops = status.get("classifier_drops", {})
+    if drops:
+        lines.append("classifier drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))
+    return "\n".join(lines)
+
+
+def add_command(subparsers: Any) -> None:
+    """``steerd run`` and ``steerd status``."""
+    from steerd.config import DEFAULT_CONFIG_PATH
+
+    p = subparsers.add_parser("run", help="run the daemon (as root)")
+    p.add_argument("--config", "-c", default=None,
+                   help=f"TOML config (default {DEFAULT_CONFIG_PATH} if it exists, "
+                        "else the embedded defaults)")
+    p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help="bpffs directory for maps/programs")
+    p.add_argument("--verbose", "-v", action="store_true")
+    p.set_defaults(func=_run)
+    s = subparsers.add_parser("status", help="apps, generations, workers and counters")
+    s.add_argument("--control", default=None, help="control socket path")
+    s.add_argument("--json", action="store_true", help="machine-readable output")
+    s.set_defaults(func=_status)

@@ -1,0 +1,126 @@
+"""Re-inject a client's buffered datagrams with the client's own source address.
+
+Why a raw socket: once the classifier has written ``initial_routes[DCID]``, the datagrams it
+already holds must reach the chosen worker as if they had just arrived from the client, so the
+worker's QUIC stack sees the client's true address and answers it directly. Sending them from
+an ``IPPROTO_RAW`` socket with a hand-built IP header (source = client, destination = the
+service address the client used) makes the kernel deliver them locally through the normal UDP
+socket lookup, where the reuseport program runs again and now finds the route.
+
+The header building is pure (``build_ipv4_udp``, ``build_ipv6_udp``); only ``Reinjector``
+touches sockets.
+"""
+
+import ipaddress
+import socket
+import struct
+from collections.abc import Sequence
+
+IPPROTO_UDP = 17
+_IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
+_IPV6_HEADER = struct.Struct("!IHBB16s16s")
+_UDP_HEADER = struct.Struct("!HHHH")
+
+Address = tuple[str, int]  # (ip, port) as the socket module gives it (IPv6 flow/scope dropped)
+
+
+def _fold(total: int) -> int:
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return total
+
+
+def _ones_complement_sum(data: bytes) -> int:
+    """RFC 1071 sum, computed on one big integer: far faster in CPython than a loop."""
+    if len(data) % 2:
+        data += b"\x00"
+    # Summing 16-bit words == summing the bytes as a big integer modulo 0xFFFF (end-around
+    # carry); 0 and 0xFFFF are the same in ones' complement, and _fold keeps non-zero sums.
+    total = int.from_bytes(data, "big") % 0xFFFF
+    if total == 0 and any(data):
+        return 0xFFFF
+    return total
+
+
+def udp_checksum(src: bytes, dst: bytes, udp_header_and_payload: bytes) -> int:
+    """UDP checksum over the pseudo-header (RFC 768, RFC 8200 §8.1); never 0 on the wire."""
+    length = len(udp_header_and_payload)
+    if len(src) == 4:
+        pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_UDP, length)
+    else:
+        pseudo = src + dst + struct.pack("!IxxxB", length, IPPROTO_UDP)
+    csum = 0xFFFF - _fold(_ones_complement_sum(pseudo) + _ones_complement_sum(
+        udp_header_and_payload))
+    return csum or 0xFFFF
+
+
+def _udp(src_ip: bytes, dst_ip: bytes, src: Address, dst: Address, payload: bytes) -> bytes:
+    length = _UDP_HEADER.size + len(payload)
+    header = _UDP_HEADER.pack(src[1], dst[1], length, 0)
+    csum = udp_checksum(src_ip, dst_ip, header + payload)
+    return _UDP_HEADER.pack(src[1], dst[1], length, csum) + payload
+
+
+def build_ipv4_udp(src: Address, dst: Address, payload: bytes) -> bytes:
+    """An IPv4 packet carrying one UDP datagram from ``src`` to ``dst``."""
+    s = socket.inet_pton(socket.AF_INET, src[0])
+    d = socket.inet_pton(socket.AF_INET, dst[0])
+    udp = _udp(s, d, src, dst, payload)
+    total = 20 + len(udp)
+    # The kernel fills the IPv4 header checksum and, with id 0, the identification (raw(7)).
+    header = _IPV4_HEADER.pack(0x45, 0, total, 0, 0x4000, 64, IPPROTO_UDP, 0, s, d)
+    return header + udp
+
+
+def build_ipv6_udp(src: Address, dst: Address, payload: bytes) -> bytes:
+    """An IPv6 packet carrying one UDP datagram from ``src`` to ``dst``."""
+    s = socket.inet_pton(socket.AF_INET6, src[0])
+    d = socket.inet_pton(socket.AF_INET6, dst[0])
+    udp = _udp(s, d, src, dst, payload)
+    header = _IPV6_HEADER.pack(6 << 28, len(udp), IPPROTO_UDP, 64, s, d)
+    return header + udp
+
+
+def _plain(addr: Address | tuple[str, int, int, int]) -> Address:
+    """IPv4-mapped IPv6 addresses become IPv4, so a dual-stack socket's peers re-inject right."""
+    host = addr[0].split("%", 1)[0]
+    ip = ipaddress.ip_address(host)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        host = str(ip.ipv4_mapped)
+    return host, addr[1]
+
+
+class Reinjector:
+    """Raw sockets (one per address family, opened lazily) that send client datagrams to a
+    local service address. Needs CAP_NET_RAW; create it in the network namespace the service
+    lives in."""
+
+    def __init__(self) -> None:
+        self._socks: dict[int, socket.socket] = {}
+
+    def _sock(self, family: int) -> socket.socket:
+        sock = self._socks.get(family)
+        if sock is None:
+            # IPPROTO_RAW implies a caller-built IP header, for IPv4 and (Linux >= 4.5) IPv6.
+            sock = socket.socket(family, socket.SOCK_RAW | socket.SOCK_CLOEXEC, socket.IPPROTO_RAW)
+            self._socks[family] = sock
+        return sock
+
+    def send(self, client: Address, service: Address, datagrams: Sequence[bytes]) -> int:
+        """Send ``datagrams`` as if from ``client`` to ``service``; returns how many went."""
+        src, dst = _plain(client), _plain(service)
+        if ":" in dst[0]:
+            family, build = socket.AF_INET6, build_ipv6_udp
+        else:
+            family, build = socket.AF_INET, build_ipv4_udp
+        sock = self._sock(family)
+        sent = 0
+        for payload in datagrams:
+            sock.sendto(build(src, dst, payload), (dst[0], 0))
+            sent += 1
+        return sent
+
+    def close(self) -> None:
+        for sock in self._socks.values():
+            sock.close()
+        self._socks.clear()
