@@ -9,6 +9,9 @@ datagram count are; our assembler must give the same answers from the same bytes
 from __future__ import annotations
 
 import itertools
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ import tshark
 
 from quic.flight import FirstFlightAssembler, NeedMore, Ready, VersionNegotiationNeeded
 from quic.packet import VERSION_1, VERSION_2
+from steerd.classify import classify_file
 from steerd.pcap import Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -200,3 +204,51 @@ def test_whole_conversation_first_flight_matches_tshark() -> None:
         want.alpn,
     )
     assert used == want.hello_datagrams == 1
+
+
+def _free_port_pair() -> int:
+    """A loopback UDP port whose successor is free too (capture.py uses port and port+1)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as a:
+            a.bind(("127.0.0.1", 0))
+            port = a.getsockname()[1]
+            if port >= 65535:
+                continue
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as b:
+                try:
+                    b.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+                return port
+    raise AssertionError("no free pair of loopback UDP ports")
+
+
+@pytest.mark.root
+def test_capture_script_reruns_and_fresh_flights_match_tshark(tmp_path: Path) -> None:
+    """Re-record every client now (the installed Chromium may have changed since the
+    fixtures were made) on a free port, and check each fresh flight against tshark."""
+    port = _free_port_pair()
+    proc = subprocess.run(
+        [sys.executable, str(FIXTURES / "capture.py"), "--out", str(tmp_path), "--port", str(port)],
+        timeout=240,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    fresh = {p.name for p in tmp_path.glob("*.pcap*")}
+    assert fresh == {p.name for p in FIXTURES.glob("*.pcap*")}
+    for name in sorted(fresh):
+        path = tmp_path / name
+        lines = classify_file(str(path), port)
+        conns = tshark.connections(path, port)
+        if name in VERSION_NEGOTIATION:
+            assert [x["verdict"] for x in lines] == ["version_negotiation"], name
+            assert lines[0]["dcid"] == next(iter(conns)).hex()
+            continue
+        (want,) = [c for c in conns.values() if c.hello_frame is not None]
+        assert [(x["verdict"], x["dcid"], x["sni"], x["alpn"], x["datagrams"]) for x in lines] == [
+            ("classified", want.dcid.hex(), want.sni, want.alpn, want.hello_datagrams)
+        ], name
+        if name in CLASSIFIED:
+            assert want.hello_datagrams == CLASSIFIED[name]["hello_datagrams"], name
+            assert want.version == CLASSIFIED[name]["version"], name
