@@ -31,6 +31,14 @@ status      (none)                                             status {...}
 
 Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
 carries on, and the connection stays open (except when the daemon cannot reply at all).
+Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds,
+rate_limited (the message is not even parsed, so no id is echoed), acl_denied, conflict,
+exists, not_owner, not_registered, no_slots, socket_error, internal_error,
+too_many_connections (then the connection is closed).
+
+A zero-length message is indistinguishable from the end of the connection on SEQPACKET and is
+treated as one. A reply the app does not read (its receive queue full) disconnects the app
+rather than block the daemon.
 """
 
 from __future__ import annotations
@@ -58,6 +66,7 @@ from steerd.registry import Generation, Peer, Registry, RegistryError
 OPS = ("deregister", "drain", "load", "register", "status")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 RESET_KEY_LEN = 32
+ACCEPT_BACKOFF = 0.1  # seconds without accepting after accept() failed (e.g. out of FDs)
 _FD_SIZE = array.array("i").itemsize
 
 
@@ -233,8 +242,13 @@ class ControlServer:
         try:
             sock.bind(path)
             ctl = self.config.control
-            if ctl.group is not None:
-                gid = ctl.group if isinstance(ctl.group, int) else grp.getgrnam(ctl.group).gr_gid
+            if isinstance(ctl.group, int):
+                os.chown(path, -1, ctl.group)
+            elif ctl.group is not None:
+                try:
+                    gid = grp.getgrnam(ctl.group).gr_gid
+                except KeyError:
+                    raise OSError(f"[control] group {ctl.group!r} does not exist") from None
                 os.chown(path, -1, gid)
             os.chmod(path, ctl.mode)
             sock.listen(min(self._max_conns, socket.SOMAXCONN))
@@ -269,7 +283,10 @@ class ControlServer:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
+                # e.g. EMFILE: the listener stays readable, so pause instead of spinning
                 self._error("accept_failed")
+                self._loop.remove_reader(self._listener.fileno())
+                self._loop.call_later(ACCEPT_BACKOFF, self._resume_accept)
                 return
             sock.setblocking(False)
             if len(self._conns) >= self._max_conns:
@@ -297,6 +314,10 @@ class ControlServer:
             self._conns[conn.id] = conn
             self._loop.add_reader(sock.fileno(), self._readable, conn)
             self._update_gauges()
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._accept)
 
     def _drop(self, conn: _Connection) -> None:
         """The app is gone (or must go): its generations and routes go with it, at once."""

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from steerd.config import AclRule
+from steerd.config import AclRule, Config
 from steerd.control import ControlClient, ControlError, ControlServer
 from tests.daemon.harness import NOBODY, Daemon
 
@@ -317,13 +317,19 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(daemon: Daemon, sockdir:
     s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     s.bind(stale)
     s.close()  # the file stays, nobody listens: what a crashed daemon leaves
-    config = dataclasses.replace(
-        daemon.config, control=dataclasses.replace(daemon.config.control, path=stale)
-    )
-    third = ControlServer(config, daemon.registry, daemon.sink)
+    def config_for(group: str | int) -> Config:
+        control = dataclasses.replace(daemon.config.control, path=stale, mode=0o660, group=group)
+        return dataclasses.replace(daemon.config, control=control)
+
+    with pytest.raises(OSError) as e:
+        daemon.run(ControlServer(config_for("no-such-group"), daemon.registry,
+                                 daemon.sink).start())
+    assert str(e.value) == "[control] group 'no-such-group' does not exist"
+    third = ControlServer(config_for("users"), daemon.registry, daemon.sink)
     daemon.run(third.start())
     try:
-        assert os.stat(stale).st_mode & 0o777 == 0o666
+        st = os.stat(stale)
+        assert (st.st_mode & 0o777, st.st_gid) == (0o660, grp.getgrnam("users").gr_gid)
         with ControlClient(stale) as c:
             assert c.status()["apps"] == []
     finally:
