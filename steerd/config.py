@@ -16,8 +16,10 @@ documents every key. ``steerd check-config FILE`` validates a file and prints a 
 from __future__ import annotations
 
 import argparse
+import grp
 import ipaddress
 import json
+import pwd
 import re
 import sys
 import tomllib
@@ -561,6 +563,31 @@ def summary(config: Config) -> list[str]:
     return lines
 
 
+def warnings(config: Config) -> list[str]:
+    """Things that are valid but probably not meant: ACL names this host cannot resolve
+    (yet: a user may be created after the daemon starts, so these are not errors)."""
+    out = []
+    for n, rule in enumerate(config.acl, 1):
+        for user in rule.users:
+            try:
+                pwd.getpwnam(user)
+            except KeyError:
+                out.append(f"[[acl]] #{n} users: no user {render(user)} on this host")
+        for group in rule.groups:
+            try:
+                grp.getgrnam(group)
+            except KeyError:
+                out.append(f"[[acl]] #{n} groups: no group {render(group)} on this host")
+    group = config.control.group
+    if isinstance(group, str):
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            out.append(f"[control] group: no group {render(group)} on this host "
+                       "(the daemon will not start)")
+    return out
+
+
 def _hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
@@ -574,6 +601,8 @@ def _check_config(args: argparse.Namespace) -> int:
     print(f"ok: {config.source}")
     for line in summary(config):
         print(f"  {line}")
+    for line in warnings(config):
+        print(f"warning: {line}", file=sys.stderr)
     return 0
 
 

@@ -34,6 +34,7 @@ from typing import Any
 from quic.cid import CidLayout
 from steerd.config import (
     AclRule,
+    Config,
     PolicyConfig,
     check_alpn,
     check_app_name,
@@ -197,6 +198,11 @@ class Registry:
         self._next_generation: dict[str, int] = {}
         # ALPN rank under server preference; ALPNs not listed rank after, in client order.
         self._server_rank = {a: i for i, a in enumerate(policy.alpn_order)}
+
+    @classmethod
+    def from_config(cls, config: Config) -> Registry:
+        return cls(config.cid, config.policy, config.acl, config.limits.worker_slots,
+                   config.limits.workers_per_app)
 
     # -- registration -------------------------------------------------------------------
 

@@ -73,10 +73,7 @@ class Daemon:
         self.path = config.control.path
         self.port = config.listen.port
         self.metrics = Metrics()
-        self.registry = Registry(
-            config.cid, config.policy, config.acl, config.limits.worker_slots,
-            config.limits.workers_per_app,
-        )
+        self.registry = Registry.from_config(config)
         self.sink = RecordingSink()
         self.server = ControlServer(config, self.registry, self.sink, metrics=self.metrics)
         self.loop = asyncio.new_event_loop()

@@ -247,5 +247,18 @@ def test_check_config_command(tmp_path: Path) -> None:
     assert "  listen: 127.0.0.1 port 4433" in lines
     assert "  metrics: 127.0.0.1:9443" in lines
 
+    (tmp_path / "names.toml").write_text(
+        '[control]\ngroup = "no-such-group"\n[[acl]]\nusers = ["nobody", "no-such-user"]\n'
+        'groups = ["users", "no-such-group"]\nalpn = ["h3"]\n'
+    )
+    r = run_cli("check-config", "names.toml", cwd=tmp_path)
+    assert r.returncode == 0 and r.stdout.startswith("ok: names.toml\n")
+    assert r.stderr.splitlines() == [
+        'warning: [[acl]] #1 users: no user "no-such-user" on this host',
+        'warning: [[acl]] #1 groups: no group "no-such-group" on this host',
+        'warning: [control] group: no group "no-such-group" on this host (the daemon will not '
+        "start)",
+    ]
+
     r = run_cli("check-config", "missing.toml", cwd=tmp_path)
     assert (r.returncode, r.stderr) == (1, "missing.toml: cannot read: No such file or directory\n")
