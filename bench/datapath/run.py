@@ -1,0 +1,273 @@
+"""Benchmark: packets per second delivered to worker sockets, plain SO_REUSEPORT against
+steerd's steering program and steering + XDP guard, in one run.
+
+    .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--size B] [--json]
+
+Set-up (root): a client and a server network namespace joined by veth (tests/netns.py).
+In the server namespace, a reuseport group of 4 worker sockets and 1 classifier socket on
+UDP port 4433. A C sendmmsg sender (sender.c, built with gcc at run time) in the client
+namespace sends short-header QUIC packets whose DCIDs name the 4 worker slots, round robin
+over 8 source ports; a C recvmmsg receiver (receiver.c) drains all sockets, so the reader
+is not what is measured (the UDP RcvbufErrors counter is reported to prove it). Sender and
+receiver are pinned to different CPUs. Modes, interleaved round by round so machine noise
+hits all alike, each on a fresh socket group:
+
+- plain: no program, the kernel's 4-tuple hash picks the socket;
+- xdp: plain + the XDP guard natively on the server veth (isolates the guard's cost);
+- steer: the SK_REUSEPORT steering program picks the socket by CID;
+- steer+xdp: both, as deployed.
+
+Reported: median delivered pps per mode over the rounds, and each mode's ratio to plain.
+The steering modes also check that every worker received exactly its slots' share-ish
+(each slot gets a quarter of the templates) and that the BPF counters saw the packets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent.parent))
+
+from quic.cid import CidLayout  # noqa: E402
+from steerd.dataplane import Dataplane, DataplaneConfig  # noqa: E402
+from tests.netns import NetnsPair, netns_pair  # noqa: E402
+
+PORT = 4433
+LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_len=6)
+WORKER_SLOTS = (0, 1, 2, 3)
+SENDER_SOCKETS = 8
+TEMPLATES = 256
+MODES = ("plain", "xdp", "steer", "steer+xdp")
+
+
+def build(workdir: Path) -> tuple[Path, Path]:
+    """Compile sender and receiver; gcc is part of the toolchain deploy/setup.sh needs."""
+    out = []
+    for name in ("sender", "receiver"):
+        exe = workdir / name
+        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / f"{name}.c")],
+                       check=True)
+        out.append(exe)
+    return out[0], out[1]
+
+
+def templates(path: Path, size: int) -> None:
+    """Short-header packets, slots round robin, each with its own nonce."""
+    with path.open("wb") as f:
+        for i in range(TEMPLATES):
+            slot = WORKER_SLOTS[i % len(WORKER_SLOTS)]
+            packet = bytes([0x43]) + LAYOUT.encode(slot, os.urandom(LAYOUT.nonce_len))
+            f.write(packet.ljust(size, b"\x00"))
+
+
+def group(pair: NetnsPair) -> list[socket.socket]:
+    """4 worker sockets then 1 classifier socket, one reuseport group in the server netns."""
+
+    def make() -> list[socket.socket]:
+        socks = []
+        for _ in range(len(WORKER_SLOTS) + 1):
+            s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            s.bind(("::", PORT))
+            socks.append(s)
+        return socks
+
+    return pair.run_server(make)
+
+
+def rcvbuf_errors(pair: NetnsPair) -> int:
+    """UDP RcvbufErrors in the server namespace (packets the sockets had to drop)."""
+    text = pair.exec_server("cat", "/proc/net/snmp").stdout.splitlines()
+    rows = [line.split() for line in text if line.startswith("Udp:")]
+    header, values = rows[0], rows[1]
+    return int(values[header.index("RcvbufErrors")])
+
+
+def prog_stats(dp: Dataplane) -> dict[str, tuple[int, int]]:
+    """(run_cnt, run_time_ns) of both programs, from the kernel's BPF stats."""
+    out = {}
+    for name in ("steer", "guard"):
+        path = os.path.join(dp.config.pin_dir, f"prog_{name}")
+        info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "pinned", path],
+                                         capture_output=True, text=True, check=True).stdout)
+        out[name] = (int(info.get("run_cnt", 0)), int(info.get("run_time_ns", 0)))
+    return out
+
+
+def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, sender: Path, receiver: Path,
+             tmpl: Path, size: int, seconds: float) -> dict[str, object]:
+    socks = group(pair)
+    xdp = "xdp" in mode
+    try:
+        if mode.startswith("steer"):
+            dp.attach_reuseport(socks[0])
+            for slot, s in zip(WORKER_SLOTS, socks, strict=False):
+                dp.set_worker(slot, s)
+            dp.set_classifier(0, socks[-1])
+        if xdp:
+            dp.attach_xdp(pair.server_if, mode="native", netns=pair.server)
+        before, errs_before = dp.counters(), rcvbuf_errors(pair)
+        stats_before = prog_stats(dp)
+        fds = [s.fileno() for s in socks]
+        recv = subprocess.Popen(
+            ["taskset", "-c", "1", str(receiver), str(seconds + 1.0), *map(str, fds)],
+            pass_fds=fds, stdout=subprocess.PIPE, text=True,
+        )
+        send = pair.exec_client("taskset", "-c", "0", str(sender), pair.server_v4, str(PORT),
+                                str(seconds), str(SENDER_SOCKETS), str(tmpl), str(size),
+                                timeout=seconds + 30)
+        out, _ = recv.communicate(timeout=seconds + 30)
+        if send.returncode != 0 or recv.returncode != 0:
+            raise RuntimeError(f"{mode}: sender {send.stderr} receiver rc {recv.returncode}")
+        sent = int(send.stdout.split()[0])
+        per_socket = [int(x) for x in out.split()]
+        after = dp.counters()
+        stats_after = prog_stats(dp)
+        delivered = sum(per_socket)
+        ns_per_run = {}
+        for name, (cnt, ns) in stats_after.items():
+            runs = cnt - stats_before[name][0]
+            ns_per_run[name] = (ns - stats_before[name][1]) / runs if runs else None
+        return {
+            "mode": mode,
+            "sent": sent,
+            "delivered": delivered,
+            "pps": delivered / seconds,
+            # Packets that made it through XDP, lookup and steering to a socket queue, read
+            # or not: the data path's own throughput even when the reader fell behind.
+            "reached_pps": (delivered + rcvbuf_errors(pair) - errs_before) / seconds,
+            "per_socket": per_socket,
+            "rcvbuf_errors": rcvbuf_errors(pair) - errs_before,
+            "prog_ns_per_packet": ns_per_run,
+            "steer_short_worker": after["steer_short_worker"] - before["steer_short_worker"],
+            "xdp_short": after["xdp_short"] - before["xdp_short"],
+        }
+    finally:
+        if xdp:
+            dp.detach_xdp(pair.server_if, netns=pair.server)
+        for s in socks:
+            s.close()
+
+
+def check(result: dict[str, object]) -> None:
+    """Steering must actually steer: the classifier gets nothing, every worker its share,
+    and the counters saw every delivered packet."""
+    mode, per = result["mode"], result["per_socket"]
+    assert isinstance(per, list)
+    if str(mode).startswith("steer"):
+        assert per[-1] == 0, f"{mode}: classifier got {per[-1]} packets"
+        assert min(per[:-1]) > 0.2 * sum(per), f"{mode}: uneven steering {per}"
+        assert result["steer_short_worker"] >= result["delivered"], result
+    if "xdp" in str(mode):
+        assert result["xdp_short"] >= result["delivered"], result
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seconds", type=float, default=1.0, help="per mode and round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--size", type=int, default=100, help="UDP payload bytes")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        print("bench/datapath needs root (namespaces, BPF)", file=sys.stderr)
+        return 1
+    if not shutil.which("gcc") or not shutil.which("taskset"):
+        print("bench/datapath needs gcc and taskset", file=sys.stderr)
+        return 1
+    results: list[dict[str, object]] = []
+    stats_was = Path("/proc/sys/kernel/bpf_stats_enabled").read_text().strip()
+    Path("/proc/sys/kernel/bpf_stats_enabled").write_text("1")
+    try:
+        with_namespaces(args, results)
+    finally:
+        Path("/proc/sys/kernel/bpf_stats_enabled").write_text(stats_was)
+    report(args, results)
+    return 0
+
+
+def with_namespaces(args: argparse.Namespace, results: list[dict[str, object]]) -> None:
+    """Build the namespaces and the data plane, run every mode every round, tear down."""
+    with tempfile.TemporaryDirectory() as tmp, netns_pair("bench") as pair:
+        sender, receiver = build(Path(tmp))
+        tmpl = Path(tmp) / "templates.bin"
+        templates(tmpl, args.size)
+        pin_dir = f"/sys/fs/bpf/steerd-bench-{uuid.uuid4().hex[:8]}"
+        dp = Dataplane(DataplaneConfig(layout=LAYOUT, port=PORT, classifier_slots=1,
+                                       pin_dir=pin_dir))
+        try:
+            dp.load()
+            # Warm-up: neighbour resolution and caches, not counted.
+            run_mode("plain", pair, dp, sender, receiver, tmpl, args.size, 0.5)
+            for rnd in range(args.rounds):
+                # Rotate the order so no mode always runs first (or after the same mode).
+                for mode in MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]:
+                    result = run_mode(mode, pair, dp, sender, receiver, tmpl, args.size,
+                                      args.seconds)
+                    check(result)
+                    results.append(result)
+                    if not args.json:
+                        print(f"  {mode:<10} {result['pps']:>12,.0f} pps  sent {result['sent']:,}"
+                              f"  rcvbuf_errors {result['rcvbuf_errors']}", file=sys.stderr)
+        finally:
+            dp.destroy()
+
+
+def report(args: argparse.Namespace, results: list[dict[str, object]]) -> None:
+    def series(key: str, mode: str) -> list[float]:
+        return [float(r[key]) for r in results if r["mode"] == mode]  # type: ignore[arg-type]
+
+    median = {m: statistics.median(series("pps", m)) for m in MODES}
+    reached = {m: statistics.median(series("reached_pps", m)) for m in MODES}
+    summary = {
+        "seconds": args.seconds, "rounds": args.rounds, "payload_bytes": args.size,
+        "median_pps": median,
+        "ratio_to_plain": {m: median[m] / median["plain"] for m in MODES},
+        "median_reached_pps": reached,
+        "reached_ratio_to_plain": {m: reached[m] / reached["plain"] for m in MODES},
+        "min_max_pps": {m: (min(series("pps", m)), max(series("pps", m))) for m in MODES},
+        "rcvbuf_errors_total": sum(int(r["rcvbuf_errors"]) for r in results),  # type: ignore[call-overload]
+        "prog_ns_per_packet": {
+            name: statistics.median(
+                float(r["prog_ns_per_packet"][name])  # type: ignore[index]
+                for r in results if r["prog_ns_per_packet"][name] is not None  # type: ignore[index]
+            )
+            for name in ("steer", "guard")
+        },
+        "runs": results,
+    }
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(f"{'mode':<10} {'median pps':>12} {'vs plain':>9} {'min':>10} {'max':>10}"
+              f" {'reached pps':>12} {'vs plain':>9}")
+        for m in MODES:
+            lo, hi = summary["min_max_pps"][m]  # type: ignore[index]
+            print(f"{m:<10} {median[m]:>12,.0f} {median[m] / median['plain']:>8.3f}x"
+                  f" {lo:>10,.0f} {hi:>10,.0f} {reached[m]:>12,.0f}"
+                  f" {reached[m] / reached['plain']:>8.3f}x")
+        print(f"socket receive-buffer drops over all runs: {summary['rcvbuf_errors_total']}")
+        progs = summary["prog_ns_per_packet"]
+        for name, ns in progs.items():  # type: ignore[attr-defined]
+            print(f"BPF {name} program: median {ns:.1f} ns per packet (kernel bpf_stats)")
+        budget = 1e9 / median["plain"]
+        both = sum(progs.values())  # type: ignore[attr-defined]
+        print(f"one CPU spends {budget:.0f} ns per packet end to end in plain mode; both "
+              f"programs add {both:.0f} ns = {100 * both / budget:.1f}%")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
