@@ -21,9 +21,12 @@ from typing import Any
 import dpkt
 import pytest
 import tshark
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from quic.packet import parse_long_header
-from steerd.pcap import Datagram, read_datagrams
+from steerd.classify import classify_file
+from steerd.pcap import CaptureError, Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORT = 4433
@@ -442,3 +445,170 @@ def test_output_is_streamed_and_survives_a_closed_pipe() -> None:
     proc = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=60)
     assert proc.stdout == "{"
     assert "Traceback" not in proc.stderr
+
+
+# ---- IP fragments, pcapng details, and corrupt files ---------------------------------------
+
+
+def _write_raw_ip_pcap(path: Path, packets: list[bytes]) -> Path:
+    with path.open("wb") as f:
+        w = dpkt.pcap.Writer(f, snaplen=65535, linktype=dpkt.pcap.DLT_RAW)
+        for i, pkt in enumerate(packets):
+            w.writepkt(pkt, ts=1000.0 + i)
+    return path
+
+
+def test_ipv4_fragments_are_reported_not_misread(tmp_path: Path) -> None:
+    """Without IP reassembly the first fragment holds only part of the datagram."""
+    d = _fixture("aioquic-v1-smb.pcapng")[0]
+    udp = bytes(_udp(d, False).data)
+    head, tail = udp[:800], udp[800:]
+    src, dst = socket.inet_aton(d.src[0]), socket.inet_aton(d.dst[0])
+
+    def frag(data: bytes, offset: int, more: bool) -> bytes:
+        flags = (0x2000 if more else 0) | (offset // 8)
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(data), 7, flags, 64, 17, 0, src, dst)
+        return hdr + data
+
+    path = _write_raw_ip_pcap(
+        tmp_path / "frag4.pcap", [frag(head, 0, True), frag(tail, 800, False)]
+    )
+    code, lines, err = classify(path)
+    assert (code, err) == (0, "")
+    assert [(x["verdict"], x["reason"], x["frame"]) for x in lines] == [
+        ("rejected", "capture_incomplete", 1)
+    ]
+
+
+def test_ipv6_fragments_are_reported_not_misread(tmp_path: Path) -> None:
+    d = _fixture("aioquic-v1-smb.pcapng")[0]
+    udp = bytes(_udp(d, False).data)
+    src = socket.inet_pton(socket.AF_INET6, "2001:db8::1")
+    dst = socket.inet_pton(socket.AF_INET6, "2001:db8::2")
+
+    def frag(data: bytes, offset: int, more: bool) -> bytes:
+        fh = struct.pack("!BBHI", 17, 0, offset | int(more), 7)  # offset is a multiple of 8
+        return struct.pack("!IHBB16s16s", 6 << 28, 8 + len(data), 44, 64, src, dst) + fh + data
+
+    path = _write_raw_ip_pcap(
+        tmp_path / "frag6.pcap", [frag(udp[:800], 0, True), frag(udp[800:], 800, False)]
+    )
+    code, lines, err = classify(path)
+    assert (code, err) == (0, "")
+    assert [(x["verdict"], x["reason"], x["frame"]) for x in lines] == [
+        ("rejected", "capture_incomplete", 1)
+    ]
+
+
+def _pcapng_block(btype: int, body: bytes, endian: str) -> bytes:
+    body += b"\0" * (-len(body) % 4)
+    n = 12 + len(body)
+    return struct.pack(f"{endian}II", btype, n) + body + struct.pack(f"{endian}I", n)
+
+
+def _pcapng(endian: str, interfaces: list[int], packets: list[tuple[int, float, bytes]]) -> bytes:
+    """A pcapng written from the spec, independently of dpkt (tshark checks it is valid)."""
+    shb = struct.pack(f"{endian}IHHq", 0x1A2B3C4D, 1, 0, -1)
+    out = _pcapng_block(0x0A0D0D0A, shb, endian)
+    for linktype in interfaces:
+        tsresol = struct.pack(f"{endian}HH", 9, 1) + b"\x09\0\0\0"  # nanoseconds
+        end = struct.pack(f"{endian}HH", 0, 0)
+        idb = struct.pack(f"{endian}HHI", linktype, 0, 65535) + tsresol + end
+        out += _pcapng_block(1, idb, endian)
+    for iface, ts, data in packets:
+        t = round(ts * 1e9)
+        epb = struct.pack(f"{endian}IIIII", iface, t >> 32, t & 0xFFFFFFFF, len(data), len(data))
+        out += _pcapng_block(6, epb + data, endian)
+    return out
+
+
+@pytest.mark.tshark
+@pytest.mark.parametrize("endian", ["<", ">"], ids=["little-endian", "big-endian"])
+def test_pcapng_with_two_link_types_and_either_byte_order(tmp_path: Path, endian: str) -> None:
+    """Interface 0 is Ethernet, interface 1 raw IP: each packet uses its own interface's type."""
+    chromium = _fixture("chromium-h3.pcapng")
+    qh3 = _fixture("qh3-h3.pcapng")
+    eth = LINKS["ethernet"][1]
+    packets = [(0, d.time, eth(_udp(d, False), False)) for d in chromium[:2]]
+    packets += [(1, d.time, bytes(_udp(d, True))) for d in qh3]
+    path = tmp_path / "two-interfaces.pcapng"
+    path.write_bytes(_pcapng(endian, [dpkt.pcap.DLT_EN10MB, dpkt.pcap.DLT_RAW], packets))
+    assert len(tshark.connections(path, PORT)) == 2  # tshark reads the file as we do
+    code, lines, err = classify(path)
+    assert (code, err) == (0, "")
+    assert [_core(x) for x in lines] == [
+        _expected("chromium-h3.pcapng"),
+        _expected("qh3-h3.pcapng"),
+    ]
+    times = [d.time for d in read_datagrams(path)]
+    assert times == pytest.approx([t for _, t, _ in packets], abs=1e-6)
+
+
+def test_pcapng_packet_on_an_undeclared_interface(tmp_path: Path) -> None:
+    d = _fixture("aioquic-v1-smb.pcapng")[0]
+    path = tmp_path / "bad-iface.pcapng"
+    path.write_bytes(_pcapng("<", [dpkt.pcap.DLT_RAW], [(3, d.time, bytes(_udp(d, False)))]))
+    code, lines, err = classify(path)
+    _assert_one_line_error(code, lines, err, "undeclared interface")
+
+
+def test_pcapng_block_with_an_impossible_length(tmp_path: Path) -> None:
+    data = bytearray((FIXTURES / "aioquic-v1-smb.pcapng").read_bytes())
+    shb_len = struct.unpack_from("<I", data, 4)[0]
+    struct.pack_into("<I", data, shb_len + 4, 7)  # the IDB's length: not a multiple of 4
+    path = tmp_path / "corrupt.pcapng"
+    path.write_bytes(bytes(data))
+    code, lines, err = classify(path)
+    _assert_one_line_error(code, lines, err, "corrupt pcapng block")
+
+
+# ---- arbitrary damage: only CaptureError, never a crash ------------------------------------
+
+_SEEDS = [
+    (FIXTURES / "chromium-h3.pcapng").read_bytes(),
+    (FIXTURES / "aioquic-conversation.pcap").read_bytes(),
+]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    seed=st.sampled_from(_SEEDS),
+    flips=st.lists(st.tuples(st.integers(0, 1 << 20), st.integers(1, 255)), max_size=8),
+    cut=st.one_of(st.none(), st.integers(0, 1 << 20)),
+)
+def test_damaged_captures_raise_only_capture_error(
+    tmp_path_factory: pytest.TempPathFactory,
+    seed: bytes,
+    flips: list[tuple[int, int]],
+    cut: int | None,
+) -> None:
+    """Flipped bytes anywhere (headers, lengths, link layer, QUIC) and cuts anywhere: the
+    classifier either reads the file or says why it cannot; it never raises anything else."""
+    data = bytearray(seed)
+    for pos, mask in flips:
+        data[pos % len(data)] ^= mask
+    if cut is not None:
+        data = data[: cut % (len(data) + 1)]
+    path = tmp_path_factory.mktemp("damaged") / "x"
+    path.write_bytes(bytes(data))
+    try:
+        lines = classify_file(str(path))
+    except CaptureError as e:
+        assert str(e) and "\n" not in str(e)
+        return
+    for line in lines:
+        assert line["verdict"] in {"classified", "version_negotiation", "rejected", "incomplete"}
+        json.dumps(line)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=512))
+def test_arbitrary_bytes_raise_only_capture_error(
+    tmp_path_factory: pytest.TempPathFactory, data: bytes
+) -> None:
+    path = tmp_path_factory.mktemp("random") / "x"
+    path.write_bytes(data)
+    try:
+        classify_file(str(path))
+    except CaptureError:
+        pass
