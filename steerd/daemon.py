@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import struct
@@ -182,6 +183,8 @@ class Daemon:
             with contextlib.suppress(Exception):
                 group.dataplane.destroy()
         self.groups.clear()
+        with contextlib.suppress(OSError):
+            os.rmdir(self.pin_dir)  # only when empty: never another tool's pins
         self.reinjector.close()
         self._stopped.set()
 
@@ -275,8 +278,6 @@ class Daemon:
 
 
 def _run(args: Any) -> int:
-    import os
-
     from steerd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
     from steerd.dataplane import DataplaneError
 
