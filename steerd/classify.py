@@ -54,12 +54,14 @@ output, one JSON object per line:
 
 which datagrams count: only client->server long-header datagrams (Initial, 0-RTT) are fed.
 The client side is the destination --port, or without it whoever sent the first QUIC long
-header of a UDP flow. Not printed: server->client datagrams, short headers, Handshake packets,
-datagrams to a CID the server chose, and retransmissions of a connection already classified.
+header of a UDP flow (give --port for a capture that starts mid-conversation). Not printed:
+server->client datagrams, short headers, Handshake packets, datagrams to a CID the server
+chose, and retransmissions of a connection already classified.
 The capture's timestamps are the clock (the pending-flight TTL runs on them).
 
 exit status: 0 when the whole file was read (whatever the verdicts), 1 when it cannot be read
-(missing, not pcap/pcapng, unsupported link type, truncated), with one line on stderr.
+(missing, not pcap/pcapng, unsupported link type, truncated, corrupt), with one line on
+stderr; lines for what was read before a cut or corrupt record are still printed.
 """
 
 
