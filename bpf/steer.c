@@ -81,12 +81,25 @@ int steerd_steer(struct sk_reuseport_md *md)
     __u32 slot = 0;
     __u32 len;
 
-    if (bpf_skb_load_bytes(md, QUIC_OFF, &first, 1) < 0)
+    void *data = md->data;
+    void *end = md->data_end;
+
+    /* Fast path: the first byte and a short-header DCID sit in the linear part of the skb
+     * (direct reads, no helper calls). Otherwise copy with bpf_skb_load_bytes. */
+    if (data + QUIC_OFF + 1 + STEERD_CID_LEN <= end) {
+        first = *(__u8 *)(data + QUIC_OFF);
+        if (!(first & STEERD_LONG_HEADER_BIT)) {
+            __builtin_memcpy(key.cid, data + QUIC_OFF + 1, STEERD_CID_LEN);
+            goto short_header;
+        }
+    } else if (bpf_skb_load_bytes(md, QUIC_OFF, &first, 1) < 0) {
         goto malformed;
+    }
 
     if (!(first & STEERD_LONG_HEADER_BIT)) {
         if (bpf_skb_load_bytes(md, QUIC_OFF + 1, key.cid, STEERD_CID_LEN) < 0)
             goto malformed;
+short_header:
         if (!our_slot(key.cid, &slot)) {
             steerd_count(STEERD_CNT_STEER_SHORT_NOT_OURS);
             return to_classifier(md, key.cid, STEERD_CID_LEN);

@@ -39,7 +39,7 @@ def load_check(pin_dir: str) -> Prerequisite:
     return Prerequisite(
         "programs load", True,
         f"steer (SK_REUSEPORT) and guard (XDP) compiled, verified and pinned; "
-        f"{len(counters)} counters readable",
+        f"{len(counters)} counters readable; scratch pin dir {scratch} removed",
     )
 
 

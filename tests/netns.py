@@ -36,6 +36,11 @@ CLIENT_V4, SERVER_V4 = "198.18.0.1", "198.18.0.2"
 CLIENT_V6, SERVER_V6 = "fd00:5eed::1", "fd00:5eed::2"
 
 
+# Names of the namespaces this process made and has not deleted yet: a leak check can look
+# at its own namespaces only, even while other test runs share the machine.
+LIVE: set[str] = set()
+
+
 def ip(*args: str, netns: str | None = None, check: bool = True) -> str:
     """Run ``ip [-n NETNS] ARGS`` and return its stdout; raise with stderr on failure."""
     cmd = ["ip", *(["-n", netns] if netns else []), *args]
@@ -100,6 +105,8 @@ class NetnsPair:
 def _delete_netns(name: str) -> None:
     if os.path.exists(netns_path(name)):
         ip("netns", "del", name, check=False)
+    if not os.path.exists(netns_path(name)):
+        LIVE.discard(name)
 
 
 @contextmanager
@@ -117,8 +124,9 @@ def netns_pair(tag: str = "") -> Iterator[NetnsPair]:
         server_if=f"vs{suffix}",
     )
     try:
-        ip("netns", "add", pair.client)
-        ip("netns", "add", pair.server)
+        for name in (pair.client, pair.server):
+            LIVE.add(name)
+            ip("netns", "add", name)
         ip("link", "add", pair.client_if, "netns", pair.client, "type", "veth",
            "peer", "name", pair.server_if, "netns", pair.server)
         for ns, dev, v4, v6 in (

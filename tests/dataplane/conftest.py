@@ -7,11 +7,9 @@ namespace or steerd BPF program made here outlives the suite.
 
 from __future__ import annotations
 
-import json
 import os
 import selectors
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -22,7 +20,8 @@ import pytest
 from quic.cid import CidLayout
 from quic.packet import VERSION_1, PacketType, encode_varint_fixed, long_header_type_bits
 from steerd.dataplane import Dataplane, DataplaneConfig
-from tests.netns import NETNS_PREFIX, NetnsPair, list_netns, netns_pair
+from steerd.dataplane.netns import netns_path
+from tests.netns import LIVE, NetnsPair, netns_pair
 
 PORT = 4433
 OTHER_PORT = 4434
@@ -31,24 +30,36 @@ CLASSIFIER_SLOTS = 4
 MARKER_SLOT = 65000  # a worker every group has: its arrival proves earlier packets were handled
 
 
-def steerd_prog_ids() -> set[int]:
-    out = subprocess.run(["bpftool", "-j", "prog", "show"], capture_output=True, text=True,
-                         check=True).stdout
-    return {p["id"] for p in json.loads(out) if p.get("name", "").startswith("steerd_")}
+def held_bpf_prog_ids() -> set[int]:
+    """IDs of the BPF programs this process holds a file descriptor to (from fdinfo), so the
+    check ignores programs of other test runs sharing the machine."""
+    ids = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") != "anon_inode:bpf-prog":
+                continue
+            with open(f"/proc/self/fdinfo/{fd}") as info:
+                for line in info:
+                    if line.startswith("prog_id:"):
+                        ids.add(int(line.split()[1]))
+        except OSError:
+            continue
+    return ids
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _no_leaks() -> Iterator[None]:
-    """After the suite: no test namespace and no new steerd program may remain."""
+    """After the suite: no namespace made here and no BPF program loaded here may remain
+    (pinned ones are checked where they are made: each pin dir must be gone)."""
     if os.geteuid() != 0:
         yield
         return
-    before = steerd_prog_ids()
+    before = held_bpf_prog_ids()
     yield
-    leaked_ns = [n for n in list_netns() if n.startswith(NETNS_PREFIX)]
-    leaked_progs = steerd_prog_ids() - before
+    leaked_ns = [n for n in LIVE if os.path.exists(netns_path(n))]
+    leaked_progs = held_bpf_prog_ids() - before
     assert not leaked_ns, f"network namespaces left behind: {leaked_ns}"
-    assert not leaked_progs, f"steerd BPF programs left behind: {leaked_progs}"
+    assert not leaked_progs, f"BPF programs still held: {leaked_progs}"
 
 
 @pytest.fixture(scope="module")
