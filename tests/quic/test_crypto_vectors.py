@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from quic.builders import build_retry, verify_retry_integrity
 from quic.crypto import (
     CHACHA20_POLY1305,
+    PacketKeys,
+    decode_packet_number,
     derive_initial_keys,
     derive_packet_keys,
     hkdf_expand_label,
@@ -384,3 +386,50 @@ def test_short_random_initials_raise_only_quic_error(body: bytes, pn_bits: int) 
     with pytest.raises(QuicError) as info:
         open_packet(packet, parse_long_header(packet), keys)
     assert info.value.reason in ("too_short", "decrypt_failed")
+
+
+def test_api_misuse_is_a_quic_error() -> None:
+    with pytest.raises(QuicError) as info:
+        derive_initial_keys(RFC_DCID, 0x1A2A3A4A, server=False)
+    assert info.value.reason == "unsupported_version"
+    keys = derive_initial_keys(RFC_DCID, VERSION_1, server=False)
+    for pn_len in (0, 5):
+        with pytest.raises(QuicError) as info:
+            seal_initial(keys, VERSION_1, RFC_DCID, b"", b"", 0, bytes(100), pn_len=pn_len)
+        assert info.value.reason == "bad_pn_len"
+    with pytest.raises(QuicError) as info:
+        seal_initial(keys, VERSION_1, RFC_DCID, b"", b"", 0, b"\x01\x01", pn_len=1)
+    assert info.value.reason == "too_short"
+    with pytest.raises(QuicError) as info:
+        open_packet(V1_RETRY, parse_long_header(V1_RETRY), keys)
+    assert info.value.reason == "not_protected"
+    for bad in (
+        lambda: PacketKeys(bytes(15), bytes(12), bytes(16)),
+        lambda: PacketKeys(bytes(16), bytes(11), bytes(16)),
+        lambda: PacketKeys(bytes(16), bytes(12), bytes(16), CHACHA20_POLY1305),
+        lambda: PacketKeys(bytes(16), bytes(12), bytes(16), "rot13"),
+    ):
+        with pytest.raises(QuicError) as info:
+            bad()
+        assert info.value.reason == "bad_key"
+
+
+@VERSIONS
+def test_fast_and_public_key_construction_agree(version: int) -> None:
+    """derive_initial_keys builds PacketKeys without __init__: it must equal the public way."""
+    fast = derive_initial_keys(RFC_DCID, version, server=False)
+    public = PacketKeys(fast.key, fast.iv, fast.hp)
+    assert fast == public
+    sample = bytes(range(16))
+    assert fast.header_mask(sample) == public.header_mask(sample)
+    sealed = seal_initial(public, version, RFC_DCID, b"", b"", 7, b"\x01" + bytes(40))
+    assert open_packet(sealed, parse_long_header(sealed), fast) == (7, b"\x01" + bytes(40))
+
+
+@given(st.integers(0, (1 << 62) - 1), st.sampled_from([1, 2, 3, 4]))
+def test_packet_number_decoding_recovers_nearby_numbers(pn: int, pn_len: int) -> None:
+    """RFC 9000 §A.3: a number within half a window of the expected one is recovered."""
+    win = 1 << (8 * pn_len)
+    for expected in (pn, pn + 1, max(0, pn - win // 2 + 1)):
+        if abs(pn - expected) < win // 2:
+            assert decode_packet_number(pn % win, pn_len, expected) == pn
