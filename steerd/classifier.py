@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from quic.builders import build_initial_close, build_version_negotiation
+from quic.cid import CidLayout
 from quic.errors import QuicError
 from quic.flight import (
     AssemblerConfig,
@@ -32,6 +33,7 @@ from quic.flight import (
     VersionNegotiationNeeded,
 )
 from quic.packet import SUPPORTED_VERSIONS, parse_long_header
+from quic.reset import MIN_RESET_LEN, TOKEN_LEN, build_stateless_reset, reset_token
 from steerd.metrics import Metrics
 from steerd.registry import Registry
 
@@ -94,6 +96,8 @@ class Classifier:
         reply: Reply,
         *,
         metrics: Metrics | None = None,
+        layout: CidLayout | None = None,
+        reset_key: bytes | None = None,
         assembler: AssemblerConfig | None = None,
         decided_ttl: float = 10.0,
         decided_max: int = 65536,
@@ -107,6 +111,8 @@ class Classifier:
         self.reinject = reinject
         self.reply = reply
         self.metrics = metrics
+        self.layout = layout
+        self.reset_key = reset_key
         self.assembler = FirstFlightAssembler(assembler or AssemblerConfig())
         self.random = random
         self.clock = clock
@@ -128,8 +134,10 @@ class Classifier:
 
     def on_datagram(self, data: bytes, origin: Origin, now: float) -> str:
         """Handle one datagram; returns the outcome token (for tests and logs)."""
-        if not data or not data[0] & 0x80:
-            return self._drop("short_header")  # a worker is gone or the CID is not ours
+        if not data:
+            return self._drop("empty")
+        if not data[0] & 0x80:
+            return self._short_header(data, origin, now)
         try:
             dcid = parse_long_header(data, 0).dcid
         except QuicError as exc:
@@ -236,6 +244,32 @@ class Classifier:
         if self.metrics:
             self.metrics.version_negotiation_sent.inc()
         return "version_negotiation"
+
+    def _short_header(self, data: bytes, origin: Origin, now: float) -> str:
+        """A 1-RTT packet the kernel could not deliver: its CID names a slot with no live
+        worker (the worker died), or the CID is not ours. For our CIDs, answer with the
+        stateless reset the dead worker advertised (same HMAC key), so its clients learn at
+        once instead of after an idle timeout; anything else is dropped."""
+        layout, key = self.layout, self.reset_key
+        if layout is None or key is None or len(data) < 1 + layout.cid_len:
+            return self._drop("short_header")
+        dcid = data[1 : 1 + layout.cid_len]
+        if layout.decode(dcid) is None:
+            return self._drop("short_header_not_ours")
+        # RFC 9000 §10.3.3: a reset must be smaller than the packet that caused it (no loops
+        # between two endpoints); one that cannot be is not sent.
+        size = min(len(data) - 1, 43)
+        if size < MIN_RESET_LEN:
+            return self._drop("short_header_too_small_to_reset")
+        if not self._budget.take(now):
+            if self.metrics:
+                self.metrics.send_suppressed.labels("stateless_reset").inc()
+            return "stateless_reset_suppressed"
+        packet = build_stateless_reset(reset_token(key, dcid), self.random(size - TOKEN_LEN))
+        self.reply(packet, origin.client, origin.service, origin.group)
+        if self.metrics:
+            self.metrics.stateless_resets_sent.inc()
+        return "stateless_reset"
 
     # -- helpers ------------------------------------------------------------------------------
 

@@ -27,7 +27,7 @@ from typing import Any
 from quic.flight import AssemblerConfig
 from steerd.classifier import Classifier, Origin
 from steerd.config import Config
-from steerd.control import ControlServer
+from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
 from steerd.metrics import Metrics
 from steerd.registry import Registry
@@ -95,12 +95,17 @@ class Daemon:
         )
         self.groups: list[_Group] = []
         self.reinjector = Reinjector()
+        # Per run: apps derive stateless-reset tokens from it; the classifier resets the
+        # connections of a worker that died with the same key.
+        reset_key = os.urandom(RESET_KEY_LEN)
         self.classifier = Classifier(
             self.registry,
             self._write_route,
             self.reinjector.send,
             self._reply,
             metrics=self.metrics,
+            layout=config.cid,
+            reset_key=reset_key,
             assembler=AssemblerConfig(
                 max_pending=limits.pending_connections,
                 max_bytes_per_connection=max(limits.pending_bytes, 1200 + 16384),
@@ -109,7 +114,8 @@ class Daemon:
             decided_ttl=limits.route_ttl,
         )
         self.control = ControlServer(
-            config, self.registry, self, metrics=self.metrics, status_extra=self._status_extra
+            config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
+            status_extra=self._status_extra,
         )
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None

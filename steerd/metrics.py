@@ -108,9 +108,13 @@ class Metrics:
             "steerd_connection_close_sent", "Initial CONNECTION_CLOSE (no_application_protocol)"
             " packets sent.", registry=r,
         )
+        self.stateless_resets_sent = Counter(
+            "steerd_stateless_resets_sent", "Stateless resets sent for 1-RTT packets whose "
+            "CID names a worker that is gone.", registry=r,
+        )
         self.send_suppressed = Counter(
-            "steerd_send_suppressed", "VN or CONNECTION_CLOSE not sent because of the send "
-            "rate limit.", ["kind"], registry=r,
+            "steerd_send_suppressed", "VN, CONNECTION_CLOSE or stateless reset not sent "
+            "because of the send rate limit.", ["kind"], registry=r,
         )
         self.routes = Gauge(
             "steerd_initial_routes", "Client DCID -> worker routes the daemon has written and "

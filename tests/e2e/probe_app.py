@@ -30,7 +30,8 @@ def main() -> int:
             sel.register(sock, selectors.EVENT_READ, worker["slot"])
     sel.register(sys.stdin, selectors.EVENT_READ, None)
     print(json.dumps({"event": "registered", "generation": reg.generation,
-                      "slots": [w["slot"] for w in reg.workers]}), flush=True)
+                      "slots": [w["slot"] for w in reg.workers],
+                      "reset_key": reg.reset_key.hex()}), flush=True)
     while True:
         for key, _ in sel.select():
             if key.data is None:

@@ -17,7 +17,9 @@ import pytest
 from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import QuicErrorCode
 
+from quic.cid import CidLayout
 from quic.packet import SUPPORTED_VERSIONS, VERSION_2, parse_long_header
+from quic.reset import reset_token
 from steerd.control import ControlClient
 from steerd.dataplane.netns import run_in_netns
 from tests.e2e.conftest import (
@@ -236,3 +238,23 @@ def test_status_lists_apps(daemon: Daemon, two_apps: tuple[App, App]) -> None:
     names = {a["app"] for a in status["apps"]}
     assert {"web", "files"} <= names
     assert json.dumps(status)  # JSON all the way down
+
+
+def test_dead_worker_clients_get_stateless_reset(pair: NetnsPair, daemon: Daemon) -> None:
+    """A 1-RTT packet for a slot whose app is gone: the daemon answers with the reset token
+    the worker advertised (HMAC of the daemon's key), so the client stops at once."""
+    app = start_app(daemon, "gone", ["gone-proto"])
+    slot, key = app.registered["slots"][0], bytes.fromhex(app.registered["reset_key"])
+    app.close()  # disconnect: the slot leaves the sockarray
+    cid = CidLayout().encode(slot, os.urandom(CidLayout().nonce_len))
+    packet = bytes([0x40 | 0x01]) + cid + os.urandom(60)
+    sock = pair.client_socket(socket.AF_INET6, socket.SOCK_DGRAM)
+    try:
+        sock.settimeout(5)
+        sock.sendto(packet, (pair.server_v6, 4433))
+        reply, _ = sock.recvfrom(2048)
+    finally:
+        sock.close()
+    assert reply[-16:] == reset_token(key, cid)
+    assert reply[0] & 0xC0 == 0x40
+    assert 21 <= len(reply) < len(packet)
