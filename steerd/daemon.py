@@ -90,9 +90,7 @@ class Daemon:
         self.pin_dir = pin_dir
         self.metrics = Metrics()
         limits = config.limits
-        self.registry = Registry(
-            config.cid, config.policy, config.acl, limits.worker_slots, limits.workers_per_app
-        )
+        self.registry = Registry.from_config(config)
         self.groups: list[_Group] = []
         self.reinjector = Reinjector()
         # Per run: apps derive stateless-reset tokens from it; the classifier resets the

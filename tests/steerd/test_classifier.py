@@ -1,0 +1,157 @@
+"""The classifier's decisions, sans I/O: real aioquic first flights in, the route, re-injection
+and replies it asks for out (recorded by plain callables; the e2e tests wire the real ones)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import ConnectionTerminated
+
+from quic.cid import CidLayout
+from quic.flight import AssemblerConfig
+from quic.reset import reset_token
+from steerd.classifier import MAX_STRAGGLERS, Classifier, Origin
+from steerd.config import Config
+from steerd.registry import Peer, Registry
+
+CLIENT = ("198.18.0.1", 40000)
+SERVICE = ("198.18.0.2", 443)
+ORIGIN = Origin(CLIENT, SERVICE, 0)
+KEY = os.urandom(32)
+
+
+@dataclass
+class World:
+    routes: list[tuple[int, bytes, int]] = field(default_factory=list)
+    injected: list[bytes] = field(default_factory=list)
+    replies: list[bytes] = field(default_factory=list)
+
+    def route(self, group: int, dcid: bytes, slot: int) -> None:
+        self.routes.append((group, dcid, slot))
+
+    def reinject(self, client: tuple[str, int], service: tuple[str, int], datagrams) -> int:
+        assert client == CLIENT and service == SERVICE
+        self.injected.extend(datagrams)
+        return len(datagrams)
+
+    def reply(self, packet: bytes, client, service, group: int) -> None:
+        self.replies.append(packet)
+
+
+def make(world: World, **kw) -> tuple[Classifier, Registry]:
+    registry = Registry.from_config(Config())
+    root = Peer(uid=0, gid=0)
+    registry.register("files", ["smb"], [], 2, False, root, "o1")
+    registry.register("web", ["h3"], [], 1, False, root, "o2")
+    classifier = Classifier(registry, world.route, world.reinject, world.reply,
+                            layout=CidLayout(), reset_key=KEY, **kw)
+    return classifier, registry
+
+
+def flight(alpns: list[str], two: bool = False) -> tuple[QuicConnection, list[bytes]]:
+    config = QuicConfiguration(is_client=True, alpn_protocols=alpns)
+    config.quantum_readiness_test = two
+    conn = QuicConnection(configuration=config)
+    conn.connect(SERVICE, now=time.time())
+    return conn, [d for d, _ in conn.datagrams_to_send(now=time.time())]
+
+
+def test_routes_and_reinjects_in_arrival_order() -> None:
+    world = World()
+    classifier, _ = make(world)
+    _, datagrams = flight(["smb"], two=True)
+    assert len(datagrams) == 2
+    assert classifier.on_datagram(datagrams[1], ORIGIN, 1.0) == "pending"
+    outcome = classifier.on_datagram(datagrams[0], ORIGIN, 1.001)
+    assert outcome.startswith("routed:files:")
+    (group, dcid, slot), = world.routes
+    assert group == 0 and slot in (0, 1) and dcid == datagrams[0][6:6 + datagrams[0][5]]
+    assert world.injected == [datagrams[1], datagrams[0]]
+
+
+def test_client_order_picks_app() -> None:
+    world = World()
+    classifier, _ = make(world)
+    _, datagrams = flight(["h3", "smb"])
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.0).startswith("routed:web:")
+
+
+def test_stragglers_follow_the_decision_but_cannot_loop() -> None:
+    world = World()
+    classifier, _ = make(world)
+    _, datagrams = flight(["smb"])
+    classifier.on_datagram(datagrams[0], ORIGIN, 1.0)
+    for _ in range(MAX_STRAGGLERS):
+        assert classifier.on_datagram(datagrams[0], ORIGIN, 1.1).startswith("straggler:")
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.2) == "dropped:straggler_loop"
+    assert len(world.routes) == 1  # never a second decision
+    assert len(world.injected) == 1 + MAX_STRAGGLERS
+
+
+def test_unowned_alpn_closes_with_no_application_protocol() -> None:
+    world = World()
+    classifier, _ = make(world)
+    conn, datagrams = flight(["nobody"])
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.0) == "no_application"
+    assert not world.routes and not world.injected
+    (packet,) = world.replies
+    conn.receive_datagram(packet, SERVICE, now=time.time())
+    conn.handle_timer(now=conn.get_timer())
+    events = []
+    while (event := conn.next_event()) is not None:
+        events.append(event)
+    terminated = [e for e in events if isinstance(e, ConnectionTerminated)]
+    assert terminated and terminated[0].error_code == 0x178
+
+
+def test_replies_are_rate_limited() -> None:
+    world = World()
+    classifier, _ = make(world, send_rate=1.0, send_burst=3)
+    outcomes = []
+    for _ in range(5):
+        _, datagrams = flight(["nobody"])
+        outcomes.append(classifier.on_datagram(datagrams[0], ORIGIN, 5.0))
+    assert outcomes.count("no_application") == 5  # every flight decided ...
+    assert len(world.replies) == 3  # ... but only the burst was answered
+
+
+def test_version_negotiation_answered() -> None:
+    world = World()
+    classifier, _ = make(world)
+    dcid, scid = os.urandom(8), os.urandom(8)
+    datagram = bytes([0xC0]) + bytes.fromhex("1a2a3a4a") + bytes([8]) + dcid + bytes([8]) + scid
+    datagram += bytes(1200 - len(datagram))
+    assert classifier.on_datagram(datagram, ORIGIN, 1.0) == "version_negotiation"
+    (vn,) = world.replies
+    assert vn[1:5] == bytes(4) and vn[6:14] == scid and vn[15:23] == dcid
+
+
+def test_dead_worker_gets_stateless_reset_smaller_than_trigger() -> None:
+    world = World()
+    classifier, _ = make(world)
+    cid = CidLayout().encode(7, os.urandom(6))
+    packet = bytes([0x41]) + cid + os.urandom(30)
+    assert classifier.on_datagram(packet, ORIGIN, 1.0) == "stateless_reset"
+    (reset,) = world.replies
+    assert reset[-16:] == reset_token(KEY, cid) and len(reset) < len(packet)
+    assert reset[0] & 0xC0 == 0x40
+    tiny = bytes([0x41]) + cid + os.urandom(2)
+    assert classifier.on_datagram(tiny, ORIGIN, 1.0) == "dropped:short_header_too_small_to_reset"
+    foreign = bytes([0x41]) + bytes([0xE0]) + os.urandom(40)
+    assert classifier.on_datagram(foreign, ORIGIN, 1.0) == "dropped:short_header_not_ours"
+
+
+def test_bookkeeping_stays_bounded_under_a_flood_of_half_flights() -> None:
+    world = World()
+    classifier, _ = make(world, assembler=AssemblerConfig(max_pending=16))
+    for i in range(200):
+        _, datagrams = flight(["smb"], two=True)
+        classifier.on_datagram(datagrams[0], ORIGIN, 1.0 + i / 1000)
+    assert classifier.assembler.pending_count <= 16
+    assert len(classifier._first_seen) <= 16
+    classifier.expire(1000.0)
+    assert classifier.assembler.pending_count == 0 and not classifier._first_seen
