@@ -129,6 +129,7 @@ class Classifier:
         self.server_cids: set[bytes] = set()
         self.decided: set[tuple[Endpoint, bytes]] = set()
         self.pending: dict[bytes, _Flight] = {}
+        self.last_time: float | None = None  # the capture's clock, for the end-of-file TTL
 
     def _direction(self, d: Datagram) -> str | None:
         """'client', 'server' or None (not part of a QUIC flow we can place)."""
@@ -149,6 +150,7 @@ class Classifier:
 
     def datagram(self, d: Datagram) -> list[dict[str, Any]]:
         """Process one captured datagram; return the lines it produces (often none)."""
+        self.last_time = d.time if self.last_time is None else max(self.last_time, d.time)
         direction = self._direction(d)
         p = d.payload
         if direction is None or not p or not p[0] & 0x80:
@@ -250,7 +252,8 @@ class Classifier:
 
     def finish(self) -> list[dict[str, Any]]:
         """Flights still waiting for the rest of their ClientHello when the capture ended."""
-        lines = [self._incomplete(d, f, "end_of_capture") for d, f in self.pending.items()]
+        lines = [] if self.last_time is None else self._expire(self.last_time)
+        lines += [self._incomplete(d, f, "end_of_capture") for d, f in self.pending.items()]
         self.pending.clear()
         return lines
 

@@ -315,6 +315,18 @@ def test_flight_split_by_more_than_the_ttl_is_two_incomplete_flights(tmp_path: P
     ]
 
 
+def test_flight_older_than_the_ttl_at_the_end_of_the_capture_expired(tmp_path: Path) -> None:
+    """Half a flight, then 60 s later unrelated UDP (fed to nothing): by the capture's clock
+    the flight expired before the file ended, and the line says so."""
+    a = _fixture("chromium-h3.pcapng")[0]
+    dns = Datagram(2, a.time + 60, ("127.0.0.1", 50000), ("127.0.0.1", 53), b"\x12\x34" * 20, True)
+    code, lines, err = classify(write_pcap(tmp_path / "stale.pcap", [a, dns]))
+    assert (code, err) == (0, "")
+    assert [(x["verdict"], x["reason"], x["frames"]) for x in lines] == [
+        ("incomplete", "ttl_expired", [1])
+    ]
+
+
 def test_rejected_datagrams_say_why(tmp_path: Path) -> None:
     good = _fixture("aioquic-v1-smb.pcapng")[0]
     p = good.payload
