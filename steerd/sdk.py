@@ -1,0 +1,552 @@
+"""The worker SDK: serve an aioquic app behind steerd in a few lines.
+
+Why this module exists: an app behind steerd must get three things right that aioquic gives no
+public hook for. (1) Every connection ID a worker issues must name the worker's slot in the
+daemon's CID layout, or the kernel cannot route the connection's later packets (after NAT
+rebinding, migration, or any packet not matching the first flight's DCID). (2) The stateless-
+reset token advertised for each CID must be ``quic.reset.reset_token(daemon_key, cid)``, so
+the daemon can reset the clients of a worker that died instead of leaving them to an idle
+timeout. (3) Restarts must drop nothing: the old generation stops getting new connections
+(the daemon's job), finishes the open ones and only then exits (ours).
+
+Use::
+
+    from steerd import sdk
+
+    config = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
+    config.load_cert_chain(cert, key)
+    sys.exit(sdk.run(sdk.AppSpec(app="web", alpn=["h3"], workers=2),
+                     config, create_protocol=MyProtocol))
+
+Process model: the *parent* registers over the control socket (and so holds the app's routes:
+its control connection is the app's life), then forks one *worker* process per worker slot
+(so an app uses several cores). The parent closes its copies of the worker sockets, so a
+worker that dies really closes its sockets and the daemon sees the slot as dead (and resets
+its clients). Workers report their open-connection count to the parent over a pipe; the
+parent forwards them as ``load`` reports (and reports a dead worker's slot as fully loaded
+so new connections avoid it). SIGTERM or SIGINT to the parent drains: ``drain`` to the daemon
+(no new connections), SIGTERM to the workers, which keep serving their open connections and
+exit when they have none left (or when ``drain_timeout`` expires: then they close the rest).
+A parent whose generation was replaced (another process registered the same app with
+``replace=True``) notices it in the daemon's status and drains by itself.
+
+Under ``steerd exec`` (sockets passed the systemd way, see steerd/exec.py) ``run`` serves the
+inherited sockets instead of registering; there is then no control connection in-process and
+no load reports.
+
+aioquic internals relied on (aioquic is pinned; tests/sdk/test_internals.py fails loudly when
+any of these change): ``QuicConnection._host_cids`` (``QuicConnectionId`` entries with
+``cid``, ``sequence_number``, ``stateless_reset_token``, ``was_sent``), ``host_cid``,
+``_local_initial_source_connection_id``, ``_replenish_connection_ids``; ``QuicServer``'s
+``_configuration``, ``_protocols``, ``_create_protocol``, ``_stream_handler``, ``_transport``,
+``_retry``, ``_connection_id_issued``/``_retired``/``_terminated``, and the protocol's
+``_connection_id_issued_handler``/``_retired_handler``/``_connection_terminated_handler``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, cast
+
+from aioquic.asyncio.protocol import QuicConnectionProtocol
+from aioquic.asyncio.server import QuicServer
+from aioquic.buffer import Buffer
+from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
+from aioquic.quic.connection import NetworkAddress, QuicConnection
+from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
+
+from quic.cid import CidLayout
+from quic.reset import reset_token
+from steerd.control import ControlClient, ControlError, Registration
+
+log = logging.getLogger("steerd.sdk")
+
+DEFAULT_CONTROL = "/run/steerd/control.sock"
+DEAD_WORKER_LOAD = 1e9  # reported for a slot whose worker died: the daemon's picker avoids it
+
+
+# ---------------------------------------------------------------------------------------------
+# Connection IDs
+
+
+@dataclass(frozen=True, slots=True)
+class CidIssuer:
+    """Makes the CIDs and reset tokens of one worker slot (shared by all its connections)."""
+
+    layout: CidLayout
+    slot: int
+    reset_key: bytes
+
+    def new_cid(self) -> bytes:
+        return self.layout.encode(self.slot, os.urandom(self.layout.nonce_len))
+
+    def token(self, cid: bytes) -> bytes:
+        return reset_token(self.reset_key, cid)
+
+    def owns(self, cid: bytes) -> bool:
+        return self.layout.decode(cid) == self.slot
+
+
+class SteerdQuicConnection(QuicConnection):
+    """A server ``QuicConnection`` whose every issued CID names its worker slot and whose
+    reset tokens the daemon can recompute.
+
+    aioquic draws CIDs from os.urandom in ``__init__`` and ``_replenish_connection_ids``; we
+    overwrite them before anything is sent (the constructor sends nothing, and replenished
+    entries are written to the wire only later, by ``_write_new_connection_id_frame``).
+    """
+
+    def __init__(self, *, issuer: CidIssuer, **kwargs: Any) -> None:
+        self._steerd_issuer = issuer
+        super().__init__(**kwargs)
+        first = self._host_cids[0]
+        first.cid = issuer.new_cid()
+        first.stateless_reset_token = issuer.token(first.cid)
+        self.host_cid = first.cid
+        self._local_initial_source_connection_id = first.cid
+
+    def _replenish_connection_ids(self) -> None:
+        super()._replenish_connection_ids()
+        issuer = self._steerd_issuer
+        for entry in self._host_cids:
+            if not entry.was_sent and not issuer.owns(entry.cid):
+                entry.cid = issuer.new_cid()
+                entry.stateless_reset_token = issuer.token(entry.cid)
+
+
+# ---------------------------------------------------------------------------------------------
+# The per-socket server
+
+
+class SteerdQuicServer(QuicServer):
+    """aioquic's ``QuicServer`` making ``SteerdQuicConnection``s (and Retry packets whose SCID
+    is one of ours, so the client's retried Initial is routed back to this worker).
+
+    Only the accept path is ours: a new connection is built and filed under its DCIDs, then
+    the datagram is handed to ``QuicServer.datagram_received``, which finds it there.
+    """
+
+    def __init__(self, *, issuer: CidIssuer, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.issuer = issuer
+        self.accepted = 0
+
+    def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
+        data = cast(bytes, data)
+        config = self._configuration
+        try:
+            header = pull_quic_header(Buffer(data=data),
+                                      host_cid_length=config.connection_id_length)
+        except ValueError:
+            return
+        if (
+            header.destination_cid not in self._protocols
+            and header.packet_type == QuicPacketType.INITIAL
+            and header.version in config.supported_versions
+            and len(data) >= SMALLEST_MAX_DATAGRAM_SIZE
+            and not self._accept(data, addr, header)
+        ):
+            return
+        super().datagram_received(data, addr)
+
+    def _accept(self, data: bytes, addr: NetworkAddress, header: Any) -> bool:
+        """Build the connection for a new client Initial; False when the datagram is spent
+        (answered with a Retry, or its token was refused)."""
+        odcid: bytes | None = header.destination_cid
+        retry_scid: bytes | None = None
+        if self._retry is not None:
+            now = self._loop.time()
+            if not header.token:
+                scid = self.issuer.new_cid()
+                token = self._retry.create_token(
+                    address=addr, original_destination_connection_id=header.destination_cid,
+                    retry_source_connection_id=scid, now=now)
+                self._transport.sendto(
+                    encode_quic_retry(
+                        version=header.version, source_cid=scid,
+                        destination_cid=header.source_cid,
+                        original_destination_cid=header.destination_cid, retry_token=token,
+                    ),
+                    addr,
+                )
+                return False
+            try:
+                odcid = self._retry.validate_token(
+                    address=addr, destination_cid=header.destination_cid, token=header.token,
+                    now=now)
+            except ValueError:
+                return True  # QuicServer answers INVALID_TOKEN for it
+            retry_scid = header.destination_cid
+        connection = SteerdQuicConnection(
+            issuer=self.issuer, configuration=self._configuration,
+            original_destination_connection_id=odcid, retry_source_connection_id=retry_scid,
+            session_ticket_fetcher=self._session_ticket_fetcher,
+            session_ticket_handler=self._session_ticket_handler,
+        )
+        protocol = self._create_protocol(connection, stream_handler=self._stream_handler)
+        protocol.connection_made(self._transport)
+        protocol._connection_id_issued_handler = partial(
+            self._connection_id_issued, protocol=protocol)
+        protocol._connection_id_retired_handler = partial(
+            self._connection_id_retired, protocol=protocol)
+        protocol._connection_terminated_handler = partial(
+            self._connection_terminated, protocol=protocol)
+        self._protocols[header.destination_cid] = protocol
+        self._protocols[connection.host_cid] = protocol
+        self.accepted += 1
+        return True
+
+    def connections(self) -> set[QuicConnectionProtocol]:
+        return set(self._protocols.values())
+
+
+# ---------------------------------------------------------------------------------------------
+# What a worker knows about itself (for apps: which worker served a request)
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    app: str
+    generation: int
+    slot: int
+    pid: int
+
+
+_current: WorkerInfo | None = None
+
+
+def current_worker() -> WorkerInfo | None:
+    """The worker this process is (None in the parent or outside the SDK)."""
+    return _current
+
+
+# ---------------------------------------------------------------------------------------------
+# Running an app
+
+
+@dataclass
+class AppSpec:
+    """What to register: the app's name, ALPNs, server names (empty: all) and worker count."""
+
+    app: str
+    alpn: Sequence[str]
+    server_names: Sequence[str] = ()
+    workers: int = 1
+    control: str = DEFAULT_CONTROL
+    replace: bool = False
+    drain_timeout: float = 30.0
+    idle_grace: float = 0.5  # a draining worker exits after this long with no connections
+    load_interval: float = 1.0
+    retry: bool = False
+    ready_line: bool = True  # print one JSON line on stdout when every worker serves
+
+
+@dataclass
+class _Slot:
+    slot: int
+    sockets: list[socket.socket]
+    pid: int = 0
+    pipe: int = -1
+    pidfd: int = -1
+    load: float = 0.0
+    ready: bool = False
+    exit_code: int | None = None
+    buffer: bytes = field(default=b"")
+
+
+@dataclass(frozen=True, slots=True)
+class Inherited:
+    """Sockets and parameters passed by ``steerd exec`` (see steerd/exec.py)."""
+
+    app: str
+    generation: int
+    layout: CidLayout
+    reset_key: bytes
+    slots: dict[int, list[socket.socket]]
+
+
+def inherited_from_environment(env: dict[str, str] | None = None) -> Inherited | None:
+    """The sockets ``steerd exec`` passed us, or None if we were not started by it."""
+    env = dict(os.environ) if env is None else env
+    if "STEERD_SOCKETS" not in env or env.get("LISTEN_PID") != str(os.getpid()):
+        return None
+    cid = json.loads(env["STEERD_CID_LAYOUT"])
+    layout = CidLayout(**{k: v for k, v in cid.items() if k != "cid_len"})
+    slots: dict[int, list[socket.socket]] = {}
+    for entry in json.loads(env["STEERD_SOCKETS"]):
+        slots.setdefault(entry["slot"], []).append(socket.socket(fileno=entry["fd"]))
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(name, None)  # not for our children (sd_listen_fds(unset=1) semantics)
+    return Inherited(
+        app=env["STEERD_APP"], generation=int(env.get("STEERD_GENERATION", "0")),
+        layout=layout, reset_key=bytes.fromhex(env["STEERD_RESET_KEY"]), slots=slots,
+    )
+
+
+def run(
+    spec: AppSpec,
+    configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicConnectionProtocol] = QuicConnectionProtocol,
+    stream_handler: Any = None,
+) -> int:
+    """Register (or take ``steerd exec``'s sockets), fork the workers, serve until drained.
+
+    Returns the exit code for the parent. ``configuration`` is shared by all workers: load
+    the certificate before calling, so a worker never reads the key file.
+    """
+    inherited = inherited_from_environment()
+    client: ControlClient | None = None
+    if inherited is None:
+        client = ControlClient(spec.control)
+        try:
+            reg: Registration = client.register(
+                spec.app, spec.alpn, spec.server_names, spec.workers, spec.replace)
+        except ControlError as exc:
+            client.close()
+            print(f"steerd: register refused ({exc.reason}): {exc}", file=sys.stderr)
+            return 2
+        app, generation, layout, key = reg.app, reg.generation, reg.layout, reg.reset_key
+        slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"])) for w in reg.workers]
+    else:
+        app, generation = inherited.app, inherited.generation
+        layout, key = inherited.layout, inherited.reset_key
+        slots = [_Slot(s, socks) for s, socks in sorted(inherited.slots.items())]
+    configuration.connection_id_length = layout.cid_len
+    for s in slots:
+        _fork_worker(s, slots, client, app, generation, layout, key, spec, configuration,
+                     create_protocol, stream_handler)
+    for s in slots:
+        for sock in s.sockets:
+            sock.close()  # the worker owns them now: its death must close them
+    return asyncio.run(_Parent(spec, client, app, generation, slots).run())
+
+
+def _fork_worker(
+    me: _Slot, slots: list[_Slot], client: ControlClient | None, app: str, generation: int,
+    layout: CidLayout, key: bytes, spec: AppSpec, configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicConnectionProtocol], stream_handler: Any,
+) -> None:
+    read_end, write_end = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+        me.pid, me.pipe, me.pidfd = pid, read_end, os.pidfd_open(pid)
+        return
+    # the worker
+    code = 1
+    try:
+        os.close(read_end)
+        if client is not None:
+            client.close()  # the parent's control connection is the app's life, not ours
+        for other in slots:
+            if other is not me:
+                for sock in other.sockets:
+                    sock.close()
+                if other.pipe >= 0:
+                    os.close(other.pipe)
+                    os.close(other.pidfd)
+        global _current
+        _current = WorkerInfo(app, generation, me.slot, os.getpid())
+        worker = _Worker(spec, me.slot, me.sockets, CidIssuer(layout, me.slot, key),
+                         configuration, create_protocol, stream_handler, write_end)
+        code = asyncio.run(worker.run())
+    except BaseException:  # a forked child must never return into the caller
+        log.exception("worker %d failed", me.slot)
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+class _Worker:
+    """One worker process: an ``SteerdQuicServer`` per socket of its slot."""
+
+    def __init__(
+        self, spec: AppSpec, slot: int, sockets: list[socket.socket], issuer: CidIssuer,
+        configuration: QuicConfiguration, create_protocol: Callable[..., QuicConnectionProtocol],
+        stream_handler: Any, pipe: int,
+    ) -> None:
+        self.spec, self.slot, self.sockets, self.issuer = spec, slot, sockets, issuer
+        self.configuration, self.create_protocol = configuration, create_protocol
+        self.stream_handler, self.pipe = stream_handler, pipe
+        self.servers: list[SteerdQuicServer] = []
+        self.draining = asyncio.Event()
+
+    def connections(self) -> set[QuicConnectionProtocol]:
+        return set().union(*(s.connections() for s in self.servers))
+
+    def _tell(self, message: str) -> None:
+        with contextlib.suppress(OSError):
+            os.write(self.pipe, message.encode() + b"\n")
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.draining.set)
+        for sock in self.sockets:
+            _, server = await loop.create_datagram_endpoint(
+                lambda: SteerdQuicServer(
+                    issuer=self.issuer, configuration=self.configuration,
+                    create_protocol=self.create_protocol, retry=self.spec.retry,
+                    stream_handler=self.stream_handler,
+                ),
+                sock=sock,
+            )
+            self.servers.append(cast(SteerdQuicServer, server))
+        self._tell("ready")
+        while not self.draining.is_set():
+            self._tell(f"load {len(self.connections())}")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.draining.wait(), self.spec.load_interval)
+        return await self._drain()
+
+    async def _drain(self) -> int:
+        """Serve the open connections until there are none (for ``idle_grace``: a first
+        flight the daemon routed here just before the drain may still be on its way) or
+        until ``drain_timeout``; then close whatever is left."""
+        for protocol in self.connections():
+            hook = getattr(protocol, "drain", None)
+            if callable(hook):
+                hook()
+        deadline = time.monotonic() + self.spec.drain_timeout
+        idle_since: float | None = None
+        while (now := time.monotonic()) < deadline:
+            open_now = self.connections()
+            self._tell(f"load {len(open_now)}")
+            if open_now:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = now
+            elif now - idle_since >= self.spec.idle_grace:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            for protocol in self.connections():
+                protocol.close()
+            await asyncio.sleep(0.1)  # let the CONNECTION_CLOSEs leave
+        for server in self.servers:
+            server._transport.close()
+        return 0
+
+
+class _Parent:
+    """The registering process: holds the control connection, forwards load, drains."""
+
+    def __init__(self, spec: AppSpec, client: ControlClient | None, app: str, generation: int,
+                 slots: list[_Slot]) -> None:
+        self.spec, self.client, self.app, self.generation = spec, client, app, generation
+        self.slots = slots
+        self.draining = False
+        self.done = asyncio.Event()
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.drain, f"signal {sig.name}")
+        for s in self.slots:
+            loop.add_reader(s.pipe, self._read_pipe, s)
+            loop.add_reader(s.pidfd, self._reap, s)
+        try:
+            while not self.done.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.done.wait(), self.spec.load_interval)
+                self._report()
+        finally:
+            for s in self.slots:
+                loop.remove_reader(s.pipe)
+                loop.remove_reader(s.pidfd)
+                os.close(s.pipe)
+                os.close(s.pidfd)
+            if self.client is not None:
+                self.client.close()
+        failed = [s for s in self.slots if s.exit_code != 0]
+        return 1 if failed and not self.draining else 0
+
+    def drain(self, why: str) -> None:
+        if self.draining:
+            return
+        self.draining = True
+        log.info("%s generation %d draining (%s)", self.app, self.generation, why)
+        if self.client is not None:
+            try:
+                self.client.drain(self.app)
+            except (ControlError, OSError) as exc:
+                log.warning("drain request failed: %s", exc)
+        for s in self.slots:
+            if s.exit_code is None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(s.pid, signal.SIGTERM)
+
+    def _read_pipe(self, s: _Slot) -> None:
+        try:
+            chunk = os.read(s.pipe, 4096)
+        except BlockingIOError:
+            return
+        if not chunk:
+            asyncio.get_running_loop().remove_reader(s.pipe)
+            return
+        s.buffer += chunk
+        *lines, s.buffer = s.buffer.split(b"\n")
+        for line in lines:
+            word, _, value = line.decode().partition(" ")
+            if word == "load":
+                s.load = float(value)
+            elif word == "ready" and not s.ready:
+                s.ready = True
+                if all(x.ready for x in self.slots) and self.spec.ready_line:
+                    print(json.dumps({
+                        "event": "ready", "app": self.app, "generation": self.generation,
+                        "slots": [x.slot for x in self.slots],
+                        "pids": {str(x.slot): x.pid for x in self.slots},
+                    }), flush=True)
+
+    def _reap(self, s: _Slot) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(s.pidfd)
+        _, status = os.waitpid(s.pid, 0)
+        s.exit_code = os.waitstatus_to_exitcode(status)
+        if not self.draining:
+            log.warning("worker %d (pid %d) of %s exited with %s", s.slot, s.pid, self.app,
+                        s.exit_code)
+            s.load = DEAD_WORKER_LOAD
+            self._report()
+        if all(x.exit_code is not None for x in self.slots):
+            if not self.draining:
+                self.draining = True  # nothing left to serve
+            self.done.set()
+
+    def _report(self) -> None:
+        if self.client is None or self.done.is_set():
+            return
+        try:
+            if not self.draining:
+                self.client.load(self.app, {s.slot: s.load for s in self.slots})
+                if self._replaced():
+                    self.drain("replaced by a newer generation")
+        except (ControlError, OSError) as exc:
+            log.warning("control: %s", exc)
+            if isinstance(exc, OSError):
+                self.drain("lost the control connection")
+
+    def _replaced(self) -> bool:
+        assert self.client is not None
+        for app in self.client.status().get("apps", []):
+            if app["app"] == self.app:
+                for g in app["generations"]:
+                    if g["generation"] == self.generation:
+                        return bool(g["state"] == "draining")
+        return False
