@@ -68,7 +68,7 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_hea
 
 from quic.cid import CidLayout
 from quic.reset import reset_token
-from steerd.control import ControlClient, ControlError, Registration
+from steerd.control import ControlClient, ControlError, Registration, layout_dict
 
 log = logging.getLogger("steerd.sdk")
 
@@ -329,7 +329,7 @@ def run(
     for s in slots:
         for sock in s.sockets:
             sock.close()  # the worker owns them now: its death must close them
-    return asyncio.run(_Parent(spec, client, app, generation, slots).run())
+    return asyncio.run(_Parent(spec, client, app, generation, slots, layout).run())
 
 
 def _fork_worker(
@@ -447,8 +447,9 @@ class _Parent:
     """The registering process: holds the control connection, forwards load, drains."""
 
     def __init__(self, spec: AppSpec, client: ControlClient | None, app: str, generation: int,
-                 slots: list[_Slot]) -> None:
+                 slots: list[_Slot], layout: CidLayout) -> None:
         self.spec, self.client, self.app, self.generation = spec, client, app, generation
+        self.layout_dict = layout_dict(layout)
         self.slots = slots
         self.draining = False
         self.done = asyncio.Event()
@@ -512,6 +513,7 @@ class _Parent:
                         "event": "ready", "app": self.app, "generation": self.generation,
                         "slots": [x.slot for x in self.slots],
                         "pids": {str(x.slot): x.pid for x in self.slots},
+                        "cid": self.layout_dict,
                     }), flush=True)
 
     def _reap(self, s: _Slot) -> None:

@@ -1,0 +1,152 @@
+"""The two demo apps (deploy/apps) behind a real daemon, with real clients.
+
+Builds on tests/e2e/conftest.py (namespace pair, daemon process). Apps run as their own
+process groups in the server namespace (``nsenter --net``), each with its own certificate
+directory, and report readiness with the SDK's JSON "ready" line. Teardown SIGTERMs each app
+(the drain path) and checks it exits 0; a group that does not is SIGKILLed, so no worker
+outlives a test even when the test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from quic.cid import CidLayout
+from steerd.dataplane.netns import netns_path
+from tests.e2e.conftest import PORT, PYTHON, ROOT, Daemon, _read_line, start_daemon
+from tests.netns import NetnsPair, netns_pair
+
+sys.path.insert(0, str(Path(__file__).parent))
+from quic_client import Session
+
+H3SITE = str(ROOT / "deploy" / "apps" / "h3site.py")
+FILESERVE = str(ROOT / "deploy" / "apps" / "fileserve.py")
+CLIENT = str(Path(__file__).with_name("quic_client.py"))
+FILE_TEXT = b"hello from the file service, which is not SMB\n"
+
+
+@dataclass
+class RunningApp:
+    name: str
+    proc: subprocess.Popen[str]
+    ready: dict[str, Any]
+    workdir: Path
+    stopped: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def slots(self) -> list[int]:
+        return list(self.ready["slots"])
+
+    @property
+    def layout(self) -> CidLayout:
+        return CidLayout(**{k: v for k, v in self.ready["cid"].items() if k != "cid_len"})
+
+    @property
+    def pids(self) -> dict[int, int]:
+        return {int(k): v for k, v in self.ready["pids"].items()}
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM (drain), wait; SIGKILL the whole group if it does not exit in time."""
+        if self.stopped:
+            return self.proc.returncode
+        self.stopped = True
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pass
+        kill_group(self.proc.pid)
+        self.proc.wait(5)
+        return self.proc.returncode
+
+
+def kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def start_demo_app(daemon: Daemon, kind: str, *args: str, workers: int = 1,
+                   name: str | None = None, workdir: Path | None = None) -> RunningApp:
+    """Start deploy/apps/h3site.py (kind "h3") or fileserve.py (kind "file")."""
+    workdir = workdir or Path(tempfile.mkdtemp(prefix=f"steerd-sdk-{kind}-"))
+    if kind == "h3":
+        cmd = [H3SITE, "--app", name or "web"]
+    else:
+        root = workdir / "files"
+        root.mkdir(exist_ok=True)
+        (root / "hello.txt").write_bytes(FILE_TEXT)
+        (root / "big.bin").write_bytes(bytes(range(256)) * 1024)
+        cmd = [FILESERVE, "--app", name or "files", "--root", str(root)]
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={netns_path(daemon.pair.server)}", PYTHON, *cmd,
+         "--control", daemon.control, "--cert-dir", str(workdir / "cert"),
+         "--workers", str(workers), *args],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+    )
+    line = _read_line(proc, 30)
+    if line is None or '"ready"' not in line:
+        kill_group(proc.pid)
+        proc.wait(5)
+        raise AssertionError(f"{kind} app did not become ready: {line!r}")
+    return RunningApp(name or kind, proc, json.loads(line), workdir)
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[NetnsPair]:
+    if os.geteuid() != 0:
+        pytest.fail("the SDK end-to-end tests need root (network namespaces, BPF)")
+    with netns_pair("k") as made:
+        yield made
+
+
+@pytest.fixture(scope="module")
+def daemon(pair: NetnsPair) -> Iterator[Daemon]:
+    yield from start_daemon(pair)
+
+
+@pytest.fixture(scope="module")
+def both_apps(daemon: Daemon) -> Iterator[tuple[RunningApp, RunningApp]]:
+    web = start_demo_app(daemon, "h3", workers=2)
+    try:
+        files = start_demo_app(daemon, "file", workers=2)
+    except BaseException:
+        web.stop()
+        raise
+    try:
+        yield web, files
+    finally:
+        codes = (web.stop(), files.stop())
+        assert codes == (0, 0), f"apps exited {codes} after SIGTERM (drain)"
+
+
+def session(pair: NetnsPair, alpn: str, stack: str = "aioquic",
+            family: int = socket.AF_INET) -> Session:
+    sock = pair.client_socket(family, socket.SOCK_DGRAM)
+    sock.bind((pair.client_addr(family), 0))
+    return Session(stack, sock, (pair.server_addr(family), PORT), alpn)
+
+
+@pytest.fixture
+def sessions() -> Iterator[list[Session]]:
+    made: list[Session] = []
+    try:
+        yield made
+    finally:
+        for s in made:
+            s.close()
