@@ -3,14 +3,12 @@ handed over by SCM_RIGHTS, a client running as another uid, and /metrics over HT
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import grp
 import json
 import os
 import socket
-import subprocess
-import sys
-import textwrap
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -337,12 +335,61 @@ def test_stale_socket_is_replaced_and_a_live_one_is_not(daemon: Daemon, sockdir:
     assert not os.path.exists(stale)
 
 
-CHILD = textwrap.dedent(
+def fork_as(
+    fn: Callable[[Callable[[dict[str, object]], None]], object], extra_groups: list[int]
+) -> tuple[int, int, int]:
+    """Run ``fn(emit)`` in a forked child as nobody (with ``extra_groups``).
+
+    Forking rather than exec'ing a new interpreter: the child needs the project's code and
+    venv, which may sit in a directory only root can enter (CI clones into a private temp
+    dir). Returns (pid, fd to read the child's JSON lines, fd whose closing tells it to go).
     """
-    import json, os, socket, sys
-    from steerd.control import ControlClient, ControlError
-    out = {"uid": os.getuid(), "gid": os.getgid()}
-    with ControlClient(sys.argv[1]) as c:
+    out_r, out_w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: never returns into pytest
+        code = 1
+        try:
+            os.close(out_r)
+            os.close(go_w)
+            os.setgroups(extra_groups)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+
+            def emit(obj: dict[str, object]) -> None:
+                os.write(out_w, (json.dumps(obj) + "\n").encode())
+
+            held = fn(emit)  # e.g. the control connection: alive until the parent says go
+            os.read(go_r, 1)
+            del held
+            code = 0
+        except BaseException as exc:
+            with contextlib.suppress(Exception):
+                os.write(out_w, (json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+                                 + "\n").encode())
+        finally:
+            os._exit(code)
+    os.close(out_w)
+    os.close(go_r)
+    return pid, out_r, go_w
+
+
+def read_json_line(fd: int) -> dict[str, object]:
+    with os.fdopen(os.dup(fd), "r") as f:
+        return json.loads(f.readline())
+
+
+def reap(pid: int, *fds: int) -> int:
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+
+
+def test_acl_as_another_uid(daemon: Daemon) -> None:
+    def child(emit: Callable[[dict[str, object]], None]) -> object:
+        out: dict[str, object] = {"uid": os.getuid(), "gid": os.getgid()}
+        c = ControlClient(daemon.path)
         try:
             c.register("bad", ["h3"])
         except ControlError as e:
@@ -355,23 +402,13 @@ CHILD = textwrap.dedent(
         out["generation"] = reg.generation
         out["sockets"] = [list(s.getsockname()[:2]) for s in reg.sockets]
         out["status_uid"] = c.status()["apps"][0]["generations"][0]["uid"]
-        print(json.dumps(out), flush=True)
-        sys.stdin.read()  # hold the registration until the test says go
-    """
-)
+        emit(out)
+        return c, reg  # held until the test says go
 
-
-def test_acl_as_another_uid(daemon: Daemon) -> None:
-    child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, daemon.path], user=NOBODY, group=NOBODY, extra_groups=[],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
-    )
+    pid, out_fd, go_fd = fork_as(child, [])
     try:
-        assert child.stdout is not None and child.stdin is not None
-        line = child.stdout.readline()
-        assert line, child.stderr.read() if child.stderr else ""
-        out = json.loads(line)
+        out = read_json_line(out_fd)
+        assert "error" not in out, out
         assert (out["uid"], out["gid"]) == (NOBODY, NOBODY)
         assert out["refused"] == [
             "acl_denied", 'register: uid 65534 may not claim ALPN "h3" for all server names'
@@ -387,27 +424,9 @@ def test_acl_as_another_uid(daemon: Daemon) -> None:
             with pytest.raises(ControlError) as e:
                 c.register("nb", ["nb"], ["nobody.example"])
             assert e.value.reason == "exists"
-        child.stdin.close()  # the app exits: its routes go
-        assert child.wait(30) == 0
-        daemon.sink.wait_for(lambda: not daemon.sink.workers)
     finally:
-        if child.poll() is None:
-            child.kill()
-            child.wait()
-        for f in (child.stdin, child.stdout, child.stderr):
-            if f is not None:
-                f.close()
-
-
-GROUP_CHILD = textwrap.dedent(
-    """
-    import json, os, sys
-    from steerd.control import ControlClient, ControlError
-    with ControlClient(sys.argv[1]) as c:
-        reg = c.register("grp", ["grp"])
-        print(json.dumps({"groups": os.getgroups(), "slots": [w["slot"] for w in reg.workers]}))
-    """
-)
+        assert reap(pid, go_fd, out_fd) == 0  # the app exits: its routes go
+    daemon.sink.wait_for(lambda: not daemon.sink.workers)
 
 
 def test_acl_by_supplementary_group_name(make_daemon: Callable[..., Daemon]) -> None:
@@ -416,24 +435,28 @@ def test_acl_by_supplementary_group_name(make_daemon: Callable[..., Daemon]) -> 
     users_gid = grp.getgrnam("users").gr_gid
     rule = AclRule(groups=("users",), alpn=("grp",))
     daemon.registry.acl = (*daemon.registry.acl, rule)
-    done = subprocess.run(
-        [sys.executable, "-c", GROUP_CHILD, daemon.path], user=NOBODY, group=NOBODY,
-        extra_groups=[users_gid], capture_output=True, text=True, timeout=60,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
-    )
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout) == {"groups": [users_gid], "slots": [0]}
+
+    def child(emit: Callable[[dict[str, object]], None]) -> object:
+        with ControlClient(daemon.path) as c:
+            reg = c.register("grp", ["grp"])
+            emit({"groups": os.getgroups(), "slots": [w["slot"] for w in reg.workers]})
+        return None
+
+    pid, out_fd, go_fd = fork_as(child, [users_gid])
+    try:
+        assert read_json_line(out_fd) == {"groups": [users_gid], "slots": [0]}
+    finally:
+        assert reap(pid, go_fd, out_fd) == 0
     daemon.sink.wait_for(lambda: daemon.sink.calls == [("add", 0), ("remove", 0)])
     # without the group, the same request is refused
-    done = subprocess.run(
-        [sys.executable, "-c", GROUP_CHILD, daemon.path], user=NOBODY, group=NOBODY,
-        extra_groups=[], capture_output=True, text=True, timeout=60,
-        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}, cwd="/",
-    )
-    assert done.returncode == 1
-    assert 'ControlError: register: uid 65534 may not claim ALPN "grp" for all server names' in (
-        done.stderr
-    )
+    pid, out_fd, go_fd = fork_as(child, [])
+    try:
+        assert read_json_line(out_fd) == {
+            "error": 'ControlError: register: uid 65534 may not claim ALPN "grp" for all '
+                     "server names"
+        }
+    finally:
+        assert reap(pid, go_fd, out_fd) == 1
 
 
 def test_data_plane_refusal_rolls_back_to_the_old_generation(daemon: Daemon) -> None:
