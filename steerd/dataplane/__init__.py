@@ -447,6 +447,11 @@ class Dataplane:
         self._need_loaded()
         return self._steer_fd
 
+    @property
+    def guard_prog_fd(self) -> int:
+        self._need_loaded()
+        return self._guard_fd
+
     def _need_loaded(self) -> None:
         if self._steer_fd < 0:
             raise DataplaneError("data plane not loaded: call load() first")
