@@ -65,6 +65,7 @@ class H3Site(QuicConnectionProtocol):
         self._http: H3Connection | None = None
         self._in_flight: set[int] = set()
         self._draining = False
+        self._last_request = -4  # highest request stream id received
         self._tasks: set[asyncio.Future[None]] = set()
 
     def quic_event_received(self, event: QuicEvent) -> None:
@@ -80,6 +81,7 @@ class H3Site(QuicConnectionProtocol):
             method = headers.get(b":method", b"").decode()
             path = headers.get(b":path", b"/").decode()
             self._in_flight.add(event.stream_id)
+            self._last_request = max(self._last_request, event.stream_id)
             task = asyncio.ensure_future(self._answer(event.stream_id, method, path))
             self._tasks.add(task)  # keep a reference until done (the loop holds weak ones)
             task.add_done_callback(self._tasks.discard)
@@ -116,11 +118,10 @@ class H3Site(QuicConnectionProtocol):
         client sends no new requests here), close once the requests in flight are answered."""
         self._draining = True
         if self._http is not None:
-            # the largest client-initiated bidi stream id we may still process, plus 4
-            last = max(self._in_flight, default=-4) + 4
+            # requests on streams below this id were received and will be answered
             self._quic.send_stream_data(
                 self._http._local_control_stream_id,
-                encode_frame(FrameType.GOAWAY, encode_uint_var(last)),
+                encode_frame(FrameType.GOAWAY, encode_uint_var(self._last_request + 4)),
             )
             self.transmit()
         self._close_if_drained()

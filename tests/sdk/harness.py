@@ -150,3 +150,54 @@ def sessions() -> Iterator[list[Session]]:
     finally:
         for s in made:
             s.close()
+
+
+@dataclass
+class Loader:
+    """A load generator process in the client namespace (tests/sdk/quic_client.py load)."""
+
+    proc: subprocess.Popen[str]
+
+    def finish(self, timeout: float = 30.0) -> dict[str, Any]:
+        """Stop it (close its stdin) and return its totals."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        deadline = timeout
+        while (line := _read_line(self.proc, deadline)) is not None:
+            if line.startswith('{"ok"'):
+                self.proc.wait(10)
+                return dict(json.loads(line))
+        raise AssertionError("load generator ended without totals")
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+
+def start_loader(pair: NetnsPair, stack: str, kind: str, path: str,
+                 family: int = socket.AF_INET) -> Loader:
+    """Requests back to back (each on a new connection) until finish(); returns once the
+    first one succeeded."""
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={netns_path(pair.client)}", PYTHON, CLIENT, "load",
+         "--until-stdin-closes", "--stack", stack, "--kind", kind, "--path", path,
+         "--host", pair.server_addr(family), "--port", str(PORT)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )
+    loader = Loader(proc)
+    line = _read_line(proc, 20)
+    if line is None or "first_ok" not in line:
+        loader.kill()
+        raise AssertionError(f"load generator's first request failed: {line!r}")
+    return loader
+
+
+@pytest.fixture
+def loaders() -> Iterator[list[Loader]]:
+    made: list[Loader] = []
+    try:
+        yield made
+    finally:
+        for loader in made:
+            loader.kill()

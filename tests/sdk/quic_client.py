@@ -111,18 +111,32 @@ class Session:
                 raise RequestFailed(f"{what}: timed out")
             self._step(deadline)
 
+    def wait_closed(self) -> Any:
+        """Run until the connection ends; its ConnectionTerminated event, or None on timeout."""
+        deadline = time.time() + self.timeout
+        while self.terminated is None and time.time() < deadline:
+            self._step(deadline)
+        return self.terminated
+
     def handshake(self) -> None:
         self.wait(lambda: self.connected, "handshake")
 
     def get(self, path: str) -> tuple[int, bytes]:
         """An HTTP/3 GET on this connection: (status, body)."""
+        return self.response(self.send_get(path), path)
+
+    def send_get(self, path: str) -> int:
+        """Send a GET; returns its stream id (see ``response``)."""
         self.handshake()
-        sid = self.conn.get_next_available_stream_id()
+        sid = int(self.conn.get_next_available_stream_id())
         self.h3.send_headers(sid, [
             (b":method", b"GET"), (b":scheme", b"https"),
             (b":authority", self.server_name.encode()), (b":path", path.encode()),
         ], end_stream=True)
         self.flush()
+        return sid
+
+    def response(self, sid: int, path: str = "") -> tuple[int, bytes]:
         status, body, done = 0, bytearray(), [False]
         h3e = self.mod["h3e"]
 
@@ -183,12 +197,12 @@ class Session:
 
 
 def one_request(stack: str, kind: str, host: str, port: int, what: str,
-                timeout: float = 5.0) -> dict[str, Any]:
+                timeout: float = 5.0, server_name: str = "localhost") -> dict[str, Any]:
     """A fresh connection, one request, closed: the JSON the server returned."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_DGRAM)
     alpn = "h3" if kind == "h3" else "smb"
-    s = Session(stack, sock, (host, port), alpn, timeout=timeout)
+    s = Session(stack, sock, (host, port), alpn, server_name=server_name, timeout=timeout)
     try:
         if kind == "h3":
             status, body = s.get(what)
@@ -217,7 +231,8 @@ def load(args: argparse.Namespace) -> int:
             if not sys.stdin.readline():
                 break
         try:
-            info = one_request(args.stack, args.kind, args.host, args.port, what)
+            info = one_request(args.stack, args.kind, args.host, args.port, what,
+                               server_name=args.server_name)
             ok += 1
             g, sl = str(info.get("generation")), str(info.get("slot"))
             generations[g] = generations.get(g, 0) + 1
@@ -243,11 +258,13 @@ def main() -> int:
         c.add_argument("--host", required=True)
         c.add_argument("--port", type=int, required=True)
         c.add_argument("--path", default="/count", help="h3 path, or file request line")
+        c.add_argument("--server-name", default="localhost")
     sub.choices["load"].add_argument("--duration", type=float, default=0.0)
     sub.choices["load"].add_argument("--until-stdin-closes", action="store_true")
     args = p.parse_args()
     if args.cmd == "one":
-        print(json.dumps(one_request(args.stack, args.kind, args.host, args.port, args.path)))
+        print(json.dumps(one_request(args.stack, args.kind, args.host, args.port, args.path,
+                                     server_name=args.server_name)))
         return 0
     return load(args)
 

@@ -1,0 +1,144 @@
+"""Restarts, drains and deaths of SDK apps, under real traffic.
+
+Issue 5 §3: graceful restart under continuous load (zero failed requests, the old generation
+exits once drained); SIGTERM lets a request in flight finish; a killed worker's clients get a
+stateless reset promptly (not an idle timeout) while other workers and apps carry on.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.e2e.conftest import Daemon
+from tests.netns import NetnsPair
+from tests.sdk.harness import Loader, RunningApp, Session, session, start_demo_app, start_loader
+
+pytestmark = pytest.mark.root
+
+
+@pytest.fixture
+def running() -> Iterator[list[RunningApp]]:
+    made: list[RunningApp] = []
+    try:
+        yield made
+    finally:
+        for app in made:
+            app.stop()
+
+
+def _gone(pid: int, timeout: float) -> bool:
+    """Wait (by polling /proc: the worker is not our child) until ``pid`` has exited."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().split(")")[-1].split()[0] == "Z":
+                    pass  # exited, not yet reaped by its parent
+                else:
+                    time.sleep(0.02)
+                    continue
+        except FileNotFoundError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def test_graceful_restart_under_load(daemon: Daemon, pair: NetnsPair,
+                                     running: list[RunningApp], loaders: list[Loader]) -> None:
+    old = start_demo_app(daemon, "h3", workers=2, name="site")
+    running.append(old)
+    for stack in ("aioquic", "qh3"):
+        loaders.append(start_loader(pair, stack, "h3", "/slow?ms=30"))
+    new = start_demo_app(daemon, "h3", "--replace", workers=2, name="site")
+    running.append(new)
+    assert new.ready["generation"] == old.ready["generation"] + 1
+    assert set(new.slots).isdisjoint(old.slots)
+    # the old generation notices it was replaced, drains and exits by itself
+    assert old.proc.wait(20) == 0
+    for pid in old.pids.values():
+        assert _gone(pid, 5), f"old worker {pid} still running"
+    # the new generation serves: one more request of each loader lands there
+    s = session(pair, "h3")
+    try:
+        assert json.loads(s.get("/count")[1])["generation"] == new.ready["generation"]
+    finally:
+        s.close()
+    totals = [loader.finish() for loader in loaders]
+    for t in totals:
+        assert t["failed"] == 0, t["errors"]
+        assert t["ok"] > 0
+    seen = {g for t in totals for g in t["generations"]}
+    assert str(old.ready["generation"]) in seen, totals
+    assert str(new.ready["generation"]) in seen, totals
+    assert new.stop() == 0
+
+
+def test_sigterm_finishes_the_request_in_flight(daemon: Daemon, pair: NetnsPair,
+                                                running: list[RunningApp]) -> None:
+    app = start_demo_app(daemon, "h3", workers=1, name="slow")
+    running.append(app)
+    s = session(pair, "h3")
+    try:
+        sid = s.send_get("/slow?ms=800")
+        stream = s.conn._streams[sid]
+        s.wait(lambda: stream.sender.is_finished, "request acknowledged")
+        app.proc.send_signal(signal.SIGTERM)  # the server holds the request: now drain
+        status, body = s.response(sid)
+        assert status == 200
+        assert json.loads(body)["slot"] == app.slots[0]
+        assert app.proc.wait(20) == 0
+        # the server closed the connection once its request was answered
+        assert s.wait_closed() is not None
+    finally:
+        s.close()
+
+
+def test_killed_worker_clients_get_stateless_reset(daemon: Daemon, pair: NetnsPair,
+                                                    running: list[RunningApp]) -> None:
+    files = start_demo_app(daemon, "file", workers=2, name="files")
+    running.append(files)
+    web = start_demo_app(daemon, "h3", workers=1, name="web")
+    running.append(web)
+    victim: Session = session(pair, "smb")
+    try:
+        info = json.loads(victim.fetch("INFO"))
+        slot, pid = info["slot"], info["pid"]
+        token = victim.conn._peer_cid.stateless_reset_token
+        os.kill(pid, signal.SIGKILL)
+        assert _gone(pid, 5)
+        before = len(victim.received)
+        sent_at = time.monotonic()
+        victim.conn.send_stream_data(victim.conn.get_next_available_stream_id(), b"INFO\n",
+                                     end_stream=True)
+        victim.flush()
+        victim.sock.settimeout(2.0)
+        reset = victim.sock.recv(65535)
+        delay = time.monotonic() - sent_at
+        victim.received.append(reset)
+        assert len(victim.received) == before + 1
+        assert reset[0] & 0xC0 == 0x40, "a stateless reset looks like a short-header packet"
+        assert reset[-16:] == token, (
+            "not the reset token the worker advertised (daemon must send "
+            "reset_token(key, cid) for a dead slot)")
+        assert delay < 1.0
+    finally:
+        victim.close()
+    # the other worker, and the other app, carry on
+    for _ in range(3):
+        other = session(pair, "smb")
+        try:
+            got = json.loads(other.fetch("INFO"))
+        finally:
+            other.close()
+        assert got["slot"] != slot and got["slot"] in files.slots
+    w = session(pair, "h3")
+    try:
+        assert w.get("/")[0] == 200
+    finally:
+        w.close()
