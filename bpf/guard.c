@@ -5,7 +5,8 @@
  * floods of new Initials are cheapest to drop before the kernel allocates an skb, and
  * counting each packet class here gives the daemon its traffic picture for free. The guard
  * only reads headers (no state but the optional flood buckets) and passes everything it does
- * not understand untouched: other ports, non-UDP, non-IP, IP fragments.
+ * not understand untouched: other ports, non-UDP, non-IP, IP fragments (a first fragment
+ * to a service port is counted; later fragments carry no port and pass uncounted).
  */
 #include <uapi/linux/bpf.h>
 #include <uapi/linux/if_ether.h>
@@ -89,10 +90,13 @@ int steerd_guard(struct xdp_md *ctx)
 
         if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
             return XDP_PASS;
+        if (ip->frag_off & bpf_htons(0x1fff))
+            return XDP_PASS; /* a later fragment: no UDP header, nothing to judge */
         udp = (void *)ip + ip->ihl * 4;
         if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
             return XDP_PASS;
-        if (ip->frag_off & bpf_htons(0x3fff)) {
+        if (ip->frag_off & bpf_htons(0x2000)) {
+            /* First fragment: the datagram is judged nowhere whole, so it passes. */
             steerd_count(STEERD_CNT_XDP_FRAGMENT);
             return XDP_PASS;
         }
@@ -102,6 +106,7 @@ int steerd_guard(struct xdp_md *ctx)
         struct ipv6hdr *ip6 = (void *)(eth + 1);
         __u8 *hdr = (void *)(ip6 + 1);
         __u8 next;
+        int fragment = 0;
 
         if ((void *)(ip6 + 1) > end)
             return XDP_PASS;
@@ -119,9 +124,13 @@ int steerd_guard(struct xdp_md *ctx)
                 next = hdr[0];
                 hdr += (hdr[1] + 2) * 4;
             } else if (next == IPPROTO_FRAGMENT) {
-                /* A fragment (first or not) has no whole datagram to judge. */
-                steerd_count(STEERD_CNT_XDP_FRAGMENT);
-                return XDP_PASS;
+                if ((void *)(hdr + 8) > end)
+                    return XDP_PASS;
+                if (((hdr[2] << 8) | hdr[3]) & 0xfff8)
+                    return XDP_PASS; /* a later fragment: no UDP header */
+                fragment = 1;
+                next = hdr[0];
+                hdr += 8;
             } else {
                 break;
             }
@@ -131,6 +140,10 @@ int steerd_guard(struct xdp_md *ctx)
         udp = (void *)hdr;
         if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
             return XDP_PASS;
+        if (fragment) {
+            steerd_count(STEERD_CNT_XDP_FRAGMENT);
+            return XDP_PASS;
+        }
         src.family = 6;
         __builtin_memcpy(src.addr, &ip6->saddr, 16);
     } else {

@@ -73,7 +73,7 @@
 #define STEERD_CNT_XDP_SHORT 20
 #define STEERD_CNT_XDP_VERSION_NEGOTIATION 21
 #define STEERD_CNT_XDP_UNKNOWN_VERSION 22
-#define STEERD_CNT_XDP_FRAGMENT 23               /* IP fragment: passed untouched */
+#define STEERD_CNT_XDP_FRAGMENT 23               /* first IP fragment: passed untouched */
 #define STEERD_CNT_XDP_DROP_TOO_SHORT 24
 #define STEERD_CNT_XDP_DROP_SMALL_INITIAL 25
 #define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26

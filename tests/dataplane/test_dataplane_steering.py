@@ -303,3 +303,42 @@ def test_other_traffic_passes_untouched(
 
 def test_marker_slot_is_a_valid_slot() -> None:
     assert MARKER_SLOT <= LAYOUT.max_slot
+
+
+def test_ipv6_extension_headers_are_walked(loaded: Loaded, make_group: GroupFactory) -> None:
+    """The guard finds UDP behind hop-by-hop and destination options headers."""
+    group = make_group(workers=[50])
+    pad6 = bytes([0, 0, 1, 4, 0, 0, 0, 0])  # next header / length filled by the kernel; PadN
+    opts = [(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, pad6),
+            (socket.IPPROTO_IPV6, socket.IPV6_DSTOPTS, pad6)]
+    client = group.client(socket.AF_INET6)
+    dest = (group.pair.server_v6, PORT)
+    small, ok = new_tag(), new_tag()
+    before = loaded.dp.counters()
+    client.sendmsg([long_packet(PacketType.INITIAL, os.urandom(8), small, size=600)], opts, 0,
+                   dest)
+    client.sendmsg([long_packet(PacketType.INITIAL, os.urandom(8), ok)], opts, 0, dest)
+    got = group.deliver(socket.AF_INET6, [])
+    assert set(got) == {ok} and got[ok].startswith("classifier")
+    assert delta(before, loaded.dp.counters()) == {
+        "xdp_drop_small_initial": 1, "xdp_initial": 1, "steer_long_new": 1,
+        "steer_to_classifier": 1, "xdp_short": 1, "steer_short_worker": 1,
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_ip_fragments_pass_untouched(
+    family: int, loaded: Loaded, make_group: GroupFactory
+) -> None:
+    """A datagram larger than the veth MTU arrives in fragments: the guard cannot judge a
+    fragment, so it passes them all, and the reassembled datagram is steered as usual."""
+    group = make_group(workers=[51])
+    tag = new_tag()
+    before = loaded.dp.counters()
+    got = group.deliver(family, [(0, long_packet(PacketType.INITIAL, os.urandom(8), tag,
+                                                 size=3000))])
+    assert got[tag].startswith("classifier")
+    assert delta(before, loaded.dp.counters()) == {
+        "xdp_fragment": 1,  # the first fragment; later ones carry no UDP port
+        "steer_long_new": 1, "steer_to_classifier": 1, "xdp_short": 1, "steer_short_worker": 1,
+    }
