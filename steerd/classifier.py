@@ -3,22 +3,28 @@
 Every datagram that reaches a classifier socket is either part of a new client's first flight
 (assembled with :class:`quic.flight.FirstFlightAssembler` until the ClientHello is whole), a
 straggler of a flight decided a moment ago (its route was written after the datagram had
-already been queued here), or something no live worker can take. On a decision the classifier
-asks the registry for the owning app's worker, writes ``initial_routes[DCID]`` in the reuseport
-group the client used, and re-injects the buffered datagrams with the client's own source
-address, so the kernel steers them again and now delivers them to the worker.
+already been queued here), a 1-RTT packet for a worker that is gone, or junk.
 
-Sans-I/O in the aioquic manner where it matters: :meth:`Classifier.on_datagram` takes the
-datagram, the addresses and ``now``; the side effects go through three narrow callables
-(route writer, re-injector, reply sender) that the daemon wires to the data plane and to real
-sockets, and that tests can wire to the same real objects in a network namespace.
+It is split in two halves so the CPU-heavy one can run in several processes:
+
+* :class:`FlightFront` — header parsing, Initial decryption, CRYPTO reassembly, ClientHello
+  parsing. Pure and per process: each classifier process owns one front and the classifier
+  sockets of its index; the BPF program hashes the DCID over the classifier sockets, so every
+  datagram of one connection meets the same front. It turns datagrams into :data:`Event` s.
+* :class:`Classifier` — the decision: registry lookup, ``initial_routes`` write, re-injection
+  with the client's own source address, Version Negotiation, CONNECTION_CLOSE and stateless
+  resets, metrics. It lives in the daemon's main process beside the registry, so there is one
+  source of truth for apps and one set of metrics.
+
+Sans-I/O in the aioquic manner: the side effects go through three narrow callables (route
+writer, re-injector, reply sender) that the daemon wires to the data plane and real sockets.
 """
 
 import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from quic.builders import build_initial_close, build_version_negotiation
@@ -68,9 +74,150 @@ class Origin:
     group: int
 
 
+# -- events: what a front hands the decision half (plain, picklable) ---------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Flight:
+    """A complete ClientHello and every datagram of its flight, in arrival order."""
+
+    version: int
+    dcid: bytes
+    scid: bytes
+    sni: str | None
+    alpn: tuple[str, ...]
+    datagrams: tuple[tuple[bytes, Origin], ...]
+    started: float  # arrival of its first datagram, for the decision-latency histogram
+
+
+@dataclass(frozen=True, slots=True)
+class NeedsVersionNegotiation:
+    version: int
+    dcid: bytes
+    scid: bytes
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Straggler:
+    """A long-header datagram of a DCID this front already handed over."""
+
+    dcid: bytes
+    data: bytes
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class ShortHeader:
+    """A 1-RTT packet the kernel could not deliver (dead worker, or not our CID)."""
+
+    data: bytes
+    origin: Origin
+
+
+@dataclass(frozen=True, slots=True)
+class Dropped:
+    reason: str
+    rejected: bool = False  # a first-flight datagram the assembler refused (metrics)
+
+
+Event = Flight | NeedsVersionNegotiation | Straggler | ShortHeader | Dropped | None
+
+
+@dataclass(slots=True)
+class FrontStats:
+    """What a front reports for metrics: sizes now, drops since creation."""
+
+    pending_connections: int = 0
+    pending_bytes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    rejected: int = 0
+
+
+class FlightFront:
+    """Datagrams in, events out: the assembly half of the classifier (one per process)."""
+
+    def __init__(
+        self,
+        assembler: AssemblerConfig | None = None,
+        *,
+        handed_ttl: float = 10.0,
+        handed_max: int = 65536,
+    ) -> None:
+        self.assembler = FirstFlightAssembler(assembler or AssemblerConfig())
+        # DCIDs already handed over (decided or refused): their later datagrams are stragglers
+        # for the decision half, never fed again (which would start a second decision).
+        self._handed: OrderedDict[bytes, float] = OrderedDict()
+        self._handed_ttl = handed_ttl
+        self._handed_max = handed_max
+        # DCID -> time of its first datagram; capped like the assembler's own table (oldest
+        # first), so a flood cannot grow it.
+        self._first_seen: OrderedDict[bytes, float] = OrderedDict()
+        self._first_seen_max = self.assembler.config.max_pending
+        self.dropped: dict[str, int] = {}
+        self.rejected = 0
+
+    def feed(self, data: bytes, origin: Origin, now: float) -> Event:
+        if not data:
+            return self._drop("empty")
+        if not data[0] & 0x80:
+            return ShortHeader(data, origin)
+        try:
+            dcid = parse_long_header(data, 0).dcid
+        except QuicError as exc:
+            return self._drop(exc.reason)
+        handed = self._handed.get(dcid)
+        if handed is not None and handed > now:
+            return Straggler(dcid, data, origin)
+        seen = self._first_seen
+        if dcid not in seen:
+            seen[dcid] = now
+            if len(seen) > self._first_seen_max:
+                seen.popitem(last=False)
+        result = self.assembler.feed(data, origin, now)
+        if isinstance(result, NeedMore):
+            return None
+        if isinstance(result, Ready):
+            self._hand_over(result.dcid, now)
+            return Flight(result.version, result.dcid, result.scid, result.sni, result.alpn,
+                          result.datagrams, seen.pop(result.dcid, now))
+        if isinstance(result, VersionNegotiationNeeded):
+            seen.pop(dcid, None)
+            return NeedsVersionNegotiation(result.version, result.dcid, result.scid, origin)
+        assert isinstance(result, Rejected)
+        if result.connection_dropped or result.dcid is None:
+            seen.pop(dcid, None)
+        self.rejected += 1
+        return self._drop(result.reason, rejected=True)
+
+    def expire(self, now: float) -> None:
+        """Age out pending flights and handed-over DCIDs (the daemon ticks every second)."""
+        self.assembler.expire(now)
+        handed = self._handed
+        while handed and next(iter(handed.values())) <= now:
+            handed.popitem(last=False)
+        seen, ttl = self._first_seen, self.assembler.config.ttl
+        while seen and now - next(iter(seen.values())) >= ttl:
+            seen.popitem(last=False)
+
+    def stats(self) -> FrontStats:
+        return FrontStats(self.assembler.pending_count, self.assembler.pending_bytes,
+                          dict(self.dropped), self.rejected)
+
+    def _hand_over(self, dcid: bytes, now: float) -> None:
+        self._handed[dcid] = now + self._handed_ttl
+        self._handed.move_to_end(dcid)
+        if len(self._handed) > self._handed_max:
+            self._handed.popitem(last=False)
+
+    def _drop(self, reason: str, rejected: bool = False) -> Dropped:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        return Dropped(reason, rejected)
+
+
 class _SendBudget:
-    """Token bucket for what the classifier sends unasked (VN, CONNECTION_CLOSE): a spoofed
-    flood must not turn the daemon into a reflector (RFC 9000 §21.5)."""
+    """Token bucket for what the classifier sends unasked (VN, CONNECTION_CLOSE, resets): a
+    spoofed flood must not turn the daemon into a reflector (RFC 9000 §21.5)."""
 
     def __init__(self, rate: float, burst: int) -> None:
         self.rate, self.burst = rate, float(burst)
@@ -86,7 +233,11 @@ class _SendBudget:
 
 
 class Classifier:
-    """Assembles first flights and turns each into a route and a re-injection."""
+    """The decision half: turns each event into a route and a re-injection, or a reply.
+
+    ``on_datagram`` runs a built-in front too, for a daemon with one classifier process and
+    for tests; a daemon with several feeds the events of its front processes to ``on_event``.
+    """
 
     def __init__(
         self,
@@ -113,7 +264,7 @@ class Classifier:
         self.metrics = metrics
         self.layout = layout
         self.reset_key = reset_key
-        self.assembler = FirstFlightAssembler(assembler or AssemblerConfig())
+        self.front = FlightFront(assembler, handed_ttl=decided_ttl, handed_max=decided_max)
         self.random = random
         self.clock = clock
         # DCID -> [slot, expires, stragglers]: datagrams of a decided flight that were queued
@@ -124,86 +275,83 @@ class Classifier:
         self._decided_ttl = decided_ttl
         self._decided_max = decided_max
         self._budget = _SendBudget(send_rate, send_burst)
-        # DCID -> time of its first datagram, for the decision-latency histogram; capped like
-        # the assembler's own table (oldest first), so a flood cannot grow it.
-        self._first_seen: OrderedDict[bytes, float] = OrderedDict()
-        self._first_seen_max = self.assembler.config.max_pending
         self.dropped: dict[str, int] = {}
+        # Other fronts (classifier processes) report their sizes here; ours is read live.
+        self.remote_fronts: dict[int, FrontStats] = {}
 
-    # -- the one entry point ------------------------------------------------------------------
+    # -- entry points -------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, origin: Origin, now: float) -> str:
-        """Handle one datagram; returns the outcome token (for tests and logs)."""
-        if not data:
-            return self._drop("empty")
-        if not data[0] & 0x80:
-            return self._short_header(data, origin, now)
-        try:
-            dcid = parse_long_header(data, 0).dcid
-        except QuicError as exc:
-            return self._drop(exc.reason)
-        decided = self._decided.get(dcid)
-        if decided is not None and decided[1] > now:
-            if decided[2] >= MAX_STRAGGLERS:
-                return self._drop("straggler_loop")
-            decided[2] += 1
-            self.reinject(origin.client, origin.service, (data,))
-            if self.metrics:
-                self.metrics.reinjected_datagrams.inc()
-            return f"straggler:{int(decided[0])}"
-        if dcid not in self._first_seen:
-            self._first_seen[dcid] = now
-            if len(self._first_seen) > self._first_seen_max:
-                self._first_seen.popitem(last=False)
-        result = self.assembler.feed(data, origin, now)
-        if isinstance(result, NeedMore):
-            outcome = "pending"
-        elif isinstance(result, Ready):
-            outcome = self._ready(result, now)
-        elif isinstance(result, VersionNegotiationNeeded):
-            self._first_seen.pop(dcid, None)
-            outcome = self._version_negotiation(result, origin, now)
-        else:
-            assert isinstance(result, Rejected)
-            if result.connection_dropped or result.dcid is None:
-                self._first_seen.pop(dcid, None)
-            if self.metrics:
-                self.metrics.first_flights.labels("rejected", "").inc()
-            outcome = self._drop(result.reason)
+        """Handle one datagram with the built-in front; returns the outcome token."""
+        event = self.front.feed(data, origin, now)
+        if isinstance(event, Dropped) and event.rejected and self.metrics:
+            self.metrics.first_flights.labels("rejected", "").inc()
+        outcome = self.on_event(event, now)
         self._gauges()
         return outcome
 
+    def on_event(self, event: Event, now: float) -> str:
+        """Act on what a front made of a datagram; returns the outcome token."""
+        if event is None:
+            return "pending"
+        if isinstance(event, Flight):
+            return self._flight(event, now)
+        if isinstance(event, Straggler):
+            return self._straggler(event)
+        if isinstance(event, ShortHeader):
+            return self._short_header(event.data, event.origin, now)
+        if isinstance(event, NeedsVersionNegotiation):
+            return self._version_negotiation(event, now)
+        return f"dropped:{event.reason}"  # counted by the front that dropped it
+
+    def on_front_stats(self, front: int, stats: FrontStats) -> None:
+        """A classifier process's periodic report: count its rejections, show its sizes."""
+        old = self.remote_fronts.get(front)
+        if self.metrics and stats.rejected > (old.rejected if old else 0):
+            self.metrics.first_flights.labels("rejected", "").inc(
+                stats.rejected - (old.rejected if old else 0))
+        self.remote_fronts[front] = stats
+        self._gauges()
+
     def expire(self, now: float) -> None:
         """Age out pending flights and decided DCIDs; the daemon calls this every second."""
-        self.assembler.expire(now)
+        self.front.expire(now)
         decided = self._decided
-        while decided:
-            dcid, entry = next(iter(decided.items()))
-            if entry[1] > now:
-                break
-            del decided[dcid]
-        seen = self._first_seen
-        while seen:
-            dcid, first = next(iter(seen.items()))
-            if now - first < self.assembler.config.ttl:
-                break
-            del seen[dcid]
+        while decided and next(iter(decided.values()))[1] <= now:
+            decided.popitem(last=False)
         self._gauges()
         if self.metrics:
             self.metrics.routes.set(len(decided))
 
+    @property
+    def pending_connections(self) -> int:
+        return self.front.assembler.pending_count + sum(
+            s.pending_connections for s in self.remote_fronts.values())
+
+    @property
+    def pending_bytes(self) -> int:
+        return self.front.assembler.pending_bytes + sum(
+            s.pending_bytes for s in self.remote_fronts.values())
+
+    def drops(self) -> dict[str, int]:
+        """Every drop reason, of this half and of all fronts, summed."""
+        total = dict(self.dropped)
+        for stats in (self.front.stats(), *self.remote_fronts.values()):
+            for reason, n in stats.dropped.items():
+                total[reason] = total.get(reason, 0) + n
+        return total
+
     # -- outcomes -----------------------------------------------------------------------------
 
-    def _ready(self, ready: Ready, now: float) -> str:
-        started = self._first_seen.pop(ready.dcid, now)
-        decision = self.registry.decide(ready.sni, ready.alpn)
-        first: Origin = ready.datagrams[0][1]
+    def _flight(self, flight: Flight, now: float) -> str:
+        decision = self.registry.decide(flight.sni, flight.alpn)
+        first = flight.datagrams[0][1]
         if decision is None:
             if self.metrics:
                 self.metrics.first_flights.labels("no_application", "").inc()
             if self._budget.take(now):
                 packet = build_initial_close(
-                    ready.version, ready.dcid, ready.scid, self._server_cid()
+                    flight.version, flight.dcid, flight.scid, self._server_cid()
                 )
                 self.reply(packet, first.client, first.service, first.group)
                 if self.metrics:
@@ -213,24 +361,34 @@ class Classifier:
             return "no_application"
         # Every datagram of one flight arrived on the same group (the client's address family
         # and the service address it chose); route there and re-inject in arrival order.
-        self.write_route(first.group, ready.dcid, decision.slot)
-        self._decided[ready.dcid] = [decision.slot, now + self._decided_ttl, 0]
-        self._decided.move_to_end(ready.dcid)
-        while len(self._decided) > self._decided_max:
+        self.write_route(first.group, flight.dcid, decision.slot)
+        self._decided[flight.dcid] = [decision.slot, now + self._decided_ttl, 0]
+        self._decided.move_to_end(flight.dcid)
+        if len(self._decided) > self._decided_max:
             self._decided.popitem(last=False)
         sent = 0
-        for data, origin in ready.datagrams:
+        for data, origin in flight.datagrams:
             sent += self.reinject(origin.client, origin.service, (data,))
         if self.metrics:
             self.metrics.first_flights.labels("routed", decision.app).inc()
             self.metrics.reinjected_datagrams.inc(sent)
-            self.metrics.decision_seconds.observe(max(0.0, self.clock() - started))
+            self.metrics.decision_seconds.observe(max(0.0, self.clock() - flight.started))
             self.metrics.routes.set(len(self._decided))
         return f"routed:{decision.app}:{decision.slot}"
 
-    def _version_negotiation(
-        self, vn: VersionNegotiationNeeded, origin: Origin, now: float
-    ) -> str:
+    def _straggler(self, event: Straggler) -> str:
+        decided = self._decided.get(event.dcid)
+        if decided is None:
+            return self._drop("straggler_undecided")  # refused, or its decision aged out
+        if decided[2] >= MAX_STRAGGLERS:
+            return self._drop("straggler_loop")
+        decided[2] += 1
+        self.reinject(event.origin.client, event.origin.service, (event.data,))
+        if self.metrics:
+            self.metrics.reinjected_datagrams.inc()
+        return f"straggler:{int(decided[0])}"
+
+    def _version_negotiation(self, vn: NeedsVersionNegotiation, now: float) -> str:
         if self.metrics:
             self.metrics.first_flights.labels("version_negotiation", "").inc()
         if not self._budget.take(now):
@@ -240,7 +398,7 @@ class Classifier:
         packet = build_version_negotiation(
             vn.dcid, vn.scid, list(SUPPORTED_VERSIONS), self.random(1)[0]
         )
-        self.reply(packet, origin.client, origin.service, origin.group)
+        self.reply(packet, vn.origin.client, vn.origin.service, vn.origin.group)
         if self.metrics:
             self.metrics.version_negotiation_sent.inc()
         return "version_negotiation"
@@ -283,5 +441,5 @@ class Classifier:
 
     def _gauges(self) -> None:
         if self.metrics:
-            self.metrics.pending_connections.set(self.assembler.pending_count)
-            self.metrics.pending_bytes.set(self.assembler.pending_bytes)
+            self.metrics.pending_connections.set(self.pending_connections)
+            self.metrics.pending_bytes.set(self.pending_bytes)

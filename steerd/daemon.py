@@ -13,19 +13,22 @@ a TLS key or a 1-RTT byte.
 
 import asyncio
 import contextlib
+import ctypes
 import ipaddress
 import logging
 import os
+import pickle
+import selectors
 import signal
 import socket
 import struct
 import sys
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Iterator, Sequence
+from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
-from steerd.classifier import Classifier, Origin
+from steerd.classifier import Classifier, Dropped, FlightFront, Origin
 from steerd.config import Config
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
@@ -41,6 +44,7 @@ _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(64)
 _BATCH = 64  # datagrams read per readiness event, so one busy socket cannot starve the loop
+_FRONT_MESSAGE_MAX = 1 << 20  # one event: a flight's datagrams are bounded well below this
 
 
 def bind_classifier_socket(address: str, port: int) -> socket.socket:
@@ -70,6 +74,80 @@ def _local_address(ancdata: Sequence[tuple[int, int, bytes]], fallback: tuple[st
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
             return socket.inet_ntop(socket.AF_INET6, _IN6_PKTINFO.unpack_from(data)[0])
     return fallback[0]
+
+
+def receive(
+    sock: socket.socket, group: int, address: str, port: int
+) -> Iterator[tuple[bytes, Origin]]:
+    """Drain up to a batch of datagrams from a non-blocking classifier socket."""
+    for _ in range(_BATCH):
+        try:
+            data, anc, _flags, client = sock.recvmsg(_RECV_BUFFER, _ANC_SPACE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # e.g. ICMP errors surfacing on the socket: not fatal
+            log.debug("classifier recv: %s", exc)
+            return
+        service = (_local_address(anc, (address, port)), port)
+        yield data, Origin((client[0], client[1]), service, group)
+
+
+_PR_SET_PDEATHSIG = 1
+_FRONT_REPORT_INTERVAL = 0.5
+
+
+def run_front(
+    index: int,
+    sockets: Sequence[tuple[int, str, socket.socket]],
+    channel: socket.socket,
+    port: int,
+    assembler: AssemblerConfig,
+    handed_ttl: float,
+) -> NoReturn:
+    """Body of one classifier process: read its classifier sockets (one per group), assemble
+    first flights, and send the events to the main process over ``channel`` (pickles on a
+    SEQPACKET socketpair: one message per event, internal and trusted). Exits with the main
+    process (PDEATHSIG, or the channel closing)."""
+    code = 0
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
+        front = FlightFront(assembler, handed_ttl=handed_ttl)
+        sel = selectors.DefaultSelector()
+        for group, address, sock in sockets:
+            sel.register(sock, selectors.EVENT_READ, (group, address, sock))
+        sel.register(channel, selectors.EVENT_READ, None)
+        channel.setblocking(True)
+        next_report = time.monotonic()
+        while True:
+            for key, _ in sel.select(max(0.0, next_report - time.monotonic())):
+                if key.data is None:
+                    if not channel.recv(1):
+                        raise SystemExit(0)
+                    continue
+                group, address, sock = key.data
+                now = time.monotonic()
+                for data, origin in receive(sock, group, address, port):
+                    try:
+                        event = front.feed(data, origin, now)
+                    except Exception:  # a bug must cost one datagram, never the process
+                        log.exception("classifier %d failed on a datagram", index)
+                        front.dropped["internal_error"] = front.dropped.get(
+                            "internal_error", 0) + 1
+                        continue
+                    if event is not None and not isinstance(event, Dropped):
+                        channel.send(pickle.dumps(event, pickle.HIGHEST_PROTOCOL))
+            now = time.monotonic()
+            if now >= next_report:
+                front.expire(now)
+                channel.send(pickle.dumps((index, front.stats()), pickle.HIGHEST_PROTOCOL))
+                next_report = now + _FRONT_REPORT_INTERVAL
+    except (SystemExit, BrokenPipeError, ConnectionResetError):
+        pass
+    except BaseException:
+        log.exception("classifier process %d failed", index)
+        code = 1
+    os._exit(code)
 
 
 class _Group:
@@ -118,6 +196,7 @@ class Daemon:
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._xdp: list[str] = []
+        self._fronts: list[tuple[int, socket.socket]] = []
         self.metrics_address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
 
@@ -150,7 +229,10 @@ class Daemon:
                         # hashes, and only classifier sockets may be there to receive.
                         dp.attach_reuseport(sock)
                     dp.set_classifier(j, sock)
-                    self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+                    if limits.classifiers == 1:
+                        self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+            if limits.classifiers > 1:
+                self._start_fronts()
             if self.groups:
                 for ifname in cfg.xdp.interfaces:
                     mode = self.groups[0].dataplane.attach_xdp(ifname, cfg.xdp.mode)
@@ -174,9 +256,10 @@ class Daemon:
             self._tick = None
         await self.control.close()
         self.metrics.close()
+        self._stop_fronts()
         for group in self.groups:
             for sock in group.sockets:
-                if self._loop is not None:
+                if self._loop is not None and self.config.limits.classifiers == 1:
                     self._loop.remove_reader(sock.fileno())
                 sock.close()
         for ifname in self._xdp:
@@ -219,24 +302,68 @@ class Daemon:
 
     def _readable(self, group: _Group, sock: socket.socket) -> None:
         now = time.monotonic()
-        port = self.config.listen.port
-        for _ in range(_BATCH):
-            try:
-                data, anc, _flags, client = sock.recvmsg(_RECV_BUFFER, _ANC_SPACE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. ICMP errors surfacing on the socket: not fatal
-                log.debug("classifier recv: %s", exc)
-                return
-            service = (_local_address(anc, (group.address, port)), port)
-            origin = Origin((client[0], client[1]), service, group.index)
+        for data, origin in receive(sock, group.index, group.address, self.config.listen.port):
             try:
                 self.classifier.on_datagram(data, origin, now)
             except Exception:  # a bug must cost one datagram, never the daemon
-                log.exception("classifier failed on a datagram from %s", client)
+                log.exception("classifier failed on a datagram from %s", origin.client)
                 self.classifier.dropped["internal_error"] = (
                     self.classifier.dropped.get("internal_error", 0) + 1
                 )
+
+    def _start_fronts(self) -> None:
+        """Fork one classifier process per classifier index; each reads the sockets of its
+        index in every group (the BPF program's DCID hash picks the index)."""
+        assert self._loop is not None
+        limits = self.config.limits
+        for index in range(limits.classifiers):
+            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            for end in (parent_end, child_end):
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
+                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            socks = [(g.index, g.address, g.sockets[index]) for g in self.groups]
+            pid = os.fork()
+            if pid == 0:
+                parent_end.close()
+                run_front(index, socks, child_end, self.config.listen.port,
+                          self.classifier.front.assembler.config, limits.route_ttl)
+            child_end.close()
+            parent_end.setblocking(False)
+            self._fronts.append((pid, parent_end))
+            self._loop.add_reader(parent_end.fileno(), self._front_readable, parent_end)
+
+    def _front_readable(self, channel: socket.socket) -> None:
+        now = time.monotonic()
+        for _ in range(_BATCH):
+            try:
+                message = channel.recv(_FRONT_MESSAGE_MAX)
+            except (BlockingIOError, InterruptedError):
+                return
+            if not message:  # a classifier process died: its DCIDs now meet nobody
+                log.error("a classifier process exited; its share of new flights is lost")
+                assert self._loop is not None
+                self._loop.remove_reader(channel.fileno())
+                return
+            event = pickle.loads(message)
+            try:
+                if isinstance(event, tuple):
+                    self.classifier.on_front_stats(*event)
+                else:
+                    self.classifier.on_event(event, now)
+            except Exception:
+                log.exception("classifier failed on an event")
+
+    def _stop_fronts(self) -> None:
+        for pid, channel in self._fronts:
+            if self._loop is not None:
+                with contextlib.suppress(Exception):
+                    self._loop.remove_reader(channel.fileno())
+            channel.close()
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(pid, 0)
+        self._fronts.clear()
 
     def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
         self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)
@@ -269,9 +396,10 @@ class Daemon:
         return {
             "listen": [g.address for g in self.groups],
             "port": self.config.listen.port,
-            "pending_connections": self.classifier.assembler.pending_count,
-            "pending_bytes": self.classifier.assembler.pending_bytes,
-            "classifier_drops": dict(self.classifier.dropped),
+            "pending_connections": self.classifier.pending_connections,
+            "pending_bytes": self.classifier.pending_bytes,
+            "classifier_processes": max(1, len(self._fronts)),
+            "classifier_drops": self.classifier.drops(),
             "counters": self.counters(),
             "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
                         if self.metrics_address else None),

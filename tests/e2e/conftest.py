@@ -207,9 +207,11 @@ def start_daemon(pair: NetnsPair, extra_config: str = "") -> Iterator[Daemon]:
         assert not left, f"daemon left its pin dir {pin_dir}"
 
 
-@pytest.fixture(scope="module")
-def daemon(pair: NetnsPair) -> Iterator[Daemon]:
-    yield from start_daemon(pair)
+@pytest.fixture(scope="module", params=[1, 2], ids=["1-classifier", "2-classifiers"])
+def daemon(pair: NetnsPair, request: pytest.FixtureRequest) -> Iterator[Daemon]:
+    """The daemon with one classifier (in its main process) and with two classifier
+    processes (fronts sharded by the BPF program's DCID hash): both must behave the same."""
+    yield from start_daemon(pair, f"[limits]\nclassifiers = {request.param}\n")
 
 
 def start_app(daemon: Daemon, name: str, alpns: list[str], workers: int = 1) -> App:

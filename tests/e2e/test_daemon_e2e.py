@@ -12,6 +12,7 @@ import json
 import os
 import socket
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from aioquic.quic.events import ConnectionTerminated
@@ -258,3 +259,19 @@ def test_dead_worker_clients_get_stateless_reset(pair: NetnsPair, daemon: Daemon
     assert reply[-16:] == reset_token(key, cid)
     assert reply[0] & 0xC0 == 0x40
     assert 21 <= len(reply) < len(packet)
+
+
+def test_many_flights_all_routed_whichever_classifier_process_gets_them(
+    pair: NetnsPair, daemon: Daemon, two_apps: tuple[App, App], clients: list[Client]
+) -> None:
+    """16 flights with random DCIDs: with two classifier processes the BPF hash spreads them
+    over both (all on one: p = 2^-15), and every one still lands on its app."""
+    status = daemon.status()
+    children = Path(f"/proc/{daemon.proc.pid}/task/{daemon.proc.pid}/children").read_text()
+    processes = status["classifier_processes"]
+    assert len(children.split()) == (processes if processes > 1 else 0)
+    for _ in range(16):
+        client = quic_client(pair, socket.AF_INET, ["h3"])
+        clients.append(client)
+    got = two_apps[0].datagrams(16)
+    assert sorted(tuple(g["from"]) for g in got) == sorted(c.address for c in clients)

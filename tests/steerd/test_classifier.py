@@ -151,7 +151,7 @@ def test_bookkeeping_stays_bounded_under_a_flood_of_half_flights() -> None:
     for i in range(200):
         _, datagrams = flight(["smb"], two=True)
         classifier.on_datagram(datagrams[0], ORIGIN, 1.0 + i / 1000)
-    assert classifier.assembler.pending_count <= 16
-    assert len(classifier._first_seen) <= 16
+    assert classifier.front.assembler.pending_count <= 16
+    assert len(classifier.front._first_seen) <= 16
     classifier.expire(1000.0)
-    assert classifier.assembler.pending_count == 0 and not classifier._first_seen
+    assert classifier.front.assembler.pending_count == 0 and not classifier.front._first_seen
