@@ -68,11 +68,12 @@ from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_hea
 
 from quic.cid import CidLayout
 from quic.reset import reset_token
+from steerd.config import DEFAULT_CONTROL_PATH
 from steerd.control import ControlClient, ControlError, Registration, layout_dict
 
 log = logging.getLogger("steerd.sdk")
 
-DEFAULT_CONTROL = "/run/steerd/control.sock"
+DEFAULT_CONTROL = DEFAULT_CONTROL_PATH
 DEAD_WORKER_LOAD = 1e9  # reported for a slot whose worker died: the daemon's picker avoids it
 
 
@@ -285,6 +286,7 @@ def inherited_from_environment(env: dict[str, str] | None = None) -> Inherited |
     layout = CidLayout(**{k: v for k, v in cid.items() if k != "cid_len"})
     slots: dict[int, list[socket.socket]] = {}
     for entry in json.loads(env["STEERD_SOCKETS"]):
+        os.set_inheritable(entry["fd"], False)  # ours, not our children's
         slots.setdefault(entry["slot"], []).append(socket.socket(fileno=entry["fd"]))
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children (sd_listen_fds(unset=1) semantics)
@@ -317,6 +319,8 @@ def run(
             print(f"steerd: register refused ({exc.reason}): {exc}", file=sys.stderr)
             return 2
         app, generation, layout, key = reg.app, reg.generation, reg.layout, reg.reset_key
+        for sock in reg.sockets:  # not for programs the app may run (recv_fds may leave
+            os.set_inheritable(sock.fileno(), False)  # them inheritable)
         slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"])) for w in reg.workers]
     else:
         app, generation = inherited.app, inherited.generation

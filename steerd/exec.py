@@ -1,0 +1,224 @@
+"""``steerd exec``: put a QUIC server that is not written against the SDK behind steerd.
+
+::
+
+    steerd exec --app NAME --alpn ALPN [--alpn ...] [--server-name N ...] [--workers N]
+                [--control PATH] [--replace] -- CMD [ARG ...]
+
+registers NAME over the control socket, then runs CMD with the worker sockets passed the
+systemd way (sd_listen_fds(3)), so any server that supports socket activation can serve them.
+``steerd exec`` stays CMD's parent: its control connection is the app's registration (closing
+it withdraws the app's routes), so it must live exactly as long as CMD.
+
+What CMD gets:
+
+===================== ====================================================================
+fds 3 .. 3+N-1        the worker sockets (UDP, bound to the shared port, in the reuseport
+                      group): for each worker in STEERD_WORKER_SLOTS order, one socket per
+                      daemon listen address, in the daemon's address order
+LISTEN_FDS            N
+LISTEN_PID            CMD's own pid (set in the child, after fork, before exec)
+LISTEN_FDNAMES        ``:``-separated names, one per fd: ``slot<SLOT>-<i>`` (i: address index)
+STEERD_APP            the app name
+STEERD_GENERATION     the generation number this registration started
+STEERD_WORKER_SLOTS   ``,``-separated worker slots, e.g. ``4,5``
+STEERD_SOCKETS        JSON list, one object per fd: {"fd", "slot", "server_id" (hex),
+                      "address", "port"}
+STEERD_CID_LAYOUT     JSON {"config_id", "host_id", "host_id_len", "slot_len", "nonce_len",
+                      "cid_len"}: every CID a worker issues must be the QUIC-LB plaintext
+                      layout of quic/cid.py: first octet (config_id << 5 | cid_len - 1),
+                      host_id (host_id_len bytes), the worker's slot (slot_len bytes,
+                      big-endian), nonce_len random bytes
+STEERD_RESET_KEY      hex key: the stateless-reset token advertised for a CID must be
+                      HMAC-SHA256(key, cid)[:16] (quic/reset.py), so steerd can reset the
+                      clients of a worker that died
+===================== ====================================================================
+
+A server handling the sockets of several slots must serve each slot's sockets with CIDs of
+that slot (one process or thread per slot is simplest). steerd.sdk's ``run`` recognises this
+environment and serves it (so the demo apps also run under ``steerd exec``).
+
+Signals: SIGTERM/SIGINT tell the daemon to drain the app (no new connections) and are passed
+on to CMD as SIGTERM, which should finish its open connections and exit; SIGHUP, SIGUSR1 and
+SIGUSR2 are passed on unchanged. If another process replaces the app (``--replace``), CMD gets
+SIGTERM too. ``steerd exec`` exits with CMD's exit status (128+N if killed by signal N).
+Under ``steerd exec`` there are no load reports: the daemon spreads new connections over
+the workers round-robin.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from steerd.config import DEFAULT_CONTROL_PATH
+from steerd.control import ControlClient, ControlError, Registration, layout_dict
+
+FIRST_FD = 3  # SD_LISTEN_FDS_START
+POLL_INTERVAL = 1.0  # seconds between checks that the generation was not replaced
+_TERMINATE = (signal.SIGTERM, signal.SIGINT)
+_FORWARD = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+_HANDLED = {signal.SIGCHLD, *_TERMINATE, *_FORWARD}
+
+
+def environment(reg: Registration) -> tuple[dict[str, str], list[socket.socket]]:
+    """The variables CMD gets (all but LISTEN_PID, known only after fork) and the sockets in
+    fd order."""
+    socks: list[socket.socket] = []
+    names: list[str] = []
+    described: list[dict[str, Any]] = []
+    for w in reg.workers:
+        for i, (entry, sock) in enumerate(zip(w["sockets"], reg.worker_sockets(w["slot"]),
+                                              strict=True)):
+            described.append({
+                "fd": FIRST_FD + len(socks), "slot": w["slot"], "server_id": w["server_id"],
+                "address": entry["address"], "port": entry["port"],
+            })
+            names.append(f"slot{w['slot']}-{i}")
+            socks.append(sock)
+    env = {
+        "LISTEN_FDS": str(len(socks)),
+        "LISTEN_FDNAMES": ":".join(names),
+        "STEERD_APP": reg.app,
+        "STEERD_GENERATION": str(reg.generation),
+        "STEERD_WORKER_SLOTS": ",".join(str(w["slot"]) for w in reg.workers),
+        "STEERD_SOCKETS": json.dumps(described),
+        "STEERD_CID_LAYOUT": json.dumps(layout_dict(reg.layout)),
+        "STEERD_RESET_KEY": reg.reset_key.hex(),
+    }
+    return env, socks
+
+
+def _exec_child(cmd: Sequence[str], env: dict[str, str], socks: list[socket.socket]) -> None:
+    """In the forked child: sockets to fds 3.., environment, exec. Never returns."""
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        # move every socket above the target range first, so no dup2 clobbers a source
+        # Python 3.11's socket.recv_fds drops MSG_CMSG_CLOEXEC, so the received originals
+        # may be inheritable: make sure only the copies at 3.. reach CMD
+        for s in socks:
+            os.set_inheritable(s.fileno(), False)
+        top = FIRST_FD + len(socks)
+        high = [fcntl.fcntl(s.fileno(), fcntl.F_DUPFD_CLOEXEC, top) for s in socks]
+        for i, fd in enumerate(high):
+            os.dup2(fd, FIRST_FD + i, inheritable=True)
+            os.close(fd)
+        child_env = dict(os.environ)
+        child_env.update(env)
+        child_env["LISTEN_PID"] = str(os.getpid())
+        os.execvpe(cmd[0], list(cmd), child_env)
+    except BaseException as exc:  # never return into the parent's code
+        print(f"steerd exec: cannot run {cmd[0]}: {exc}", file=sys.stderr, flush=True)
+    finally:
+        os._exit(127)
+
+
+def _exit_status(status: int) -> int:
+    code = os.waitstatus_to_exitcode(status)
+    return 128 - code if code < 0 else code
+
+
+def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str]) -> int:
+    """Run CMD with the registration's sockets; returns CMD's exit status."""
+    env, socks = environment(reg)
+    signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # handled synchronously below
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        _exec_child(cmd, env, socks)
+    reg.close()  # CMD owns the sockets now: when it exits they really close
+    draining = False
+
+    def drain(why: str) -> None:
+        nonlocal draining
+        if draining:
+            return
+        draining = True
+        print(f"steerd exec: {reg.app} draining ({why})", file=sys.stderr, flush=True)
+        try:
+            client.drain(reg.app)
+        except (ControlError, OSError) as exc:
+            print(f"steerd exec: drain request failed: {exc}", file=sys.stderr, flush=True)
+        _kill(pid, signal.SIGTERM)
+
+    while True:
+        info = signal.sigtimedwait(_HANDLED, POLL_INTERVAL)
+        if info is None:
+            if not draining and _replaced(client, reg):
+                drain("replaced by a newer generation")
+            continue
+        if info.si_signo == signal.SIGCHLD:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done == pid:
+                client.close()
+                return _exit_status(status)
+        elif info.si_signo in _TERMINATE:
+            drain(f"signal {signal.Signals(info.si_signo).name}")
+        else:
+            _kill(pid, info.si_signo)
+
+
+def _kill(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+def _replaced(client: ControlClient, reg: Registration) -> bool:
+    try:
+        apps = client.status().get("apps", [])
+    except (ControlError, OSError):
+        return False
+    for app in apps:
+        if app["app"] == reg.app:
+            for g in app["generations"]:
+                if g["generation"] == reg.generation:
+                    return bool(g["state"] == "draining")
+    return False
+
+
+def _command(args: Any) -> int:
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        print("steerd exec: no command given (steerd exec ... -- CMD ...)", file=sys.stderr)
+        return 2
+    try:
+        client = ControlClient(args.control)
+    except OSError as exc:
+        print(f"steerd exec: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
+        return 2
+    try:
+        reg = client.register(args.app, args.alpn, args.server_name, args.workers, args.replace)
+    except ControlError as exc:
+        client.close()
+        print(f"steerd exec: register refused ({exc.reason}): {exc}", file=sys.stderr)
+        return 2
+    return run_exec(client, reg, cmd)
+
+
+def add_command(subparsers: Any) -> None:
+    """``steerd exec``."""
+    p = subparsers.add_parser(
+        "exec", help="register an app, then run CMD with its sockets (systemd-style)",
+        description=__doc__.split("\n\n")[0],
+    )
+    p.add_argument("--app", required=True)
+    p.add_argument("--alpn", action="append", required=True, help="repeat for several")
+    p.add_argument("--server-name", action="append", default=[],
+                   help="claim only these names (repeatable; default: all names)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--control", default=DEFAULT_CONTROL_PATH)
+    p.add_argument("--replace", action="store_true", help="start a new generation")
+    p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
+    p.set_defaults(func=_command)

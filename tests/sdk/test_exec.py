@@ -1,0 +1,128 @@
+"""``steerd exec``: sockets passed the systemd way, documented variables, a real server on them.
+
+The command under test runs in the server namespace against a real daemon. A small Python
+program reports what it inherited (pid, environment, every open fd and what it is bound to);
+the HTTP/3 demo site then serves the inherited sockets (steerd.sdk recognises them) and a real
+client fetches a page through the daemon.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+
+from steerd.dataplane.netns import netns_path
+from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
+from tests.netns import NetnsPair
+from tests.sdk.harness import H3SITE, kill_group
+from tests.sdk.quic_client import Session
+
+pytestmark = pytest.mark.root
+
+REPORT = r"""
+import json, os, socket, sys
+links = {}
+for name in os.listdir("/proc/self/fd"):
+    try:
+        links[int(name)] = os.readlink(f"/proc/self/fd/{name}")
+    except OSError:
+        pass  # the directory fd listdir used, closed by now
+fds = {}
+for fd, link in links.items():
+    if not link.startswith("socket:"):
+        fds[fd] = {"link": link}
+        continue
+    s = socket.socket(fileno=os.dup(fd))
+    fds[fd] = {"link": link, "family": int(s.family), "type": int(s.type),
+               "addr": list(s.getsockname()[:2]), "inheritable": os.get_inheritable(fd)}
+    s.close()
+print(json.dumps({"pid": os.getpid(), "env": {k: v for k, v in os.environ.items()
+                  if k.startswith(("LISTEN_", "STEERD_"))}, "fds": fds}), flush=True)
+sys.exit(7)
+"""
+
+
+def _exec(daemon: Daemon, *args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "exec",
+         "--control", daemon.control, *args],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+    )
+
+
+def test_exec_passes_sockets_systemd_way(daemon: Daemon) -> None:
+    proc = _exec(daemon, "--app", "probe", "--alpn", "doq", "--alpn", "dot", "--workers", "2",
+                 "--", PYTHON, "-c", REPORT)
+    try:
+        line = _read_line(proc, 20)
+        assert proc.wait(20) == 7, "steerd exec passes on CMD's exit status"
+    finally:
+        kill_group(proc.pid)
+        proc.wait(5)
+    assert line is not None
+    got = json.loads(line)
+    env, fds = got["env"], {int(k): v for k, v in got["fds"].items()}
+    assert env["LISTEN_PID"] == str(got["pid"])
+    n = int(env["LISTEN_FDS"])
+    assert n == 2 * 2  # two workers x the daemon's two listen addresses
+    slots = [int(s) for s in env["STEERD_WORKER_SLOTS"].split(",")]
+    assert len(slots) == 2
+    described = json.loads(env["STEERD_SOCKETS"])
+    assert [d["fd"] for d in described] == list(range(3, 3 + n))
+    names = env["LISTEN_FDNAMES"].split(":")
+    assert len(names) == n
+    for i, d in enumerate(described):
+        assert names[i] == f"slot{d['slot']}-{i % 2}"
+        assert d["slot"] == slots[i // 2]
+        sock = fds[d["fd"]]
+        assert sock is not None and sock["type"] == socket.SOCK_DGRAM
+        assert sock["addr"] == [d["address"], PORT]
+        assert sock["inheritable"]
+    # nothing else leaked into CMD (the control connection stays with steerd exec)
+    extra = {fd: v for fd, v in fds.items() if fd > 2 + n}
+    assert not extra, f"unexpected fds passed: {extra}"
+    layout = json.loads(env["STEERD_CID_LAYOUT"])
+    assert set(layout) == {"config_id", "host_id", "host_id_len", "slot_len", "nonce_len",
+                           "cid_len"}
+    assert len(bytes.fromhex(env["STEERD_RESET_KEY"])) >= 16
+    assert env["STEERD_APP"] == "probe" and int(env["STEERD_GENERATION"]) >= 1
+    # the registration ended with steerd exec
+    assert "probe" not in {a["app"] for a in daemon.status()["apps"]}
+
+
+def test_exec_runs_the_h3_site(daemon: Daemon, pair: NetnsPair) -> None:
+    certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
+    proc = _exec(daemon, "--app", "execweb", "--alpn", "h3", "--workers", "2", "--",
+                 PYTHON, H3SITE, "--cert-dir", str(certdir / "c"))
+    try:
+        line = _read_line(proc, 30)
+        assert line is not None and '"ready"' in line, line
+        ready = json.loads(line)
+        assert ready["app"] == "execweb" and len(ready["slots"]) == 2
+        sock = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((pair.client_v4, 0))
+        s = Session("aioquic", sock, (pair.server_v4, PORT), "h3")
+        try:
+            status, body = s.get("/count")
+            info = json.loads(body)
+            assert status == 200 and info["app"] == "execweb" and info["slot"] in ready["slots"]
+            layout = ready["cid"]
+            cid = s.conn._peer_cid.cid
+            assert len(cid) == layout["cid_len"]
+            assert int.from_bytes(cid[1:3], "big") == info["slot"]  # host_id_len 0, slot_len 2
+        finally:
+            s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+    finally:
+        kill_group(proc.pid)
+        proc.wait(5)
+        for p in sorted(certdir.rglob("*"), reverse=True):
+            p.rmdir() if p.is_dir() else p.unlink()
+        certdir.rmdir()
