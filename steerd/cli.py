@@ -14,6 +14,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "steerd.doctor",  # steerd doctor
     "steerd.config",  # steerd check-config FILE
     "steerd.daemon",  # steerd run, steerd status
+    "steerd.exec",  # steerd exec -- CMD (sockets passed systemd-style)
 )
 
 
