@@ -376,7 +376,9 @@ class Plan:
 
 
 FULL = Plan(5000, 2.0, 1000, 2.0, 20000, 1.0, 1000, 15000, 1.0, (0.6, 0.8, 0.9, 1.0, 1.1, 1.25))
-QUICK = Plan(5000, 0.6, 1000, 0.5, 20000, 0.25, 300, 5000, 0.3, (0.7, 1.0))
+QUICK = Plan(5000, 0.5, 1000, 0.5, 20000, 0.15, 300, 3000, 0.3, (0.7, 1.0))
+# A functional check in seconds (tests/test_bench_daemon.py); its numbers mean nothing.
+SMOKE = Plan(5000, 0.1, 1000, 0.1, 20000, 0.02, 50, 500, 0.1, (0.7,))
 
 
 def flights_needed(plan: Plan, capacity_guess: float = 8000) -> int:
@@ -484,6 +486,7 @@ def summarize(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
             and r["phase"] in ("target", "saturation") and r["daemon_cpu_us_per_flight"]]
     return {
         "quick": args.quick,
+        "smoke": args.smoke,
         "code": code_version(),
         "plan": plan.__dict__,
         "cpus": os.cpu_count(),
@@ -630,6 +633,8 @@ def print_profile(path: str, lines: int = 30) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="a short run (< 30 s)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="a functional check in seconds; numbers are meaningless")
     parser.add_argument("--json", action="store_true", help="machine-readable output")
     parser.add_argument("--flights", type=int, default=0,
                         help="distinct flights to make/cache (default: what the plan needs)")
@@ -656,7 +661,8 @@ def main() -> int:
         print(text, file=sys.stderr, flush=True)
 
     started = time.monotonic()
-    summary = run(args, QUICK if args.quick else FULL, log)
+    plan = SMOKE if args.smoke else QUICK if args.quick else FULL
+    summary = run(args, plan, log)
     summary["wall_seconds"] = time.monotonic() - started
     if args.py_spy:
         summary["daemon_time_by_part"] = py_spy_parts(args.py_spy)
