@@ -171,16 +171,23 @@ class Bench:
         return int(rows[1][rows[0].index("RcvbufErrors")])
 
     def daemon_cpu(self) -> tuple[float, float]:
-        """The daemon's CPU seconds so far (user + system), and its seconds spent runnable but
-        waiting for a CPU (schedstat run_delay): the second says whether other processes on
-        the machine, not the daemon's own cost, limited what it did. (0, 0) without one."""
+        """The daemon's CPU seconds so far (user + system; its classifier processes included),
+        and its seconds spent runnable but waiting for a CPU (schedstat run_delay): the second
+        says whether other processes on the machine, not the daemon's own cost, limited what
+        it did. (0, 0) without a daemon."""
         if self.daemon_pid is None:
             return 0.0, 0.0
-        with open(f"/proc/{self.daemon_pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        with open(f"/proc/{self.daemon_pid}/schedstat") as f:
-            run_delay_ns = int(f.read().split()[1])
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK"), run_delay_ns / 1e9
+        cpu = wait = 0.0
+        for pid in _process_tree(self.daemon_pid):
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                with open(f"/proc/{pid}/schedstat") as f:
+                    wait += int(f.read().split()[1]) / 1e9
+            except (FileNotFoundError, ProcessLookupError):
+                continue
+            cpu += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return cpu, wait
 
     def phase(self, mode: str, name: str, fds: Sequence[int], span: tuple[int, int],
               rate: float, batch: int) -> dict[str, Any]:
@@ -263,10 +270,24 @@ class Bench:
                  f"{lat.get('p99', float('nan')):8.0f} us  rcvbuf drops "
                  f"{result['rcvbuf_errors']}" + (
                      f"  daemon {result['daemon_cpu_us_per_flight']:.0f} us CPU/flight, "
-                     f"{100 * result['daemon_cpu_share']:.0f}% of a CPU, waited for one "
-                     f"{100 * result['daemon_runqueue_wait_share']:.0f}%"
+                     f"busy {100 * result['daemon_cpu_share']:.0f}% of a CPU, waiting for "
+                     f"one {100 * result['daemon_runqueue_wait_share']:.0f}%"
                      if result["daemon_cpu_us_per_flight"] else ""))
         return result
+
+
+def _process_tree(root: int) -> list[int]:
+    """``root`` and its child processes (the daemon forks its classifier processes)."""
+    pids = [root]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == root:
+                        pids.append(int(entry))
+            except (FileNotFoundError, ProcessLookupError, ValueError):
+                continue
+    return pids
 
 
 def _int64s(data: bytes) -> list[int]:
@@ -296,7 +317,8 @@ def _rate(value: float | None) -> str:
 
 
 @contextmanager
-def daemon(pair: NetnsPair, workdir: Path, profile: str | None) -> Iterator[tuple[str, int]]:
+def daemon(pair: NetnsPair, workdir: Path, profile: str | None, classifiers: int,
+           cpus: str) -> Iterator[tuple[str, int]]:
     """``steerd run`` in the server namespace on CPU 1; yields the control socket path and the
     daemon's pid (nsenter and taskset exec into it); stops
     it and checks that it removed its pins, whatever happened."""
@@ -315,6 +337,8 @@ port = {METRICS_PORT}
 uids = [0]
 alpn = ["*"]
 server_names = ["*"]
+[limits]
+classifiers = {classifiers}
 """)
     pin_dir = f"/sys/fs/bpf/steerd-bench-{uuid.uuid4().hex[:8]}"
     run = [STEERD, "run", "-c", str(config), "--pin-dir", pin_dir]
@@ -323,7 +347,7 @@ server_names = ["*"]
     log_path = workdir / "daemon.log"
     with open(log_path, "w") as err:
         proc = subprocess.Popen(
-            ["nsenter", f"--net={netns_path(pair.server)}", "taskset", "-c", CPU_DAEMON, *run],
+            ["nsenter", f"--net={netns_path(pair.server)}", "taskset", "-c", cpus, *run],
             stdout=subprocess.PIPE, stderr=err, text=True,
         )
     try:
@@ -433,14 +457,15 @@ def run(args: argparse.Namespace, plan: Plan, log: Any) -> dict[str, Any]:
         finally:
             sock.close()
 
-        with daemon(pair, workdir, args.profile) as (control, pid):
+        cpus = args.daemon_cpus or (CPU_DAEMON if args.classifiers == 1 else "0,1")
+        with daemon(pair, workdir, args.profile, args.classifiers, cpus) as (control, pid):
             bench.daemon_pid = pid
             client, reg = register(control)
             spy: subprocess.Popen[bytes] | None = None
             try:
                 fds = [s.fileno() for s in reg.sockets]
                 bench.phase("steerd", "warmup", fds, pool.take(plan.warmup), 1000, 1)
-                spy = start_py_spy(args.py_spy, pid) if args.py_spy else None
+                spy = start_py_spy(args.py_spy, pid, args.classifiers > 1) if args.py_spy else None
                 bench.phase("steerd", "latency low", fds, low_span, plan.low_rate, 1)
                 bench.phase("steerd", "latency", fds, lat_span, plan.latency_rate, 1)
                 bench.phase("steerd", "target", fds, target_span, plan.target_rate, 8)
@@ -490,6 +515,8 @@ def summarize(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
         "code": code_version(),
         "plan": plan.__dict__,
         "cpus": os.cpu_count(),
+        "classifiers": args.classifiers,
+        "daemon_cpus": args.daemon_cpus or (CPU_DAEMON if args.classifiers == 1 else "0,1"),
         "load_average_1min": os.getloadavg()[0],
         "first_flights_per_s": {
             "saturation_delivered": find("steerd", "saturation")["delivered_per_s"],
@@ -547,9 +574,9 @@ def report(summary: dict[str, Any]) -> None:
         waits = [r["daemon_runqueue_wait_share"] for r in summary["phases"]
                  if r["phase"] in ("target", "saturation") and r["mode"] == "steerd"]
         print(f"daemon CPU per flight under load {ff['daemon_cpu_us_per_flight']:.0f} us -> "
-              f"{ff['one_cpu_estimate']:,.0f} flights/s if it had a CPU to itself (it waited for "
-              f"one {100 * max(waits):.0f}% of the time at saturation; load average "
-              f"{summary['load_average_1min']:.1f})")
+              f"{ff['one_cpu_estimate']:,.0f} flights per CPU-second (its processes were "
+              f"runnable but waiting for a CPU {100 * max(waits):.0f}% of the time at the target "
+              f"or saturation; load average {summary['load_average_1min']:.1f})")
     add = summary["added_latency_us"]
     d, s = summary["latency_us"]["direct"], summary["latency_us"]["steerd"]
     print(f"latency at {summary['latency_at_rate']:,.0f} flights/s: direct p50 "
@@ -566,14 +593,15 @@ def report(summary: dict[str, Any]) -> None:
         print(f"daemon classifier drops: {summary['daemon_classifier_drops']}")
 
 
-def start_py_spy(path: str, pid: int) -> subprocess.Popen[bytes]:
+def start_py_spy(path: str, pid: int, children: bool) -> subprocess.Popen[bytes]:
     """Sample the daemon (every phase after the warm-up) without stopping it; py-spy needs no
     change in the daemon, and unlike cProfile it does not slow it down."""
     exe = shutil.which("py-spy") or shutil.which("py-spy", path=str(ROOT / ".venv" / "bin"))
     if exe is None:
         raise RuntimeError("--py-spy needs py-spy on PATH (pip install py-spy)")
     return subprocess.Popen([exe, "record", "--pid", str(pid), "--rate", "500", "--nonblocking",
-                             "--format", "raw", "--output", path], stdout=subprocess.DEVNULL,
+                             "--format", "raw", "--output", path,
+                             *(["--subprocesses"] if children else [])], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
 
 
@@ -597,8 +625,12 @@ PARTS = (
     ("quic/flight.py", "first-flight assembly (quic/flight.py)"),
     ("quic/", "header, frames, CRYPTO reassembly (other quic/)"),
     ("steerd/classifier.py", "classifier bookkeeping"),
-    ("steerd/daemon.py", "socket read (recvmsg, pktinfo)"),
+    ("steerd/daemon.py", "daemon I/O (recvmsg, pktinfo; pickles between processes)"),
 )
+# Frames under which a sample is classifier work: the single-process read handler, a
+# classifier process's loop, and the main process's reader of their events.
+HANDLERS = ("_readable (steerd/daemon.py", "run_front (steerd/daemon.py",
+            "_front_readable (steerd/daemon.py")
 
 
 def py_spy_parts(path: str) -> dict[str, float]:
@@ -613,7 +645,7 @@ def py_spy_parts(path: str) -> dict[str, float]:
         n = int(count)
         total += n
         frames = stack.split(";")
-        if not any(f.startswith("_readable (steerd/daemon.py") for f in frames):
+        if not any(f.startswith(HANDLERS) for f in frames):
             name = "event loop, timers, other"
         else:
             name = next((label for f in reversed(frames) for key, label in PARTS if key in f),
@@ -640,6 +672,11 @@ def main() -> int:
                         help="distinct flights to make/cache (default: what the plan needs)")
     parser.add_argument("--profile", metavar="FILE", default=None,
                         help="run the daemon under cProfile, write stats to FILE, print top")
+    parser.add_argument("--classifiers", type=int, default=1,
+                        help="steerd's [limits] classifiers (classifier processes)")
+    parser.add_argument("--daemon-cpus", default=None,
+                        help=f"taskset CPU list for the daemon (default {CPU_DAEMON} with one "
+                             "classifier, all CPUs with more)")
     parser.add_argument("--py-spy", metavar="FILE", default=None,
                         help="sample the daemon with py-spy after the warm-up (raw stacks to "
                              "FILE) and report where its time goes")
