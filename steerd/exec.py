@@ -96,8 +96,10 @@ def environment(reg: Registration) -> tuple[dict[str, str], list[socket.socket]]
     return env, socks
 
 
-def _exec_child(cmd: Sequence[str], env: dict[str, str], socks: list[socket.socket]) -> None:
-    """In the forked child: sockets to fds 3.., environment, exec. Never returns."""
+def exec_with_sockets(cmd: Sequence[str], env: dict[str, str],
+                      socks: list[socket.socket]) -> None:
+    """Become CMD (in a forked child, or in a launcher: exec keeps the pid, so LISTEN_PID
+    is right either way) with ``socks`` at fds 3.. and ``env`` added. Never returns."""
     try:
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
         # move every socket above the target range first, so no dup2 clobbers a source
@@ -133,7 +135,7 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str]) -> in
     sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
-        _exec_child(cmd, env, socks)
+        exec_with_sockets(cmd, env, socks)
     reg.close()  # CMD owns the sockets now: when it exits they really close
     draining = False
 
