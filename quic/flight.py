@@ -220,7 +220,8 @@ class FirstFlightAssembler:
 
     def feed(self, datagram: bytes, addr: Addr, now: float) -> FeedResult:
         """Take one datagram from ``addr`` received at ``now``; see the module docstring."""
-        if self._pending:
+        pending = self._pending
+        if pending and pending[next(iter(pending))].created <= now - self.config.ttl:
             self.expire(now)
         size = len(datagram)
         if size == 0 or not datagram[0] & 0x80:
@@ -261,7 +262,7 @@ class FirstFlightAssembler:
         if has_initial and size < MIN_INITIAL_DATAGRAM:
             return self._reject("short_initial", dcid, f"{size}-byte datagram")
 
-        entry = self._pending.get(dcid)
+        entry = pending.get(dcid)
         if entry is not None and entry.version != version:
             self.stats.rejected += 1
             detail = f"0x{version:08x} after 0x{entry.version:08x}"
@@ -312,10 +313,12 @@ class FirstFlightAssembler:
                 return self._reject(e.reason, dcid, e.detail)
 
         if entry is None:
-            self._make_room(size, True)
-            entry = _Pending(version, now, self.config)
+            cfg = self.config
+            if len(pending) >= cfg.max_pending or self._bytes + size > cfg.max_bytes_total:
+                self._make_room(size, True)
+            entry = _Pending(version, now, cfg)
             entry.keys = keys
-            self._pending[dcid] = entry
+            pending[dcid] = entry
         elif entry.keys is None:
             entry.keys = keys
         if has_initial and entry.scid is None:

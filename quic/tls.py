@@ -42,7 +42,16 @@ EXT_ENCRYPTED_CLIENT_HELLO = 0xFE0D
 _LABEL = r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?"
 _HOSTNAME = re.compile(rf"(?:{_LABEL}\.)*{_LABEL}".encode())
 MAX_HOSTNAME_LEN = 253
-_EXT_HEADER = Struct(">HH")
+_U16_PAIR = Struct(">HH")
+# Pre-compiled ">{n}H" for the vector sizes real ClientHellos use; formatting the struct
+# format per call costs more than the unpacking itself.
+_U16_VECTORS = tuple(Struct(f">{n}H") for n in range(64))
+
+
+def _u16_vector(data: bytes, pos: int, count: int) -> tuple[int, ...]:
+    if count < 64:
+        return _U16_VECTORS[count].unpack_from(data, pos)
+    return unpack_from(f">{count}H", data, pos)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,32 +88,20 @@ def _fail(what: str) -> QuicError:
 
 
 def _parse_sni(data: bytes, start: int, end: int) -> str:
-    if end - start < 2:
+    if end - start < 5:
         raise _fail("server_name extension too short")
-    list_end = start + 2 + ((data[start] << 8) | data[start + 1])
-    if list_end != end or list_end == start + 2:
+    if start + 2 + ((data[start] << 8) | data[start + 1]) != end:
         raise _fail("server_name list length mismatch")
-    pos = start + 2
-    name: str | None = None
-    while pos < end:
-        if pos + 3 > end:
-            raise _fail("server_name entry truncated")
-        name_type = data[pos]
-        name_end = pos + 3 + ((data[pos + 1] << 8) | data[pos + 2])
-        if name_end > end:
-            raise _fail("server_name entry past its list")
-        if name_type != 0:
-            raise _fail(f"server_name type {name_type} is not host_name")
-        if name is not None:
-            raise _fail("two host_name entries")
-        raw = data[pos + 3 : name_end]
-        if len(raw) > MAX_HOSTNAME_LEN or _HOSTNAME.fullmatch(raw) is None:
-            raise QuicError("bad_sni", f"server name {raw[:64]!r} is not a valid hostname")
-        name = raw.decode("ascii").lower()
-        pos = name_end
-    if name is None:  # unreachable: the list is non-empty and each entry sets it or raises
-        raise _fail("empty server_name list")
-    return name
+    # RFC 6066 §3: at most one name per type, and host_name is the only type defined, so the
+    # list must be exactly one host_name entry filling the extension.
+    if data[start + 2] != 0:
+        raise _fail(f"server_name type {data[start + 2]} is not host_name")
+    if start + 5 + ((data[start + 3] << 8) | data[start + 4]) != end:
+        raise _fail("server_name list is not exactly one host_name")
+    raw = data[start + 5 : end]
+    if len(raw) > MAX_HOSTNAME_LEN or _HOSTNAME.fullmatch(raw) is None:
+        raise QuicError("bad_sni", f"server name {raw[:64]!r} is not a valid hostname")
+    return raw.decode("ascii").lower()
 
 
 def _parse_alpn(data: bytes, start: int, end: int) -> tuple[str, ...]:
@@ -133,7 +130,7 @@ def _parse_u16_list(data: bytes, start: int, end: int, prefix: int, what: str) -
     pos = start + prefix
     if pos + n != end or n % 2 or n == 0:
         raise _fail(f"{what} length mismatch")
-    return unpack_from(f">{n >> 1}H", data, pos)
+    return _u16_vector(data, pos, n >> 1)
 
 
 def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
@@ -141,13 +138,14 @@ def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
         raise _fail("key_share length mismatch")
     groups: list[int] = []
     pos = start + 2
+    unpack = _U16_PAIR.unpack_from
     while pos < end:
         if pos + 4 > end:
             raise _fail("key_share entry truncated")
-        groups.append((data[pos] << 8) | data[pos + 1])
-        klen = (data[pos + 2] << 8) | data[pos + 3]
+        group, klen = unpack(data, pos)
         if klen == 0:
             raise _fail("empty key_exchange")
+        groups.append(group)
         pos += 4 + klen
         if pos > end:
             raise _fail("key_exchange past its list")
@@ -157,11 +155,15 @@ def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
 def parse_client_hello(msg: bytes) -> ClientHello:
     """Parse one complete ClientHello handshake message (header included; trailing bytes
     after the message, such as a following handshake message, are ignored)."""
-    total = client_hello_length(msg)
-    if len(msg) < total:
-        raise QuicError("truncated", f"ClientHello of {total} bytes, {len(msg)} held")
-    data = bytes(msg[:total]) if len(msg) != total else bytes(msg)
-    end = total
+    n = len(msg)
+    if n < 4:
+        raise QuicError("truncated", "handshake header needs 4 bytes")
+    if msg[0] != HANDSHAKE_CLIENT_HELLO:
+        raise QuicError("not_client_hello", f"handshake type {msg[0]} is not ClientHello")
+    total = end = 4 + ((msg[1] << 16) | (msg[2] << 8) | msg[3])
+    if n < total:
+        raise QuicError("truncated", f"ClientHello of {total} bytes, {n} held")
+    data = msg if type(msg) is bytes else bytes(msg)
     # legacy_version(2) random(32) session_id<0..32>
     pos = 4 + 2 + 32
     if pos + 1 > end:
@@ -175,7 +177,7 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     cs_len = (data[pos] << 8) | data[pos + 1]
     if cs_len == 0 or cs_len % 2 or pos + 2 + cs_len > end:
         raise _fail("cipher_suites length mismatch")
-    suites = unpack_from(f">{cs_len >> 1}H", data, pos + 2)
+    suites = _u16_vector(data, pos + 2, cs_len >> 1)
     pos += 2 + cs_len
     if pos + 1 > end:
         raise _fail("truncated before compression_methods")
@@ -195,7 +197,7 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     groups: tuple[int, ...] = ()
     types: list[int] = []
     append = types.append
-    unpack = _EXT_HEADER.unpack_from
+    unpack = _U16_PAIR.unpack_from
     # Literal codepoints below (0, 16, 43, 51 = EXT_SERVER_NAME, EXT_ALPN,
     # EXT_SUPPORTED_VERSIONS, EXT_KEY_SHARE): global lookups cost on this, the hottest loop.
     while pos < end:
