@@ -1,4 +1,4 @@
-/* guard.c: XDP guard in front of the service port(s).
+/* guard.c: the guard in front of the service port(s), at XDP (or TC ingress).
  *
  * Why in XDP: junk that RFC 9000 says a server must discard (Initials in datagrams under
  * 1200 bytes, datagrams too short to be QUIC, small datagrams of unknown versions) and
@@ -13,6 +13,7 @@
 #include <uapi/linux/in.h>
 #include <uapi/linux/ip.h>
 #include <uapi/linux/ipv6.h>
+#include <uapi/linux/pkt_cls.h>
 #include <uapi/linux/udp.h>
 #include "steerd.h"
 
@@ -72,10 +73,12 @@ static __always_inline int flood_allows(struct steerd_bucket_key *key)
     return 1;
 }
 
-int steerd_guard(struct xdp_md *ctx)
+/* The verdict on one Ethernet frame: PASS or DROP. Shared by the XDP and the TC entry
+ * points, so both attachments judge and count identically. */
+#define PASS 1
+#define DROP 0
+static __always_inline int judge(void *data, void *end)
 {
-    void *data = (void *)(long)ctx->data;
-    void *end = (void *)(long)ctx->data_end;
     struct ethhdr *eth = data;
     struct steerd_bucket_key src = {};
     struct udphdr *udp;
@@ -84,21 +87,21 @@ int steerd_guard(struct xdp_md *ctx)
     __u8 first;
 
     if ((void *)(eth + 1) > end)
-        return XDP_PASS;
+        return PASS;
     if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
 
         if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
-            return XDP_PASS;
+            return PASS;
         if (ip->frag_off & bpf_htons(0x1fff))
-            return XDP_PASS; /* a later fragment: no UDP header, nothing to judge */
+            return PASS; /* a later fragment: no UDP header, nothing to judge */
         udp = (void *)ip + ip->ihl * 4;
         if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
-            return XDP_PASS;
+            return PASS;
         if (ip->frag_off & bpf_htons(0x2000)) {
             /* First fragment: the datagram is judged nowhere whole, so it passes. */
             steerd_count(STEERD_CNT_XDP_FRAGMENT);
-            return XDP_PASS;
+            return PASS;
         }
         src.family = 4;
         __builtin_memcpy(src.addr, &ip->saddr, 4);
@@ -109,25 +112,25 @@ int steerd_guard(struct xdp_md *ctx)
         int fragment = 0;
 
         if ((void *)(ip6 + 1) > end)
-            return XDP_PASS;
+            return PASS;
         next = ip6->nexthdr;
 #pragma unroll
         for (int i = 0; i < STEERD_MAX_IPV6_EXT_HEADERS; i++) {
             if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
                 if ((void *)(hdr + 2) > end)
-                    return XDP_PASS;
+                    return PASS;
                 next = hdr[0];
                 hdr += (hdr[1] + 1) * 8;
             } else if (next == IPPROTO_AH) {
                 if ((void *)(hdr + 2) > end)
-                    return XDP_PASS;
+                    return PASS;
                 next = hdr[0];
                 hdr += (hdr[1] + 2) * 4;
             } else if (next == IPPROTO_FRAGMENT) {
                 if ((void *)(hdr + 8) > end)
-                    return XDP_PASS;
+                    return PASS;
                 if (((hdr[2] << 8) | hdr[3]) & 0xfff8)
-                    return XDP_PASS; /* a later fragment: no UDP header */
+                    return PASS; /* a later fragment: no UDP header */
                 fragment = 1;
                 next = hdr[0];
                 hdr += 8;
@@ -136,46 +139,52 @@ int steerd_guard(struct xdp_md *ctx)
             }
         }
         if (next != IPPROTO_UDP)
-            return XDP_PASS;
+            return PASS;
         udp = (void *)hdr;
         if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
-            return XDP_PASS;
+            return PASS;
         if (fragment) {
             steerd_count(STEERD_CNT_XDP_FRAGMENT);
-            return XDP_PASS;
+            return PASS;
         }
         src.family = 6;
         __builtin_memcpy(src.addr, &ip6->saddr, 16);
     } else {
-        return XDP_PASS;
+        return PASS;
     }
 
     plen = bpf_ntohs(udp->len);
     if (plen < sizeof(*udp))
-        return XDP_PASS; /* the kernel rejects a bad UDP length itself */
+        return PASS; /* the kernel rejects a bad UDP length itself */
     plen -= sizeof(*udp);
     quic = (void *)(udp + 1);
-    if (plen < 1 || (void *)(quic + 1) > end) {
+    if (plen < 1) {
         steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
-        return XDP_DROP;
+        return DROP;
     }
+    /* Lengths come from the UDP header; bytes we cannot see (only possible for a
+     * non-linear skb at TC) are not evidence against the packet. */
+    if ((void *)(quic + 1) > end)
+        return PASS;
     first = quic[0];
     if (!(first & STEERD_LONG_HEADER_BIT)) {
         if (plen < STEERD_MIN_SHORT_PACKET) {
             steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
-            return XDP_DROP;
+            return DROP;
         }
         steerd_count(STEERD_CNT_XDP_SHORT);
-        return XDP_PASS;
+        return PASS;
     }
-    if (plen < STEERD_MIN_LONG_PACKET || (void *)(quic + 6) > end) {
+    if (plen < STEERD_MIN_LONG_PACKET) {
         steerd_count(STEERD_CNT_XDP_DROP_TOO_SHORT);
-        return XDP_DROP;
+        return DROP;
     }
+    if ((void *)(quic + 6) > end)
+        return PASS;
     version = ((__u32)quic[1] << 24) | ((__u32)quic[2] << 16) | ((__u32)quic[3] << 8) | quic[4];
     if (version == 0) {
         steerd_count(STEERD_CNT_XDP_VERSION_NEGOTIATION);
-        return XDP_PASS;
+        return PASS;
     }
     type = (first >> 4) & 3;
     if (version == STEERD_QUIC_V2) {
@@ -184,23 +193,23 @@ int steerd_guard(struct xdp_md *ctx)
     } else if (version != STEERD_QUIC_V1) {
         if (plen < STEERD_MIN_INITIAL_DATAGRAM) {
             steerd_count(STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION);
-            return XDP_DROP;
+            return DROP;
         }
         steerd_count(STEERD_CNT_XDP_UNKNOWN_VERSION);
-        return XDP_PASS;
+        return PASS;
     }
     if (quic[5] > STEERD_MAX_CID_LEN) {
         steerd_count(STEERD_CNT_XDP_DROP_BAD_CID_LEN);
-        return XDP_DROP;
+        return DROP;
     }
     if (type == STEERD_TYPE_INITIAL) {
         if (plen < STEERD_MIN_INITIAL_DATAGRAM) {
             steerd_count(STEERD_CNT_XDP_DROP_SMALL_INITIAL);
-            return XDP_DROP;
+            return DROP;
         }
         if (!flood_allows(&src)) {
             steerd_count(STEERD_CNT_XDP_DROP_RATE_LIMITED);
-            return XDP_DROP;
+            return DROP;
         }
         steerd_count(STEERD_CNT_XDP_INITIAL);
     } else if (type == STEERD_TYPE_0RTT) {
@@ -210,5 +219,25 @@ int steerd_guard(struct xdp_md *ctx)
     } else {
         steerd_count(STEERD_CNT_XDP_RETRY);
     }
-    return XDP_PASS;
+    return PASS;
+}
+
+int steerd_guard(struct xdp_md *ctx)
+{
+    return judge((void *)(long)ctx->data, (void *)(long)ctx->data_end) == PASS ? XDP_PASS
+                                                                              : XDP_DROP;
+}
+
+/* The same guard at TC ingress (tcx), for interfaces where native XDP is expensive: on veth
+ * any native XDP program makes the kernel copy each locally built skb into a page with XDP
+ * headroom, while TC sees the skb as it is. The headers the guard reads are pulled into the
+ * linear area first (a no-op when they already are). */
+int steerd_guard_tc(struct __sk_buff *skb)
+{
+    __u32 want = skb->len < STEERD_TC_PULL_LEN ? skb->len : STEERD_TC_PULL_LEN;
+
+    if ((long)skb->data_end - (long)skb->data < want)
+        bpf_skb_pull_data(skb, want);
+    return judge((void *)(long)skb->data, (void *)(long)skb->data_end) == PASS ? TC_ACT_OK
+                                                                              : TC_ACT_SHOT;
 }

@@ -39,6 +39,9 @@
 #define STEERD_UDP_HEADER_LEN 8
 /* Bound for the IPv6 extension header walk in the XDP guard. */
 #define STEERD_MAX_IPV6_EXT_HEADERS 6
+/* Bytes the TC guard makes linear before judging: Ethernet + IPv6 + a few extension
+ * headers + UDP + the 6 QUIC bytes it reads. */
+#define STEERD_TC_PULL_LEN 128
 /* Upper bounds for maps; the actual sizes are chosen by Python. */
 #define STEERD_MAX_CLASSIFIER_SLOTS 16
 #define STEERD_MAX_WORKER_SLOTS 65536
@@ -65,7 +68,8 @@
 #define STEERD_CNT_STEER_MALFORMED 9             /* header unreadable -> classifier */
 #define STEERD_CNT_STEER_TO_CLASSIFIER 10        /* total delivered to a classifier socket */
 #define STEERD_CNT_STEER_DROP_NO_CLASSIFIER 11   /* wanted a classifier, none alive: dropped */
-/* XDP guard (only UDP to a service port is classified; all else passes uncounted) */
+/* the guard, at XDP or TC (only UDP to a service port is classified; all else passes
+ * uncounted) */
 #define STEERD_CNT_XDP_INITIAL 16
 #define STEERD_CNT_XDP_0RTT 17
 #define STEERD_CNT_XDP_HANDSHAKE 18

@@ -73,18 +73,25 @@ def pair() -> Iterator[NetnsPair]:
 @dataclass
 class Loaded:
     dp: Dataplane
-    xdp_mode: str
+    guard: str  # "xdp" or "tc": where the guard is attached
+    xdp_mode: str | None
 
 
-@pytest.fixture(scope="module")
-def loaded(pair: NetnsPair) -> Iterator[Loaded]:
+@pytest.fixture(scope="module", params=["xdp", "tc"])
+def loaded(pair: NetnsPair, request: pytest.FixtureRequest) -> Iterator[Loaded]:
+    """The data plane with the guard on the server veth: every data-plane test runs once with
+    the guard at XDP (native) and once at TC ingress, which must judge identically."""
     pin_dir = f"/sys/fs/bpf/steerd-test-{uuid.uuid4().hex[:8]}"
     dp = Dataplane(DataplaneConfig(layout=LAYOUT, port=PORT, classifier_slots=CLASSIFIER_SLOTS,
                                    pin_dir=pin_dir))
     try:
         dp.load()
-        mode = dp.attach_xdp(pair.server_if, netns=pair.server)
-        yield Loaded(dp, mode)
+        mode = None
+        if request.param == "xdp":
+            mode = dp.attach_xdp(pair.server_if, netns=pair.server)
+        else:
+            dp.attach_tc(pair.server_if, netns=pair.server)
+        yield Loaded(dp, request.param, mode)
     finally:
         dp.destroy()
         assert not os.path.exists(pin_dir)

@@ -39,7 +39,7 @@ def test_load_pins_maps_and_programs(pin_dir: str) -> None:
     try:
         assert sorted(os.listdir(pin_dir)) == sorted([
             "workers", "classifiers", "initial_routes", "counters", "guard_config",
-            "flood_buckets", "prog_steer", "prog_guard",
+            "flood_buckets", "prog_steer", "prog_guard", "prog_guard_tc",
         ])
     finally:
         dp.close()

@@ -34,7 +34,7 @@ def cid(slot: int) -> bytes:
 
 
 def test_xdp_runs_native_on_veth(loaded: Loaded) -> None:
-    assert loaded.xdp_mode == "native"
+    assert loaded.xdp_mode == ("native" if loaded.guard == "xdp" else None)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -284,6 +284,7 @@ def test_other_traffic_passes_untouched(
         client_udp.sendto(runt, (addr, OTHER_PORT))
         assert plain.recv(65535) == runt
         # TCP to the service port itself: the guard only judges UDP.
+        tcp.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # earlier runs' TIME_WAIT
         tcp.bind((addr, PORT))
         tcp.listen(1)
         client_tcp.settimeout(5)
