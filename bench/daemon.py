@@ -157,6 +157,7 @@ class Bench:
     verbose: bool
     results: list[dict[str, Any]] = field(default_factory=list)
     daemon_pid: int | None = None
+    nice: tuple[str, ...] = ()  # ("nice", "-n", N): the benchmark's processes, daemon included
 
     def log(self, text: str) -> None:
         if self.verbose:
@@ -199,7 +200,7 @@ class Bench:
         errors_before = self.rcvbuf_errors()
         cpu_before, wall_before = self.daemon_cpu(), time.monotonic()
         recv = subprocess.Popen(
-            ["taskset", "-c", CPU_CLIENT, self.receiver, str(self.flights), str(RECORD),
+            [*self.nice, "taskset", "-c", CPU_CLIENT, self.receiver, str(self.flights), str(RECORD),
              str(self.count), str(lo), str(hi), self.pair.client_v4, "300",
              str(expect + 30), str(recv_out), *map(str, fds)],
             pass_fds=fds, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -209,7 +210,7 @@ class Bench:
             if recv.stdout.readline().strip() != "ready":
                 raise RuntimeError(f"{mode}/{name}: the receiver did not start")
             send = subprocess.run(
-                ["ip", "netns", "exec", self.pair.client, "taskset", "-c", CPU_CLIENT,
+                ["ip", "netns", "exec", self.pair.client, *self.nice, "taskset", "-c", CPU_CLIENT,
                  self.sender, self.pair.server_v4, str(PORT), str(self.flights), str(RECORD),
                  str(lo), str(hi), str(rate), str(batch), str(SENDER_SOCKETS), str(send_out)],
                 capture_output=True, text=True, timeout=expect + 30, check=False,
@@ -318,7 +319,7 @@ def _rate(value: float | None) -> str:
 
 @contextmanager
 def daemon(pair: NetnsPair, workdir: Path, profile: str | None, classifiers: int,
-           cpus: str) -> Iterator[tuple[str, int]]:
+           cpus: str, nice: Sequence[str]) -> Iterator[tuple[str, int]]:
     """``steerd run`` in the server namespace on CPU 1; yields the control socket path and the
     daemon's pid (nsenter and taskset exec into it); stops
     it and checks that it removed its pins, whatever happened."""
@@ -347,7 +348,7 @@ classifiers = {classifiers}
     log_path = workdir / "daemon.log"
     with open(log_path, "w") as err:
         proc = subprocess.Popen(
-            ["nsenter", f"--net={netns_path(pair.server)}", "taskset", "-c", cpus, *run],
+            ["nsenter", f"--net={netns_path(pair.server)}", *nice, "taskset", "-c", cpus, *run],
             stdout=subprocess.PIPE, stderr=err, text=True,
         )
     try:
@@ -439,7 +440,8 @@ def run(args: argparse.Namespace, plan: Plan, log: Any) -> dict[str, Any]:
             netns_pair("bd") as pair:
         workdir = Path(tmp)
         sender, receiver = build(workdir)
-        bench = Bench(pair, path, count, sender, receiver, workdir, True)
+        nice = ("nice", "-n", str(args.nice)) if args.nice else ()
+        bench = Bench(pair, path, count, sender, receiver, workdir, True, nice=nice)
         pool = Pool(count)
         lat_span = pool.take(int(plan.latency_rate * plan.latency_seconds))
         target_span = pool.take(int(plan.target_rate * plan.target_seconds))
@@ -458,7 +460,7 @@ def run(args: argparse.Namespace, plan: Plan, log: Any) -> dict[str, Any]:
             sock.close()
 
         cpus = args.daemon_cpus or (CPU_DAEMON if args.classifiers == 1 else "0,1")
-        with daemon(pair, workdir, args.profile, args.classifiers, cpus) as (control, pid):
+        with daemon(pair, workdir, args.profile, args.classifiers, cpus, nice) as (control, pid):
             bench.daemon_pid = pid
             client, reg = register(control)
             spy: subprocess.Popen[bytes] | None = None
@@ -516,6 +518,7 @@ def summarize(args: argparse.Namespace, plan: Plan, results: list[dict[str, Any]
         "plan": plan.__dict__,
         "cpus": os.cpu_count(),
         "classifiers": args.classifiers,
+        "nice": args.nice,
         "daemon_cpus": args.daemon_cpus or (CPU_DAEMON if args.classifiers == 1 else "0,1"),
         "load_average_1min": os.getloadavg()[0],
         "first_flights_per_s": {
@@ -677,6 +680,10 @@ def main() -> int:
     parser.add_argument("--daemon-cpus", default=None,
                         help=f"taskset CPU list for the daemon (default {CPU_DAEMON} with one "
                              "classifier, all CPUs with more)")
+    parser.add_argument("--nice", type=int, default=0,
+                        help="run daemon, sender and receiver at this nice value (e.g. -10 on a "
+                             "machine shared with other work, to measure steerd, not the "
+                             "neighbours)")
     parser.add_argument("--py-spy", metavar="FILE", default=None,
                         help="sample the daemon with py-spy after the warm-up (raw stacks to "
                              "FILE) and report where its time goes")
