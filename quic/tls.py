@@ -10,8 +10,9 @@ refuse must not be classified "successfully" here. Every failure is a ``QuicErro
 Choices worth knowing:
 
 * The server name is returned lowercased (DNS names are case-insensitive and steering rules
-  compare it). Only ``host_name`` (type 0) entries are accepted; the name must be a dotted
-  ASCII hostname (IDNA names arrive as ``xn--`` A-labels), no trailing dot, <= 253 bytes.
+  compare it). The list must be exactly one ``host_name`` (type 0) entry (RFC 6066 allows one
+  name per type and defines no other type); the name must be a dotted ASCII hostname (IDNA
+  names arrive as ``xn--`` A-labels), no trailing dot, <= 253 bytes.
 * ALPN names are bytes on the wire; they are decoded as Latin-1, which never fails and maps
   each byte to one code point, so ``name.encode("latin-1")`` gives the wire bytes back.
 * ``sni_is_outer`` is true whenever an ``encrypted_client_hello`` extension is present: the
