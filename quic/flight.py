@@ -45,6 +45,9 @@ part of a client's first flight. An Initial that fails to decrypt is dropped alo
 packets that fail authentication are discarded) and does not hurt the pending connection; a
 decrypted Initial that breaks the protocol (forbidden frame, conflicting CRYPTO data, data
 beyond the cap, a malformed ClientHello) drops the whole pending connection.
+
+``Rejected.reason`` is one of :data:`REJECT_REASONS` (stable tokens: metrics labels and
+``steerd classify`` output).
 """
 
 from dataclasses import dataclass, field
@@ -58,6 +61,39 @@ from quic.reassembly import DEFAULT_CRYPTO_CAP, DEFAULT_MAX_RANGES, CryptoReasse
 from quic.tls import ClientHello, client_hello_length, parse_client_hello
 
 Addr = Any  # whatever the caller uses for a peer address; stored and handed back untouched
+
+REJECT_REASONS = frozenset(
+    {
+        # the datagram itself (quic.packet)
+        "not_long_header",  # short header or empty: never a first flight
+        "truncated",  # also frames and ClientHello cut short
+        "bad_cid_length",
+        "fixed_bit_clear",
+        "bad_length",
+        "unexpected_version_negotiation",
+        "short_unknown_version",  # < 1200 bytes: no Version Negotiation (RFC 9000 §6.1)
+        "unexpected_packet_type",  # Handshake or Retry from a client
+        "short_dcid",  # < 8 bytes (RFC 9000 §7.2)
+        "short_initial",  # < 1200 bytes (RFC 9000 §14.1)
+        "version_mismatch",  # another version than the connection's earlier packets
+        "connection_over_budget",
+        "decrypt_failed",
+        "client_closed",  # CONNECTION_CLOSE in the client's Initial
+        # the frames (quic.frames)
+        "no_frames",
+        "forbidden_frame",
+        "frame_encoding",
+        # the CRYPTO stream (quic.reassembly)
+        "crypto_over_cap",
+        "crypto_conflict",
+        "crypto_fragmented",
+        # the ClientHello (quic.tls)
+        "not_client_hello",
+        "bad_client_hello",
+        "bad_sni",
+        "duplicate_extension",
+    }
+)
 
 MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1
 MIN_CLIENT_DCID_LEN = 8  # RFC 9000 §7.2
