@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +72,7 @@ class RunningApp:
             pass
         kill_group(self.proc.pid)
         self.proc.wait(5)
+        shutil.rmtree(self.workdir, ignore_errors=True)
         return self.proc.returncode
 
 
@@ -82,9 +84,15 @@ def kill_group(pgid: int) -> None:
 
 
 def start_demo_app(daemon: Daemon, kind: str, *args: str, workers: int = 1,
-                   name: str | None = None, workdir: Path | None = None) -> RunningApp:
-    """Start deploy/apps/h3site.py (kind "h3") or fileserve.py (kind "file")."""
+                   name: str | None = None, workdir: Path | None = None,
+                   uid: int | None = None) -> RunningApp:
+    """Start deploy/apps/h3site.py (kind "h3") or fileserve.py (kind "file"), as ``uid``
+    (and gid ``uid``, no supplementary groups) if given: its work directory is then its own."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"steerd-sdk-{kind}-"))
+    user = []
+    if uid is not None:
+        os.chown(workdir, uid, uid)
+        user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
     if kind == "h3":
         cmd = [H3SITE, "--app", name or "web"]
     else:
@@ -92,9 +100,10 @@ def start_demo_app(daemon: Daemon, kind: str, *args: str, workers: int = 1,
         root.mkdir(exist_ok=True)
         (root / "hello.txt").write_bytes(FILE_TEXT)
         (root / "big.bin").write_bytes(bytes(range(256)) * 1024)
+        os.chmod(root, 0o755)
         cmd = [FILESERVE, "--app", name or "files", "--root", str(root)]
     proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(daemon.pair.server)}", PYTHON, *cmd,
+        ["nsenter", f"--net={netns_path(daemon.pair.server)}", *user, PYTHON, *cmd,
          "--control", daemon.control, "--cert-dir", str(workdir / "cert"),
          "--workers", str(workers), *args],
         stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
