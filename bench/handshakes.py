@@ -180,7 +180,7 @@ def _stop(procs: list[subprocess.Popen[str]]) -> None:
 def bench(args: argparse.Namespace) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="steerd-bench-hs-"))
     procs: list[subprocess.Popen[str]] = []
-    pin_dir = f"/sys/fs/bpf/steerd-bench-{uuid.uuid4().hex[:8]}"
+    pin_dir = f"/sys/fs/bpf/steerd-bench-hs-{uuid.uuid4().hex[:8]}"
     try:
         with netns_pair("h") as pair:
             server = ["nsenter", f"--net={netns_path(pair.server)}"]
@@ -247,6 +247,9 @@ server_names = ["*"]
                               f"{r['daemon_cpu_ms']:.2f})", flush=True)
             _stop(procs)
             codes = [p.returncode for p in procs]
+            if any(codes) or os.path.exists(pin_dir):
+                raise RuntimeError(f"unclean stop: exit codes {codes}, pin dir left: "
+                                   f"{os.path.exists(pin_dir)}")
     finally:
         for p in procs:
             if p.poll() is None:
