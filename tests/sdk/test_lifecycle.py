@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from steerd.sdk import DEAD_WORKER_LOAD
 from tests.e2e.conftest import Daemon
 from tests.netns import NetnsPair
 from tests.sdk.harness import Loader, RunningApp, Session, session, start_demo_app, start_loader
@@ -142,3 +143,53 @@ def test_killed_worker_clients_get_stateless_reset(daemon: Daemon, pair: NetnsPa
         assert w.get("/")[0] == 200
     finally:
         w.close()
+
+
+def test_retry_through_the_daemon(daemon: Daemon, pair: NetnsPair,
+                                  running: list[RunningApp]) -> None:
+    """With address validation on, the client's second Initial goes to the Retry's SCID: it
+    must carry the worker's server ID, so the kernel steers it to the same worker (whose
+    per-process token key can validate it)."""
+    app = start_demo_app(daemon, "h3", "--retry", workers=2, name="validated")
+    running.append(app)
+    for _ in range(4):  # several connections: both workers
+        s = session(pair, "h3")
+        try:
+            info = json.loads(s.get("/count")[1])
+            retry_scid = s.conn._retry_source_connection_id
+        finally:
+            s.close()
+        assert retry_scid is not None, "the server did not send a Retry"
+        assert app.layout.decode(retry_scid) == info["slot"]
+
+
+def test_load_reports_reach_the_daemon(daemon: Daemon, pair: NetnsPair,
+                                       running: list[RunningApp]) -> None:
+    """Workers' open-connection counts arrive as load reports; a dead worker's slot is
+    reported as fully loaded, so new connections avoid it."""
+    app = start_demo_app(daemon, "file", workers=2, name="reporting")
+    running.append(app)
+
+    def loads() -> dict[int, float | None]:
+        for a in daemon.status()["apps"]:
+            if a["app"] == "reporting":
+                return {w["slot"]: w["load"] for g in a["generations"] for w in g["workers"]}
+        return {}
+
+    deadline = time.monotonic() + 10
+    while None in loads().values() or not loads():
+        assert time.monotonic() < deadline, loads()
+        time.sleep(0.1)
+    held = session(pair, "smb")
+    try:
+        slot = json.loads(held.fetch("INFO"))["slot"]
+        while loads()[slot] < 1:  # the open connection is counted
+            assert time.monotonic() < deadline + 10, loads()
+            time.sleep(0.1)
+        os.kill(app.pids[slot], signal.SIGKILL)
+        while loads()[slot] != DEAD_WORKER_LOAD:
+            assert time.monotonic() < deadline + 20, loads()
+            time.sleep(0.1)
+    finally:
+        held.close()
+    assert app.proc.poll() is None, "the app carries on with its other worker"
