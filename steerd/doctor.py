@@ -38,7 +38,7 @@ def load_check(pin_dir: str) -> Prerequisite:
         dp.destroy()
     return Prerequisite(
         "programs load", True,
-        f"steer (SK_REUSEPORT) and guard (XDP) compiled, verified and pinned; "
+        f"steer (SK_REUSEPORT) and guard (XDP and TC) compiled, verified and pinned; "
         f"{len(counters)} counters readable; scratch pin dir {scratch} removed",
     )
 

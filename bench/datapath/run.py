@@ -19,7 +19,8 @@ hits all alike, each on a fresh socket group:
   not to the guard (a NIC driver runs NAPI anyway), and this mode measures it;
 - xdp: plain + the XDP guard natively on the server veth;
 - steer: the SK_REUSEPORT steering program picks the socket by CID;
-- steer+xdp: both, as deployed.
+- steer+xdp: both, as deployed on a NIC;
+- steer+tc: steering + the same guard at TC ingress (tcx), the choice for veth.
 
 Reported: median delivered pps per mode over the rounds, and each mode's ratio to plain.
 The steering modes also check that every worker received exactly its slots' share-ish
@@ -55,7 +56,7 @@ LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_l
 WORKER_SLOTS = (0, 1, 2, 3)
 SENDER_SOCKETS = 8
 TEMPLATES = 256
-MODES = ("plain", "null-xdp", "xdp", "steer", "steer+xdp")
+MODES = ("plain", "null-xdp", "xdp", "steer", "steer+xdp", "steer+tc")
 NULL_XDP = "int null_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 
 
@@ -142,6 +143,7 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
 
     socks = group(pair)
     xdp = mode in ("xdp", "steer+xdp")
+    tc = mode == "steer+tc"
     dev = pair.server_if.encode()
     try:
         if mode.startswith("steer"):
@@ -153,6 +155,8 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
             dp.attach_xdp(pair.server_if, mode="native", netns=pair.server)
         if mode == "null-xdp":
             run_in_netns(pair.server, lambda: bcc.BPF.attach_xdp(dev, null_xdp, XDP_FLAGS_DRV_MODE))
+        if tc:
+            dp.attach_tc(pair.server_if, netns=pair.server)
         before, errs_before = dp.counters(), rcvbuf_errors(pair)
         fds = {"steer": dp.steer_prog_fd, "guard": dp.guard_prog_fd, "null": null_xdp.fd}
         stats_before = prog_stats(fds)
@@ -207,6 +211,8 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
             dp.detach_xdp(pair.server_if, netns=pair.server)
         if mode == "null-xdp":
             run_in_netns(pair.server, lambda: bcc.BPF.remove_xdp(dev, XDP_FLAGS_DRV_MODE))
+        if tc:
+            dp.detach_tc(pair.server_if, netns=pair.server)
         for s in socks:
             s.close()
 
@@ -220,7 +226,7 @@ def check(result: dict[str, object]) -> None:
         assert per[-1] == 0, f"{mode}: classifier got {per[-1]} packets"
         assert min(per[:-1]) > 0.2 * sum(per), f"{mode}: uneven steering {per}"
         assert result["steer_short_worker"] >= result["delivered"], result
-    if mode in ("xdp", "steer+xdp"):
+    if mode in ("xdp", "steer+xdp", "steer+tc"):
         assert result["xdp_short"] >= result["delivered"], result
 
 
@@ -340,6 +346,8 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
         print(f"CPU 0 spends {cost['plain']:.0f} ns per packet (send + receive path) in plain "
               f"mode; the two programs' own run time, stats overhead taken out, is {net:.0f} ns "
               f"= {100 * net / cost['plain']:.1f}% of it")
+        print(f"steer+tc against plain: {median['steer+tc'] / median['plain']:.3f}x pps, "
+              f"{cost['plain'] / cost['steer+tc']:.3f}x packets per CPU-second")
         print(f"steer+xdp against null-xdp (the veth XDP-mode cost taken out): "
               f"{median['steer+xdp'] / median['null-xdp']:.3f}x pps, "
               f"{cost['null-xdp'] / cost['steer+xdp']:.3f}x packets per CPU-second")

@@ -30,7 +30,8 @@ def test_bench_datapath_smoke() -> None:
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
-    assert set(summary["median_pps"]) == {"plain", "null-xdp", "xdp", "steer", "steer+xdp"}
+    assert set(summary["median_pps"]) == {"plain", "null-xdp", "xdp", "steer", "steer+xdp",
+                                           "steer+tc"}
     assert all(pps > 0 for pps in summary["median_pps"].values())
     for run in summary["runs"]:
         if run["mode"].startswith("steer"):

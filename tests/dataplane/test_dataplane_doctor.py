@@ -26,7 +26,7 @@ def test_doctor_passes_here_and_loads_for_real() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = [line.split()[1] for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")]
     assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs"]
-    assert "programs load   steer (SK_REUSEPORT) and guard (XDP) compiled" in proc.stdout
+    assert "programs load   steer (SK_REUSEPORT) and guard (XDP and TC) compiled" in proc.stdout
     scratch = proc.stdout.split("scratch pin dir ")[1].split()[0]
     assert scratch.startswith("/sys/fs/bpf/steerd-doctor-")
     assert not os.path.exists(scratch)  # the scratch programs and maps are gone
