@@ -22,7 +22,7 @@ from tests.dataplane.conftest import (
     short_packet,
     unknown_version_packet,
 )
-from tests.netns import NetnsPair
+from tests.netns import NetnsPair, ip
 
 pytestmark = pytest.mark.root
 
@@ -343,3 +343,13 @@ def test_ip_fragments_pass_untouched(
         "xdp_fragment": 1,  # the first fragment; later ones carry no UDP port
         "steer_long_new": 1, "steer_to_classifier": 1, "xdp_short": 1, "steer_short_worker": 1,
     }
+
+
+def test_generic_xdp_mode_and_detach(pair: NetnsPair, loaded: Loaded) -> None:
+    """Generic (SKB) mode where asked, visible to iproute2, and gone after detach."""
+    assert loaded.dp.attach_xdp("lo", mode="generic", netns=pair.server) == "generic"
+    try:
+        assert "xdpgeneric" in ip("link", "show", "lo", netns=pair.server)
+    finally:
+        loaded.dp.detach_xdp("lo", netns=pair.server)
+    assert "xdp" not in ip("link", "show", "lo", netns=pair.server)
