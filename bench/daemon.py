@@ -74,6 +74,7 @@ CPU_CLIENT = "0"  # sender and receiver (app)
 CPU_DAEMON = "1"
 SENDER_SOCKETS = 16  # distinct client source ports
 LOSS_OK = 0.01
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; not exported by CPython
 
 
 # -- flights ----------------------------------------------------------------------------------
@@ -383,6 +384,118 @@ def register(control: str) -> tuple[ControlClient, Registration]:
     return client, reg
 
 
+
+# -- stages: the classifier path's CPU cost per flight, piece by piece, in this process --------
+
+
+def stages(path: Path, count: int) -> list[tuple[str, float]]:
+    """CPU microseconds per flight of each stage of the daemon's per-flight work, measured with
+    ``time.thread_time`` (the scheduler's run time of this thread), so other load on the
+    machine, which swings the end-to-end rates, hardly moves them. The I/O stages run for real
+    in a server namespace: route writes into a loaded data plane's initial_routes, raw
+    re-injection into a bound UDP socket, recvmsg with IP_PKTINFO as the daemon reads."""
+    import pickle
+
+    from quic.crypto import derive_initial_keys, open_packet
+    from quic.flight import AssemblerConfig
+    from quic.packet import parse_long_header
+    from steerd.classifier import Classifier, Flight, FlightFront, Origin
+    from steerd.config import AclRule, Config, PolicyConfig
+    from steerd.daemon import bind_classifier_socket, receive
+    from steerd.dataplane import Dataplane, DataplaneConfig
+    from steerd.metrics import Metrics
+    from steerd.registry import Peer, Registry
+    from steerd.reinject import Reinjector
+
+    raw = path.read_bytes()[: count * RECORD]
+    flights = [raw[i : i + RECORD] for i in range(0, len(raw), RECORD)]
+    n = len(flights)
+    client, service = ("198.18.0.1", 40000), ("198.18.0.2", PORT)
+    origin = Origin(client, service, 0)
+    cfg = Config()
+    out: list[tuple[str, float]] = []
+
+    def cpu(label: str, fn: Any) -> None:
+        started = time.thread_time()
+        fn()
+        out.append((label, 1e6 * (time.thread_time() - started) / n))
+
+    def registry() -> Registry:
+        reg = Registry(cfg.cid, PolicyConfig(), [AclRule(uids=(0,), alpn=("*",))], 256, 64)
+        reg.register("bench", [ALPN], [], 2, False, Peer(0, 0), "bench")
+        return reg
+
+    def classifier(metrics: Metrics | None) -> Classifier:
+        return Classifier(registry(), lambda g, d, s: None, lambda c, s, ds: len(ds),
+                          lambda *a: None, metrics=metrics, layout=cfg.cid,
+                          assembler=AssemblerConfig(max_pending=n + 1))
+
+    def keys() -> None:
+        for d in flights:
+            h = parse_long_header(d, 0)
+            derive_initial_keys(h.dcid, h.version, server=False)
+
+    def keys_open() -> None:
+        for d in flights:
+            h = parse_long_header(d, 0)
+            open_packet(d, h, derive_initial_keys(h.dcid, h.version, server=False))
+
+    events: list[Any] = []
+
+    def front() -> None:
+        f = FlightFront(AssemblerConfig(max_pending=n + 1))
+        events.extend(f.feed(d, origin, 1.0) for d in flights)
+
+    cpu("header + Initial key derivation (quic/crypto)", keys)
+    cpu("  + header protection + AEAD open", keys_open)
+    cpu("front: all of quic/ (+ frames, CRYPTO, ClientHello, assembly)", front)
+    assert all(isinstance(e, Flight) for e in events), "a flight did not complete"
+    plain, metered = classifier(None), classifier(Metrics())
+    cpu("front + decision, route/re-inject as no-ops, no metrics",
+        lambda: [plain.on_datagram(d, origin, 1.0) for d in flights])
+    cpu("front + decision, route/re-inject as no-ops, with metrics",
+        lambda: [metered.on_datagram(d, origin, 1.0) for d in flights])
+    reg = registry()
+    cpu("  of which registry.decide", lambda: [reg.decide(SERVER_NAME, (ALPN,)) for _ in flights])
+    cpu("pickle a Flight event and back (classifier processes > 1)",
+        lambda: [pickle.loads(pickle.dumps(e, pickle.HIGHEST_PROTOCOL)) for e in events])
+    with netns_pair("bs") as pair:
+        pin_dir = f"/sys/fs/bpf/steerd-bench-{uuid.uuid4().hex[:8]}"
+        dp = Dataplane(DataplaneConfig(layout=cfg.cid, port=PORT, classifier_slots=1,
+                                       pin_dir=pin_dir))
+
+        def setup() -> tuple[Reinjector, socket.socket]:
+            injector = Reinjector()
+            injector._sock(socket.AF_INET)  # the raw socket must live in this namespace
+            return injector, bind_classifier_socket(pair.server_v4, PORT)
+
+        injector, sink = pair.run_server(setup)
+        try:
+            dp.load()
+            sink.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, 64 << 20)
+            cpu("route write: Dataplane.add_route (bpf syscall)",
+                lambda: [dp.add_route(d[6:14], 1, ttl=10.0) for d in flights])
+            cpu("re-injection: Reinjector.send (raw socket, local delivery)",
+                lambda: [injector.send(client, service, (d,)) for d in flights])
+            got: list[int] = []
+
+            def drain() -> None:
+                while len(got) < n:
+                    batch = [len(d) for d, _ in receive(sink, 0, pair.server_v4, PORT)]
+                    if not batch:
+                        break
+                    got.extend(batch)
+
+            cpu("socket read: recvmsg + IP_PKTINFO (steerd.daemon.receive)", drain)
+            if len(got) != n:
+                raise RuntimeError(f"re-injected {n} datagrams, read back {len(got)}")
+        finally:
+            sink.close()
+            injector.close()
+            dp.destroy()
+    return out
+
+
 # -- the run ----------------------------------------------------------------------------------
 
 
@@ -687,11 +800,25 @@ def main() -> int:
     parser.add_argument("--py-spy", metavar="FILE", default=None,
                         help="sample the daemon with py-spy after the warm-up (raw stacks to "
                              "FILE) and report where its time goes")
+    parser.add_argument("--stages", type=int, metavar="N", default=0,
+                        help="instead of the run: CPU us per flight of each stage of the "
+                             "classifier path, in process, over N flights")
     parser.add_argument("--make-flights", action="store_true",
                         help="only make (and cache) the flights, then exit")
     args = parser.parse_args()
     if args.make_flights:
         print(flights_file(args.flights or flights_needed(FULL), print))
+        return 0
+    if args.stages:
+        if os.geteuid() != 0:
+            print("bench/daemon --stages needs root (namespaces, BPF)", file=sys.stderr)
+            return 1
+        result = stages(flights_file(args.stages, print), args.stages)
+        if args.json:
+            print(json.dumps(dict(result), indent=2))
+        else:
+            for label, us in result:
+                print(f"{us:8.1f} us  {label}")
         return 0
     if os.geteuid() != 0:
         print("bench/daemon needs root (namespaces, BPF)", file=sys.stderr)

@@ -52,3 +52,15 @@ def test_bench_daemon_smoke() -> None:
     assert 0 < received <= through_steerd
     assert counters["steer_to_classifier"] >= received
     assert counters["steer_route_hit"] >= received
+
+
+def test_bench_daemon_stages() -> None:
+    """--stages runs every stage for real (route writes, re-injection read back) and reports
+    a positive cost for each."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    proc = subprocess.run([sys.executable, str(BENCH), "--stages", "300", "--json"],
+                          capture_output=True, text=True, timeout=240, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    costs = json.loads(proc.stdout)
+    assert len(costs) == 10 and all(us > 0 for us in costs.values()), costs
