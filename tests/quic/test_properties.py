@@ -8,6 +8,8 @@ ClientHello parser instead of stopping at the AEAD.
 
 import os
 import tracemalloc
+from itertools import pairwise
+from random import Random
 
 import pytest
 from aioquic import tls as aioquic_tls
@@ -15,7 +17,15 @@ from aioquic.buffer import Buffer
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from test_flight import aioquic_flight, crypto, initial_datagram, zero_rtt_packet
-from test_tls import alpn_ext, build_client_hello, key_share_ext, quic_hello, sni_ext, versions_ext
+from test_tls import (
+    aioquic_hello,
+    alpn_ext,
+    build_client_hello,
+    key_share_ext,
+    quic_hello,
+    sni_ext,
+    versions_ext,
+)
 
 from quic.errors import QuicError
 from quic.flight import (
@@ -185,6 +195,44 @@ def test_valid_encryption_mutated_client_hello(
             initial_datagram(dcid, crypto(start, bytes(hello[start : start + length])))
         )
     feed_all(FirstFlightAssembler(), datagrams)
+
+
+REAL_HELLO = aioquic_hello(["smb", "h3"], "files.example.net")
+
+
+@PROPS
+@given(
+    st.lists(st.integers(1, len(REAL_HELLO) - 1), max_size=12, unique=True),
+    st.randoms(use_true_random=False),
+    st.integers(1, 3),
+    st.sampled_from([VERSION_1, VERSION_2]),
+)
+def test_any_cutting_any_order_classifies(
+    cuts: list[int], rng: Random, per_packet: int, version: int
+) -> None:
+    """A real ClientHello cut anywhere into CRYPTO frames, packed a few per Initial, the
+    Initials shuffled and some repeated: the answer is Ready, with the right SNI and ALPN,
+    exactly when the last missing byte arrives, never before."""
+    bounds = [0, *sorted(cuts), len(REAL_HELLO)]
+    pieces = [(a, REAL_HELLO[a:b]) for a, b in pairwise(bounds)]
+    pieces += rng.sample(pieces, k=len(pieces) // 3)  # retransmitted pieces
+    rng.shuffle(pieces)
+    dcid = rng.randbytes(8)
+    asm = FirstFlightAssembler()
+    covered: set[int] = set()
+    for i in range(0, len(pieces), per_packet):
+        group = pieces[i : i + per_packet]
+        frames = b"".join(crypto(offset, data) for offset, data in group)
+        result = asm.feed(initial_datagram(dcid, frames, version=version), ADDR, 0.0)
+        covered.update(o for offset, data in group for o in range(offset, offset + len(data)))
+        if len(covered) < len(REAL_HELLO):
+            assert isinstance(result, NeedMore)
+            continue
+        assert isinstance(result, Ready)
+        assert result.sni == "files.example.net" and result.alpn == ("smb", "h3")
+        assert result.version == version and len(result.datagrams) == i // per_packet + 1
+        return
+    raise AssertionError("the ClientHello never completed")
 
 
 @pytest.mark.timeout(60)
