@@ -9,6 +9,7 @@ client fetches a page through the daemon.
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import socket
 import subprocess
@@ -123,6 +124,34 @@ def test_exec_runs_the_h3_site(daemon: Daemon, pair: NetnsPair) -> None:
     finally:
         kill_group(proc.pid)
         proc.wait(5)
-        for p in sorted(certdir.rglob("*"), reverse=True):
-            p.rmdir() if p.is_dir() else p.unlink()
-        certdir.rmdir()
+        shutil.rmtree(certdir)
+
+
+def test_exec_replaced_generation_drains(daemon: Daemon, pair: NetnsPair) -> None:
+    """A second ``steerd exec --replace`` takes over; the first notices, passes SIGTERM to its
+    server, and exits 0 once the server has drained."""
+    certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
+    procs = []
+    try:
+        for extra in ([], ["--replace"]):
+            proc = _exec(daemon, "--app", "execre", "--alpn", "h3", *extra, "--",
+                         PYTHON, H3SITE, "--cert-dir", str(certdir / "c"))
+            procs.append(proc)
+            line = _read_line(proc, 30)
+            assert line is not None and '"ready"' in line, line
+        first, second = procs
+        assert first.wait(20) == 0
+        sock = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+        sock.bind((pair.client_v4, 0))
+        s = Session("aioquic", sock, (pair.server_v4, PORT), "h3")
+        try:
+            assert json.loads(s.get("/count")[1])["generation"] == 2  # only this test uses it
+        finally:
+            s.close()
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(20) == 0
+    finally:
+        for proc in procs:
+            kill_group(proc.pid)
+            proc.wait(5)
+        shutil.rmtree(certdir)
