@@ -201,8 +201,9 @@ class FirstFlightAssembler:
 
     config: AssemblerConfig = field(default_factory=AssemblerConfig)
     stats: AssemblerStats = field(default_factory=AssemblerStats)
-    _pending: dict[bytes, _Pending] = field(default_factory=dict)  # insertion = age order
-    _bytes: int = 0
+    # insertion order = age order (TTL and eviction walk it from the front)
+    _pending: dict[bytes, _Pending] = field(default_factory=dict, init=False, repr=False)
+    _bytes: int = field(default=0, init=False)
 
     @property
     def pending_count(self) -> int:
@@ -232,9 +233,10 @@ class FirstFlightAssembler:
             self._bytes -= entry.bytes
 
     def _reject(self, reason: str, dcid: bytes | None, detail: str = "") -> Rejected:
-        dropped = dcid is not None and dcid in self._pending
-        if dropped:
-            self._drop(dcid)  # type: ignore[arg-type]
+        dropped = False
+        if dcid is not None and dcid in self._pending:
+            self._drop(dcid)
+            dropped = True
         self.stats.rejected += 1
         return Rejected(reason, dcid, detail, dropped)
 
