@@ -196,6 +196,8 @@ class Bench:
         """Send flights ``span`` at ``rate`` (0 = unpaced) and time their arrival at ``fds``."""
         lo, hi = span
         n = hi - lo
+        if self.daemon_pid is not None and not _alive(self.daemon_pid):
+            raise RuntimeError(f"{mode}/{name}: steerd (pid {self.daemon_pid}) has exited")
         send_out, recv_out = self.workdir / "send.bin", self.workdir / "recv.bin"
         expect = n / rate if rate else n / 100_000
         errors_before = self.rcvbuf_errors()
@@ -281,6 +283,15 @@ class Bench:
         return result
 
 
+def _alive(pid: int) -> bool:
+    """False once ``pid`` has exited (a child of ours stays a zombie until reaped)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def _process_tree(root: int) -> list[int]:
     """``root`` and its child processes (the daemon forks its classifier processes)."""
     pids = [root]
@@ -360,6 +371,8 @@ classifiers = {classifiers}
         line = proc.stdout.readline()  # blocks until "ready" or the daemon exits
         if "ready" not in line:
             raise RuntimeError(f"steerd did not start:\n{log_path.read_text()}")
+        # For attaching a profiler by hand to this daemon, and only this one.
+        print(f"bench/daemon: steerd running as pid {proc.pid}", file=sys.stderr, flush=True)
         yield control, proc.pid
     finally:
         if proc.poll() is None:
@@ -607,7 +620,7 @@ def run(args: argparse.Namespace, plan: Plan, log: Any) -> dict[str, Any]:
                     bench.phase("steerd", f"step {fraction:.2f}", fds, span, rate, 8)
                 try:  # diagnostics only: a status failure must not lose the measurements
                     status = client.status()
-                except ControlError as exc:
+                except (ControlError, OSError) as exc:
                     status = {"error": str(exc)}
                 if spy is not None:
                     stop_py_spy(spy)
