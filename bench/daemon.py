@@ -1,6 +1,8 @@
 """Benchmark: new first flights per second through the steerd daemon, and the latency it adds.
 
-    .venv/bin/python bench/daemon.py [--quick] [--json] [--profile FILE]
+    .venv/bin/python bench/daemon.py [--quick | --smoke] [--json] [--classifiers N]
+        [--daemon-cpus LIST] [--nice N] [--py-spy FILE | --profile FILE]
+    .venv/bin/python bench/daemon.py --stages N      # CPU cost per flight of each stage
 
 What is measured (issue 4 §8): real aioquic client first flights (one 1200-byte Initial each,
 every one with its own DCID, so each is a new connection the daemon has never seen) sent from
@@ -18,20 +20,22 @@ any of them). A C sender (bench/daemon/sender.c) replays the flights paced to a 
 records each one's CLOCK_MONOTONIC send time; a C receiver (bench/daemon/receiver.c) holding
 the app's sockets records each flight's arrival time (flights are matched by DCID; nothing is
 embedded in them) and checks that each arrives from the client's own address. Sender and
-receiver share CPU 0, the daemon gets CPU 1 (two cores), in both modes.
+receiver share CPU 0; the daemon gets CPU 1 (two cores), or every CPU with more than one
+classifier process.
 
-Phases: direct latency at 5,000 flights/s and direct at the 20,000/s target; then the daemon:
-a warm-up, latency at 5,000/s, the 20,000/s target, a saturation burst (unpaced) whose
-delivered rate estimates capacity, and paced steps around that capacity whose highest rate
-with < 1% loss is the sustained throughput. Reported: per phase offered and delivered
-flights/s, loss, latency p50/p99 (sender's send to receiver's read); added latency = steerd
-minus direct at the same rate.
+Phases: direct at 1,000/s, 5,000/s and the 20,000/s target; then the daemon: a warm-up,
+1,000/s, 5,000/s, the 20,000/s target, a saturation burst (unpaced) whose delivered rate
+estimates capacity, and paced steps around that capacity; the highest step with < 1% lost and
+>= 95% delivered is the sustained throughput. Reported per phase: offered and delivered
+flights/s, loss, latency p50/p99 (sender's send to receiver's read), and the daemon's CPU time
+per flight and its run-queue wait (on a shared machine, how much of a result is other load);
+added latency = steerd minus direct at the same rate.
 
 Flights are slow to make (aioquic spends ~2.5 ms per client: key generation), so they are made
 once in parallel processes and cached in .cache/bench/daemon-flights-N.bin (fixed 1200-byte
-records); a larger cached file serves a smaller request. ``--profile FILE`` runs the daemon
-under cProfile for the whole steerd phase (numbers then are the profiled daemon's, not
-representative) and prints where its time goes.
+records); a larger cached file serves a smaller request. ``--py-spy FILE`` samples the daemon
+(py-spy must be installed) and reports its time by part; ``--profile FILE`` runs it under
+cProfile instead (slower: the rates are then the profiled daemon's).
 """
 
 from __future__ import annotations
@@ -48,7 +52,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,7 +106,7 @@ def dcid_of(record: bytes) -> bytes:
     return record[6 : 6 + record[5]]
 
 
-def flights_file(count: int, log: Any) -> Path:
+def flights_file(count: int, log: Callable[[str], None]) -> Path:
     """A file of at least ``count`` distinct first flights: cached, else made and cached."""
     CACHE.mkdir(parents=True, exist_ok=True)
     have = []
@@ -149,6 +153,8 @@ def build(workdir: Path) -> tuple[str, str]:
 
 @dataclass
 class Bench:
+    """One run's fixed parts (namespaces, flights, built programs) and its phase results."""
+
     pair: NetnsPair
     flights: Path
     count: int
@@ -572,7 +578,7 @@ class Pool:
         return span
 
 
-def run(args: argparse.Namespace, plan: Plan, log: Any) -> dict[str, Any]:
+def run(args: argparse.Namespace, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
     count = args.flights or flights_needed(plan)
     path = flights_file(count, log)
     count = path.stat().st_size // RECORD
