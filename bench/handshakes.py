@@ -248,8 +248,9 @@ server_names = ["*"]
             _stop(procs)
             codes = [p.returncode for p in procs]
             if any(codes) or os.path.exists(pin_dir):
+                log = (work / "daemon.log").read_text()[-3000:]
                 raise RuntimeError(f"unclean stop: exit codes {codes}, pin dir left: "
-                                   f"{os.path.exists(pin_dir)}")
+                                   f"{os.path.exists(pin_dir)}; daemon log:\n{log}")
     finally:
         for p in procs:
             if p.poll() is None:
