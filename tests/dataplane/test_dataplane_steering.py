@@ -353,3 +353,31 @@ def test_generic_xdp_mode_and_detach(pair: NetnsPair, loaded: Loaded) -> None:
     finally:
         loaded.dp.detach_xdp("lo", netns=pair.server)
     assert "xdp" not in ip("link", "show", "lo", netns=pair.server)
+
+
+@pytest.mark.parametrize(("prefix_len", "passed"), [(32, 4), (24, 2)])
+def test_flood_guard_budget_is_per_source_prefix(
+    prefix_len: int, passed: int, pair: NetnsPair, loaded: Loaded, make_group: GroupFactory
+) -> None:
+    """Two client addresses in one /24: separate budgets per /32, one shared budget per /24."""
+    other = "198.18.0.3"
+    ip("addr", "add", f"{other}/24", "dev", pair.client_if, netns=pair.client)
+    group = make_group(workers=[41])
+    try:
+        second = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+        group.clients[(socket.AF_INET, 99)] = second  # closed with the group
+        second.bind((other, 0))
+        loaded.dp.set_flood_guard(rate=0.5, burst=2, v4_prefix_len=prefix_len)
+        tags = [new_tag() for _ in range(6)]
+        for tag in tags[:3]:
+            group.send(socket.AF_INET, long_packet(PacketType.INITIAL, os.urandom(8), tag))
+        for tag in tags[3:]:
+            second.sendto(long_packet(PacketType.INITIAL, os.urandom(8), tag),
+                          (pair.server_v4, PORT))
+        got = group.deliver(socket.AF_INET, [])
+        assert len(got) == passed, got
+        if prefix_len == 32:  # each address got exactly its own burst of 2
+            assert set(got) == {*tags[:2], *tags[3:5]}
+    finally:
+        loaded.dp.disable_flood_guard()
+        ip("addr", "del", f"{other}/24", "dev", pair.client_if, netns=pair.client)
