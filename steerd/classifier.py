@@ -40,7 +40,7 @@ from quic.flight import (
 )
 from quic.packet import SUPPORTED_VERSIONS, parse_long_header
 from quic.reset import MIN_RESET_LEN, TOKEN_LEN, build_stateless_reset, reset_token
-from steerd.metrics import Metrics
+from steerd.metrics import Tally, bump
 from steerd.registry import Registry
 
 Address = tuple[str, int]
@@ -211,8 +211,19 @@ class FlightFront:
             self._handed.popitem(last=False)
 
     def _drop(self, reason: str, rejected: bool = False) -> Dropped:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        bump(self.dropped, reason)
         return Dropped(reason, rejected)
+
+
+@dataclass(slots=True)
+class ClassifierReport:
+    """One classifier's sizes and drops (a classifier process sends its own periodically)."""
+
+    pending_connections: int = 0
+    pending_bytes: int = 0
+    routes: int = 0
+    dropped: dict[str, int] = field(default_factory=dict)
+    expired: int = 0  # first flights that never completed (TTL or eviction), since start
 
 
 class _SendBudget:
@@ -235,8 +246,9 @@ class _SendBudget:
 class Classifier:
     """The decision half: turns each event into a route and a re-injection, or a reply.
 
-    ``on_datagram`` runs a built-in front too, for a daemon with one classifier process and
-    for tests; a daemon with several feeds the events of its front processes to ``on_event``.
+    Each classifier process has one (front and decision half together, with its own replica
+    of the registry), so capacity grows with processes; ``on_event`` is the decision half on
+    its own, for events a front made elsewhere.
     """
 
     def __init__(
@@ -246,7 +258,6 @@ class Classifier:
         reinject: Reinject,
         reply: Reply,
         *,
-        metrics: Metrics | None = None,
         layout: CidLayout | None = None,
         reset_key: bytes | None = None,
         assembler: AssemblerConfig | None = None,
@@ -261,7 +272,7 @@ class Classifier:
         self.write_route = write_route
         self.reinject = reinject
         self.reply = reply
-        self.metrics = metrics
+        self.tally = Tally()  # what happened since the daemon last flushed it into metrics
         self.layout = layout
         self.reset_key = reset_key
         self.front = FlightFront(assembler, handed_ttl=decided_ttl, handed_max=decided_max)
@@ -274,21 +285,18 @@ class Classifier:
         self._decided: OrderedDict[bytes, list[float]] = OrderedDict()
         self._decided_ttl = decided_ttl
         self._decided_max = decided_max
+        self.send_rate, self.send_burst = send_rate, send_burst
         self._budget = _SendBudget(send_rate, send_burst)
         self.dropped: dict[str, int] = {}
-        # Other fronts (classifier processes) report their sizes here; ours is read live.
-        self.remote_fronts: dict[int, FrontStats] = {}
 
     # -- entry points -------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, origin: Origin, now: float) -> str:
-        """Handle one datagram with the built-in front; returns the outcome token."""
+        """Handle one datagram; returns the outcome token (for tests and logs)."""
         event = self.front.feed(data, origin, now)
-        if isinstance(event, Dropped) and event.rejected and self.metrics:
-            self.metrics.first_flights.labels("rejected", "").inc()
-        outcome = self.on_event(event, now)
-        self._gauges()
-        return outcome
+        if isinstance(event, Dropped) and event.rejected:
+            self.tally.flight("rejected")
+        return self.on_event(event, now)
 
     def on_event(self, event: Event, now: float) -> str:
         """Act on what a front made of a datagram; returns the outcome token."""
@@ -304,42 +312,22 @@ class Classifier:
             return self._version_negotiation(event, now)
         return f"dropped:{event.reason}"  # counted by the front that dropped it
 
-    def on_front_stats(self, front: int, stats: FrontStats) -> None:
-        """A classifier process's periodic report: count its rejections, show its sizes."""
-        old = self.remote_fronts.get(front)
-        if self.metrics and stats.rejected > (old.rejected if old else 0):
-            self.metrics.first_flights.labels("rejected", "").inc(
-                stats.rejected - (old.rejected if old else 0))
-        self.remote_fronts[front] = stats
-        self._gauges()
-
     def expire(self, now: float) -> None:
         """Age out pending flights and decided DCIDs; the daemon calls this every second."""
         self.front.expire(now)
         decided = self._decided
         while decided and next(iter(decided.values()))[1] <= now:
             decided.popitem(last=False)
-        self._gauges()
-        if self.metrics:
-            self.metrics.routes.set(len(decided))
 
-    @property
-    def pending_connections(self) -> int:
-        return self.front.assembler.pending_count + sum(
-            s.pending_connections for s in self.remote_fronts.values())
-
-    @property
-    def pending_bytes(self) -> int:
-        return self.front.assembler.pending_bytes + sum(
-            s.pending_bytes for s in self.remote_fronts.values())
-
-    def drops(self) -> dict[str, int]:
-        """Every drop reason, of this half and of all fronts, summed."""
-        total = dict(self.dropped)
-        for stats in (self.front.stats(), *self.remote_fronts.values()):
-            for reason, n in stats.dropped.items():
-                total[reason] = total.get(reason, 0) + n
-        return total
+    def report(self) -> ClassifierReport:
+        """Sizes and drop counts of this classifier, for status and gauges."""
+        front = self.front.stats()
+        dropped = dict(front.dropped)
+        for reason, n in self.dropped.items():
+            bump(dropped, reason, n)
+        stats = self.front.assembler.stats
+        return ClassifierReport(front.pending_connections, front.pending_bytes,
+                                len(self._decided), dropped, stats.expired + stats.evicted)
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -347,17 +335,15 @@ class Classifier:
         decision = self.registry.decide(flight.sni, flight.alpn)
         first = flight.datagrams[0][1]
         if decision is None:
-            if self.metrics:
-                self.metrics.first_flights.labels("no_application", "").inc()
+            self.tally.flight("no_owner")
             if self._budget.take(now):
                 packet = build_initial_close(
                     flight.version, flight.dcid, flight.scid, self._server_cid()
                 )
                 self.reply(packet, first.client, first.service, first.group)
-                if self.metrics:
-                    self.metrics.connection_close_sent.inc()
-            elif self.metrics:
-                self.metrics.send_suppressed.labels("connection_close").inc()
+                bump(self.tally.sent, "connection_close")
+            else:
+                bump(self.tally.suppressed, "connection_close")
             return "no_application"
         # Every datagram of one flight arrived on the same group (the client's address family
         # and the service address it chose); route there and re-inject in arrival order.
@@ -369,11 +355,10 @@ class Classifier:
         sent = 0
         for data, origin in flight.datagrams:
             sent += self.reinject(origin.client, origin.service, (data,))
-        if self.metrics:
-            self.metrics.first_flights.labels("routed", decision.app).inc()
-            self.metrics.reinjected_datagrams.inc(sent)
-            self.metrics.decision_seconds.observe(max(0.0, self.clock() - flight.started))
-            self.metrics.routes.set(len(self._decided))
+        tally = self.tally
+        tally.flight("routed", decision.app)
+        tally.reinjected += sent
+        tally.latency(max(0.0, self.clock() - flight.started))
         return f"routed:{decision.app}:{decision.slot}"
 
     def _straggler(self, event: Straggler) -> str:
@@ -383,24 +368,20 @@ class Classifier:
         if decided[2] >= MAX_STRAGGLERS:
             return self._drop("straggler_loop")
         decided[2] += 1
-        self.reinject(event.origin.client, event.origin.service, (event.data,))
-        if self.metrics:
-            self.metrics.reinjected_datagrams.inc()
+        self.tally.reinjected += self.reinject(
+            event.origin.client, event.origin.service, (event.data,))
         return f"straggler:{int(decided[0])}"
 
     def _version_negotiation(self, vn: NeedsVersionNegotiation, now: float) -> str:
-        if self.metrics:
-            self.metrics.first_flights.labels("version_negotiation", "").inc()
+        self.tally.flight("version_negotiation")
         if not self._budget.take(now):
-            if self.metrics:
-                self.metrics.send_suppressed.labels("version_negotiation").inc()
+            bump(self.tally.suppressed, "version_negotiation")
             return "version_negotiation_suppressed"
         packet = build_version_negotiation(
             vn.dcid, vn.scid, list(SUPPORTED_VERSIONS), self.random(1)[0]
         )
         self.reply(packet, vn.origin.client, vn.origin.service, vn.origin.group)
-        if self.metrics:
-            self.metrics.version_negotiation_sent.inc()
+        bump(self.tally.sent, "version_negotiation")
         return "version_negotiation"
 
     def _short_header(self, data: bytes, origin: Origin, now: float) -> str:
@@ -420,13 +401,11 @@ class Classifier:
         if size < MIN_RESET_LEN:
             return self._drop("short_header_too_small_to_reset")
         if not self._budget.take(now):
-            if self.metrics:
-                self.metrics.send_suppressed.labels("stateless_reset").inc()
+            bump(self.tally.suppressed, "stateless_reset")
             return "stateless_reset_suppressed"
         packet = build_stateless_reset(reset_token(key, dcid), self.random(size - TOKEN_LEN))
         self.reply(packet, origin.client, origin.service, origin.group)
-        if self.metrics:
-            self.metrics.stateless_resets_sent.inc()
+        bump(self.tally.sent, "stateless_reset")
         return "stateless_reset"
 
     # -- helpers ------------------------------------------------------------------------------
@@ -436,10 +415,5 @@ class Classifier:
         return self.random(8)
 
     def _drop(self, reason: str) -> str:
-        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        bump(self.dropped, reason)
         return f"dropped:{reason}"
-
-    def _gauges(self) -> None:
-        if self.metrics:
-            self.metrics.pending_connections.set(self.pending_connections)
-            self.metrics.pending_bytes.set(self.pending_bytes)

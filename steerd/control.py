@@ -192,6 +192,7 @@ class ControlServer:
         clock: Callable[[], float] = time.monotonic,
         status_extra: Callable[[], Mapping[str, Any]] | None = None,
         socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
+        on_change: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -204,6 +205,9 @@ class ControlServer:
         self.clock = clock
         self.status_extra = status_extra
         self.socket_factory = socket_factory
+        # Called after anything that may have changed the registry (the daemon copies it to
+        # its classifier processes).
+        self.on_change = on_change
         self.path = config.control.path
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -568,6 +572,8 @@ class ControlServer:
                 raise bad
             loads[slot] = float(load)
         self.registry.report_load(app, conn.id, loads)
+        if self.on_change is not None:
+            self.on_change()
         return {"app": app}, [], []
 
     def _op_status(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[
@@ -595,6 +601,8 @@ class ControlServer:
             self.metrics.control_errors.labels(reason).inc()
 
     def _update_gauges(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
         if self.metrics is not None:
             self.metrics.update_registry(self.registry.counts())
             self.metrics.control_connections.set(len(self._conns))

@@ -28,11 +28,11 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
-from steerd.classifier import Classifier, Dropped, FlightFront, Origin
+from steerd.classifier import Classifier, ClassifierReport, Origin
 from steerd.config import Config
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
-from steerd.metrics import Metrics
+from steerd.metrics import Metrics, bump
 from steerd.registry import Registry
 from steerd.reinject import Reinjector
 
@@ -44,7 +44,7 @@ _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(64)
 _BATCH = 64  # datagrams read per readiness event, so one busy socket cannot starve the loop
-_FRONT_MESSAGE_MAX = 1 << 20  # one event: a flight's datagrams are bounded well below this
+_CHILD_MESSAGE_MAX = 1 << 22  # a registry replica or a report
 
 
 def bind_classifier_socket(address: str, port: int) -> socket.socket:
@@ -93,61 +93,7 @@ def receive(
 
 
 _PR_SET_PDEATHSIG = 1
-_FRONT_REPORT_INTERVAL = 0.5
-
-
-def run_front(
-    index: int,
-    sockets: Sequence[tuple[int, str, socket.socket]],
-    channel: socket.socket,
-    port: int,
-    assembler: AssemblerConfig,
-    handed_ttl: float,
-) -> NoReturn:
-    """Body of one classifier process: read its classifier sockets (one per group), assemble
-    first flights, and send the events to the main process over ``channel`` (pickles on a
-    SEQPACKET socketpair: one message per event, internal and trusted). Exits with the main
-    process (PDEATHSIG, or the channel closing)."""
-    code = 0
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-        front = FlightFront(assembler, handed_ttl=handed_ttl)
-        sel = selectors.DefaultSelector()
-        for group, address, sock in sockets:
-            sel.register(sock, selectors.EVENT_READ, (group, address, sock))
-        sel.register(channel, selectors.EVENT_READ, None)
-        channel.setblocking(True)
-        next_report = time.monotonic()
-        while True:
-            for key, _ in sel.select(max(0.0, next_report - time.monotonic())):
-                if key.data is None:
-                    if not channel.recv(1):
-                        raise SystemExit(0)
-                    continue
-                group, address, sock = key.data
-                now = time.monotonic()
-                for data, origin in receive(sock, group, address, port):
-                    try:
-                        event = front.feed(data, origin, now)
-                    except Exception:  # a bug must cost one datagram, never the process
-                        log.exception("classifier %d failed on a datagram", index)
-                        front.dropped["internal_error"] = front.dropped.get(
-                            "internal_error", 0) + 1
-                        continue
-                    if event is not None and not isinstance(event, Dropped):
-                        channel.send(pickle.dumps(event, pickle.HIGHEST_PROTOCOL))
-            now = time.monotonic()
-            if now >= next_report:
-                front.expire(now)
-                channel.send(pickle.dumps((index, front.stats()), pickle.HIGHEST_PROTOCOL))
-                next_report = now + _FRONT_REPORT_INTERVAL
-    except (SystemExit, BrokenPipeError, ConnectionResetError):
-        pass
-    except BaseException:
-        log.exception("classifier process %d failed", index)
-        code = 1
-    os._exit(code)
+_REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
 
 
 class _Group:
@@ -179,7 +125,6 @@ class Daemon:
             self._write_route,
             self.reinjector.send,
             self._reply,
-            metrics=self.metrics,
             layout=config.cid,
             reset_key=reset_key,
             assembler=AssemblerConfig(
@@ -191,12 +136,17 @@ class Daemon:
         )
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
-            status_extra=self._status_extra,
+            status_extra=self._status_extra, on_change=self._registry_changed,
         )
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._xdp: list[str] = []
-        self._fronts: list[tuple[int, socket.socket]] = []
+        # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
+        # last report of each; with one classifier the main process classifies itself.
+        self._children: list[tuple[int, socket.socket]] = []
+        self._reports: dict[int, ClassifierReport] = {}
+        self._socket_index = 0  # which classifier socket of a group this process replies from
+        self._expired_counted = 0
         self.metrics_address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
 
@@ -232,7 +182,7 @@ class Daemon:
                     if limits.classifiers == 1:
                         self._loop.add_reader(sock.fileno(), self._readable, group, sock)
             if limits.classifiers > 1:
-                self._start_fronts()
+                self._start_children()
             if self.groups:
                 for ifname in cfg.xdp.interfaces:
                     mode = self.groups[0].dataplane.attach_xdp(ifname, cfg.xdp.mode)
@@ -256,7 +206,7 @@ class Daemon:
             self._tick = None
         await self.control.close()
         self.metrics.close()
-        self._stop_fronts()
+        self._stop_children()
         for group in self.groups:
             for sock in group.sockets:
                 if self._loop is not None and self.config.limits.classifiers == 1:
@@ -285,8 +235,27 @@ class Daemon:
 
     async def _ticker(self) -> None:
         while True:
-            await asyncio.sleep(1.0)
-            self.classifier.expire(time.monotonic())
+            await asyncio.sleep(_REPORT_INTERVAL)
+            if not self._children:
+                self.classifier.expire(time.monotonic())
+                self.metrics.absorb(self.classifier.tally.take())
+            self._update_gauges()
+
+    def _current_reports(self) -> list[ClassifierReport]:
+        if not self._children:
+            return [self.classifier.report()]
+        return list(self._reports.values())
+
+    def _update_gauges(self) -> None:
+        reports = self._current_reports()
+        self.metrics.pending_connections.set(sum(r.pending_connections for r in reports))
+        self.metrics.pending_bytes.set(sum(r.pending_bytes for r in reports))
+        self.metrics.routes.set(sum(r.routes for r in reports))
+        # Reports carry totals since start; the counter wants what is new.
+        expired = sum(r.expired for r in reports)
+        if expired > self._expired_counted:
+            self.metrics.first_flights.labels("expired", "").inc(expired - self._expired_counted)
+            self._expired_counted = expired
 
     # -- the socket sink the control server calls ----------------------------------------------
 
@@ -307,54 +276,118 @@ class Daemon:
                 self.classifier.on_datagram(data, origin, now)
             except Exception:  # a bug must cost one datagram, never the daemon
                 log.exception("classifier failed on a datagram from %s", origin.client)
-                self.classifier.dropped["internal_error"] = (
-                    self.classifier.dropped.get("internal_error", 0) + 1
-                )
+                bump(self.classifier.dropped, "internal_error")
 
-    def _start_fronts(self) -> None:
-        """Fork one classifier process per classifier index; each reads the sockets of its
-        index in every group (the BPF program's DCID hash picks the index)."""
+    def _start_children(self) -> None:
+        """Fork one classifier process per classifier index. Each reads the sockets of its
+        index in every group (the BPF program's DCID hash picks the index, so every datagram
+        of one connection meets the same process) and does the whole job itself — assembly,
+        decision on its replica of the registry, route write, re-injection — so capacity
+        grows with processes instead of queueing at one decider."""
         assert self._loop is not None
-        limits = self.config.limits
-        for index in range(limits.classifiers):
+        for index in range(self.config.limits.classifiers):
             parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
             for end in (parent_end, child_end):
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
                 end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            socks = [(g.index, g.address, g.sockets[index]) for g in self.groups]
             pid = os.fork()
             if pid == 0:
                 parent_end.close()
-                run_front(index, socks, child_end, self.config.listen.port,
-                          self.classifier.front.assembler.config, limits.route_ttl)
+                self._run_child(index, child_end)  # never returns
             child_end.close()
             parent_end.setblocking(False)
-            self._fronts.append((pid, parent_end))
-            self._loop.add_reader(parent_end.fileno(), self._front_readable, parent_end)
+            self._children.append((pid, parent_end))
+            self._loop.add_reader(parent_end.fileno(), self._child_readable, index, parent_end)
 
-    def _front_readable(self, channel: socket.socket) -> None:
-        now = time.monotonic()
+    def _run_child(self, index: int, channel: socket.socket) -> NoReturn:
+        """Body of classifier process ``index``: exits with the main process (PDEATHSIG, or
+        its channel closing). Messages in: pickled registry replicas. Messages out, every
+        _REPORT_INTERVAL: (index, tally, report)."""
+        code = 0
+        try:
+            ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            self._socket_index = index
+            self.reinjector = Reinjector()  # raw sockets of its own
+            limits = self.config.limits
+            classifier = Classifier(
+                self.registry, self._write_route, self.reinjector.send, self._reply,
+                layout=self.config.cid, reset_key=self.classifier.reset_key,
+                assembler=self.classifier.front.assembler.config,
+                decided_ttl=limits.route_ttl,
+                send_rate=self.classifier.send_rate / limits.classifiers,
+                send_burst=max(1, self.classifier.send_burst // limits.classifiers),
+            )
+            port = self.config.listen.port
+            sel = selectors.DefaultSelector()
+            for group in self.groups:
+                sel.register(group.sockets[index], selectors.EVENT_READ, group)
+            sel.register(channel, selectors.EVENT_READ, None)
+            channel.setblocking(True)
+            next_report = time.monotonic()
+            while True:
+                for key, _ in sel.select(max(0.0, next_report - time.monotonic())):
+                    if key.data is None:
+                        message = channel.recv(_CHILD_MESSAGE_MAX)
+                        if not message:
+                            raise SystemExit(0)
+                        classifier.registry = pickle.loads(message)
+                        continue
+                    group = key.data
+                    now = time.monotonic()
+                    for data, origin in receive(group.sockets[index], group.index,
+                                                group.address, port):
+                        try:
+                            classifier.on_datagram(data, origin, now)
+                        except Exception:  # a bug must cost one datagram, not the process
+                            log.exception("classifier %d failed on a datagram", index)
+                            bump(classifier.dropped, "internal_error")
+                now = time.monotonic()
+                if now >= next_report:
+                    classifier.expire(now)
+                    report = (index, classifier.tally.take(), classifier.report())
+                    channel.send(pickle.dumps(report, pickle.HIGHEST_PROTOCOL))
+                    next_report = now + _REPORT_INTERVAL
+        except (SystemExit, BrokenPipeError, ConnectionResetError):
+            pass
+        except BaseException:
+            log.exception("classifier process %d failed", index)
+            code = 1
+        os._exit(code)
+
+    def _registry_changed(self) -> None:
+        """Send every classifier process the registry as it is now (registrations are rare,
+        decisions are per flight: copying the table beats asking the main process)."""
+        if not self._children:
+            return
+        snapshot = pickle.dumps(self.registry, pickle.HIGHEST_PROTOCOL)
+        for _, channel in self._children:
+            try:
+                channel.send(snapshot)
+            except BlockingIOError:
+                log.error("a classifier process is not reading its channel")
+            except OSError:
+                pass  # it died; _child_readable notices
+
+    def _child_readable(self, index: int, channel: socket.socket) -> None:
         for _ in range(_BATCH):
             try:
-                message = channel.recv(_FRONT_MESSAGE_MAX)
+                message = channel.recv(_CHILD_MESSAGE_MAX)
             except (BlockingIOError, InterruptedError):
                 return
-            if not message:  # a classifier process died: its DCIDs now meet nobody
-                log.error("a classifier process exited; its share of new flights is lost")
+            if not message:  # a classifier process died: its share of new flights is lost
+                log.error("classifier process %d exited", index)
                 assert self._loop is not None
                 self._loop.remove_reader(channel.fileno())
+                self._reports.pop(index, None)
                 return
-            event = pickle.loads(message)
-            try:
-                if isinstance(event, tuple):
-                    self.classifier.on_front_stats(*event)
-                else:
-                    self.classifier.on_event(event, now)
-            except Exception:
-                log.exception("classifier failed on an event")
+            _, tally, report = pickle.loads(message)
+            self.metrics.absorb(tally)
+            self._reports[index] = report
 
-    def _stop_fronts(self) -> None:
-        for pid, channel in self._fronts:
+    def _stop_children(self) -> None:
+        for pid, channel in self._children:
             if self._loop is not None:
                 with contextlib.suppress(Exception):
                     self._loop.remove_reader(channel.fileno())
@@ -363,15 +396,15 @@ class Daemon:
                 os.kill(pid, signal.SIGTERM)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(pid, 0)
-        self._fronts.clear()
+        self._children.clear()
 
     def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
         self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)
 
     def _reply(self, packet: bytes, client: tuple[str, int], service: tuple[str, int],
                group: int) -> None:
-        """Send from the service address the client used, via the group's first socket."""
-        sock = self.groups[group].sockets[0]
+        """Send from the service address the client used, via this process's socket."""
+        sock = self.groups[group].sockets[self._socket_index]
         ip = ipaddress.ip_address(service[0])
         if ip.version == 4:
             anc = [(socket.IPPROTO_IP, IP_PKTINFO, _IN_PKTINFO.pack(0, ip.packed, bytes(4)))]
@@ -392,14 +425,21 @@ class Daemon:
                 total[name] = total.get(name, 0) + value
         return total
 
+    def _drops(self) -> dict[str, int]:
+        total: dict[str, int] = {}
+        for report in self._current_reports():
+            for reason, n in report.dropped.items():
+                bump(total, reason, n)
+        return total
+
     def _status_extra(self) -> dict[str, Any]:
         return {
             "listen": [g.address for g in self.groups],
             "port": self.config.listen.port,
-            "pending_connections": self.classifier.pending_connections,
-            "pending_bytes": self.classifier.pending_bytes,
-            "classifier_processes": max(1, len(self._fronts)),
-            "classifier_drops": self.classifier.drops(),
+            "pending_connections": sum(r.pending_connections for r in self._current_reports()),
+            "pending_bytes": sum(r.pending_bytes for r in self._current_reports()),
+            "classifier_processes": max(1, len(self._children)),
+            "classifier_drops": self._drops(),
             "counters": self.counters(),
             "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
                         if self.metrics_address else None),

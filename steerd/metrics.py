@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import (
@@ -43,6 +44,51 @@ FLIGHT_RESULTS = (
 LATENCY_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 1.0,
 )
+
+
+# Decision latencies one tally keeps between flushes at most (the latest ones: a ring), so a
+# flood costs bounded memory.
+MAX_LATENCY_SAMPLES = 4096
+
+
+@dataclass(slots=True)
+class Tally:
+    """What a classifier did since its last flush, as plain numbers.
+
+    Why not increment Prometheus objects directly: a label lookup and a lock per event cost
+    more than the decision itself on the per-flight path, and a classifier process cannot
+    touch the main process's metrics at all. A tally is cheap to bump, picklable, and
+    :meth:`Metrics.absorb` folds it into the real metrics on the daemon's timer.
+    """
+
+    flights: dict[tuple[str, str], int] = field(default_factory=dict)  # (result, app) -> n
+    reinjected: int = 0
+    sent: dict[str, int] = field(default_factory=dict)  # version_negotiation, ... -> n
+    suppressed: dict[str, int] = field(default_factory=dict)
+    latencies: list[float] = field(default_factory=list)
+    _seen_latencies: int = 0
+
+    def flight(self, result: str, app: str = "") -> None:
+        key = (result, app)
+        self.flights[key] = self.flights.get(key, 0) + 1
+
+    def latency(self, seconds: float) -> None:
+        if len(self.latencies) < MAX_LATENCY_SAMPLES:
+            self.latencies.append(seconds)
+        else:
+            self.latencies[self._seen_latencies % MAX_LATENCY_SAMPLES] = seconds
+        self._seen_latencies += 1
+
+    def take(self) -> Tally:
+        """Hand over everything counted so far and start from zero."""
+        taken = Tally(self.flights, self.reinjected, self.sent, self.suppressed, self.latencies)
+        self.flights, self.reinjected, self.sent, self.suppressed = {}, 0, {}, {}
+        self.latencies, self._seen_latencies = [], 0
+        return taken
+
+
+def bump(counts: dict[str, int], key: str, n: int = 1) -> None:
+    counts[key] = counts.get(key, 0) + n
 
 
 class _BpfCollector(Collector):
@@ -148,6 +194,24 @@ class Metrics:
     def set_bpf_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
         """Export ``source()`` (counter name -> value) as steerd_bpf_events_total{counter}."""
         self._bpf.source = source
+
+    def absorb(self, tally: Tally) -> None:
+        """Fold a classifier's tally into the metrics (main process, on the timer)."""
+        for (result, app), n in tally.flights.items():
+            self.first_flights.labels(result, app).inc(n)
+        if tally.reinjected:
+            self.reinjected_datagrams.inc(tally.reinjected)
+        sent = {
+            "version_negotiation": self.version_negotiation_sent,
+            "connection_close": self.connection_close_sent,
+            "stateless_reset": self.stateless_resets_sent,
+        }
+        for kind, n in tally.sent.items():
+            sent[kind].inc(n)
+        for kind, n in tally.suppressed.items():
+            self.send_suppressed.labels(kind).inc(n)
+        for seconds in tally.latencies:
+            self.decision_seconds.observe(seconds)
 
     def update_registry(self, counts: Counts) -> None:
         """Refresh the app/generation/worker gauges after the registry changed."""

@@ -47,8 +47,9 @@ def make(world: World, **kw) -> tuple[Classifier, Registry]:
     root = Peer(uid=0, gid=0)
     registry.register("files", ["smb"], [], 2, False, root, "o1")
     registry.register("web", ["h3"], [], 1, False, root, "o2")
+    # The clock reads "now" for the decision-latency histogram: fixed, so latencies are exact.
     classifier = Classifier(registry, world.route, world.reinject, world.reply,
-                            layout=CidLayout(), reset_key=KEY, **kw)
+                            layout=CidLayout(), reset_key=KEY, clock=lambda: 2.5, **kw)
     return classifier, registry
 
 
@@ -71,6 +72,10 @@ def test_routes_and_reinjects_in_arrival_order() -> None:
     (group, dcid, slot), = world.routes
     assert group == 0 and slot in (0, 1) and dcid == datagrams[0][6:6 + datagrams[0][5]]
     assert world.injected == [datagrams[1], datagrams[0]]
+    tally = classifier.tally.take()
+    assert tally.flights == {("routed", "files"): 1} and tally.reinjected == 2
+    assert tally.latencies == [1.5]  # from the first datagram (t=1.0) to the decision
+    assert classifier.tally.take().flights == {}  # taken means gone
 
 
 def test_client_order_picks_app() -> None:
@@ -117,6 +122,9 @@ def test_replies_are_rate_limited() -> None:
         outcomes.append(classifier.on_datagram(datagrams[0], ORIGIN, 5.0))
     assert outcomes.count("no_application") == 5  # every flight decided ...
     assert len(world.replies) == 3  # ... but only the burst was answered
+    tally = classifier.tally.take()
+    assert tally.flights == {("no_owner", ""): 5}
+    assert tally.sent == {"connection_close": 3} and tally.suppressed == {"connection_close": 2}
 
 
 def test_version_negotiation_answered() -> None:
