@@ -11,7 +11,6 @@ The header building is pure (``build_ipv4_udp``, ``build_ipv6_udp``); only ``Rei
 touches sockets.
 """
 
-import ipaddress
 import socket
 import struct
 from collections.abc import Sequence
@@ -31,41 +30,43 @@ def _fold(total: int) -> int:
 
 
 def _ones_complement_sum(data: bytes) -> int:
-    """RFC 1071 sum, computed on one big integer: far faster in CPython than a loop."""
+    """RFC 1071 sum of ``data`` (zero-padded to even length), in 1..0xFFFF (0 only for all
+    zeros): computed on one big integer, since 2**16 == 1 (mod 0xFFFF) makes the sum of the
+    16-bit words equal the number modulo 0xFFFF — far faster in CPython than a loop."""
+    value = int.from_bytes(data, "big")
     if len(data) % 2:
-        data += b"\x00"
-    # Summing 16-bit words == summing the bytes as a big integer modulo 0xFFFF (end-around
-    # carry); 0 and 0xFFFF are the same in ones' complement, and _fold keeps non-zero sums.
-    total = int.from_bytes(data, "big") % 0xFFFF
-    if total == 0 and any(data):
+        value <<= 8
+    total = value % 0xFFFF
+    if total == 0 and value:
         return 0xFFFF
     return total
 
 
-def udp_checksum(src: bytes, dst: bytes, udp_header_and_payload: bytes) -> int:
-    """UDP checksum over the pseudo-header (RFC 768, RFC 8200 §8.1); never 0 on the wire."""
-    length = len(udp_header_and_payload)
+def udp_checksum(src: bytes, dst: bytes, udp_header: bytes, payload: bytes = b"") -> int:
+    """UDP checksum over the pseudo-header (RFC 768, RFC 8200 §8.1); never 0 on the wire.
+
+    The 8-byte header and the payload are summed apart (both start on even offsets), so the
+    payload is never copied.
+    """
+    length = len(udp_header) + len(payload)
     if len(src) == 4:
         pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_UDP, length)
     else:
         pseudo = src + dst + struct.pack("!IxxxB", length, IPPROTO_UDP)
-    csum = 0xFFFF - _fold(_ones_complement_sum(pseudo) + _ones_complement_sum(
-        udp_header_and_payload))
+    total = (_ones_complement_sum(pseudo + udp_header) + _ones_complement_sum(payload))
+    csum = 0xFFFF - _fold(total)
     return csum or 0xFFFF
 
 
-def _udp(src_ip: bytes, dst_ip: bytes, src: Address, dst: Address, payload: bytes) -> bytes:
-    length = _UDP_HEADER.size + len(payload)
-    header = _UDP_HEADER.pack(src[1], dst[1], length, 0)
-    csum = udp_checksum(src_ip, dst_ip, header + payload)
-    return _UDP_HEADER.pack(src[1], dst[1], length, csum) + payload
-
-
 def build_ipv4_udp(src: Address, dst: Address, payload: bytes) -> bytes:
-    """An IPv4 packet carrying one UDP datagram from ``src`` to ``dst``."""
+    """An IPv4 packet carrying one UDP datagram from ``src`` to ``dst``.
+
+    The UDP checksum is 0 ("none", RFC 768): legal over IPv4, and the packet never leaves the
+    host, so computing it would only cost time on the classifier's hot path.
+    """
     s = socket.inet_pton(socket.AF_INET, src[0])
     d = socket.inet_pton(socket.AF_INET, dst[0])
-    udp = _udp(s, d, src, dst, payload)
+    udp = _UDP_HEADER.pack(src[1], dst[1], _UDP_HEADER.size + len(payload), 0) + payload
     total = 20 + len(udp)
     # The kernel fills the IPv4 header checksum and, with id 0, the identification (raw(7)).
     header = _IPV4_HEADER.pack(0x45, 0, total, 0, 0x4000, 64, IPPROTO_UDP, 0, s, d)
@@ -76,17 +77,25 @@ def build_ipv6_udp(src: Address, dst: Address, payload: bytes) -> bytes:
     """An IPv6 packet carrying one UDP datagram from ``src`` to ``dst``."""
     s = socket.inet_pton(socket.AF_INET6, src[0])
     d = socket.inet_pton(socket.AF_INET6, dst[0])
-    udp = _udp(s, d, src, dst, payload)
+    length = _UDP_HEADER.size + len(payload)
+    # IPv6 has no "no checksum" (RFC 8200 §8.1): compute it.
+    csum = udp_checksum(s, d, _UDP_HEADER.pack(src[1], dst[1], length, 0), payload)
+    udp = _UDP_HEADER.pack(src[1], dst[1], length, csum) + payload
     header = _IPV6_HEADER.pack(6 << 28, len(udp), IPPROTO_UDP, 64, s, d)
     return header + udp
 
 
 def _plain(addr: Address | tuple[str, int, int, int]) -> Address:
-    """IPv4-mapped IPv6 addresses become IPv4, so a dual-stack socket's peers re-inject right."""
-    host = addr[0].split("%", 1)[0]
-    ip = ipaddress.ip_address(host)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        host = str(ip.ipv4_mapped)
+    """IPv4-mapped IPv6 addresses become IPv4 (a dual-stack socket's peers re-inject right),
+    and a scope suffix is dropped. String checks, not ``ipaddress``: this runs per datagram,
+    and the kernel always prints a mapped address as ``::ffff:a.b.c.d``."""
+    host = addr[0]
+    if ":" not in host:
+        return host, addr[1]
+    if "%" in host:
+        host = host.split("%", 1)[0]
+    if "." in host and host[:7].lower() == "::ffff:":
+        host = host[7:]
     return host, addr[1]
 
 

@@ -41,6 +41,7 @@ def test_ipv4_packet_decodes() -> None:
     ip = dpkt.ip.IP(raw)
     assert ip.p == 17 and ip.len == 20 + 8 + 1200 and ip.ttl == 64
     assert ip.data.sport == 50000 and ip.data.dport == 443 and ip.data.data == payload
+    assert ip.data.sum == 0  # "no checksum": legal over IPv4, never leaves the host
 
 
 def test_ipv6_packet_decodes() -> None:
