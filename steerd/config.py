@@ -129,7 +129,9 @@ class XdpConfig:
     """Interfaces that get the XDP guard; none means the guard is off (steering still works)."""
 
     interfaces: tuple[str, ...] = ()
-    mode: str = "auto"  # "auto": native where the driver has it, else generic
+    # "auto": native XDP where the driver has it, else generic; "tc": the same guard at TC
+    # ingress (cheaper on veth and other virtual interfaces, see docs/PERFORMANCE.md)
+    mode: str = "auto"
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,7 +359,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     dx = XdpConfig()
     xdp = XdpConfig(
         interfaces=s.items("interfaces", dx.interfaces, _ifname, "interface names"),
-        mode=s.choice("mode", dx.mode, ("auto", "native", "generic")),
+        mode=s.choice("mode", dx.mode, ("auto", "native", "generic", "tc")),
     )
 
     s = section("cid", ("config_id", "host_id", "host_id_len", "nonce_len", "slot_len"))

@@ -184,10 +184,15 @@ class Daemon:
             if limits.classifiers > 1:
                 self._start_children()
             if self.groups:
+                dp0 = self.groups[0].dataplane
                 for ifname in cfg.xdp.interfaces:
-                    mode = self.groups[0].dataplane.attach_xdp(ifname, cfg.xdp.mode)
+                    if cfg.xdp.mode == "tc":
+                        dp0.attach_tc(ifname)
+                        mode = "tc"
+                    else:
+                        mode = dp0.attach_xdp(ifname, cfg.xdp.mode)
                     self._xdp.append(ifname)
-                    log.info("XDP guard on %s (%s)", ifname, mode)
+                    log.info("guard on %s (%s)", ifname, mode)
             self.metrics.set_bpf_source(self.counters)
             await self.control.start()
             if cfg.metrics.enabled:
@@ -214,7 +219,10 @@ class Daemon:
                 sock.close()
         for ifname in self._xdp:
             with contextlib.suppress(Exception):
-                self.groups[0].dataplane.detach_xdp(ifname)
+                if self.config.xdp.mode == "tc":
+                    self.groups[0].dataplane.detach_tc(ifname)
+                else:
+                    self.groups[0].dataplane.detach_xdp(ifname)
         self._xdp.clear()
         for group in self.groups:
             with contextlib.suppress(Exception):

@@ -133,7 +133,7 @@ def test_full_config_parses() -> None:
          '[xdp] interfaces: each item must be an interface name of 1..15 characters, '
          'got "a/b"'),
         ('[xdp]\nmode = "fast"',
-         '[xdp] mode: must be one of "auto", "native", "generic", got "fast"'),
+         '[xdp] mode: must be one of "auto", "native", "generic", "tc", got "fast"'),
         ("[cid]\nconfig_id = 7", "[cid] config_id: must be an integer 0..6, got 7"),
         ("[cid]\nnonce_len = 3", "[cid] nonce_len: must be an integer 4..18, got 3"),
         ("[cid]\nslot_len = 0", "[cid] slot_len: must be an integer 1..4, got 0"),

@@ -207,11 +207,19 @@ def start_daemon(pair: NetnsPair, extra_config: str = "") -> Iterator[Daemon]:
         assert not left, f"daemon left its pin dir {pin_dir}"
 
 
-@pytest.fixture(scope="module", params=[1, 2], ids=["1-classifier", "2-classifiers"])
+@pytest.fixture(
+    scope="module", params=[(1, "auto"), (2, "tc")], ids=["1-classifier-xdp", "2-classifiers-tc"]
+)
 def daemon(pair: NetnsPair, request: pytest.FixtureRequest) -> Iterator[Daemon]:
-    """The daemon with one classifier (in its main process) and with two classifier
-    processes (fronts sharded by the BPF program's DCID hash): both must behave the same."""
-    yield from start_daemon(pair, f"[limits]\nclassifiers = {request.param}\n")
+    """The daemon with one classifier (in its main process) and the guard at XDP, and with
+    two classifier processes (sharded by the BPF program's DCID hash) and the guard at TC
+    ingress: everything must behave the same."""
+    classifiers, mode = request.param
+    yield from start_daemon(
+        pair,
+        f'[limits]\nclassifiers = {classifiers}\n'
+        f'[xdp]\ninterfaces = ["{pair.server_if}"]\nmode = "{mode}"\n',
+    )
 
 
 def start_app(daemon: Daemon, name: str, alpns: list[str], workers: int = 1) -> App:

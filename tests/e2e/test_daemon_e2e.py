@@ -288,3 +288,23 @@ def test_many_flights_all_routed_whichever_classifier_process_gets_them(
         clients.append(client)
     got = two_apps[0].datagrams(16)
     assert sorted(tuple(g["from"]) for g in got) == sorted(c.address for c in clients)
+
+
+def test_guard_drops_undersized_initial_and_counts_it(pair: NetnsPair, daemon: Daemon) -> None:
+    """The guard the daemon attached to the server interface (XDP or TC) drops a client
+    Initial in a datagram under 1200 bytes (RFC 9000 §14.1) before any socket sees it."""
+    before = daemon.status()["counters"]
+    dcid = os.urandom(8)
+    runt = bytes([0xC0]) + (1).to_bytes(4, "big") + bytes([8]) + dcid + bytes([0]) + bytes(600)
+    sock = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        sock.sendto(runt, (pair.server_v4, 4433))
+    finally:
+        sock.close()
+    deadline = time.monotonic() + 5
+    after = daemon.status()["counters"]
+    while (after["xdp_drop_small_initial"] == before["xdp_drop_small_initial"]
+           and time.monotonic() < deadline):
+        after = daemon.status()["counters"]
+    assert after["xdp_drop_small_initial"] == before["xdp_drop_small_initial"] + 1
+    assert after["steer_to_classifier"] == before["steer_to_classifier"]
