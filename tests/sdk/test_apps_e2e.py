@@ -12,6 +12,7 @@ import socket
 
 import pytest
 
+from tests.e2e.conftest import Daemon
 from tests.netns import NetnsPair, ip
 from tests.sdk.harness import FILE_TEXT, RunningApp, Session, session
 
@@ -60,17 +61,31 @@ def test_file_service_refuses_bad_requests(pair: NetnsPair,
             fs.fetch(request)
 
 
+def _bpf_counters(daemon: Daemon) -> dict[str, float]:
+    """The steering program's event counters, summed over the daemon's groups."""
+    counts: dict[str, float] = {}
+    for line in daemon.metrics().splitlines():
+        if line.startswith('steerd_bpf_events_total{counter="'):
+            name = line.split('"')[1]
+            counts[name] = counts.get(name, 0.0) + float(line.split()[-1])
+    return counts
+
+
+@pytest.mark.parametrize("stack", ["aioquic", "qh3"])
 def test_rebinding_and_migration_stay_on_worker(
-    pair: NetnsPair, both_apps: tuple[RunningApp, RunningApp], sessions: list[Session]
+    pair: NetnsPair, daemon: Daemon, both_apps: tuple[RunningApp, RunningApp],
+    sessions: list[Session], stack: str,
 ) -> None:
     """One connection: requests before, after a NAT rebinding (new source port) and after a
-    migration to a new client address with a new CID; the same worker answers all, and the
-    client's new paths really carried them (the old sockets are closed)."""
+    migration to a new client address with a new CID; the same worker answers all, the
+    client's new paths really carried them (the old sockets are closed), and the kernel
+    steered every packet by CID alone (nothing reached the classifier)."""
     web, _ = both_apps
-    s = session(pair, "h3")
+    s = session(pair, "h3", stack)
     sessions.append(s)
     first = json.loads(s.get("/count")[1])
     old_port = s.sock.getsockname()[1]
+    before = _bpf_counters(daemon)
 
     rebound = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
     rebound.bind((pair.client_v4, 0))
@@ -86,11 +101,16 @@ def test_rebinding_and_migration_stay_on_worker(
         s.swap_socket(moved)
         s.conn.change_connection_id()
         third = json.loads(s.get("/count")[1])
-        cid = s.conn._peer_cid.cid
+        cid = s.conn._peer_cid.cid if stack == "aioquic" else None
     finally:
         ip("addr", "del", f"{new_addr}/24", "dev", pair.client_if, netns=pair.client)
+    after = _bpf_counters(daemon)
     assert s.terminated is None
     for info in (second, third):
         assert (info["slot"], info["pid"]) == (first["slot"], first["pid"])
     assert third["count"] > second["count"] > first["count"]
-    assert web.layout.decode(cid) == first["slot"]
+    if cid is not None:
+        assert web.layout.decode(cid) == first["slot"]
+    delta = {k: after.get(k, 0.0) - before.get(k, 0.0) for k in after}
+    assert delta.get("steer_to_classifier", 0.0) == 0, delta
+    assert sum(v for k, v in delta.items() if "short" in k) > 0, delta
