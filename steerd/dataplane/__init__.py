@@ -415,6 +415,17 @@ class Dataplane:
     def load(self) -> None:
         """Check prerequisites, open or create the pinned maps, compile, load and pin both
         programs. Raises DataplaneError on any failure."""
+        self.open_maps()
+        self.load_programs()
+
+    def open_maps(self) -> None:
+        """Check prerequisites and open (or create and pin) the maps: fast, no compiler.
+
+        A restarted daemon calls this first: while the previous run's program is still
+        attached to the reuseport group (the apps' sockets keep the group alive), new
+        classifier sockets put into the reopened ``classifiers`` map receive traffic at once,
+        long before the programs are compiled again.
+        """
         headers = require_prerequisites(self.config.pin_dir)
         os.environ["BCC_KERNEL_SOURCE"] = str(headers)
         import bcc
@@ -424,6 +435,17 @@ class Dataplane:
             os.makedirs(self.config.pin_dir, exist_ok=True)
             for spec in self._map_specs():
                 self._fds[spec.name] = _open_or_create_map(spec, self.config.pin_dir)
+        except DataplaneError:
+            self.close()
+            raise
+        except Exception as exc:
+            self.close()
+            raise DataplaneError(f"opening the BPF maps failed: {exc}") from exc
+
+    def load_programs(self) -> None:
+        """Compile, load and pin the steering and guard programs against the open maps."""
+        self._need_maps()
+        try:
             steer = self._compile("steer.c")
             self._steer_fd = steer.load_func(b"steerd_steer", PROG_SK_REUSEPORT).fd
             guard = self._compile("guard.c")
@@ -439,6 +461,27 @@ class Dataplane:
         except Exception as exc:
             self.close()
             raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
+
+    def detach_stale_tc(self, ifname: str, netns: str | None = None) -> bool:
+        """Detach the TC guard a previous run pinned (before attaching this run's), so a
+        restart does not leave two guards on one interface. True if one was removed."""
+        path = os.path.join(self.config.pin_dir, "prog_guard_tc")
+        if not os.path.exists(path):
+            return False
+        lib = _lib()
+        fd = lib.bpf_obj_get(path.encode())
+        if fd < 0:
+            return False
+        try:
+            def detach() -> int:
+                index = socket.if_nametoindex(ifname)
+                return int(lib.bpf_prog_detach2(fd, index, BPF_TCX_INGRESS))
+
+            return run_in_netns(netns, detach) == 0
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
 
     def _compile(self, source: str) -> Any:
         import bcc
@@ -465,6 +508,10 @@ class Dataplane:
     def _need_loaded(self) -> None:
         if self._steer_fd < 0:
             raise DataplaneError("data plane not loaded: call load() first")
+
+    def _need_maps(self) -> None:
+        if not self._fds:
+            raise DataplaneError("data plane not loaded: call load() or open_maps() first")
 
     def close(self) -> None:
         """Release this process's handles; pinned maps and programs stay for a restart."""
@@ -612,7 +659,7 @@ class Dataplane:
     # -- sockets --------------------------------------------------------------------------
 
     def _sockarray_set(self, name: str, index: int, sock: socket.socket | int) -> None:
-        self._need_loaded()
+        self._need_maps()
         key = ct.c_uint32(index)
         value = ct.c_uint64(_fd_of(sock))
         if _lib().bpf_update_elem(self._fds[name], ct.byref(key), ct.byref(value), 0) != 0:
@@ -623,7 +670,7 @@ class Dataplane:
             )
 
     def _sockarray_del(self, name: str, index: int) -> None:
-        self._need_loaded()
+        self._need_maps()
         key = ct.c_uint32(index)
         if _lib().bpf_delete_elem(self._fds[name], ct.byref(key)) != 0:
             err = ct.get_errno()
@@ -631,7 +678,7 @@ class Dataplane:
                 raise DataplaneError(f"removing {name}[{index}] failed: {os.strerror(err)}")
 
     def _sockarray_cookie(self, name: str, index: int) -> int | None:
-        self._need_loaded()
+        self._need_maps()
         key = ct.c_uint32(index)
         value = ct.c_uint64()
         if _lib().bpf_lookup_elem(self._fds[name], ct.byref(key), ct.byref(value)) != 0:
@@ -673,7 +720,7 @@ class Dataplane:
     def add_route(self, dcid: bytes, slot: int, ttl: float | None = 10.0) -> None:
         """Long-header packets with this client-chosen DCID go to worker ``slot`` for
         ``ttl`` seconds (None: until deleted or evicted by the LRU)."""
-        self._need_loaded()
+        self._need_maps()
         expires = 0 if ttl is None else time.monotonic_ns() + int(ttl * 1e9)
         value = ct.create_string_buffer(struct.pack("=IIQ", slot, 0, expires), 16)
         key = self._route_key(dcid)
@@ -682,7 +729,7 @@ class Dataplane:
 
     def delete_route(self, dcid: bytes) -> bool:
         """Forget a route; False if there was none."""
-        self._need_loaded()
+        self._need_maps()
         if _lib().bpf_delete_elem(self._fds["initial_routes"], self._route_key(dcid)) == 0:
             return True
         if ct.get_errno() == errno.ENOENT:
@@ -691,7 +738,7 @@ class Dataplane:
 
     def routes(self) -> dict[bytes, tuple[int, int]]:
         """DCID -> (slot, expires_ns) for every route in the map."""
-        self._need_loaded()
+        self._need_maps()
         lib, fd = _lib(), self._fds["initial_routes"]
         size = self._consts["STEERD_ROUTE_KEY_SIZE"]
         out: dict[bytes, tuple[int, int]] = {}
@@ -727,7 +774,7 @@ class Dataplane:
         self._write_guard_config(0, 24, 48, 0, 0)
 
     def _write_guard_config(self, on: int, v4: int, v6: int, interval: int, burst: int) -> None:
-        self._need_loaded()
+        self._need_maps()
         key = ct.c_uint32(0)
         value = ct.create_string_buffer(struct.pack("=IBBHQQ", on, v4, v6, 0, interval, burst), 24)
         if _lib().bpf_update_elem(self._fds["guard_config"], ct.byref(key), value, 0) != 0:
@@ -745,7 +792,7 @@ class Dataplane:
 
     def counters(self) -> dict[str, int]:
         """Every counter named in bpf/steerd.h, summed over CPUs."""
-        self._need_loaded()
+        self._need_maps()
         lib, fd = _lib(), self._fds["counters"]
         values = (ct.c_uint64 * self._ncpus)()
         out: dict[str, int] = {}
