@@ -30,7 +30,7 @@ from tests.e2e.conftest import PORT, PYTHON, ROOT, Daemon, _read_line, start_dae
 from tests.netns import NetnsPair, netns_pair
 
 sys.path.insert(0, str(Path(__file__).parent))
-from quic_client import Session
+from quic_client import RequestFailed, Session  # noqa: F401 - for the tests
 
 H3SITE = str(ROOT / "deploy" / "apps" / "h3site.py")
 FILESERVE = str(ROOT / "deploy" / "apps" / "fileserve.py")

@@ -7,6 +7,7 @@ stateless reset promptly (not an idle timeout) while other workers and apps carr
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,15 @@ import pytest
 from steerd.sdk import DEAD_WORKER_LOAD
 from tests.e2e.conftest import Daemon
 from tests.netns import NetnsPair
-from tests.sdk.harness import Loader, RunningApp, Session, session, start_demo_app, start_loader
+from tests.sdk.harness import (
+    Loader,
+    RequestFailed,
+    RunningApp,
+    Session,
+    session,
+    start_demo_app,
+    start_loader,
+)
 
 pytestmark = pytest.mark.root
 
@@ -107,12 +116,28 @@ def test_killed_worker_clients_get_stateless_reset(daemon: Daemon, pair: NetnsPa
     web = start_demo_app(daemon, "h3", workers=1, name="web")
     running.append(web)
     victim: Session = session(pair, "smb")
+    opened: list[Session] = []
     try:
         info = json.loads(victim.fetch("INFO"))
         slot, pid = info["slot"], info["pid"]
         token = victim.conn._peer_cid.stateless_reset_token
+        # a qh3 client on the same worker: qh3 acts on stateless resets (aioquic ignores
+        # them), so it shows the effect a client sees
+        qh3_victim = None
+        while qh3_victim is None and len(opened) < 10:
+            candidate = session(pair, "smb", "qh3")
+            opened.append(candidate)
+            if json.loads(candidate.fetch("INFO"))["slot"] == slot:
+                qh3_victim = candidate
+        assert qh3_victim is not None, "no qh3 connection landed on the victim's worker"
         os.kill(pid, signal.SIGKILL)
         assert _gone(pid, 5)
+        victim.sock.setblocking(False)  # take in what the worker sent before it died
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                victim.conn.receive_datagram(victim.sock.recv(65535), victim.server,
+                                             now=time.time())
+        victim.sock.setblocking(True)
         before = len(victim.received)
         sent_at = time.monotonic()
         victim.conn.send_stream_data(victim.conn.get_next_available_stream_id(), b"INFO\n",
@@ -128,8 +153,15 @@ def test_killed_worker_clients_get_stateless_reset(daemon: Daemon, pair: NetnsPa
             "not the reset token the worker advertised (daemon must send "
             "reset_token(key, cid) for a dead slot)")
         assert delay < 1.0
+        started = time.monotonic()
+        qh3_victim.timeout = 5.0
+        with pytest.raises(RequestFailed, match="connection closed"):
+            qh3_victim.fetch("INFO")
+        assert time.monotonic() - started < 1.0, "qh3 noticed only by a timeout"
     finally:
         victim.close()
+        for other_session in opened:
+            other_session.close()
     # the other worker, and the other app, carry on
     for _ in range(3):
         other = session(pair, "smb")
