@@ -310,7 +310,11 @@ def run(
     inherited = inherited_from_environment()
     client: ControlClient | None = None
     if inherited is None:
-        client = ControlClient(spec.control)
+        try:
+            client = ControlClient(spec.control)
+        except OSError as exc:
+            print(f"steerd: cannot reach the daemon at {spec.control}: {exc}", file=sys.stderr)
+            return 2
         try:
             reg: Registration = client.register(
                 spec.app, spec.alpn, spec.server_names, spec.workers, spec.replace)
