@@ -257,6 +257,8 @@ server_names = ["*"]
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
         shutil.rmtree(work, ignore_errors=True)
+        if os.path.exists(pin_dir):  # a daemon that had to be killed leaves its pins
+            shutil.rmtree(pin_dir, ignore_errors=True)
     med = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}
     cost = {m: statistics.median(r["server_cpu_ms"] for r in rs) for m, rs in results.items()}
     return {
