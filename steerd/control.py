@@ -14,7 +14,7 @@ Why this shape:
   tested end to end with real sockets without BPF (the BPF side has its own tests).
 
 Protocol (one JSON object per packet, UTF-8; every request may carry an ``"id"`` (string or
-integer) that the reply echoes; requests carry no file descriptors):
+integer) that the reply echoes; only a resuming register carries file descriptors):
 
 =========== ================================================== ================================
 op          request fields                                     reply (besides ok, op, id)
@@ -23,6 +23,9 @@ register    app, alpn [..], server_names [..] (default: all),  app, generation, 
             workers (default 1), replace (default false)       server_id, sockets [{address,
                                                                port, fd_index}]}], cid {...},
                                                                reset_key (hex); FDs attached
+register    the same, plus resume [slots], carrying the app's  the same, plus resumed: true;
+ (resume)   worker sockets as FDs (one per listen address per  no FDs (the app keeps its own)
+            slot): after a daemon restart
 deregister  app                                                app, slots (freed)
 drain       app                                                app, generations (now draining)
 load        app, workers [{slot, load}]                        app
@@ -31,7 +34,7 @@ status      (none)                                             status {...}
 
 Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
 carries on, and the connection stays open (except when the daemon cannot reply at all).
-Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds,
+Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds, bad_resume,
 rate_limited (the message is not even parsed, so no id is echoed), acl_denied, conflict,
 exists, not_owner, not_registered, no_slots, socket_error, internal_error,
 too_many_connections (then the connection is closed).
@@ -65,6 +68,7 @@ from steerd.registry import Generation, Peer, Registry, RegistryError
 
 OPS = ("deregister", "drain", "load", "register", "status")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+SO_COOKIE = getattr(socket, "SO_COOKIE", 57)  # Linux >= 4.12
 RESET_KEY_LEN = 32
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after accept() failed (e.g. out of FDs)
 _FD_SIZE = array.array("i").itemsize
@@ -83,6 +87,17 @@ class SocketSink(Protocol):
     def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None: ...
 
     def remove_worker(self, slot: int) -> None: ...
+
+    def worker_cookies(self, slot: int) -> list[int | None]:
+        """The SO_COOKIE of the socket in ``slot`` of each group (None: empty), so a resuming
+        app can prove the sockets it presents are the ones steering its connections."""
+        ...
+
+
+def socket_cookie(fd: int) -> int:
+    """The kernel's unique, never reused id of a socket (what REUSEPORT_SOCKARRAY stores)."""
+    with socket.socket(fileno=os.dup(fd)) as sock:
+        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
 
 def bind_worker_socket(address: str, port: int) -> socket.socket:
@@ -174,6 +189,7 @@ class _Connection:
     bucket: _TokenBucket
     id: int
     closed: bool = field(default=False)
+    request_fds: list[int] = field(default_factory=list)  # of the request being handled
 
 
 class ControlServer:
@@ -351,12 +367,16 @@ class ControlServer:
             self._drop(conn)
             return
         fds = _fds_from(ancdata)
-        for fd in fds:  # a request never carries FDs: never keep one
-            os.close(fd)
         if not data and not ancdata:
             self._drop(conn)  # orderly shutdown by the app
             return
-        reply, send_fds, cleanup = self._handle(conn, data, flags, len(fds))
+        conn.request_fds = fds  # only a resume looks at them; never kept past the request
+        try:
+            reply, send_fds, cleanup = self._handle(conn, data, flags, len(fds))
+        finally:
+            conn.request_fds = []
+            for fd in fds:
+                os.close(fd)
         try:
             self._send(conn, reply, send_fds)
         finally:
@@ -397,10 +417,10 @@ class ControlServer:
                 raise _Refused(
                     "too_large", f"message too large: the limit is {self._max_message} bytes"
                 )
-            if nfds or flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC:
                 raise _Refused(
                     "unexpected_fds",
-                    f"unexpected file descriptors: requests carry none, got {nfds or 'some'}",
+                    f"unexpected file descriptors: too many, at most {SCM_MAX_FD} per request",
                 )
             try:
                 message = json.loads(data.decode("utf-8"))
@@ -425,6 +445,12 @@ class ControlServer:
                     "unknown_op", f"unknown op {render(raw_op)} (known: {', '.join(OPS)})"
                 )
             op = raw_op
+            if nfds and not (op == "register" and "resume" in message):
+                raise _Refused(
+                    "unexpected_fds",
+                    f"unexpected file descriptors: only a register with \"resume\" carries "
+                    f"them, got {nfds}",
+                )
             if self.metrics is not None:
                 self.metrics.control_messages.labels(op).inc()
             handler = getattr(self, f"_op_{op}")
@@ -460,8 +486,11 @@ class ControlServer:
     def _op_register(
         self, conn: _Connection, m: Mapping[str, Any]
     ) -> tuple[dict[str, Any], list[int], list[socket.socket]]:
-        self._fields("register", m, ("alpn", "app", "replace", "server_names", "workers"),
+        self._fields("register", m,
+                     ("alpn", "app", "replace", "resume", "server_names", "workers"),
                      ("alpn", "app"))
+        if "resume" in m:
+            return self._resume(conn, m)
         workers = m.get("workers", 1)
         limit = self.config.limits.workers_per_app
         if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= limit:
@@ -493,6 +522,55 @@ class ControlServer:
             raise
         self._update_gauges()
         return self._register_reply(gen, addresses, port), [s.fileno() for s in made], made
+
+    def _resume(
+        self, conn: _Connection, m: Mapping[str, Any]
+    ) -> tuple[dict[str, Any], list[int], list[socket.socket]]:
+        """An app that outlived a daemon restart takes back its slots: it presents the worker
+        sockets it holds (one per listen address per slot, in reply order); each must be the
+        very socket the data plane has in that slot (same SO_COOKIE). Nothing is created or
+        handed over: its connections never stopped flowing."""
+        slots = m["resume"]
+        addresses = self.config.listen.addresses
+        if (
+            not isinstance(slots, list) or not slots
+            or any(isinstance(x, bool) or not isinstance(x, int) for x in slots)
+        ):
+            raise _Refused("bad_request",
+                           f'register: "resume" must be a non-empty list of slots, got '
+                           f"{render(slots)}")
+        workers = m.get("workers", len(slots))
+        if workers != len(slots):
+            raise _Refused("bad_request", f'register: "workers" ({render(workers)}) must equal '
+                           f'the number of slots resumed ({len(slots)})')
+        fds = conn.request_fds
+        if len(fds) != len(slots) * len(addresses):
+            raise _Refused(
+                "bad_resume",
+                f"register: resuming {len(slots)} slot(s) takes {len(slots) * len(addresses)} "
+                f"sockets (one per listen address per slot), got {len(fds)}",
+            )
+        for i, slot in enumerate(slots):
+            want = self.sink.worker_cookies(slot)
+            for j, address in enumerate(addresses):
+                try:
+                    have: int | None = socket_cookie(fds[i * len(addresses) + j])
+                except OSError:
+                    have = None
+                if j >= len(want) or have is None or want[j] != have:
+                    raise _Refused(
+                        "bad_resume",
+                        f"register: the socket given for slot {slot} on {address} is not the "
+                        "one steering that slot",
+                    )
+        gen = self.registry.register(
+            m["app"], m["alpn"], m.get("server_names", []), len(slots), m.get("replace", False),
+            conn.peer, conn.id, resume=slots,
+        )
+        self._update_gauges()
+        reply = self._register_reply(gen, addresses, self.config.listen.port)
+        reply["resumed"] = True
+        return reply, [], []
 
     def _undo(self, gen: Generation, made: list[socket.socket], added: list[int]) -> None:
         for slot in added:
@@ -651,6 +729,15 @@ class Registration:
     reset_key: bytes
     reply: dict[str, Any]
 
+    @classmethod
+    def from_reply(cls, reply: dict[str, Any], sockets: list[socket.socket]) -> Registration:
+        cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
+        return cls(
+            app=reply["app"], generation=reply["generation"], workers=reply["workers"],
+            sockets=sockets, layout=CidLayout(**cid), reset_key=bytes.fromhex(reply["reset_key"]),
+            reply=reply,
+        )
+
     def worker_sockets(self, slot: int) -> list[socket.socket]:
         for w in self.workers:
             if w["slot"] == slot:
@@ -702,9 +789,11 @@ class ControlClient:
             raise ConnectionError("steerd closed the control connection")
         return json.loads(data), sockets
 
-    def call(self, message: Mapping[str, Any]) -> tuple[dict[str, Any], list[socket.socket]]:
+    def call(
+        self, message: Mapping[str, Any], fds: Sequence[int] = ()
+    ) -> tuple[dict[str, Any], list[socket.socket]]:
         """Send a request; return the successful reply or raise ControlError."""
-        self.send_raw(json.dumps(message).encode())
+        self.send_raw(json.dumps(message).encode(), fds)
         reply, sockets = self.receive()
         if not reply.get("ok"):
             for s in sockets:
@@ -720,12 +809,22 @@ class ControlClient:
             "op": "register", "app": app, "alpn": list(alpn),
             "server_names": list(server_names), "workers": workers, "replace": replace,
         })
-        cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
-        return Registration(
-            app=reply["app"], generation=reply["generation"], workers=reply["workers"],
-            sockets=sockets, layout=CidLayout(**cid), reset_key=bytes.fromhex(reply["reset_key"]),
-            reply=reply,
-        )
+        return Registration.from_reply(reply, sockets)
+
+    def resume(
+        self, app: str, alpn: Sequence[str], server_names: Sequence[str],
+        previous: Registration,
+    ) -> Registration:
+        """After a daemon restart: take back ``previous``'s slots with the sockets it holds.
+        The returned Registration shares ``previous``'s sockets (same order, same FDs)."""
+        slots = [w["slot"] for w in previous.workers]
+        fds = [s.fileno() for w in previous.workers for s in previous.worker_sockets(w["slot"])]
+        reply, _ = self.call({
+            "op": "register", "app": app, "alpn": list(alpn),
+            "server_names": list(server_names), "resume": slots,
+        }, fds)
+        return Registration.from_reply(reply, [
+            s for w in previous.workers for s in previous.worker_sockets(w["slot"])])
 
     def deregister(self, app: str) -> list[int]:
         return list(self.call({"op": "deregister", "app": app})[0]["slots"])

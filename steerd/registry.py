@@ -27,7 +27,7 @@ Model:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -193,6 +193,10 @@ class Registry:
         self.worker_slots = worker_slots
         self.workers_per_app = workers_per_app
         self._free: deque[int] = deque(range(worker_slots))
+        # Slots whose sockets a previous daemon run handed out and that are still in the data
+        # plane: their apps keep serving (their CIDs name these slots) and are expected to
+        # re-register with "resume". Never handed to anyone else meanwhile.
+        self._orphans: set[int] = set()
         self._apps: dict[str, _App] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (alpn, name pattern) -> app
         self._next_generation: dict[str, int] = {}
@@ -215,8 +219,14 @@ class Registry:
         replace: bool,
         peer: Peer,
         owner: Hashable,
+        resume: Sequence[int] | None = None,
     ) -> Generation:
-        """Start a generation of ``app``; the previous one (if any, and ``replace``) drains."""
+        """Start a generation of ``app``; the previous one (if any, and ``replace``) drains.
+
+        ``resume``: the orphaned slots (see :meth:`reserve_orphans`) an app that survived a
+        daemon restart still serves; the generation takes exactly those (the caller has
+        checked the app holds their sockets), instead of fresh ones.
+        """
         app = self._check("app", app, check_app_name)
         if not isinstance(alpns, list | tuple) or not alpns:
             raise RegistryError(
@@ -285,7 +295,16 @@ class Registry:
                         f"app {render(other)}",
                     )
 
-        if len(self._free) < workers:
+        if resume is not None:
+            bad = [slot for slot in resume if slot not in self._orphans]
+            if bad or len(set(resume)) != len(resume) or len(resume) != workers:
+                raise RegistryError(
+                    "bad_resume",
+                    f"cannot resume slots {list(resume)}: only slots a previous daemon run "
+                    f"handed out and still in the data plane can be resumed, once each "
+                    f"(resumable: {sorted(self._orphans)})",
+                )
+        elif len(self._free) < workers:
             raise RegistryError(
                 "no_slots",
                 f"no free worker slots: {workers} wanted, {len(self._free)} free of "
@@ -300,7 +319,11 @@ class Registry:
             self._set_draining(replaced)
         number = self._next_generation.get(app, 0) + 1
         self._next_generation[app] = number
-        slots = [self._free.popleft() for _ in range(workers)]
+        if resume is not None:
+            slots = list(resume)
+            self._orphans.difference_update(slots)
+        else:
+            slots = [self._free.popleft() for _ in range(workers)]
         generation = Generation(
             app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
             server_names=names,
@@ -312,6 +335,26 @@ class Registry:
             for name in names:
                 self._claims[(alpn, name)] = app
         return generation
+
+    def reserve_orphans(self, slots: Iterable[int]) -> None:
+        """At start-up: these slots still hold a previous run's worker sockets."""
+        for slot in slots:
+            if slot in self._free:
+                self._free.remove(slot)
+                self._orphans.add(slot)
+
+    def release_orphans(self, alive: Callable[[int], bool]) -> list[int]:
+        """Free the orphaned slots whose sockets are gone (the app exited without resuming:
+        the kernel took its sockets out of the data plane). Returns them."""
+        gone = [slot for slot in self._orphans if not alive(slot)]
+        for slot in gone:
+            self._orphans.discard(slot)
+            self._free.append(slot)
+        return gone
+
+    @property
+    def orphans(self) -> frozenset[int]:
+        return frozenset(self._orphans)
 
     def undo(self, gen: Generation) -> list[int]:
         """Take back a registration that could not be completed (its sockets could not be
@@ -443,7 +486,8 @@ class Registry:
                 {"app": a.name, "generations": [g.snapshot() for g in a.generations]}
                 for a in sorted(self._apps.values(), key=lambda a: a.name)
             ],
-            "slots": {"total": self.worker_slots, "free": len(self._free)},
+            "slots": {"total": self.worker_slots, "free": len(self._free),
+                      "awaiting_resume": sorted(self._orphans)},
             "policy": {
                 "no_owner": self.policy.no_owner, "default_app": self.policy.default_app,
                 "alpn_preference": self.policy.alpn_preference,

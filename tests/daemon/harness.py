@@ -12,7 +12,7 @@ from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from steerd.config import Config
-from steerd.control import ControlServer
+from steerd.control import ControlServer, socket_cookie
 from steerd.metrics import Metrics
 from steerd.registry import Registry
 
@@ -30,20 +30,27 @@ class RecordingSink:
         self.cond = threading.Condition()
         self.calls: list[tuple[str, int]] = []
         self.workers: dict[int, list[tuple[int, str, int]]] = {}
+        self.cookies: dict[int, list[int]] = {}
 
     def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None:
         with self.cond:
             if slot in self.workers:
                 raise ValueError(f"slot {slot} is already in use")
             self.workers[slot] = [(s.family, *s.getsockname()[:2]) for s in sockets]
+            self.cookies[slot] = [socket_cookie(s.fileno()) for s in sockets]
             self.calls.append(("add", slot))
             self.cond.notify_all()
 
     def remove_worker(self, slot: int) -> None:
         with self.cond:
             self.workers.pop(slot, None)
+            self.cookies.pop(slot, None)
             self.calls.append(("remove", slot))
             self.cond.notify_all()
+
+    def worker_cookies(self, slot: int) -> list[int | None]:
+        with self.cond:
+            return list(self.cookies.get(slot, []))
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         with self.cond:

@@ -123,7 +123,7 @@ def test_deregister_and_disconnect_free_everything(daemon: Daemon) -> None:
         daemon.sink.wait_for(lambda: not daemon.sink.workers)
         assert daemon.in_loop(lambda: daemon.registry.decide(None, ["smb"])) is None
         status = a.status()
-        assert status["apps"] == [] and status["slots"] == {"total": 8, "free": 8}
+        assert status["apps"] == [] and status["slots"] == {"total": 8, "free": 8, "awaiting_resume": []}
         ra.close()
         rb.close()
     finally:
@@ -194,7 +194,7 @@ MALFORMED = [
     (b'{"op": "register", "app": "web"}', "bad_message", 'register: missing field "alpn"',
      "register"),
     (b'{"op": "register", "app": "web", "alpns": ["h3"]}', "bad_message",
-     'register: unknown field "alpns" (known: alpn, app, id, op, replace, server_names, '
+     'register: unknown field "alpns" (known: alpn, app, id, op, replace, resume, server_names, '
      'workers)', "register"),
     (b'{"op": "register", "app": "web", "alpn": "h3"}', "bad_request",
      'register: "alpn" must be a non-empty list of strings, got "h3"', "register"),
@@ -244,8 +244,9 @@ def test_file_descriptors_in_a_request_are_refused_and_closed(daemon: Daemon) ->
         with ControlClient(daemon.path) as c:
             reply = raw_reply(c, b'{"op": "status"}', (r, r))
             assert reply == {
-                "ok": False, "op": None, "reason": "unexpected_fds",
-                "error": "unexpected file descriptors: requests carry none, got 2",
+                "ok": False, "op": "status", "reason": "unexpected_fds",
+                "error": 'unexpected file descriptors: only a register with "resume" carries '
+                         "them, got 2",
             }
             os.close(r)
             r = -1
@@ -540,3 +541,37 @@ def test_metrics_bpf_source_failure_does_not_break_scrape(daemon: Daemon) -> Non
     daemon.metrics.set_bpf_source(broken)
     text = scrape(daemon)
     assert "steerd_apps 0.0" in text and "steerd_bpf_events_total{" not in text
+
+
+def test_resume_takes_back_orphaned_slots_with_the_very_sockets(daemon: Daemon) -> None:
+    """After a daemon restart an app presents the worker sockets it kept; only the sockets the
+    data plane holds for those slots are accepted, and nothing new is handed out."""
+    with ControlClient(daemon.path) as first:
+        reg = first.register("web", ["h3"], workers=2)
+        slots = [w["slot"] for w in reg.workers]
+        # The app's control connection breaks (a daemon restart looks the same to the
+        # registry): its slots are now orphans the data plane still holds.
+        daemon.in_loop(lambda: daemon.registry.disconnect(daemon.server.owner_ids()[0]))
+        daemon.in_loop(lambda: daemon.registry.reserve_orphans(slots))
+        with ControlClient(daemon.path) as again:
+            other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            try:
+                with pytest.raises(ControlError) as e:
+                    again.call({"op": "register", "app": "web", "alpn": ["h3"],
+                                "resume": slots[:1]}, [other.fileno(), other.fileno()])
+                assert e.value.reason == "bad_resume"
+                assert str(e.value) == ("register: the socket given for slot "
+                                        f"{slots[0]} on 127.0.0.1 is not the one steering "
+                                        "that slot")
+                with pytest.raises(ControlError) as e:
+                    again.call({"op": "register", "app": "web", "alpn": ["h3"],
+                                "resume": slots}, [other.fileno()])
+                assert e.value.reason == "bad_resume"
+            finally:
+                other.close()
+            back = again.resume("web", ["h3"], [], reg)
+            assert back.reply["resumed"] is True
+            assert [w["slot"] for w in back.workers] == slots
+            assert back.sockets == reg.sockets  # the app keeps serving on what it had
+            assert again.status()["slots"]["awaiting_resume"] == []
+        reg.close()

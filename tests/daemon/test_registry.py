@@ -284,7 +284,7 @@ def test_status_snapshot() -> None:
                 {"slot": 1, "server_id": "0001", "load": None, "assigned": 0},
             ],
         }]}],
-        "slots": {"total": 16, "free": 14},
+        "slots": {"total": 16, "free": 14, "awaiting_resume": []},
         "policy": {"no_owner": "close", "default_app": None, "alpn_preference": "client",
                    "alpn_order": []},
     }
@@ -312,3 +312,23 @@ def test_undo_restores_the_replaced_generation() -> None:
     g3 = reg(r, "fresh", ["x"], owner=3)
     r.undo(g3)
     assert r.generations("fresh") == [] and r.counts().apps == 1
+
+
+def test_orphaned_slots_are_held_for_resume_then_freed() -> None:
+    """After a daemon restart, slots still in the data plane wait for their app to resume
+    them: no new registration gets them, a resume takes exactly them, and those whose
+    sockets vanished go back to the pool."""
+    reg = Registry(CidLayout(), PolicyConfig(), [], worker_slots=4, workers_per_app=4)
+    reg.reserve_orphans([1, 2])
+    assert reg.orphans == {1, 2}
+    fresh = reg.register("new", ["h3"], [], 2, False, ROOT, "o1")
+    assert sorted(w.slot for w in fresh.workers) == [0, 3]
+    with pytest.raises(RegistryError) as e:
+        reg.register("web", ["smb"], [], 1, False, ROOT, "o2", resume=[0])
+    assert e.value.reason == "bad_resume"
+    back = reg.register("web", ["smb"], [], 1, False, ROOT, "o2", resume=[2])
+    assert [w.slot for w in back.workers] == [2]
+    assert [w.server_id for w in back.workers] == [CidLayout().encode(2, bytes(6))[1:3]]
+    assert reg.release_orphans(lambda slot: False) == [1]
+    assert reg.orphans == frozenset()
+    assert reg.decide(None, ["smb"]).slot == 2
