@@ -388,9 +388,8 @@ classifiers = {classifiers}
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if os.path.isdir(pin_dir):  # only if the daemon failed to clean up after itself
+        if os.path.isdir(pin_dir):  # a stopped daemon leaves its pins for the next run
             subprocess.run(["rm", "-rf", pin_dir], check=False)
-            print(f"bench/daemon: steerd left {pin_dir}; removed", file=sys.stderr)
         if proc.returncode not in (0, -15):
             print(f"bench/daemon: steerd exited {proc.returncode}:\n{log_path.read_text()}",
                   file=sys.stderr)

@@ -200,6 +200,10 @@ class FlightFront:
         while seen and now - next(iter(seen.values())) >= ttl:
             seen.popitem(last=False)
 
+    def forget(self, dcid: bytes) -> None:
+        """Treat the next datagram of ``dcid`` as new (its flight was held, not decided)."""
+        self._handed.pop(dcid, None)
+
     def stats(self) -> FrontStats:
         return FrontStats(self.assembler.pending_count, self.assembler.pending_bytes,
                           dict(self.dropped), self.rejected)
@@ -267,8 +271,13 @@ class Classifier:
         send_burst: int = 1000,
         random: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], float] = time.monotonic,
+        hold_unowned_until: float = 0.0,
     ) -> None:
         self.registry = registry
+        # After a daemon restart, until this time and while apps of the previous run have not
+        # resumed their slots, a flight nobody owns yet is dropped unanswered (the client
+        # retransmits) instead of refused: its app is probably about to come back.
+        self.hold_unowned_until = hold_unowned_until
         self.write_route = write_route
         self.reinject = reinject
         self.reply = reply
@@ -334,6 +343,10 @@ class Classifier:
     def _flight(self, flight: Flight, now: float) -> str:
         decision = self.registry.decide(flight.sni, flight.alpn)
         first = flight.datagrams[0][1]
+        if decision is None and now < self.hold_unowned_until and self.registry.orphans:
+            self.front.forget(flight.dcid)
+            self.tally.flight("held")
+            return "held"
         if decision is None:
             self.tally.flight("no_owner")
             if self._budget.take(now):

@@ -92,8 +92,36 @@ def receive(
         yield data, Origin((client[0], client[1]), service, group)
 
 
+# After a restart, how long flights for ALPNs nobody owns yet are left unanswered while the
+# previous run's apps resume (the client retransmits) rather than refused.
+RESUME_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
+
+
+def reset_key_path(config: Config) -> str:
+    """Beside the control socket (root's runtime directory, gone at reboot with the pins)."""
+    return os.path.join(os.path.dirname(config.control.path) or ".", "reset.key")
+
+
+def load_reset_key(path: str) -> bytes:
+    """The stateless-reset key of earlier runs, or a new one saved for later runs (0600)."""
+    try:
+        with open(path, "rb") as f:
+            key = f.read()
+        if len(key) == RESET_KEY_LEN:
+            return key
+        log.warning("%s is not a %d-byte key: making a new one", path, RESET_KEY_LEN)
+    except FileNotFoundError:
+        pass
+    key = os.urandom(RESET_KEY_LEN)
+    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key)
+    os.replace(tmp, path)
+    return key
 
 
 class _Group:
@@ -117,9 +145,11 @@ class Daemon:
         self.registry = Registry.from_config(config)
         self.groups: list[_Group] = []
         self.reinjector = Reinjector()
-        # Per run: apps derive stateless-reset tokens from it; the classifier resets the
-        # connections of a worker that died with the same key.
-        reset_key = os.urandom(RESET_KEY_LEN)
+        # Apps derive stateless-reset tokens from it; the classifier resets the connections
+        # of a worker that died with the same key. It outlives a daemon restart (apps that
+        # resume keep the tokens they advertised), not a purge or a reboot.
+        reset_key = load_reset_key(reset_key_path(config))
+        self.started = time.monotonic()
         self.classifier = Classifier(
             self.registry,
             self._write_route,
@@ -133,6 +163,7 @@ class Daemon:
                 ttl=limits.pending_ttl,
             ),
             decided_ttl=limits.route_ttl,
+            hold_unowned_until=self.started + RESUME_GRACE,
         )
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
@@ -140,7 +171,6 @@ class Daemon:
         )
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._xdp: list[str] = []
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
         # last report of each; with one classifier the main process classifies itself.
         self._children: list[tuple[int, socket.socket]] = []
@@ -153,7 +183,11 @@ class Daemon:
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load the data plane, open the classifier sockets, serve control and metrics."""
+        """Open the data plane, the classifier sockets and the control socket, then load the
+        programs. The order is what makes a restart seamless: a previous run's program stays
+        attached to each group (the apps' sockets keep the groups alive) and its pinned maps
+        are reopened here, so the new classifier sockets receive traffic and apps can resume
+        within a moment, while compiling the programs takes seconds."""
         self._loop = asyncio.get_running_loop()
         cfg, limits = self.config, self.config.limits
         try:
@@ -169,41 +203,54 @@ class Daemon:
                 )
                 group = _Group(index, address, dp)
                 self.groups.append(group)
-                dp.load()
-                dp.clear_routes()  # routes of a previous run name slots this run reassigns
+                dp.open_maps()
                 for j in range(limits.classifiers):
                     sock = bind_classifier_socket(address, cfg.listen.port)
                     group.sockets.append(sock)
-                    if j == 0:
-                        # Before any worker joins: until the program is attached the kernel
-                        # hashes, and only classifier sockets may be there to receive.
-                        dp.attach_reuseport(sock)
                     dp.set_classifier(j, sock)
                     if limits.classifiers == 1:
                         self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+            # Slots a previous run handed out whose sockets are still in the data plane:
+            # their apps serve on; nobody else gets them until the apps resume or exit.
+            orphans = [slot for slot in range(limits.worker_slots) if self._slot_alive(slot)]
+            self.registry.reserve_orphans(orphans)
+            if orphans:
+                log.info("slots %s still serve a previous run's apps: awaiting resume", orphans)
             if limits.classifiers > 1:
                 self._start_children()
-            if self.groups:
-                dp0 = self.groups[0].dataplane
-                for ifname in cfg.xdp.interfaces:
-                    if cfg.xdp.mode == "tc":
-                        dp0.attach_tc(ifname)
-                        mode = "tc"
-                    else:
-                        mode = dp0.attach_xdp(ifname, cfg.xdp.mode)
-                    self._xdp.append(ifname)
-                    log.info("guard on %s (%s)", ifname, mode)
             self.metrics.set_bpf_source(self.counters)
             await self.control.start()
             if cfg.metrics.enabled:
                 self.metrics_address = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
             self._tick = asyncio.create_task(self._ticker())
+            log.info("classifying and accepting apps")
+            await self._loop.run_in_executor(None, self._load_programs)
         except BaseException:
             await self.stop()
             raise
 
+    def _load_programs(self) -> None:
+        """Compile and attach (in a thread: the event loop keeps classifying meanwhile)."""
+        cfg = self.config
+        for group in self.groups:
+            group.dataplane.load_programs()
+            # Replaces the group's program (a previous run's, or the kernel's hash).
+            group.dataplane.attach_reuseport(group.sockets[0])
+        if self.groups:
+            dp0 = self.groups[0].dataplane
+            for ifname in cfg.xdp.interfaces:
+                if cfg.xdp.mode == "tc":
+                    dp0.detach_stale_tc(ifname)  # a previous run's guard
+                    dp0.attach_tc(ifname)
+                    mode = "tc"
+                else:
+                    mode = dp0.attach_xdp(ifname, cfg.xdp.mode)  # replaces a previous one
+                log.info("guard on %s (%s)", ifname, mode)
+
     async def stop(self) -> None:
-        """Undo :meth:`start`: sockets closed, XDP detached, programs and maps unpinned."""
+        """Close the daemon's sockets and leave the pinned data plane as it is: programs,
+        maps and guard keep steering the apps' connections, and the next run takes over.
+        ``steerd purge`` removes it all."""
         if self._tick is not None:
             self._tick.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -217,19 +264,9 @@ class Daemon:
                 if self._loop is not None and self.config.limits.classifiers == 1:
                     self._loop.remove_reader(sock.fileno())
                 sock.close()
-        for ifname in self._xdp:
-            with contextlib.suppress(Exception):
-                if self.config.xdp.mode == "tc":
-                    self.groups[0].dataplane.detach_tc(ifname)
-                else:
-                    self.groups[0].dataplane.detach_xdp(ifname)
-        self._xdp.clear()
         for group in self.groups:
-            with contextlib.suppress(Exception):
-                group.dataplane.destroy()
+            group.dataplane.close()
         self.groups.clear()
-        with contextlib.suppress(OSError):
-            os.rmdir(self.pin_dir)  # only when empty: never another tool's pins
         self.reinjector.close()
         self._stopped.set()
 
@@ -247,6 +284,8 @@ class Daemon:
             if not self._children:
                 self.classifier.expire(time.monotonic())
                 self.metrics.absorb(self.classifier.tally.take())
+            if self.registry.orphans and self.registry.release_orphans(self._slot_alive):
+                self._registry_changed()  # an app exited without resuming: slots are free
             self._update_gauges()
 
     def _current_reports(self) -> list[ClassifierReport]:
@@ -274,6 +313,12 @@ class Daemon:
     def remove_worker(self, slot: int) -> None:
         for group in self.groups:
             group.dataplane.remove_worker(slot)
+
+    def worker_cookies(self, slot: int) -> list[int | None]:
+        return [group.dataplane.worker_cookie(slot) for group in self.groups]
+
+    def _slot_alive(self, slot: int) -> bool:
+        return any(cookie is not None for cookie in self.worker_cookies(slot))
 
     # -- classifier I/O --------------------------------------------------------------------------
 
@@ -326,6 +371,7 @@ class Daemon:
                 decided_ttl=limits.route_ttl,
                 send_rate=self.classifier.send_rate / limits.classifiers,
                 send_burst=max(1, self.classifier.send_burst // limits.classifiers),
+                hold_unowned_until=self.classifier.hold_unowned_until,
             )
             port = self.config.listen.port
             sel = selectors.DefaultSelector()
@@ -493,6 +539,48 @@ def _run(args: Any) -> int:
     return 0
 
 
+def purge(config: Config, pin_dir: str) -> list[str]:
+    """Remove everything a stopped daemon leaves for its successor: the guard on the
+    configured interfaces, the pinned maps and programs, the reset key. Established
+    connections of apps still running lose their steering (new datagrams are hashed by the
+    kernel); run it when steerd is to go away, not between restarts. Returns what it did."""
+    import shutil
+
+    done: list[str] = []
+    for index, _address in enumerate(config.listen.addresses):
+        group_dir = f"{pin_dir}/g{index}"
+        if not os.path.isdir(group_dir):
+            continue
+        if index == 0:
+            dp = Dataplane(DataplaneConfig(layout=config.cid, pin_dir=group_dir))
+            for ifname in config.xdp.interfaces:
+                with contextlib.suppress(OSError):
+                    done += [f"{kind} guard off {ifname}"
+                             for kind in dp.remove_pinned_guard(ifname)]
+        shutil.rmtree(group_dir)
+        done.append(f"removed {group_dir}")
+    with contextlib.suppress(OSError):
+        os.rmdir(pin_dir)  # only when empty: never another tool's pins
+    key = reset_key_path(config)
+    if os.path.exists(key):
+        os.unlink(key)
+        done.append(f"removed {key}")
+    return done
+
+
+def _purge(args: Any) -> int:
+    from steerd.config import ConfigError, load_config
+
+    try:
+        config = load_config(args.config) if args.config else Config()
+    except ConfigError as exc:
+        print(f"steerd: {exc}", file=sys.stderr)
+        return 2
+    for line in purge(config, args.pin_dir) or ["nothing to remove"]:
+        print(line)
+    return 0
+
+
 def _status(args: Any) -> int:
     import json
 
@@ -541,7 +629,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def add_command(subparsers: Any) -> None:
-    """``steerd run`` and ``steerd status``."""
+    """``steerd run``, ``steerd purge`` and ``steerd status``."""
     from steerd.config import DEFAULT_CONFIG_PATH
 
     p = subparsers.add_parser("run", help="run the daemon (as root)")
@@ -551,6 +639,11 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--pin-dir", default=DEFAULT_PIN_DIR, help="bpffs directory for maps/programs")
     p.add_argument("--verbose", "-v", action="store_true")
     p.set_defaults(func=_run)
+    u = subparsers.add_parser(
+        "purge", help="remove the pinned data plane and guard a stopped daemon leaves behind")
+    u.add_argument("--config", "-c", default=None, help="the config the daemon ran with")
+    u.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
+    u.set_defaults(func=_purge)
     s = subparsers.add_parser("status", help="apps, generations, workers and counters")
     s.add_argument("--control", default=None, help="control socket path")
     s.add_argument("--json", action="store_true", help="machine-readable output")

@@ -37,6 +37,7 @@ FLIGHT_RESULTS = (
     "version_negotiation",  # unknown QUIC version: Version Negotiation sent
     "rejected",  # undecryptable or malformed first flight (detail in quic's reason tokens)
     "expired",  # the first flight did not complete within pending_ttl, or was evicted
+    "held",  # nobody owns it yet just after a restart, apps still resuming: left unanswered
 )
 
 # Decision latency: first datagram seen -> route written and datagrams re-injected. The target

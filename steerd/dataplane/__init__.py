@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import json
 import os
 import re
 import shutil
 import socket
 import struct
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -461,6 +463,29 @@ class Dataplane:
         except Exception as exc:
             self.close()
             raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
+
+    def remove_pinned_guard(self, ifname: str, netns: str | None = None) -> list[str]:
+        """Take the guard this pin dir's programs put on ``ifname`` off it, whichever run
+        attached it: TC by its pinned program, XDP only if the attached program is ours (the
+        pinned one), never another tool's. Returns what was removed."""
+        import bcc
+
+        removed = ["tc"] if self.detach_stale_tc(ifname, netns) else []
+        pinned = os.path.join(self.config.pin_dir, "prog_guard")
+        if not os.path.exists(pinned):
+            return removed
+        ours = json.loads(subprocess.run(
+            ["bpftool", "-j", "prog", "show", "pinned", pinned],
+            capture_output=True, text=True, check=False).stdout or "{}").get("id")
+        ip = ["ip", *(["-n", netns] if netns else []), "-j", "link", "show", "dev", ifname]
+        links = json.loads(subprocess.run(ip, capture_output=True, text=True,
+                                          check=False).stdout or "[]")
+        xdp = links[0].get("xdp", {}) if links else {}
+        if ours is not None and xdp.get("prog", {}).get("id") == ours:
+            flags = XDP_FLAGS_SKB_MODE if xdp.get("mode") == 2 else XDP_FLAGS_DRV_MODE
+            run_in_netns(netns, lambda: bcc.BPF.remove_xdp(ifname.encode(), flags))
+            removed.append("xdp")
+        return removed
 
     def detach_stale_tc(self, ifname: str, netns: str | None = None) -> bool:
         """Detach the TC guard a previous run pinned (before attaching this run's), so a

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import shutil
 import socket
 import subprocess
 import tempfile
@@ -199,12 +200,17 @@ def start_daemon(pair: NetnsPair, extra_config: str = "") -> Iterator[Daemon]:
         yield daemon
     finally:
         code = _stop(proc)
+        # A stopped daemon leaves its data plane for the next run; purge is how it goes.
+        purged = subprocess.run(
+            ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "purge",
+             "-c", str(workdir / "steerd.toml"), "--pin-dir", pin_dir],
+            capture_output=True, text=True, timeout=60,
+        )
         left = os.path.exists(pin_dir)
-        for p in workdir.iterdir():
-            p.unlink()
-        workdir.rmdir()
+        shutil.rmtree(workdir, ignore_errors=True)
         assert code == 0, f"daemon exited {code}"
-        assert not left, f"daemon left its pin dir {pin_dir}"
+        assert purged.returncode == 0, purged.stderr
+        assert not left, f"purge left the pin dir {pin_dir}"
 
 
 @pytest.fixture(
