@@ -247,6 +247,12 @@ server_names = ["*"]
                               f"{r['daemon_cpu_ms']:.2f})", flush=True)
             _stop(procs)
             codes = [p.returncode for p in procs]
+            # a stopped daemon leaves its data plane for the next run; purge removes it
+            purged = subprocess.run(
+                [*server, STEERD, "purge", "-c", str(conf), "--pin-dir", pin_dir],
+                capture_output=True, text=True, timeout=60,
+            )
+            codes.append(purged.returncode)
             if any(codes):
                 log = (work / "daemon.log").read_text()[-3000:]
                 raise RuntimeError(f"unclean stop: exit codes {codes}; daemon log:\n{log}")
