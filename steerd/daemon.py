@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import ipaddress
 import logging
+import math
 import os
 import pickle
 import selectors
@@ -92,8 +93,8 @@ def receive(
         yield data, Origin((client[0], client[1]), service, group)
 
 
-# After a restart, how long flights for ALPNs nobody owns yet are left unanswered while the
-# previous run's apps resume (the client retransmits) rather than refused.
+# After a restart, how long (past start-up) flights for ALPNs nobody owns yet are left
+# unanswered while the previous run's apps resume (the client retransmits) rather than refused.
 RESUME_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
@@ -163,7 +164,8 @@ class Daemon:
                 ttl=limits.pending_ttl,
             ),
             decided_ttl=limits.route_ttl,
-            hold_unowned_until=self.started + RESUME_GRACE,
+            # Until the programs are loaded, then RESUME_GRACE more (set in start()).
+            hold_unowned_until=math.inf,
         )
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
@@ -177,6 +179,7 @@ class Daemon:
         self._reports: dict[int, ClassifierReport] = {}
         self._socket_index = 0  # which classifier socket of a group this process replies from
         self._expired_counted = 0
+        self._stopping = False
         self.metrics_address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
 
@@ -189,6 +192,8 @@ class Daemon:
         are reopened here, so the new classifier sockets receive traffic and apps can resume
         within a moment, while compiling the programs takes seconds."""
         self._loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop during start-up
+            self._loop.add_signal_handler(sig, self._stopped.set)  # is still a clean stop
         cfg, limits = self.config, self.config.limits
         try:
             for index, address in enumerate(cfg.listen.addresses):
@@ -224,7 +229,12 @@ class Daemon:
                 self.metrics_address = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
             self._tick = asyncio.create_task(self._ticker())
             log.info("classifying and accepting apps")
+            print("steerd: classifying", flush=True)  # before the (slow) program compile
             await self._loop.run_in_executor(None, self._load_programs)
+            # Apps of a previous run have had the whole start-up to resume; give them a
+            # little more, then flights nobody owns are refused again.
+            self.classifier.hold_unowned_until = time.monotonic() + RESUME_GRACE
+            self._registry_changed()
         except BaseException:
             await self.stop()
             raise
@@ -256,6 +266,9 @@ class Daemon:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick
             self._tick = None
+        # Closing the control socket disconnects every app; that must not take their sockets
+        # out of the data plane: they serve on, and resume with the next run.
+        self._stopping = True
         await self.control.close()
         self.metrics.close()
         self._stop_children()
@@ -271,10 +284,7 @@ class Daemon:
         self._stopped.set()
 
     async def serve_forever(self) -> None:
-        """Run until SIGTERM or SIGINT, then stop cleanly."""
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, self._stopped.set)
+        """Run until SIGTERM or SIGINT (handlers installed by start()), then stop cleanly."""
         await self._stopped.wait()
         await self.stop()
 
@@ -311,6 +321,8 @@ class Daemon:
             group.dataplane.set_worker(slot, sock)
 
     def remove_worker(self, slot: int) -> None:
+        if self._stopping:
+            return
         for group in self.groups:
             group.dataplane.remove_worker(slot)
 
@@ -386,7 +398,8 @@ class Daemon:
                         message = channel.recv(_CHILD_MESSAGE_MAX)
                         if not message:
                             raise SystemExit(0)
-                        classifier.registry = pickle.loads(message)
+                        classifier.registry, classifier.hold_unowned_until = pickle.loads(
+                            message)
                         continue
                     group = key.data
                     now = time.monotonic()
@@ -415,7 +428,8 @@ class Daemon:
         decisions are per flight: copying the table beats asking the main process)."""
         if not self._children:
             return
-        snapshot = pickle.dumps(self.registry, pickle.HIGHEST_PROTOCOL)
+        snapshot = pickle.dumps((self.registry, self.classifier.hold_unowned_until),
+                                pickle.HIGHEST_PROTOCOL)
         for _, channel in self._children:
             try:
                 channel.send(snapshot)

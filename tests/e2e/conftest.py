@@ -134,6 +134,23 @@ class App:
                 return event
         return None
 
+    def wait_event(self, kind: str, timeout: float = 10.0) -> dict[str, Any] | None:
+        """The first event of ``kind`` (already seen or still to come) within ``timeout``."""
+        for event in self.events:
+            if event["event"] == kind:
+                self.events.remove(event)
+                return event
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            line = _read_line(self.proc, left)
+            if line is None:
+                return None
+            event = json.loads(line)
+            if event["event"] == kind:
+                return event
+            self.events.append(event)
+        return None
+
     def datagrams(self, count: int, timeout: float = 5.0) -> list[dict[str, Any]]:
         got = []
         for _ in range(count):
@@ -182,24 +199,33 @@ def pair() -> Iterator[NetnsPair]:
         yield made
 
 
+def spawn_daemon(daemon: Daemon, until: str = "ready") -> None:
+    """(Re)start ``steerd run`` for ``daemon``'s config and pin dir; wait for its stdout line
+    ``steerd: UNTIL`` ("classifying": sockets and control up; "ready": programs loaded)."""
+    with open(daemon.stderr_path, "a") as err:
+        daemon.proc = subprocess.Popen(
+            ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "run", "-v",
+             "-c", str(daemon.workdir / "steerd.toml"), "--pin-dir", daemon.pin_dir],
+            stdout=subprocess.PIPE, stderr=err, text=True,
+        )
+    deadline = time.monotonic() + 60
+    while True:
+        line = _read_line(daemon.proc, deadline - time.monotonic())
+        assert line is not None, f"daemon did not start:\n{daemon.log()}"
+        if line.strip() == f"steerd: {until}":
+            return
+
+
 def start_daemon(pair: NetnsPair, extra_config: str = "") -> Iterator[Daemon]:
     workdir = Path(tempfile.mkdtemp(prefix="steerd-e2e-"))
     pin_dir = f"/sys/fs/bpf/steerd-t-{uuid.uuid4().hex[:8]}"
     write_config(workdir / "steerd.toml", pair, extra_config)
-    stderr_path = workdir / "daemon.log"
-    with open(stderr_path, "w") as err:
-        proc = subprocess.Popen(
-            ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "run", "-v",
-             "-c", str(workdir / "steerd.toml"), "--pin-dir", pin_dir],
-            stdout=subprocess.PIPE, stderr=err, text=True,
-        )
-    daemon = Daemon(pair, workdir, pin_dir, proc, stderr_path)
+    daemon = Daemon(pair, workdir, pin_dir, None, workdir / "daemon.log")  # type: ignore[arg-type]
     try:
-        line = _read_line(proc, 60)
-        assert line is not None and "ready" in line, f"daemon did not start:\n{daemon.log()}"
+        spawn_daemon(daemon)
         yield daemon
     finally:
-        code = _stop(proc)
+        code = _stop(daemon.proc) if daemon.proc is not None else 0
         # A stopped daemon leaves its data plane for the next run; purge is how it goes.
         purged = subprocess.run(
             ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "purge",
@@ -228,10 +254,12 @@ def daemon(pair: NetnsPair, request: pytest.FixtureRequest) -> Iterator[Daemon]:
     )
 
 
-def start_app(daemon: Daemon, name: str, alpns: list[str], workers: int = 1) -> App:
+def start_app(
+    daemon: Daemon, name: str, alpns: list[str], workers: int = 1, resume: bool = False
+) -> App:
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(daemon.pair.server)}", PYTHON, PROBE, daemon.control,
-         name, ",".join(alpns), str(workers)],
+         name, ",".join(alpns), str(workers), *(["--resume"] if resume else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     line = _read_line(proc, 20)
@@ -261,6 +289,7 @@ class Client:
     sock: socket.socket
     server: tuple[str, int]
     sent: int = 0
+    datagrams: list[bytes] = field(default_factory=list)  # everything sent, in order
 
     @property
     def address(self) -> tuple[str, int]:
@@ -271,6 +300,7 @@ class Client:
         n = 0
         for data, _ in self.conn.datagrams_to_send(now=time.time()):
             self.sock.sendto(data, self.server)
+            self.datagrams.append(data)
             n += 1
         self.sent += n
         return n

@@ -1,6 +1,10 @@
 """A minimal steerd app for the daemon tests: registers, then reports every datagram it gets.
 
-Run inside the server namespace: ``probe_app.py CONTROL_PATH APP ALPN[,ALPN...] [WORKERS]``.
+Run inside the server namespace:
+``probe_app.py CONTROL_PATH APP ALPN[,ALPN...] [WORKERS] [--resume]``.
+With ``--resume`` it behaves like an app built to survive daemon restarts: when its control
+connection breaks it reconnects and resumes its slots with the sockets it kept (printing a
+"resumed" line); without, it just keeps serving on its sockets, never re-registering.
 It prints one JSON line when registered (slots, server IDs, socket addresses) and one per
 datagram received on any of its worker sockets (slot, client address, size, first byte), and
 exits when its standard input closes: the test controls its life, and a disconnect is just
@@ -11,12 +15,29 @@ import json
 import selectors
 import sys
 
-from steerd.control import ControlClient, ControlError
+from steerd.control import ControlClient, ControlError, Registration
+
+
+def try_resume(
+    path: str, app: str, alpns: list[str], reg: Registration
+) -> tuple[ControlClient, Registration] | None:
+    """One attempt to hand our slots to a restarted daemon; None while none answers (a dying
+    daemon's socket may even accept a connection and then reset it)."""
+    client = None
+    try:
+        client = ControlClient(path, timeout=5)
+        return client, client.resume(app, alpns, [], reg)
+    except OSError:
+        if client is not None:
+            client.close()
+        return None
 
 
 def main() -> int:
-    path, app, alpns = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
-    workers = int(sys.argv[4]) if len(sys.argv) > 4 else 1
+    args = [a for a in sys.argv[1:] if a != "--resume"]
+    resume = "--resume" in sys.argv
+    path, app, alpns = args[0], args[1], args[2].split(",")
+    workers = int(args[3]) if len(args) > 3 else 1
     client = ControlClient(path)
     try:
         reg = client.register(app, alpns, workers=workers)
@@ -29,15 +50,31 @@ def main() -> int:
         for sock in reg.worker_sockets(worker["slot"]):
             sel.register(sock, selectors.EVENT_READ, worker["slot"])
     sel.register(sys.stdin, selectors.EVENT_READ, None)
+    if resume:
+        sel.register(client.sock, selectors.EVENT_READ, "control")
     print(json.dumps({"event": "registered", "generation": reg.generation,
                       "slots": [w["slot"] for w in reg.workers],
                       "reset_key": reg.reset_key.hex()}), flush=True)
+    resuming = False  # the daemon went away: retry the resume between datagrams
     while True:
-        for key, _ in sel.select():
+        if resuming:
+            done = try_resume(path, app, alpns, reg)
+            if done is not None:
+                client, reg = done
+                resuming = False
+                sel.register(client.sock, selectors.EVENT_READ, "control")
+                print(json.dumps({"event": "resumed", "slots": [w["slot"] for w in reg.workers],
+                                  "reset_key": reg.reset_key.hex()}), flush=True)
+        for key, _ in sel.select(0.02 if resuming else None):
             if key.data is None:
                 if not sys.stdin.readline():
                     client.close()
                     return 0
+                continue
+            if key.data == "control":  # only EOF comes unasked: the daemon went away
+                sel.unregister(client.sock)
+                client.close()
+                resuming = True
                 continue
             data, addr = key.fileobj.recvfrom(65535)  # type: ignore[union-attr]
             print(json.dumps({"event": "datagram", "slot": key.data, "from": list(addr[:2]),
