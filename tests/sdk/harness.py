@@ -37,6 +37,46 @@ FILESERVE = str(ROOT / "deploy" / "apps" / "fileserve.py")
 CLIENT = str(Path(__file__).with_name("quic_client.py"))
 FILE_TEXT = b"hello from the file service, which is not SMB\n"
 
+_STAGED: dict[str, Path] = {}
+
+
+def staged_tree() -> Path:
+    """A world-readable copy of what an app needs (the project's packages, the demo apps, the
+    venv's site-packages), for apps that run as other users.
+
+    Why: a checkout may sit where only root can enter (CI clones into a private temp dir;
+    many people clone into /root), and an unprivileged app could then read neither the code
+    nor the venv. The copy leaves out the editable-install hooks, which point back into the
+    checkout. Made once per test session, removed at exit.
+    """
+    if "root" in _STAGED:
+        return _STAGED["root"]
+    import atexit
+
+    top = Path(tempfile.mkdtemp(prefix="steerd-staged-"))
+    os.chmod(top, 0o755)
+    for package in ("steerd", "quic", "deploy"):
+        shutil.copytree(ROOT / package, top / "src" / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    site = Path(subprocess.run(
+        [PYTHON, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True, text=True, check=True).stdout.strip())
+    shutil.copytree(site, top / "site", ignore=shutil.ignore_patterns(
+        "__editable__*", "steerd-*.dist-info", "__pycache__"))
+    for path in [top, *top.rglob("*")]:
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+    atexit.register(shutil.rmtree, top, True)
+    _STAGED["root"] = top
+    return top
+
+
+def staged_command(script: str) -> tuple[list[str], dict[str, str]]:
+    """``/usr/bin/python3 STAGED/src/<script>`` and the environment that finds everything."""
+    top = staged_tree()
+    env = {"PYTHONPATH": f"{top / 'src'}:{top / 'site'}", "PATH": "/usr/bin:/bin",
+           "PYTHONDONTWRITEBYTECODE": "1"}
+    return ["/usr/bin/python3", str(top / "src" / Path(script).relative_to(ROOT))], env
+
 
 @dataclass
 class RunningApp:
@@ -89,24 +129,28 @@ def start_demo_app(daemon: Daemon, kind: str, *args: str, workers: int = 1,
     """Start deploy/apps/h3site.py (kind "h3") or fileserve.py (kind "file"), as ``uid``
     (and gid ``uid``, no supplementary groups) if given: its work directory is then its own."""
     workdir = workdir or Path(tempfile.mkdtemp(prefix=f"steerd-sdk-{kind}-"))
-    user = []
+    user: list[str] = []
+    script = H3SITE if kind == "h3" else FILESERVE
+    python, env, cwd = [PYTHON, script], None, ROOT
     if uid is not None:
         os.chown(workdir, uid, uid)
         user = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups"]
+        python, staged_env = staged_command(script)
+        env, cwd = {**os.environ, **staged_env}, Path("/")
     if kind == "h3":
-        cmd = [H3SITE, "--app", name or "web"]
+        cmd = ["--app", name or "web"]
     else:
         root = workdir / "files"
         root.mkdir(exist_ok=True)
         (root / "hello.txt").write_bytes(FILE_TEXT)
         (root / "big.bin").write_bytes(bytes(range(256)) * 1024)
         os.chmod(root, 0o755)
-        cmd = [FILESERVE, "--app", name or "files", "--root", str(root)]
+        cmd = ["--app", name or "files", "--root", str(root)]
     proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(daemon.pair.server)}", *user, PYTHON, *cmd,
+        ["nsenter", f"--net={netns_path(daemon.pair.server)}", *user, *python, *cmd,
          "--control", daemon.control, "--cert-dir", str(workdir / "cert"),
          "--workers", str(workers), *args],
-        stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+        stdout=subprocess.PIPE, text=True, cwd=cwd, start_new_session=True, env=env,
     )
     line = _read_line(proc, 30)
     if line is None or '"ready"' not in line:

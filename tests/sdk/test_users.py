@@ -19,9 +19,16 @@ from pathlib import Path
 import pytest
 
 from steerd.dataplane.netns import netns_path
-from tests.e2e.conftest import PYTHON, ROOT, Daemon, start_daemon
+from tests.e2e.conftest import Daemon, start_daemon
 from tests.netns import NetnsPair
-from tests.sdk.harness import FILE_TEXT, FILESERVE, RunningApp, session, start_demo_app
+from tests.sdk.harness import (
+    FILE_TEXT,
+    FILESERVE,
+    RunningApp,
+    session,
+    staged_command,
+    start_demo_app,
+)
 
 pytestmark = pytest.mark.root
 
@@ -90,12 +97,13 @@ def start_app_refused(daemon: Daemon) -> str:
     work = Path(tempfile.mkdtemp(prefix="steerd-sdk-sneaky-"))
     try:
         os.chown(work, WEB_UID, WEB_UID)
+        python, env = staged_command(FILESERVE)
         out = subprocess.run(
             ["nsenter", f"--net={netns_path(daemon.pair.server)}", "setpriv",
-             f"--reuid={WEB_UID}", f"--regid={WEB_UID}", "--clear-groups", PYTHON, FILESERVE,
+             f"--reuid={WEB_UID}", f"--regid={WEB_UID}", "--clear-groups", *python,
              "--app", "sneaky", "--root", str(work), "--cert-dir", str(work / "cert"),
              "--control", daemon.control],
-            capture_output=True, text=True, timeout=30, cwd=ROOT,
+            capture_output=True, text=True, timeout=30, cwd="/", env={**os.environ, **env},
         )
     finally:
         shutil.rmtree(work)
