@@ -779,9 +779,12 @@ class ControlClient:
 
     def receive(self) -> tuple[dict[str, Any], list[socket.socket]]:
         """The next reply and the sockets attached to it (owned by the caller)."""
-        data, fds, _, _ = socket.recv_fds(
-            self.sock, 1 << 20, SCM_MAX_FD, socket.MSG_CMSG_CLOEXEC
+        # recvmsg, not socket.recv_fds: in Python 3.11 recv_fds drops its flags argument, and
+        # without MSG_CMSG_CLOEXEC the worker sockets would leak into programs the app runs.
+        data, ancdata, _, _ = self.sock.recvmsg(
+            1 << 20, socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
         )
+        fds = _fds_from(ancdata)
         sockets = [socket.socket(fileno=fd) for fd in fds]
         if not data:
             for s in sockets:

@@ -575,3 +575,13 @@ def test_resume_takes_back_orphaned_slots_with_the_very_sockets(daemon: Daemon) 
             assert back.sockets == reg.sockets  # the app keeps serving on what it had
             assert again.status()["slots"]["awaiting_resume"] == []
         reg.close()
+
+
+def test_received_worker_sockets_are_close_on_exec(daemon: Daemon) -> None:
+    """A worker socket must not leak into programs an app runs (CGI, helpers)."""
+    with ControlClient(daemon.path) as c:
+        reg = c.register("web", ["h3"])
+        try:
+            assert reg.sockets and all(not s.get_inheritable() for s in reg.sockets)
+        finally:
+            reg.close()
