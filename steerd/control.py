@@ -816,18 +816,19 @@ class ControlClient:
 
     def resume(
         self, app: str, alpn: Sequence[str], server_names: Sequence[str],
-        previous: Registration,
+        previous: Registration, slots: Sequence[int] | None = None,
     ) -> Registration:
-        """After a daemon restart: take back ``previous``'s slots with the sockets it holds.
-        The returned Registration shares ``previous``'s sockets (same order, same FDs)."""
-        slots = [w["slot"] for w in previous.workers]
-        fds = [s.fileno() for w in previous.workers for s in previous.worker_sockets(w["slot"])]
+        """After a daemon restart: take back ``previous``'s slots (or those of ``slots``
+        still served) with the sockets it holds. The returned Registration shares
+        ``previous``'s sockets."""
+        if slots is None:
+            slots = [w["slot"] for w in previous.workers]
+        socks = [s for slot in slots for s in previous.worker_sockets(slot)]
         reply, _ = self.call({
             "op": "register", "app": app, "alpn": list(alpn),
-            "server_names": list(server_names), "resume": slots,
-        }, fds)
-        return Registration.from_reply(reply, [
-            s for w in previous.workers for s in previous.worker_sockets(w["slot"])])
+            "server_names": list(server_names), "resume": list(slots),
+        }, [s.fileno() for s in socks])
+        return Registration.from_reply(reply, socks)
 
     def deregister(self, app: str) -> list[int]:
         return list(self.call({"op": "deregister", "app": app})[0]["slots"])

@@ -253,6 +253,9 @@ class AppSpec:
     ready_line: bool = True  # print one JSON line on stdout when every worker serves
 
 
+RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
+
+
 @dataclass
 class _Slot:
     slot: int
@@ -334,10 +337,16 @@ def run(
     for s in slots:
         _fork_worker(s, slots, client, app, generation, layout, key, spec, configuration,
                      create_protocol, stream_handler)
-    for s in slots:
-        for sock in s.sockets:
-            sock.close()  # the worker owns them now: its death must close them
-    return asyncio.run(_Parent(spec, client, app, generation, slots, layout).run())
+    if client is None:
+        for s in slots:
+            for sock in s.sockets:
+                sock.close()  # the worker owns them now: its death must close them
+    # Registered: the parent keeps its copies, to present them when it resumes after a daemon
+    # restart, and closes a slot's copies the moment its worker dies (_reap), so a dead
+    # worker's sockets still leave the group at once.
+    parent = _Parent(spec, client, app, generation, slots, layout)
+    parent.registration = reg if client is not None else None
+    return asyncio.run(parent.run())
 
 
 def _fork_worker(
@@ -461,6 +470,8 @@ class _Parent:
         self.slots = slots
         self.draining = False
         self.done = asyncio.Event()
+        self.registration: Registration | None = None
+        self.resuming = False  # the daemon went away: resume with it when it is back
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
@@ -471,8 +482,10 @@ class _Parent:
             loop.add_reader(s.pidfd, self._reap, s)
         try:
             while not self.done.is_set():
+                # While resuming, retry often: the daemon is back within a second.
+                wait = RESUME_RETRY if self.resuming else self.spec.load_interval
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.done.wait(), self.spec.load_interval)
+                    await asyncio.wait_for(self.done.wait(), wait)
                 self._report()
         finally:
             for s in self.slots:
@@ -529,6 +542,8 @@ class _Parent:
         loop.remove_reader(s.pidfd)
         _, status = os.waitpid(s.pid, 0)
         s.exit_code = os.waitstatus_to_exitcode(status)
+        for sock in s.sockets:
+            sock.close()  # the parent's copies: now the slot's sockets leave the group
         if not self.draining:
             log.warning("worker %d (pid %d) of %s exited with %s", s.slot, s.pid, self.app,
                         s.exit_code)
@@ -540,6 +555,9 @@ class _Parent:
             self.done.set()
 
     def _report(self) -> None:
+        if self.resuming:
+            self._resume()
+            return
         if self.client is None or self.done.is_set():
             return
         try:
@@ -550,7 +568,31 @@ class _Parent:
         except (ControlError, OSError) as exc:
             log.warning("control: %s", exc)
             if isinstance(exc, OSError):
-                self.drain("lost the control connection")
+                if self.registration is None:
+                    self.drain("lost the control connection")
+                else:  # the daemon restarts: workers serve on, and we resume with the next
+                    self.client.close()
+                    self.resuming = True
+
+    def _resume(self) -> None:
+        """Hand our live slots to a restarted daemon, with the sockets it checks them by."""
+        assert self.registration is not None
+        live = [s.slot for s in self.slots if s.exit_code is None]
+        client = None
+        try:
+            client = ControlClient(self.spec.control, timeout=5)
+            reg = client.resume(self.app, self.spec.alpn, self.spec.server_names,
+                                self.registration, live)
+        except (ControlError, OSError) as exc:
+            if client is not None:
+                client.close()
+            if isinstance(exc, ControlError):  # refused for good: nothing to resume into
+                log.warning("resume refused (%s): %s", exc.reason, exc)
+                self.resuming = False
+                self.drain("the restarted daemon refused the resume")
+            return
+        self.client, self.generation, self.resuming = client, reg.generation, False
+        log.info("%s resumed slots %s as generation %d", self.app, live, reg.generation)
 
     def _replaced(self) -> bool:
         assert self.client is not None
