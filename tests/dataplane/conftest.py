@@ -21,7 +21,7 @@ from quic.cid import CidLayout
 from quic.packet import VERSION_1, PacketType, encode_varint_fixed, long_header_type_bits
 from steerd.dataplane import Dataplane, DataplaneConfig
 from steerd.dataplane.netns import netns_path
-from tests.netns import LIVE, NetnsPair, netns_pair
+from steerd.netns import LIVE, NetnsPair, netns_pair
 
 PORT = 4433
 OTHER_PORT = 4434

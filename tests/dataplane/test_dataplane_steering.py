@@ -9,6 +9,7 @@ import socket
 import pytest
 
 from quic.packet import VERSION_1, VERSION_2, PacketType
+from steerd.netns import NetnsPair, ip
 from tests.dataplane.conftest import (
     LAYOUT,
     MARKER_SLOT,
@@ -22,7 +23,6 @@ from tests.dataplane.conftest import (
     short_packet,
     unknown_version_packet,
 )
-from tests.netns import NetnsPair, ip
 
 pytestmark = pytest.mark.root
 

@@ -31,7 +31,7 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from steerd.dataplane.netns import netns_path, run_in_netns
-from tests.netns import NetnsPair, netns_pair
+from steerd.netns import NetnsPair, netns_pair
 
 ROOT = Path(__file__).resolve().parents[2]
 STEERD = str(ROOT / ".venv" / "bin" / "steerd")

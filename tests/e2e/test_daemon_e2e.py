@@ -24,6 +24,7 @@ from quic.packet import SUPPORTED_VERSIONS, VERSION_2, parse_long_header
 from quic.reset import reset_token
 from steerd.control import ControlClient
 from steerd.dataplane.netns import run_in_netns
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import (
     App,
     Client,
@@ -32,7 +33,6 @@ from tests.e2e.conftest import (
     start_app,
     start_daemon,
 )
-from tests.netns import NetnsPair
 
 pytestmark = pytest.mark.root
 
@@ -226,7 +226,7 @@ def test_metrics_match_what_happened(
 def test_server_alpn_preference_reverses_the_choice(pair: NetnsPair, daemon: Daemon) -> None:
     # A second daemon on the same pair cannot share port 4433's control/metrics paths with the
     # module daemon, so this test stops nothing and uses its own netns pair instead.
-    from tests.netns import netns_pair
+    from steerd.netns import netns_pair
 
     with netns_pair("p") as other:
         gen = start_daemon(other, '[policy]\nalpn_preference = "server"\n'

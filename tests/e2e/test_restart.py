@@ -17,6 +17,7 @@ from collections.abc import Iterator
 import pytest
 
 from quic.cid import CidLayout
+from steerd.netns import NetnsPair, netns_pair
 from tests.e2e.conftest import (
     Daemon,
     quic_client,
@@ -24,7 +25,6 @@ from tests.e2e.conftest import (
     start_app,
     start_daemon,
 )
-from tests.netns import NetnsPair, netns_pair
 
 pytestmark = pytest.mark.root
 

@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,15 +25,12 @@ import pytest
 
 from quic.cid import CidLayout
 from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair, netns_pair
+from steerd.quicclient import RequestFailed, Session  # noqa: F401 - for the tests
 from tests.e2e.conftest import PORT, PYTHON, ROOT, Daemon, _read_line, start_daemon
-from tests.netns import NetnsPair, netns_pair
-
-sys.path.insert(0, str(Path(__file__).parent))
-from quic_client import RequestFailed, Session  # noqa: F401 - for the tests
 
 H3SITE = str(ROOT / "deploy" / "apps" / "h3site.py")
 FILESERVE = str(ROOT / "deploy" / "apps" / "fileserve.py")
-CLIENT = str(Path(__file__).with_name("quic_client.py"))
 FILE_TEXT = b"hello from the file service, which is not SMB\n"
 
 _STAGED: dict[str, Path] = {}
@@ -207,7 +203,7 @@ def sessions() -> Iterator[list[Session]]:
 
 @dataclass
 class Loader:
-    """A load generator process in the client namespace (tests/sdk/quic_client.py load)."""
+    """A load generator process in the client namespace (python -m steerd.quicclient load)."""
 
     proc: subprocess.Popen[str]
 
@@ -233,7 +229,7 @@ def start_loader(pair: NetnsPair, stack: str, kind: str, path: str,
     """Requests back to back (each on a new connection) until finish(); returns once the
     first one succeeded."""
     proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(pair.client)}", PYTHON, CLIENT, "load",
+        ["nsenter", f"--net={netns_path(pair.client)}", PYTHON, "-m", "steerd.quicclient", "load",
          "--until-stdin-closes", "--stack", stack, "--kind", kind, "--path", path,
          "--host", pair.server_addr(family), "--port", str(PORT)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,

@@ -12,8 +12,8 @@ import socket
 
 import pytest
 
+from steerd.netns import NetnsPair, ip
 from tests.e2e.conftest import Daemon
-from tests.netns import NetnsPair, ip
 from tests.sdk.harness import FILE_TEXT, RunningApp, Session, session
 
 pytestmark = pytest.mark.root
@@ -51,7 +51,7 @@ def test_both_apps_at_once(pair: NetnsPair, both_apps: tuple[RunningApp, Running
 def test_file_service_refuses_bad_requests(pair: NetnsPair,
                                            both_apps: tuple[RunningApp, RunningApp],
                                            sessions: list[Session]) -> None:
-    from quic_client import RequestFailed
+    from steerd.quicclient import RequestFailed
 
     fs = session(pair, "smb")
     sessions.append(fs)

@@ -20,8 +20,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import PORT, Daemon
-from tests.netns import NetnsPair
 from tests.sdk.harness import RunningApp, start_demo_app
 
 pytestmark = pytest.mark.root

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 
 from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair
+from steerd.quicclient import Session
 from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
-from tests.netns import NetnsPair
 from tests.sdk.harness import H3SITE, kill_group
-from tests.sdk.quic_client import Session
 
 pytestmark = pytest.mark.root
 

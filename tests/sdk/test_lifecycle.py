@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from steerd.netns import NetnsPair
 from steerd.sdk import DEAD_WORKER_LOAD
 from tests.e2e.conftest import Daemon
-from tests.netns import NetnsPair
 from tests.sdk.harness import (
     Loader,
     RequestFailed,

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 
 from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import Daemon, start_daemon
-from tests.netns import NetnsPair
 from tests.sdk.harness import (
     FILE_TEXT,
     FILESERVE,

@@ -24,8 +24,8 @@ from pathlib import Path
 import pytest
 
 from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import PORT
-from tests.netns import NetnsPair
 from tests.sdk.harness import RunningApp, Session, session
 from tests.tshark import require_tshark
 
