@@ -1,0 +1,441 @@
+"""The live steerd demo (run by ./demo.sh, as root): real clients, two apps, one UDP port.
+
+What it does, all inside two network namespaces it makes and deletes (no traffic leaves them):
+
+1. a client namespace and a server namespace joined by a veth pair, IPv4 and IPv6;
+2. ``steerd run`` in the server namespace, with the guard on the server's veth;
+3. two apps behind it on UDP 443, both from deploy/apps: the HTTP/3 site (ALPN ``h3``) and
+   the file service on ALPN ``smb`` (a made-up protocol that is NOT SMB: it stands in for an
+   SMB-over-QUIC server so that two apps with different ALPNs share the port);
+4. real, independently written clients from the client namespace: Chromium (headless,
+   HTTP/3), ngtcp2's gtlsclient, qh3 (HTTP/3) and aioquic (ALPN ``smb``). Each asks the app
+   which worker answered (``/count`` or ``INFO``: app, slot, pid);
+5. a table of who asked for what and who served it, and an excerpt of the daemon's
+   Prometheus metrics;
+6. teardown, also on failure and Ctrl-C: apps SIGTERM (they drain), daemon SIGTERM,
+   ``steerd purge`` (the data plane outlives a stopped daemon on purpose), namespaces deleted.
+
+Exit status 0 only if every client was served by the app that owns its ALPN.
+
+Why ``nsenter --net`` and not ``ip netns exec`` for the daemon and apps: the latter remounts
+/sys, which hides the bpffs the data plane pins its maps into.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import hashlib
+import html
+import json
+import os
+import queue
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+from steerd.dataplane.netns import netns_path, run_in_netns
+from steerd.netns import NetnsPair, netns_pair
+from steerd.quicclient import RequestFailed, Session, one_request
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+STEERD = str(ROOT / ".venv" / "bin" / "steerd")
+APPS = ROOT / "deploy" / "apps"
+PORT = 443
+METRICS_PORT = 9443
+SITE = "www.example.test"  # the HTTP/3 site's name (resolved by Chromium's resolver rules)
+FILES = "files.example.test"  # the name the file-service client asks for
+PREFIX = "steerd-demo-"
+REFUSED = "(refused)"
+NO_APPLICATION_PROTOCOL = 0x100 + 120  # CRYPTO_ERROR carrying TLS alert 120 (RFC 9001 §4.8)
+APP_ALPN = {"web": "HTTP/3 site, ALPN h3", "files": "file service, ALPN smb, NOT SMB"}
+
+
+def log(msg: str) -> None:
+    print(f"demo: {msg}", file=sys.stderr, flush=True)
+
+
+class Lines:
+    """A child's stdout lines through a reader thread, so waiting for "ready" has a deadline
+    without sleeping (select() would miss lines already in the pipe reader's buffer)."""
+
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        stream = proc.stdout
+        assert stream is not None
+
+        def pump() -> None:
+            for line in stream:
+                self._queue.put(line)
+            self._queue.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str | None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                line = self._queue.get(timeout=left)
+            except queue.Empty:
+                return None
+            if line is None:
+                return None
+            if pred(line):
+                return line
+        return None
+
+
+@dataclass
+class Proc:
+    """A process the demo started in its own session (Ctrl-C reaches only the demo, which
+    then stops everything in order)."""
+
+    name: str
+    proc: subprocess.Popen[str]
+    lines: Lines
+    ready: dict[str, Any] = field(default_factory=dict)
+
+    def stop(self, timeout: float = 15.0) -> int:
+        """SIGTERM (apps drain, the daemon shuts down cleanly); SIGKILL the group if late."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log(f"{self.name} did not stop within {timeout:.0f} s: killing it")
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.proc.pid, signal.SIGKILL)  # workers left behind, if any
+        self.proc.wait(5)
+        return self.proc.returncode
+
+
+def spawn(name: str, netns: str, cmd: list[str], stderr: Path) -> Proc:
+    with open(stderr, "a") as err:
+        proc = subprocess.Popen(["nsenter", f"--net={netns_path(netns)}", *cmd],
+                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                start_new_session=True)
+    return Proc(name, proc, Lines(proc))
+
+
+def write_config(path: Path, pair: NetnsPair) -> None:
+    path.write_text(f"""# written by deploy/demo.py
+[listen]
+addresses = ["{pair.server_v4}", "{pair.server_v6}"]
+port = {PORT}
+[xdp]
+interfaces = ["{pair.server_if}"]
+[control]
+path = "{path.parent / 'control.sock'}"
+[metrics]
+address = "127.0.0.1"
+port = {METRICS_PORT}
+[[acl]]
+uids = [0]
+alpn = ["*"]
+server_names = ["*"]
+""")
+
+
+@dataclass
+class Row:
+    client: str
+    family: str
+    alpn: str
+    server_name: str
+    want_app: str
+    served: dict[str, Any] | None = None
+    error: str = ""
+
+    def check(self, apps: dict[str, Proc]) -> None:
+        """Served by the right app, by one of its workers (the pid the app reported for the
+        slot), or an error saying why not. ``want_app`` REFUSED: nobody owns the ALPN, so
+        steerd must refuse the connection with no_application_protocol."""
+        if self.served is None:
+            return
+        if self.want_app == REFUSED:
+            if "refused" not in self.served:
+                self.error = f"not refused: {self.served}"
+            return
+        app, slot, pid = self.served.get("app"), self.served.get("slot"), self.served.get("pid")
+        if app != self.want_app:
+            self.error = f"served by {app!r}, expected {self.want_app!r}"
+            return
+        pids = apps[self.want_app].ready.get("pids", {})
+        if pids.get(str(slot)) != pid:
+            self.error = f"slot {slot} pid {pid} is not a worker of {app} ({pids})"
+
+    @property
+    def ok(self) -> bool:
+        return self.served is not None and not self.error
+
+
+def spki_pin(cert_pem: Path) -> str:
+    """Chromium accepts the site's self-signed certificate by its key's SHA-256 pin."""
+    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
+    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
+
+
+def worker_json(text: str) -> dict[str, Any]:
+    """The /count JSON out of a page (Chromium wraps it in <pre>, HTML-escaped)."""
+    found = re.search(r"\{[^{}]*\}", html.unescape(text))
+    if found is None:
+        raise RequestFailed(f"no worker JSON in the answer: {text[:200]!r}")
+    return dict(json.loads(found.group(0)))
+
+
+def run_chromium(pair: NetnsPair, work: Path, cert: Path) -> dict[str, Any]:
+    profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=work))
+    out = subprocess.run(
+        ["nsenter", f"--net={netns_path(pair.client)}", "chromium", "--headless=new",
+         "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+         f"--origin-to-force-quic-on={SITE}:{PORT}",
+         f"--host-resolver-rules=MAP {SITE} {pair.server_v4}",
+         f"--ignore-certificate-errors-spki-list={spki_pin(cert)}",
+         "--dump-dom", f"https://{SITE}/count"],
+        capture_output=True, text=True, timeout=40, check=False,
+    )
+    if '"app"' not in out.stdout:
+        raise RequestFailed(f"chromium exited {out.returncode}: "
+                            f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
+    return worker_json(out.stdout)
+
+
+def run_gtlsclient(pair: NetnsPair, work: Path) -> dict[str, Any]:
+    download = Path(tempfile.mkdtemp(prefix="ngtcp2-", dir=work))
+    out = subprocess.run(
+        ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient", "--quiet",
+         f"--download={download}", "--exit-on-all-streams-close", pair.server_v6, str(PORT),
+         f"https://{SITE}/count"],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    saved = download / "count"
+    if out.returncode != 0 or not saved.exists():
+        tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
+        raise RequestFailed(f"gtlsclient exited {out.returncode}: {tail}")
+    return worker_json(saved.read_text())
+
+
+def run_python_client(pair: NetnsPair, stack: str, kind: str, family: int,
+                      server_name: str) -> dict[str, Any]:
+    """aioquic or qh3 (steerd.quicclient) on a socket made inside the client namespace: the
+    connection runs in a thread that entered that namespace."""
+    host = pair.server_addr(family)
+    what = "/count" if kind == "h3" else "INFO"
+    return run_in_netns(pair.client, lambda: one_request(
+        stack, kind, host, PORT, what, timeout=10.0, server_name=server_name))
+
+
+def run_unowned(pair: NetnsPair, alpn: str) -> dict[str, Any]:
+    """An aioquic client asking for an ALPN no app registered: steerd itself must answer
+    with an Initial CONNECTION_CLOSE, no_application_protocol (policy no_owner = "close")."""
+
+    def go() -> dict[str, Any]:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        session = Session("aioquic", sock, (pair.server_v4, PORT), alpn,
+                          server_name=SITE, timeout=10.0)
+        try:
+            session.handshake()
+        except RequestFailed:
+            pass
+        finally:
+            session.close()
+        closed = session.terminated
+        if closed is not None and closed.error_code == NO_APPLICATION_PROTOCOL:
+            return {"refused": "no_application_protocol"}
+        if session.connected:
+            return {"app": "(some app: the handshake completed)"}
+        raise RequestFailed(f"neither refused nor served: {closed}")
+
+    return run_in_netns(pair.client, go)
+
+
+def scrape(pair: NetnsPair) -> str:
+    url = f"http://127.0.0.1:{METRICS_PORT}/metrics"
+    return run_in_netns(pair.server,
+                        lambda: urllib.request.urlopen(url, timeout=5).read().decode())
+
+
+def metrics_excerpt(pair: NetnsPair, flights: int, timeout: float = 5.0) -> list[str]:
+    """The interesting lines of a scrape, once the daemon has counted ``flights`` first
+    flights: classifiers hand their tallies to the metrics on a timer, so a scrape right
+    after the last client may not show it yet."""
+    deadline = time.monotonic() + timeout
+    while True:
+        text = scrape(pair)
+        counted = sum(float(line.split()[-1]) for line in text.splitlines()
+                      if line.startswith("steerd_first_flights_total{"))
+        if counted >= flights or time.monotonic() >= deadline:
+            break
+        time.sleep(0.2)  # the tally timer has no event to wait on from here
+    keep: list[str] = []
+    bpf: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(("steerd_first_flights_total", "steerd_decision_seconds_count",
+                            "steerd_decision_seconds_sum", "steerd_workers ", "steerd_apps ")):
+            keep.append(line)
+        elif line.startswith("steerd_bpf_events_total") and not line.endswith(" 0.0"):
+            bpf.append(line)
+    return keep + bpf[:8]
+
+
+def print_table(rows: list[Row], apps: dict[str, Proc]) -> None:
+    head = ("CLIENT", "IP", "ALPN", "SERVER NAME", "SERVED BY (app slot/pid)", "RESULT")
+    lines = [head]
+    for r in rows:
+        s = r.served
+        if s and "refused" in s:
+            by = f"(refused: {s['refused']})"
+        else:
+            by = f"{s.get('app')} {s.get('slot')}/{s.get('pid')}" if s else "-"
+        lines.append((r.client, r.family, r.alpn, r.server_name, by,
+                      "ok" if r.ok else f"FAILED: {r.error}"))
+    widths = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
+    print()
+    for x in lines:
+        print("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=False)), x[-1])
+    print()
+    for name, app in apps.items():
+        pids = ", ".join(f"slot {k} pid {v}" for k, v in sorted(app.ready["pids"].items()))
+        print(f"  app {name!r} ({APP_ALPN[name]}): {pids}")
+
+
+def demo(verbose: bool) -> int:
+    started = time.monotonic()
+    status = 1
+    work = Path(tempfile.mkdtemp(prefix=PREFIX))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, work, True)
+        pair = cleanup.enter_context(netns_pair(prefix=PREFIX))
+        log(f"namespaces {pair.client} (client {pair.client_v4}, {pair.client_v6}) and "
+            f"{pair.server} (server {pair.server_v4}, {pair.server_v6}), veth {pair.server_if}")
+        config = work / "steerd.toml"
+        write_config(config, pair)
+        pin_dir = f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:8]}"
+        daemon: Proc | None = None
+        apps: dict[str, Proc] = {}
+        try:
+            log("starting steerd (compiling its BPF programs takes a few seconds)")
+            daemon = spawn("steerd", pair.server, [STEERD, "run", "-v", "-c", str(config),
+                                                   "--pin-dir", pin_dir], work / "steerd.log")
+            if daemon.lines.wait_for(lambda s: s.strip() == "steerd: ready", 60) is None:
+                raise RuntimeError("steerd did not become ready")
+            files = work / "files"
+            files.mkdir()
+            (files / "hello.txt").write_text("hello from the file service (not SMB)\n")
+            control = str(work / "control.sock")
+            for name, script, extra in (
+                ("web", "h3site.py", ["--server-name", SITE, "--server-name", "localhost"]),
+                ("files", "fileserve.py", ["--root", str(files)]),
+            ):
+                log(f"starting app {name!r} ({script}, 2 workers)")
+                apps[name] = app = spawn(name, pair.server, [
+                    PYTHON, str(APPS / script), "--app", name, "--control", control,
+                    "--cert-dir", str(work / f"{name}-cert"), "--workers", "2", *extra,
+                ], work / f"{name}.log")
+                line = app.lines.wait_for(lambda s: '"ready"' in s, 30)
+                if line is None:
+                    raise RuntimeError(f"app {name} did not become ready")
+                app.ready = json.loads(line)
+            rows = [
+                Row("Chromium (headless)", "v4", "h3", SITE, "web"),
+                Row("ngtcp2 gtlsclient", "v6", "h3", "localhost", "web"),
+                Row("qh3", "v6", "h3", SITE, "web"),
+                Row("aioquic", "v4", "smb", FILES, "files"),
+                Row("aioquic", "v4", "doq", SITE, REFUSED),
+            ]
+            runs: list[Callable[[], dict[str, Any]]] = [
+                lambda: run_chromium(pair, work, work / "web-cert" / "cert.pem"),
+                lambda: run_gtlsclient(pair, work),
+                lambda: run_python_client(pair, "qh3", "h3", socket.AF_INET6, SITE),
+                lambda: run_python_client(pair, "aioquic", "file", socket.AF_INET, FILES),
+                lambda: run_unowned(pair, "doq"),
+            ]
+            log("running the clients from the client namespace")
+            with ThreadPoolExecutor(len(runs)) as pool:
+                futures = [pool.submit(run) for run in runs]
+                for row, fut in zip(rows, futures, strict=True):
+                    try:
+                        row.served = fut.result()
+                    except (RequestFailed, OSError, ValueError,
+                            subprocess.TimeoutExpired) as exc:
+                        row.error = str(exc) or type(exc).__name__
+                    row.check(apps)
+            print_table(rows, apps)
+            print(f"\nPrometheus scrape (http://127.0.0.1:{METRICS_PORT}/metrics in the "
+                  "server namespace), excerpt:")
+            for line in metrics_excerpt(pair, len(rows)):
+                print(f"  {line}")
+            status = 0 if all(r.ok for r in rows) else 1
+        except (RuntimeError, OSError) as exc:
+            log(f"FAILED: {exc}")
+            for name in ("steerd", *apps):
+                logfile = work / f"{name}.log"
+                if logfile.exists() and (tail := logfile.read_text().strip().splitlines()):
+                    log(f"last lines of {name}'s log:\n  " + "\n  ".join(tail[-15:]))
+        finally:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut it
+            log("tearing down: apps (SIGTERM: drain), steerd (SIGTERM), steerd purge, "
+                "namespaces")
+            for app in apps.values():
+                if (code := app.stop()) != 0:
+                    log(f"app {app.name} exited {code}")
+                    status = 1
+            if daemon is not None and (code := daemon.stop()) != 0:
+                log(f"steerd exited {code}")
+                status = 1
+            if verbose and (work / "steerd.log").exists():
+                print((work / "steerd.log").read_text(), file=sys.stderr)
+            purge = subprocess.run(
+                ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "purge",
+                 "-c", str(config), "--pin-dir", pin_dir],
+                capture_output=True, text=True, timeout=60, check=False)
+            if purge.returncode != 0 or os.path.exists(pin_dir):
+                log(f"steerd purge failed ({purge.returncode}): {purge.stderr.strip()}")
+                status = 1
+    elapsed = time.monotonic() - started
+    print(f"\n{'every client was served by the right app' if status == 0 else 'FAILED'} "
+          f"({elapsed:.1f} s, everything torn down)")
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("-v", "--verbose", action="store_true", help="print steerd's log at the end")
+    args = p.parse_args(argv)
+    if os.geteuid() != 0:
+        log("needs root (network namespaces, BPF): sudo ./demo.sh")
+        return 1
+
+    def terminate(signum: int, _frame: object) -> None:
+        raise KeyboardInterrupt  # the same orderly teardown as Ctrl-C
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        return demo(args.verbose)
+    except KeyboardInterrupt:
+        log("interrupted: torn down")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
