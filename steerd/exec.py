@@ -122,12 +122,16 @@ def exec_with_sockets(cmd: Sequence[str], env: dict[str, str],
         os._exit(127)
 
 
+RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
+
+
 def _exit_status(status: int) -> int:
     code = os.waitstatus_to_exitcode(status)
     return 128 - code if code < 0 else code
 
 
-def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str]) -> int:
+def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str], *,
+             control: str, alpn: Sequence[str], server_names: Sequence[str]) -> int:
     """Run CMD with the registration's sockets; returns CMD's exit status."""
     env, socks = environment(reg)
     signal.pthread_sigmask(signal.SIG_BLOCK, _HANDLED)  # handled synchronously below
@@ -136,8 +140,10 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str]) -> in
     pid = os.fork()
     if pid == 0:
         exec_with_sockets(cmd, env, socks)
-    reg.close()  # CMD owns the sockets now: when it exits they really close
+    # Keep our copies (CMD exits -> we return -> they close too): after a daemon restart we
+    # present them to resume the app's slots.
     draining = False
+    resuming = False
 
     def drain(why: str) -> None:
         nonlocal draining
@@ -152,15 +158,28 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str]) -> in
         _kill(pid, signal.SIGTERM)
 
     while True:
-        info = signal.sigtimedwait(_HANDLED, POLL_INTERVAL)
+        info = signal.sigtimedwait(_HANDLED, RESUME_RETRY if resuming else POLL_INTERVAL)
         if info is None:
-            if not draining and _replaced(client, reg):
-                drain("replaced by a newer generation")
+            if resuming:
+                resumed = _resume(control, reg, alpn, server_names)
+                if resumed is not None:
+                    client, generation = resumed
+                    reg.generation, resuming = generation, False
+                    print(f"steerd exec: {reg.app} resumed as generation {generation}",
+                          file=sys.stderr, flush=True)
+                continue
+            try:
+                if not draining and _replaced(client, reg):
+                    drain("replaced by a newer generation")
+            except OSError:  # the daemon went away: CMD serves on; resume with the next
+                client.close()
+                resuming = True
             continue
         if info.si_signo == signal.SIGCHLD:
             done, status = os.waitpid(pid, os.WNOHANG)
             if done == pid:
                 client.close()
+                reg.close()
                 return _exit_status(status)
         elif info.si_signo in _TERMINATE:
             drain(f"signal {signal.Signals(info.si_signo).name}")
@@ -175,10 +194,26 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
+def _resume(
+    path: str, reg: Registration, alpn: Sequence[str], server_names: Sequence[str]
+) -> tuple[ControlClient, int] | None:
+    """One attempt to resume ``reg``'s slots with a restarted daemon (None: not yet)."""
+    client = None
+    try:
+        client = ControlClient(path, timeout=5)
+        back = client.resume(reg.app, alpn, server_names, reg)
+        return client, back.generation
+    except (ControlError, OSError):
+        if client is not None:
+            client.close()
+        return None
+
+
 def _replaced(client: ControlClient, reg: Registration) -> bool:
+    """True if a newer generation replaced ours; OSError if the daemon is gone."""
     try:
         apps = client.status().get("apps", [])
-    except (ControlError, OSError):
+    except ControlError:
         return False
     for app in apps:
         if app["app"] == reg.app:
@@ -206,7 +241,8 @@ def _command(args: Any) -> int:
         client.close()
         print(f"steerd exec: register refused ({exc.reason}): {exc}", file=sys.stderr)
         return 2
-    return run_exec(client, reg, cmd)
+    return run_exec(client, reg, cmd, control=args.control, alpn=args.alpn,
+                    server_names=args.server_name or [])
 
 
 def add_command(subparsers: Any) -> None:

@@ -6,16 +6,29 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
+import subprocess
+import tempfile
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from steerd.dataplane.netns import netns_path
 from steerd.netns import NetnsPair, netns_pair
-from tests.e2e.conftest import Daemon, spawn_daemon, start_daemon
-from tests.sdk.harness import RunningApp, session, start_demo_app
+from tests.e2e.conftest import (
+    PYTHON,
+    ROOT,
+    STEERD,
+    Daemon,
+    _read_line,
+    spawn_daemon,
+    start_daemon,
+)
+from tests.sdk.harness import H3SITE, RunningApp, kill_group, session, start_demo_app
 
 pytestmark = pytest.mark.root
 
@@ -67,3 +80,42 @@ def test_sdk_app_keeps_connections_and_resumes_through_a_daemon_kill(
     finally:
         client.close()
         assert app.stop() == 0
+
+
+def test_steerd_exec_app_resumes_through_a_daemon_restart(
+    world: tuple[NetnsPair, Daemon],
+) -> None:
+    """`steerd exec` holds the app's registration: it too resumes with the restarted
+    daemon, and the command (the h3 site) never notices."""
+    pair, daemon = world
+    certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "exec", "--control",
+         daemon.control, "--app", "execweb", "--alpn", "h3", "--", PYTHON, H3SITE,
+         "--cert-dir", str(certdir / "c")],
+        stdout=subprocess.PIPE, text=True, cwd=ROOT, start_new_session=True,
+    )
+    client = None
+    try:
+        line = _read_line(proc, 30)
+        assert line is not None and '"ready"' in line, line
+        client = session(pair, "h3")
+        pid = json.loads(client.get("/count")[1])["pid"]
+        daemon.proc.send_signal(signal.SIGTERM)  # a clean restart this time
+        assert daemon.proc.wait(20) == 0
+        spawn_daemon(daemon, until="classifying")
+        deadline = time.monotonic() + 15
+        status = daemon.status()
+        while time.monotonic() < deadline and (
+            status["slots"]["awaiting_resume"] or not status["apps"]
+        ):
+            status = daemon.status()
+        assert status["slots"]["awaiting_resume"] == []
+        assert [a["app"] for a in status["apps"]] == ["execweb"]
+        assert json.loads(client.get("/count")[1])["pid"] == pid
+    finally:
+        if client is not None:
+            client.close()
+        kill_group(proc.pid)
+        proc.wait(5)
+        shutil.rmtree(certdir)
