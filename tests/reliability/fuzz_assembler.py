@@ -229,16 +229,21 @@ def run_input(
     now: float = 0.0,
     salt: int = 0,
     clock: bool = True,
+    slowest: list[float] | None = None,
 ) -> float:
     """Feed every datagram the input describes; return the clock after the last one
-    (``clock=False``: the input's clock steps are ignored)."""
+    (``clock=False``: the input's clock steps are ignored; ``slowest``: a one-element list
+    that keeps the longest feed, in seconds)."""
     if asm is None:
         asm = FirstFlightAssembler(DEFAULT if data[:1] and data[0] & 2 else TIGHT)
     for datagram, index, step in datagrams(data, salt):
         now += step if clock else 0.0
         t0 = time.perf_counter()
         result = asm.feed(datagram, ("192.0.2.1", 1024 + index), now)
-        check_result(asm, result, time.perf_counter() - t0)
+        elapsed = time.perf_counter() - t0
+        check_result(asm, result, elapsed)
+        if slowest is not None and elapsed > slowest[0]:
+            slowest[0] = elapsed
     if asm.pending_count == 0 and asm.pending_bytes != 0:
         raise AssertionError(f"{asm.pending_bytes} bytes charged to no pending connection")
     return now
@@ -331,11 +336,13 @@ def soak(corpus: list[Path], seconds: float) -> dict[str, float]:
     base = tracemalloc.get_traced_memory()[0]
     t0 = time.monotonic()
     now, rounds, feeds, most_pending = 0.0, 0, 0, 0
+    slowest = [0.0]
     while time.monotonic() - t0 < seconds:
         for i, data in enumerate(inputs):
             before = asm.stats.ready + asm.stats.rejected + asm.stats.version_negotiation
             # the clock stands still: nothing expires, only the caps bound the table
-            now = run_input(data, asm, now, salt=rounds * len(inputs) + i, clock=False)
+            now = run_input(data, asm, now, salt=rounds * len(inputs) + i, clock=False,
+                            slowest=slowest)
             feeds += asm.stats.ready + asm.stats.rejected + asm.stats.version_negotiation
             feeds -= before
             most_pending = max(most_pending, asm.pending_count)
@@ -353,6 +360,7 @@ def soak(corpus: list[Path], seconds: float) -> dict[str, float]:
         "max_pending_cap": SOAK.max_pending,
         "max_bytes_total_cap": SOAK.max_bytes_total,
         "heap_peak_bytes": peak,
+        "slowest_feed_ms": round(slowest[0] * 1000, 2),
         "rss_before_kib": rss_before,
         "pending_bytes_end": asm.pending_bytes,
         "rss_peak_kib": _rss_kib("VmHWM"),
