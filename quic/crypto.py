@@ -16,7 +16,6 @@ protection mask and one AEAD open per Initial packet. So:
 """
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from hashlib import sha256
 
 from cryptography.exceptions import InvalidTag
@@ -151,47 +150,69 @@ _SALT_PADS = {
 }
 
 
-@dataclass(frozen=True, slots=True)
 class PacketKeys:
     """AEAD key, IV and header-protection key of one direction.
 
     The cipher contexts are built once here, not per packet: a connection's Initials (a
-    2-datagram ClientHello, retransmissions) reuse them.
+    2-datagram ClientHello, retransmissions) reuse them. A plain ``__slots__`` class rather
+    than a frozen dataclass: ``derive_initial_keys`` makes one per new connection, and the
+    frozen dataclass paid an ``object.__setattr__`` round per field (about 8k instructions).
+    Treat it as immutable; equality and hashing cover ``key``, ``iv``, ``hp`` and ``suite``.
     """
+
+    __slots__ = ("_aead", "_iv_int", "_mask", "hp", "iv", "key", "suite")
 
     key: bytes
     iv: bytes
     hp: bytes
-    suite: str = AES_128_GCM
-    _aead: AESGCM | ChaCha20Poly1305 = field(init=False, repr=False, compare=False)
-    _mask: Callable[[bytes], bytes] = field(init=False, repr=False, compare=False)
-    _iv_int: int = field(init=False, repr=False, compare=False)
+    suite: str
+    _aead: AESGCM | ChaCha20Poly1305
+    _mask: Callable[[bytes], bytes]
+    _iv_int: int
 
-    def __post_init__(self) -> None:
-        key, iv, hp = self.key, self.iv, self.hp
+    def __init__(self, key: bytes, iv: bytes, hp: bytes, suite: str = AES_128_GCM) -> None:
         if len(iv) != 12:
             raise QuicError("bad_key", f"IV of {len(iv)} bytes")
         try:
-            if self.suite == AES_128_GCM:
+            if suite == AES_128_GCM:
                 if len(key) != 16 or len(hp) != 16:
                     raise QuicError("bad_key", "AES-128-GCM needs 16-byte key and hp")
                 aead: AESGCM | ChaCha20Poly1305 = AESGCM(key)
                 # ECB on single blocks keeps no state between calls: one context serves every
                 # sample of this key.
                 mask = Cipher(algorithms.AES(hp), _ECB).encryptor().update
-            elif self.suite == CHACHA20_POLY1305:
+            elif suite == CHACHA20_POLY1305:
                 if len(key) != 32 or len(hp) != 32:
                     raise QuicError("bad_key", "ChaCha20-Poly1305 needs 32-byte key and hp")
                 aead = ChaCha20Poly1305(key)
                 mask = _chacha20_mask_fn(hp)
             else:
-                raise QuicError("bad_key", f"unknown cipher suite {self.suite!r}")
+                raise QuicError("bad_key", f"unknown cipher suite {suite!r}")
         except ValueError as exc:
             raise QuicError("bad_key", str(exc)) from None
-        _setattr = object.__setattr__
-        _setattr(self, "_aead", aead)
-        _setattr(self, "_mask", mask)
-        _setattr(self, "_iv_int", int.from_bytes(iv, "big"))
+        self.key = key
+        self.iv = iv
+        self.hp = hp
+        self.suite = suite
+        self._aead = aead
+        self._mask = mask
+        self._iv_int = int.from_bytes(iv, "big")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, PacketKeys):
+            return NotImplemented
+        return (self.key, self.iv, self.hp, self.suite) == (
+            other.key,
+            other.iv,
+            other.hp,
+            other.suite,
+        )
+
+    def __hash__(self) -> int:
+        return hash((self.key, self.iv, self.hp, self.suite))
+
+    def __repr__(self) -> str:
+        return f"PacketKeys(key={self.key!r}, iv={self.iv!r}, hp={self.hp!r}, suite={self.suite!r})"
 
     def header_mask(self, sample: bytes) -> bytes:
         """The header-protection mask for a 16-byte sample (RFC 9001 §5.4.3 / §5.4.4)."""
@@ -243,17 +264,16 @@ def derive_initial_keys(dcid: bytes, version: int, *, server: bool) -> PacketKey
 
 
 def _aes_keys(key: bytes, iv: bytes, hp: bytes) -> PacketKeys:
-    """``PacketKeys(key, iv, hp)`` for lengths known to be right, without the frozen-dataclass
-    ``__init__``/``__post_init__`` round (about a microsecond per connection on this path)."""
+    """``PacketKeys(key, iv, hp)`` for lengths known to be right, without ``__init__``'s
+    checks and suite dispatch (plain slot stores: the cheapest object CPython can fill)."""
     keys = _object_new(PacketKeys)
-    _setattr = object.__setattr__
-    _setattr(keys, "key", key)
-    _setattr(keys, "iv", iv)
-    _setattr(keys, "hp", hp)
-    _setattr(keys, "suite", AES_128_GCM)
-    _setattr(keys, "_aead", AESGCM(key))
-    _setattr(keys, "_mask", _ecb_encryptor(hp))
-    _setattr(keys, "_iv_int", int.from_bytes(iv, "big"))
+    keys.key = key
+    keys.iv = iv
+    keys.hp = hp
+    keys.suite = AES_128_GCM
+    keys._aead = AESGCM(key)
+    keys._mask = _ecb_encryptor(hp)
+    keys._iv_int = int.from_bytes(iv, "big")
     return keys
 
 
@@ -339,6 +359,37 @@ def open_packet(
     return _unprotect(
         datagram, header.start, header.pn_offset, header.end, keys, 0x0F, 0x0C, expected_pn
     )
+
+
+def open_initial(datagram: bytes, start: int, pn_offset: int, end: int, keys: PacketKeys) -> bytes:
+    """The decrypted payload of the long-header packet at ``datagram[start:end]`` whose packet
+    number starts at ``pn_offset``: ``open_packet(...)[1]`` for a first flight (expected packet
+    number 0), minus the header object and the generic unprotect's arguments.
+
+    The classifier calls this once per Initial packet; it is ``_unprotect`` specialised to a
+    long header (4 protected bits, reserved bits 0x0c) with the packet-number bytes read as
+    one integer.
+    """
+    sample_at = pn_offset + 4
+    if sample_at + 16 > end:
+        raise QuicError("too_short", "packet too short to sample for header protection")
+    mask = keys._mask(datagram[sample_at : sample_at + 16])
+    first = datagram[start] ^ (mask[0] & 0x0F)
+    pn_len = (first & 0x03) + 1
+    payload_at = pn_offset + pn_len
+    pn = int.from_bytes(datagram[pn_offset:payload_at], "big") ^ int.from_bytes(
+        mask[1 : 1 + pn_len], "big"
+    )
+    aad = b"".join((bytes((first,)), datagram[start + 1 : pn_offset], pn.to_bytes(pn_len, "big")))
+    try:
+        payload: bytes = keys._aead.decrypt(
+            (keys._iv_int ^ pn).to_bytes(12, "big"), datagram[payload_at:end], aad
+        )
+    except (InvalidTag, ValueError, OverflowError):
+        raise QuicError("decrypt_failed", f"AEAD open failed for packet number {pn}") from None
+    if first & 0x0C:  # reserved bits, checked only after a successful open (see _unprotect)
+        raise QuicError("reserved_bits", f"reserved bits set in first byte 0x{first:02x}")
+    return payload
 
 
 def open_short_packet(

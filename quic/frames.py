@@ -7,8 +7,11 @@ is a protocol violation that the classifier must not paper over: ``QuicError("fo
 
 This runs once per Initial packet on the classifier's hot path, so it only *locates* frames:
 CRYPTO payloads are sliced out for the reassembler, ACKs are skipped with bounds checks, and
-the ~1000 bytes of PADDING a client adds are skipped in one C-level regex scan rather than a
-Python loop per byte.
+the ~1000 bytes of PADDING a client adds are skipped in C rather than a Python loop per byte:
+trailing padding (the usual case) by one ``rstrip`` length, a run inside the packet by one
+``\x00+`` regex match (sre counts a repeated literal in a tight loop; searching for
+``[^\x00]`` instead costs about 66 instructions per byte). CRYPTO's offset and length
+varints are decoded inline for their 1- and 2-byte forms.
 """
 
 import re
@@ -24,7 +27,7 @@ FRAME_ACK_ECN = 0x03
 FRAME_CRYPTO = 0x06
 FRAME_CONNECTION_CLOSE = 0x1C
 
-_NOT_PADDING = re.compile(rb"[^\x00]")
+_PADDING_RUN = re.compile(rb"\x00+")
 
 
 class InitialFrames(NamedTuple):
@@ -70,18 +73,39 @@ def parse_initial_frames(payload: bytes) -> InitialFrames:
     crypto: list[tuple[int, bytes]] = []
     closed = False
     pos = 0
+    tail = -1  # where the trailing run of zero bytes starts; computed at the first PADDING
     while pos < n:
         ftype = payload[pos]
         if ftype == FRAME_PADDING:
-            m = _NOT_PADDING.search(payload, pos)
-            if m is None:
-                break
-            pos = m.start()
+            if tail < 0:
+                tail = len(payload.rstrip(b"\x00"))
+            if pos >= tail:
+                break  # only PADDING frames follow
+            pos = _PADDING_RUN.match(payload, pos).end()  # type: ignore[union-attr]
             continue
         pos += 1
         if ftype == FRAME_CRYPTO:
-            offset, pos = decode_varint(payload, pos)
-            length, pos = decode_varint(payload, pos)
+            # offset and length inline for their 1- and 2-byte forms (decode_varint otherwise)
+            if pos + 4 <= n and payload[pos] < 0x80:
+                b = payload[pos]
+                if b < 0x40:
+                    offset = b
+                    pos += 1
+                else:
+                    offset = ((b & 0x3F) << 8) | payload[pos + 1]
+                    pos += 2
+                b = payload[pos]
+                if b < 0x40:
+                    length = b
+                    pos += 1
+                elif b < 0x80:
+                    length = ((b & 0x3F) << 8) | payload[pos + 1]
+                    pos += 2
+                else:
+                    length, pos = decode_varint(payload, pos)
+            else:
+                offset, pos = decode_varint(payload, pos)
+                length, pos = decode_varint(payload, pos)
             end = pos + length
             if end > n:
                 raise QuicError("truncated", f"CRYPTO frame of {length} bytes past end of packet")

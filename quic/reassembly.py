@@ -62,7 +62,10 @@ class CryptoReassembler:
         """The stream bytes ``[0, end)``; ``end`` must not exceed :attr:`contiguous`."""
         if end > self.contiguous:
             raise QuicError("crypto_gap", f"bytes up to {end} requested, {self.contiguous} held")
-        return bytes(self._buf[:end])
+        buf = self._buf
+        # One copy, not two (a bytearray slice, then bytes of it), in the usual case where
+        # the ClientHello is everything buffered.
+        return bytes(buf) if end == len(buf) else bytes(buf[:end])
 
     def add(self, offset: int, data: bytes) -> None:
         """Merge one CRYPTO frame's data at ``offset``."""
@@ -75,6 +78,12 @@ class CryptoReassembler:
         if end > self.cap:
             raise QuicError("crypto_over_cap", f"CRYPTO data up to {end} > cap {self.cap}")
         starts, ends, buf = self._starts, self._ends, self._buf
+        if ends and offset == len(buf) and ends[-1] == offset:
+            # fast path: data continuing the last range at the end of the buffer (a
+            # ClientHello split over two datagrams that arrive in order)
+            buf += data
+            ends[-1] = end
+            return
         if not starts:  # fast path: the first fragment
             if offset:
                 buf.extend(bytes(offset))
