@@ -42,7 +42,7 @@ import threading
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -127,12 +127,45 @@ class Proc:
         return self.proc.returncode
 
 
-def spawn(name: str, netns: str, cmd: list[str], stderr: Path) -> Proc:
-    with open(stderr, "a") as err:
-        proc = subprocess.Popen(["nsenter", f"--net={netns_path(netns)}", *cmd],
-                                stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
-                                start_new_session=True)
-    return Proc(name, proc, Lines(proc))
+class _Interrupts:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt (an orderly teardown), except inside
+    ``held()``, which defers them to its end: a signal between starting a process and
+    recording it would leave that process running. (Blocking the signals instead would be
+    inherited by the children, which then could not be stopped with SIGTERM.)"""
+
+    holding = False
+    pending = False
+
+    def handler(self, signum: int, frame: object) -> None:
+        if self.holding:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
+        try:
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+
+INTERRUPTS = _Interrupts()
+
+
+def spawn(name: str, netns: str, cmd: list[str], stderr: Path, into: dict[str, Proc]) -> Proc:
+    """Start ``cmd`` in ``netns`` and record it in ``into`` (so teardown stops it)."""
+    with INTERRUPTS.held():
+        with open(stderr, "a") as err:
+            proc = subprocess.Popen(["nsenter", f"--net={netns_path(netns)}", *cmd],
+                                    stdout=subprocess.PIPE, stderr=err, text=True, cwd=ROOT,
+                                    start_new_session=True)
+        into[name] = Proc(name, proc, Lines(proc))
+    return into[name]
 
 
 def write_config(path: Path, pair: NetnsPair) -> None:
@@ -312,7 +345,7 @@ def print_table(rows: list[Row], apps: dict[str, Proc]) -> None:
     widths = [max(len(x[i]) for x in lines) for i in range(len(head) - 1)]
     print()
     for x in lines:
-        print("  ".join(c.ljust(w) for c, w in zip(x, widths, strict=False)), x[-1])
+        print("  ".join([*(c.ljust(w) for c, w in zip(x, widths, strict=False)), x[-1]]))
     print()
     for name, app in apps.items():
         pids = ", ".join(f"slot {k} pid {v}" for k, v in sorted(app.ready["pids"].items()))
@@ -331,12 +364,14 @@ def demo(verbose: bool) -> int:
         config = work / "steerd.toml"
         write_config(config, pair)
         pin_dir = f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:8]}"
-        daemon: Proc | None = None
+        log(f"work dir {work}, BPF pin dir {pin_dir}")
+        procs: dict[str, Proc] = {}  # what to stop, in start order: the daemon first
         apps: dict[str, Proc] = {}
         try:
             log("starting steerd (compiling its BPF programs takes a few seconds)")
             daemon = spawn("steerd", pair.server, [STEERD, "run", "-v", "-c", str(config),
-                                                   "--pin-dir", pin_dir], work / "steerd.log")
+                                                   "--pin-dir", pin_dir], work / "steerd.log",
+                           procs)
             if daemon.lines.wait_for(lambda s: s.strip() == "steerd: ready", 60) is None:
                 raise RuntimeError("steerd did not become ready")
             files = work / "files"
@@ -351,7 +386,7 @@ def demo(verbose: bool) -> int:
                 apps[name] = app = spawn(name, pair.server, [
                     PYTHON, str(APPS / script), "--app", name, "--control", control,
                     "--cert-dir", str(work / f"{name}-cert"), "--workers", "2", *extra,
-                ], work / f"{name}.log")
+                ], work / f"{name}.log", procs)
                 line = app.lines.wait_for(lambda s: '"ready"' in s, 30)
                 if line is None:
                     raise RuntimeError(f"app {name} did not become ready")
@@ -393,16 +428,14 @@ def demo(verbose: bool) -> int:
                 if logfile.exists() and (tail := logfile.read_text().strip().splitlines()):
                     log(f"last lines of {name}'s log:\n  " + "\n  ".join(tail[-15:]))
         finally:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second Ctrl-C must not cut it
+            for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut it
+                signal.signal(sig, signal.SIG_IGN)
             log("tearing down: apps (SIGTERM: drain), steerd (SIGTERM), steerd purge, "
                 "namespaces")
-            for app in apps.values():
-                if (code := app.stop()) != 0:
-                    log(f"app {app.name} exited {code}")
+            for proc in reversed(procs.values()):  # apps drain first, then the daemon goes
+                if (code := proc.stop()) != 0:
+                    log(f"{proc.name} exited {code}")
                     status = 1
-            if daemon is not None and (code := daemon.stop()) != 0:
-                log(f"steerd exited {code}")
-                status = 1
             if verbose and (work / "steerd.log").exists():
                 print((work / "steerd.log").read_text(), file=sys.stderr)
             purge = subprocess.run(
@@ -426,10 +459,8 @@ def main(argv: list[str] | None = None) -> int:
         log("needs root (network namespaces, BPF): sudo ./demo.sh")
         return 1
 
-    def terminate(signum: int, _frame: object) -> None:
-        raise KeyboardInterrupt  # the same orderly teardown as Ctrl-C
-
-    signal.signal(signal.SIGTERM, terminate)
+    for sig in (signal.SIGINT, signal.SIGTERM):  # SIGTERM: the same teardown as Ctrl-C
+        signal.signal(sig, INTERRUPTS.handler)
     try:
         return demo(args.verbose)
     except KeyboardInterrupt:
