@@ -26,17 +26,21 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import grp
 import hashlib
 import html
 import json
 import os
+import pwd
 import queue
 import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -64,6 +68,7 @@ METRICS_PORT = 9443
 SITE = "www.example.test"  # the HTTP/3 site's name (resolved by Chromium's resolver rules)
 FILES = "files.example.test"  # the name the file-service client asks for
 PREFIX = "steerd-demo-"
+CONTROL_GID = 65534  # nogroup: the control socket's group, which both app users get
 REFUSED = "(refused)"
 NO_APPLICATION_PROTOCOL = 0x100 + 120  # CRYPTO_ERROR carrying TLS alert 120 (RFC 9001 §4.8)
 APP_ALPN = {"web": "HTTP/3 site, ALPN h3", "files": "file service, ALPN smb, NOT SMB"}
@@ -168,7 +173,45 @@ def spawn(name: str, netns: str, cmd: list[str], stderr: Path, into: dict[str, P
     return into[name]
 
 
-def write_config(path: Path, pair: NetnsPair) -> None:
+@dataclass(frozen=True)
+class AppUser:
+    """Who an app runs as. Each demo app runs as its own unprivileged user, allowed by the
+    daemon's [[acl]] to claim only its ALPN (and, for the site, its names); both reach the
+    control socket through its group."""
+
+    name: str
+    uid: int
+    gid: int
+
+    def setpriv(self) -> list[str]:
+        if self.uid == 0:
+            return []
+        return ["setpriv", f"--reuid={self.uid}", f"--regid={self.gid}",
+                f"--groups={CONTROL_GID}"]
+
+
+def app_users() -> tuple[dict[str, AppUser], str]:
+    """www-data for the site and nobody for the file service, or root for both (and why)
+    when those users do not exist or cannot read the checkout and the venv (a clone in
+    /root, say)."""
+    root = AppUser("root", 0, 0)
+    try:
+        users = {"web": pwd.getpwnam("www-data"), "files": pwd.getpwnam("nobody")}
+        grp.getgrgid(CONTROL_GID)
+    except KeyError:
+        return {"web": root, "files": root}, "users www-data/nobody or group nogroup missing"
+    needed = [APPS / "h3site.py", APPS / "fileserve.py", APPS / "certs.py",
+              ROOT / "steerd" / "sdk.py", Path(sysconfig.get_paths()["purelib"])]
+    for path in needed:
+        for part in [*reversed(path.parents), path]:
+            mode = part.stat().st_mode
+            if not mode & (stat.S_IXOTH if part.is_dir() else stat.S_IROTH):
+                return {"web": root, "files": root}, f"{part} is not readable by other users"
+    return {k: AppUser(u.pw_name, u.pw_uid, u.pw_gid) for k, u in users.items()}, ""
+
+
+def write_config(path: Path, pair: NetnsPair, users: dict[str, AppUser]) -> None:
+    web, files = users["web"], users["files"]
     path.write_text(f"""# written by deploy/demo.py
 [listen]
 addresses = ["{pair.server_v4}", "{pair.server_v6}"]
@@ -177,12 +220,17 @@ port = {PORT}
 interfaces = ["{pair.server_if}"]
 [control]
 path = "{path.parent / 'control.sock'}"
+group = {CONTROL_GID}
 [metrics]
 address = "127.0.0.1"
 port = {METRICS_PORT}
 [[acl]]
-uids = [0]
-alpn = ["*"]
+uids = [{web.uid}]
+alpn = ["h3"]
+server_names = ["{SITE}", "localhost"]
+[[acl]]
+uids = [{files.uid}]
+alpn = ["smb"]
 server_names = ["*"]
 """)
 
@@ -331,7 +379,7 @@ def metrics_excerpt(pair: NetnsPair, flights: int, timeout: float = 5.0) -> list
     return keep + bpf[:8]
 
 
-def print_table(rows: list[Row], apps: dict[str, Proc]) -> None:
+def print_table(rows: list[Row], apps: dict[str, Proc], users: dict[str, AppUser]) -> None:
     head = ("CLIENT", "IP", "ALPN", "SERVER NAME", "SERVED BY (app slot/pid)", "RESULT")
     lines = [head]
     for r in rows:
@@ -349,7 +397,7 @@ def print_table(rows: list[Row], apps: dict[str, Proc]) -> None:
     print()
     for name, app in apps.items():
         pids = ", ".join(f"slot {k} pid {v}" for k, v in sorted(app.ready["pids"].items()))
-        print(f"  app {name!r} ({APP_ALPN[name]}): {pids}")
+        print(f"  app {name!r} as user {users[name].name} ({APP_ALPN[name]}): {pids}")
 
 
 def demo(verbose: bool) -> int:
@@ -361,8 +409,12 @@ def demo(verbose: bool) -> int:
         pair = cleanup.enter_context(netns_pair(prefix=PREFIX))
         log(f"namespaces {pair.client} (client {pair.client_v4}, {pair.client_v6}) and "
             f"{pair.server} (server {pair.server_v4}, {pair.server_v6}), veth {pair.server_if}")
+        users, why_root = app_users()
+        if why_root:
+            log(f"apps run as root: {why_root}")
+        os.chmod(work, 0o711)  # the apps' users reach the control socket and their dirs
         config = work / "steerd.toml"
-        write_config(config, pair)
+        write_config(config, pair, users)
         pin_dir = f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:8]}"
         log(f"work dir {work}, BPF pin dir {pin_dir}")
         procs: dict[str, Proc] = {}  # what to stop, in start order: the daemon first
@@ -375,17 +427,22 @@ def demo(verbose: bool) -> int:
             if daemon.lines.wait_for(lambda s: s.strip() == "steerd: ready", 60) is None:
                 raise RuntimeError("steerd did not become ready")
             files = work / "files"
-            files.mkdir()
+            files.mkdir(mode=0o755)
             (files / "hello.txt").write_text("hello from the file service (not SMB)\n")
+            os.chmod(files / "hello.txt", 0o644)
             control = str(work / "control.sock")
             for name, script, extra in (
                 ("web", "h3site.py", ["--server-name", SITE, "--server-name", "localhost"]),
                 ("files", "fileserve.py", ["--root", str(files)]),
             ):
-                log(f"starting app {name!r} ({script}, 2 workers)")
+                user = users[name]
+                cert_dir = work / f"{name}-cert"
+                cert_dir.mkdir(mode=0o700)
+                os.chown(cert_dir, user.uid, user.gid)  # its key is readable by it alone
+                log(f"starting app {name!r} as {user.name} ({script}, 2 workers)")
                 apps[name] = app = spawn(name, pair.server, [
-                    PYTHON, str(APPS / script), "--app", name, "--control", control,
-                    "--cert-dir", str(work / f"{name}-cert"), "--workers", "2", *extra,
+                    *user.setpriv(), PYTHON, str(APPS / script), "--app", name,
+                    "--control", control, "--cert-dir", str(cert_dir), "--workers", "2", *extra,
                 ], work / f"{name}.log", procs)
                 line = app.lines.wait_for(lambda s: '"ready"' in s, 30)
                 if line is None:
@@ -405,6 +462,10 @@ def demo(verbose: bool) -> int:
                 lambda: run_python_client(pair, "aioquic", "file", socket.AF_INET, FILES),
                 lambda: run_unowned(pair, "doq"),
             ]
+            print(f"steerd demo: two QUIC apps share UDP port {PORT} behind steerd\n"
+                  f"  server namespace {pair.server}: {pair.server_v4}, {pair.server_v6}\n"
+                  f"  client namespace {pair.client}: real clients, each asking for an ALPN "
+                  "and a server name", flush=True)
             log("running the clients from the client namespace")
             with ThreadPoolExecutor(len(runs)) as pool:
                 futures = [pool.submit(run) for run in runs]
@@ -415,7 +476,7 @@ def demo(verbose: bool) -> int:
                             subprocess.TimeoutExpired) as exc:
                         row.error = str(exc) or type(exc).__name__
                     row.check(apps)
-            print_table(rows, apps)
+            print_table(rows, apps, users)
             print(f"\nPrometheus scrape (http://127.0.0.1:{METRICS_PORT}/metrics in the "
                   "server namespace), excerpt:")
             for line in metrics_excerpt(pair, len(rows)):
