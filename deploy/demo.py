@@ -283,18 +283,41 @@ def worker_json(text: str) -> dict[str, Any]:
     return dict(json.loads(found.group(0)))
 
 
+CLIENT_PROGRAMS: set[subprocess.Popen[str]] = set()  # running, for kill_client_programs()
+
+
+def run_client_program(cmd: list[str], timeout: float) -> subprocess.CompletedProcess[str]:
+    """Like subprocess.run, but in its own session and known to kill_client_programs():
+    Chromium outlives a Ctrl-C, and its renderer processes outlive a kill of the browser."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    CLIENT_PROGRAMS.add(proc)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        CLIENT_PROGRAMS.discard(proc)
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+def kill_client_programs() -> None:
+    for proc in list(CLIENT_PROGRAMS):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+
 def run_chromium(pair: NetnsPair, work: Path, cert: Path) -> dict[str, Any]:
     profile = Path(tempfile.mkdtemp(prefix="chromium-", dir=work))
-    out = subprocess.run(
+    out = run_client_program(
         ["nsenter", f"--net={netns_path(pair.client)}", "chromium", "--headless=new",
          "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
          f"--origin-to-force-quic-on={SITE}:{PORT}",
          f"--host-resolver-rules=MAP {SITE} {pair.server_v4}",
          f"--ignore-certificate-errors-spki-list={spki_pin(cert)}",
-         "--dump-dom", f"https://{SITE}/count"],
-        capture_output=True, text=True, timeout=40, check=False,
-    )
+         "--dump-dom", f"https://{SITE}/count"], timeout=40)
     if '"app"' not in out.stdout:
         raise RequestFailed(f"chromium exited {out.returncode}: "
                             f"{(out.stderr.strip().splitlines() or ['no output'])[-1]}")
@@ -303,12 +326,10 @@ def run_chromium(pair: NetnsPair, work: Path, cert: Path) -> dict[str, Any]:
 
 def run_gtlsclient(pair: NetnsPair, work: Path) -> dict[str, Any]:
     download = Path(tempfile.mkdtemp(prefix="ngtcp2-", dir=work))
-    out = subprocess.run(
+    out = run_client_program(
         ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient", "--quiet",
          f"--download={download}", "--exit-on-all-streams-close", pair.server_v6, str(PORT),
-         f"https://{SITE}/count"],
-        capture_output=True, text=True, timeout=30, check=False,
-    )
+         f"https://{SITE}/count"], timeout=30)
     saved = download / "count"
     if out.returncode != 0 or not saved.exists():
         tail = (out.stderr.strip().splitlines() or ["no output"])[-1]
@@ -417,6 +438,7 @@ def demo(verbose: bool) -> int:
         write_config(config, pair, users)
         pin_dir = f"/sys/fs/bpf/{PREFIX}{uuid.uuid4().hex[:8]}"
         log(f"work dir {work}, BPF pin dir {pin_dir}")
+        interrupted = False
         procs: dict[str, Proc] = {}  # what to stop, in start order: the daemon first
         apps: dict[str, Proc] = {}
         try:
@@ -469,25 +491,28 @@ def demo(verbose: bool) -> int:
             log("running the clients from the client namespace")
             with ThreadPoolExecutor(len(runs)) as pool:
                 futures = [pool.submit(run) for run in runs]
-                for row, fut in zip(rows, futures, strict=True):
-                    try:
-                        row.served = fut.result()
-                    except (RequestFailed, OSError, ValueError,
-                            subprocess.TimeoutExpired) as exc:
-                        row.error = str(exc) or type(exc).__name__
-                    row.check(apps)
+                try:
+                    for row, fut in zip(rows, futures, strict=True):
+                        try:
+                            row.served = fut.result()
+                        except (RequestFailed, OSError, ValueError,
+                                subprocess.TimeoutExpired) as exc:
+                            row.error = str(exc) or type(exc).__name__
+                        row.check(apps)
+                except KeyboardInterrupt:
+                    kill_client_programs()  # else the pool waits for them to time out
+                    raise
             print_table(rows, apps, users)
             print(f"\nPrometheus scrape (http://127.0.0.1:{METRICS_PORT}/metrics in the "
                   "server namespace), excerpt:")
             for line in metrics_excerpt(pair, len(rows)):
                 print(f"  {line}")
             status = 0 if all(r.ok for r in rows) else 1
-        except (RuntimeError, OSError) as exc:
+        except (RuntimeError, OSError, ValueError) as exc:
             log(f"FAILED: {exc}")
-            for name in ("steerd", *apps):
-                logfile = work / f"{name}.log"
-                if logfile.exists() and (tail := logfile.read_text().strip().splitlines()):
-                    log(f"last lines of {name}'s log:\n  " + "\n  ".join(tail[-15:]))
+        except KeyboardInterrupt:
+            interrupted = True
+            raise
         finally:
             for sig in (signal.SIGINT, signal.SIGTERM):  # a second Ctrl-C must not cut it
                 signal.signal(sig, signal.SIG_IGN)
@@ -497,6 +522,11 @@ def demo(verbose: bool) -> int:
                 if (code := proc.stop()) != 0:
                     log(f"{proc.name} exited {code}")
                     status = 1
+            if status != 0 and not interrupted:  # what the daemon and the apps said
+                for name in procs:
+                    logfile = work / f"{name}.log"
+                    if logfile.exists() and (tail := logfile.read_text().strip().splitlines()):
+                        log(f"last lines of {name}'s log:\n  " + "\n  ".join(tail[-15:]))
             if verbose and (work / "steerd.log").exists():
                 print((work / "steerd.log").read_text(), file=sys.stderr)
             purge = subprocess.run(
