@@ -16,6 +16,14 @@ It is split in two halves so the CPU-heavy one can run in several processes:
   resets, metrics. It lives in the daemon's main process beside the registry, so there is one
   source of truth for apps and one set of metrics.
 
+Retry mode (RFC 9000 §8.1): under a flood of spoofed Initials, assembling every first flight
+costs memory and CPU per spoofed address. With ``retry`` on (``always``, or ``auto`` while the
+load is high), a new Initial without a token is answered with a Retry carrying a stateless
+token (quic/token.py: bound to the client's address, HMAC-keyed, expiring) and nothing is
+kept; only an Initial echoing a valid token is assembled and decided, so only clients that
+own their source address cost anything. The worker accepts the retried connection from the
+same token (steerd/sdk.py). Invalid or expired tokens are dropped and counted.
+
 Sans-I/O in the aioquic manner: the side effects go through three narrow callables (route
 writer, re-injector, reply sender) that the daemon wires to the data plane and real sockets.
 """
@@ -27,8 +35,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from quic.builders import build_initial_close, build_version_negotiation
-from quic.cid import CidLayout
+from quic.builders import build_initial_close, build_retry, build_version_negotiation
+from quic.cid import CONFIG_ROTATION_SHIFT, CR_UNROUTABLE, CidLayout
 from quic.errors import QuicError
 from quic.flight import (
     AssemblerConfig,
@@ -38,8 +46,14 @@ from quic.flight import (
     Rejected,
     VersionNegotiationNeeded,
 )
-from quic.packet import SUPPORTED_VERSIONS, parse_long_header
+from quic.packet import SUPPORTED_VERSIONS, PacketType, parse_long_header
 from quic.reset import MIN_RESET_LEN, TOKEN_LEN, build_stateless_reset, reset_token
+from quic.token import (
+    DEFAULT_LIFETIME,
+    build_retry_token,
+    is_retry_token,
+    validate_retry_token,
+)
 from steerd.metrics import Tally, bump
 from steerd.registry import Registry
 
@@ -48,6 +62,39 @@ Address = tuple[str, int]
 # Datagrams of one decided DCID re-injected from the classifier at most (retransmissions of
 # the first flight that raced the route write); past that the worker is presumed gone.
 MAX_STRAGGLERS = 32
+
+RETRY_MODES = ("off", "auto", "always")
+RETRY_CID_LEN = 16  # the Retry's SCID (the retried Initial's DCID): random, never one of ours
+MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: smaller client Initials are discarded, never retried
+
+
+@dataclass(frozen=True, slots=True)
+class RetryConfig:
+    """When the classifier answers new Initials with a Retry (see the module docstring).
+
+    ``auto`` turns it on while pending first flights exceed ``pending_fraction`` of the
+    assembler's cap, or while new token-less Initials arrive faster than ``initial_rate`` per
+    second, and keeps it on ``hold`` seconds past the last such moment (so it does not flap
+    with each second of a flood). Retries have their own send budget (``rate``, ``burst``): a
+    Retry is far smaller than the >= 1200-byte Initial that triggers it (no amplification,
+    RFC 9000 §8), and a legitimate client's Retry must not be starved by the replies the
+    flood itself provokes, which the VN/CONNECTION_CLOSE/reset budget would do.
+    """
+
+    mode: str = "off"
+    key: bytes = b""  # quic.token.derive_token_key(daemon secret)
+    lifetime: float = DEFAULT_LIFETIME
+    pending_fraction: float = 0.25
+    initial_rate: float = 2000.0
+    hold: float = 5.0
+    rate: float = 20000.0
+    burst: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.mode not in RETRY_MODES:
+            raise ValueError(f"retry mode must be one of {RETRY_MODES}, got {self.mode!r}")
+        if self.mode != "off" and len(self.key) < 16:
+            raise ValueError("retry needs a token key of at least 16 bytes")
 
 
 class RouteWriter(Protocol):
@@ -200,6 +247,12 @@ class FlightFront:
         while seen and now - next(iter(seen.values())) >= ttl:
             seen.popitem(last=False)
 
+    def knows(self, dcid: bytes, now: float) -> bool:
+        """Whether ``dcid`` is being assembled or was just handed over (its later datagrams
+        belong to a flight already under way, whatever Retry mode says)."""
+        handed = self._handed.get(dcid)
+        return dcid in self._first_seen or (handed is not None and handed > now)
+
     def forget(self, dcid: bytes) -> None:
         """Treat the next datagram of ``dcid`` as new (its flight was held, not decided)."""
         self._handed.pop(dcid, None)
@@ -228,6 +281,7 @@ class ClassifierReport:
     routes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
     expired: int = 0  # first flights that never completed (TTL or eviction), since start
+    retrying: bool = False  # Retry mode in force at the time of the report
 
 
 class _SendBudget:
@@ -272,6 +326,7 @@ class Classifier:
         random: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], float] = time.monotonic,
         hold_unowned_until: float = 0.0,
+        retry: RetryConfig | None = None,
     ) -> None:
         self.registry = registry
         # After a daemon restart, until this time and while apps of the previous run have not
@@ -297,11 +352,20 @@ class Classifier:
         self.send_rate, self.send_burst = send_rate, send_burst
         self._budget = _SendBudget(send_rate, send_burst)
         self.dropped: dict[str, int] = {}
+        self.retry = retry or RetryConfig()
+        self._retry_budget = _SendBudget(self.retry.rate, self.retry.burst)
+        self._retry_until = -1.0  # auto mode: on until then
+        self._window_start = 0.0  # auto mode: token-less Initials counted per second
+        self._window_count = 0
 
     # -- entry points -------------------------------------------------------------------------
 
     def on_datagram(self, data: bytes, origin: Origin, now: float) -> str:
         """Handle one datagram; returns the outcome token (for tests and logs)."""
+        if self.retry.mode != "off" and data and data[0] & 0x80:
+            outcome = self._retry_gate(data, origin, now)
+            if outcome is not None:
+                return outcome
         event = self.front.feed(data, origin, now)
         if isinstance(event, Dropped) and event.rejected:
             self.tally.flight("rejected")
@@ -336,7 +400,82 @@ class Classifier:
             bump(dropped, reason, n)
         stats = self.front.assembler.stats
         return ClassifierReport(front.pending_connections, front.pending_bytes,
-                                len(self._decided), dropped, stats.expired + stats.evicted)
+                                len(self._decided), dropped, stats.expired + stats.evicted,
+                                self.retrying(self.clock()))
+
+    def retrying(self, now: float) -> bool:
+        """Whether a token-less new Initial arriving now gets a Retry."""
+        mode = self.retry.mode
+        if mode == "always":
+            return True
+        if mode == "off":
+            return False
+        if now < self._retry_until:
+            return True
+        cfg = self.retry
+        assembler = self.front.assembler
+        if assembler.pending_count >= cfg.pending_fraction * assembler.config.max_pending:
+            self._retry_until = now + cfg.hold
+            return True
+        return False
+
+    # -- Retry mode -----------------------------------------------------------------------------
+
+    def _retry_gate(self, data: bytes, origin: Origin, now: float) -> str | None:
+        """Retry mode's look at a long-header datagram before assembly: None lets it through
+        to the front; otherwise the outcome (Retry sent, or dropped)."""
+        try:
+            header = parse_long_header(data, 0)
+        except QuicError:
+            return None  # the front drops it and counts why
+        if header.packet_type is not PacketType.INITIAL or header.version not in SUPPORTED_VERSIONS:
+            return None
+        token = header.token
+        if token and is_retry_token(token):
+            try:
+                validate_retry_token(self.retry.key, token, origin.client[0], header.dcid, now,
+                                     self.retry.lifetime)
+            except QuicError as exc:
+                bump(self.tally.tokens, exc.reason)
+                return self._drop(exc.reason)
+            bump(self.tally.tokens, "accepted")
+            return None
+        # No token of ours (none, or someone else's, e.g. an app's NEW_TOKEN): an address not
+        # yet validated (RFC 9000 §8.1.3).
+        if self.retry.mode == "auto":
+            self._count_new_initial(now)
+        if (
+            not self.retrying(now)
+            or len(data) < MIN_INITIAL_DATAGRAM
+            or self.front.knows(header.dcid, now)
+        ):
+            return None
+        if not self._retry_budget.take(now):
+            bump(self.tally.suppressed, "retry")
+            return "retry_suppressed"
+        scid = self._retry_cid()
+        packet = build_retry(
+            header.version, header.scid, scid, header.dcid,
+            build_retry_token(self.retry.key, origin.client[0], header.dcid, scid, now),
+        )
+        self.reply(packet, origin.client, origin.service, origin.group)
+        bump(self.tally.sent, "retry")
+        return "retry"
+
+    def _count_new_initial(self, now: float) -> None:
+        """Auto mode's rate trigger: token-less Initials per one-second window (on as soon as
+        a window holds more than ``initial_rate``)."""
+        if now - self._window_start >= 1.0:
+            self._window_start, self._window_count = now, 0
+        self._window_count += 1
+        if self._window_count > self.retry.initial_rate:
+            self._retry_until = now + self.retry.hold
+
+    def _retry_cid(self) -> bytes:
+        # First octet with the unroutable config-rotation codepoint: never a CID of our
+        # layout, so the data plane hands the retried Initial to a classifier, not a worker.
+        first = (CR_UNROUTABLE << CONFIG_ROTATION_SHIFT) | (RETRY_CID_LEN - 1)
+        return bytes((first,)) + self.random(RETRY_CID_LEN - 1)
 
     # -- outcomes -----------------------------------------------------------------------------
 

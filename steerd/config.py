@@ -196,6 +196,24 @@ class LimitsConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class FloodConfig:
+    """Defences against floods of spoofed new Initials: the guard's per-source-prefix token
+    bucket (in XDP/TC, needs [xdp] interfaces) and the classifier's stateless Retry mode."""
+
+    retry: str = "auto"  # "off", "auto" (under load) or "always"
+    retry_pending_fraction: float = 0.25  # auto: pending first flights / pending_connections
+    retry_initial_rate: float = 2000.0  # auto: token-less new Initials per second
+    retry_hold: float = 5.0  # auto: seconds Retry mode stays on after the load fell
+    retry_rate: float = 20000.0  # Retries sent per second at most (all classifiers together)
+    retry_burst: int = 2000
+    token_lifetime: float = 10.0  # seconds a Retry token is valid
+    guard_rate: float = 0.0  # new Initials per second per source prefix; 0: no bucket
+    guard_burst: int = 64
+    guard_v4_prefix_len: int = 24
+    guard_v6_prefix_len: int = 48
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in default."""
 
@@ -207,6 +225,7 @@ class Config:
     acl: tuple[AclRule, ...] = ()
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
+    flood: FloodConfig = field(default_factory=FloodConfig)
     source: str = "<defaults>"
 
 
@@ -334,7 +353,7 @@ def _table(source: str, where: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
-_SECTIONS = ("acl", "cid", "control", "limits", "listen", "metrics", "policy", "xdp")
+_SECTIONS = ("acl", "cid", "control", "flood", "limits", "listen", "metrics", "policy", "xdp")
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
@@ -508,9 +527,28 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             f"{len(listen.addresses)} listen addresses = {fds} sockets, more than the "
             f"{SCM_MAX_FD} one control message can carry"
         )
+    s = section("flood", tuple(FloodConfig.__dataclass_fields__))
+    df = FloodConfig()
+    flood = FloodConfig(
+        retry=s.choice("retry", df.retry, ("off", "auto", "always")),
+        retry_pending_fraction=s.number(
+            "retry_pending_fraction", df.retry_pending_fraction, 0.01, 1, "pending/cap"),
+        retry_initial_rate=s.number(
+            "retry_initial_rate", df.retry_initial_rate, 1, 10**7, "Initials per second"),
+        retry_hold=s.number("retry_hold", df.retry_hold, 0, 3600),
+        retry_rate=s.number("retry_rate", df.retry_rate, 1, 10**7, "Retries per second"),
+        retry_burst=s.int_range("retry_burst", df.retry_burst, 1, 10**7),
+        token_lifetime=s.number("token_lifetime", df.token_lifetime, 1, 60),
+        guard_rate=s.number("guard_rate", df.guard_rate, 0, 10**7, "Initials per second"),
+        guard_burst=s.int_range("guard_burst", df.guard_burst, 1, 10**7),
+        guard_v4_prefix_len=s.int_range("guard_v4_prefix_len", df.guard_v4_prefix_len, 0, 32),
+        guard_v6_prefix_len=s.int_range("guard_v6_prefix_len", df.guard_v6_prefix_len, 0, 128),
+    )
+    if flood.guard_rate and not xdp.interfaces:
+        raise s.fail("guard_rate", "needs the guard: set [xdp] interfaces (or guard_rate = 0)")
     return Config(
         listen=listen, xdp=xdp, cid=cid, control=control, metrics=metrics, acl=tuple(rules),
-        policy=policy, limits=limits, source=source,
+        policy=policy, limits=limits, flood=flood, source=source,
     )
 
 
@@ -558,6 +596,10 @@ def summary(config: Config) -> list[str]:
         f"pending TTL {lim.pending_ttl:g}s, route TTL {lim.route_ttl:g}s, "
         f"{lim.classifiers} classifier(s), {lim.worker_slots} worker slots, "
         f"{lim.workers_per_app} workers per app",
+        f"flood: Retry {config.flood.retry}, guard "
+        + (f"{config.flood.guard_rate:g} Initials/s per /{config.flood.guard_v4_prefix_len} "
+           f"(IPv4), /{config.flood.guard_v6_prefix_len} (IPv6), burst "
+           f"{config.flood.guard_burst}" if config.flood.guard_rate else "off"),
         f"control limits: {lim.control_connections} connections, "
         f"{lim.control_message_bytes} bytes per message, {lim.control_rate:g} messages/s "
         f"(burst {lim.control_burst})",

@@ -29,7 +29,8 @@ from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
-from steerd.classifier import Classifier, ClassifierReport, Origin
+from quic.token import derive_token_key
+from steerd.classifier import Classifier, ClassifierReport, Origin, RetryConfig
 from steerd.config import Config
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
@@ -125,6 +126,20 @@ def load_reset_key(path: str) -> bytes:
     return key
 
 
+def retry_config(config: Config, secret: bytes, share: int = 1) -> RetryConfig:
+    """The classifier's Retry mode from [flood]; ``share`` divides the Retry budget among
+    classifier processes. The token key derives from the reset key, which apps already hold
+    (so SDK workers validate the tokens of retried connections) and which outlives restarts
+    (so a token issued just before one is still good just after)."""
+    flood = config.flood
+    return RetryConfig(
+        mode=flood.retry, key=derive_token_key(secret), lifetime=flood.token_lifetime,
+        pending_fraction=flood.retry_pending_fraction,
+        initial_rate=flood.retry_initial_rate / share, hold=flood.retry_hold,
+        rate=flood.retry_rate / share, burst=max(1, flood.retry_burst // share),
+    )
+
+
 class _Group:
     """One reuseport group: a listen address, its data plane and its classifier sockets."""
 
@@ -166,6 +181,7 @@ class Daemon:
             decided_ttl=limits.route_ttl,
             # Until the programs are loaded, then RESUME_GRACE more (set in start()).
             hold_unowned_until=math.inf,
+            retry=retry_config(config, reset_key),
         )
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
@@ -256,6 +272,14 @@ class Daemon:
                 else:
                     mode = dp0.attach_xdp(ifname, cfg.xdp.mode)  # replaces a previous one
                 log.info("guard on %s (%s)", ifname, mode)
+            flood = cfg.flood
+            if cfg.xdp.interfaces and flood.guard_rate > 0:
+                dp0.set_flood_guard(flood.guard_rate, flood.guard_burst,
+                                    flood.guard_v4_prefix_len, flood.guard_v6_prefix_len)
+                log.info("flood guard: %g new Initials/s per source prefix, burst %d",
+                         flood.guard_rate, flood.guard_burst)
+            elif cfg.xdp.interfaces:
+                dp0.disable_flood_guard()  # a previous run's may still be configured
 
     async def stop(self) -> None:
         """Close the daemon's sockets and leave the pinned data plane as it is: programs,
@@ -308,6 +332,7 @@ class Daemon:
         self.metrics.pending_connections.set(sum(r.pending_connections for r in reports))
         self.metrics.pending_bytes.set(sum(r.pending_bytes for r in reports))
         self.metrics.routes.set(sum(r.routes for r in reports))
+        self.metrics.retry_mode.set(sum(r.retrying for r in reports))
         # Reports carry totals since start; the counter wants what is new.
         expired = sum(r.expired for r in reports)
         if expired > self._expired_counted:
@@ -384,6 +409,8 @@ class Daemon:
                 send_rate=self.classifier.send_rate / limits.classifiers,
                 send_burst=max(1, self.classifier.send_burst // limits.classifiers),
                 hold_unowned_until=self.classifier.hold_unowned_until,
+                retry=retry_config(self.config, self.classifier.reset_key or b"",
+                                   limits.classifiers),
             )
             port = self.config.listen.port
             sel = selectors.DefaultSelector()

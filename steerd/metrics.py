@@ -67,6 +67,7 @@ class Tally:
     sent: dict[str, int] = field(default_factory=dict)  # version_negotiation, ... -> n
     suppressed: dict[str, int] = field(default_factory=dict)
     latencies: list[float] = field(default_factory=list)
+    tokens: dict[str, int] = field(default_factory=dict)  # Retry tokens: accepted, token_* -> n
     _seen_latencies: int = 0
 
     def flight(self, result: str, app: str = "") -> None:
@@ -82,8 +83,10 @@ class Tally:
 
     def take(self) -> Tally:
         """Hand over everything counted so far and start from zero."""
-        taken = Tally(self.flights, self.reinjected, self.sent, self.suppressed, self.latencies)
+        taken = Tally(self.flights, self.reinjected, self.sent, self.suppressed, self.latencies,
+                      self.tokens)
         self.flights, self.reinjected, self.sent, self.suppressed = {}, 0, {}, {}
+        self.tokens = {}
         self.latencies, self._seen_latencies = [], 0
         return taken
 
@@ -160,8 +163,20 @@ class Metrics:
             "CID names a worker that is gone.", registry=r,
         )
         self.send_suppressed = Counter(
-            "steerd_send_suppressed", "VN, CONNECTION_CLOSE or stateless reset not sent "
+            "steerd_send_suppressed", "VN, CONNECTION_CLOSE, stateless reset or Retry not sent "
             "because of the send rate limit.", ["kind"], registry=r,
+        )
+        self.retries_sent = Counter(
+            "steerd_retries_sent", "Retry packets sent (Retry mode: new Initials without a "
+            "valid token).", registry=r,
+        )
+        self.retry_tokens = Counter(
+            "steerd_retry_tokens", "Initials carrying a steerd Retry token, by verdict "
+            "(accepted, token_invalid, token_expired).", ["result"], registry=r,
+        )
+        self.retry_mode = Gauge(
+            "steerd_retry_mode", "Classifiers answering new Initials with a Retry now.",
+            registry=r,
         )
         self.routes = Gauge(
             "steerd_initial_routes", "Client DCID -> worker routes the daemon has written and "
@@ -206,11 +221,14 @@ class Metrics:
             "version_negotiation": self.version_negotiation_sent,
             "connection_close": self.connection_close_sent,
             "stateless_reset": self.stateless_resets_sent,
+            "retry": self.retries_sent,
         }
         for kind, n in tally.sent.items():
             sent[kind].inc(n)
         for kind, n in tally.suppressed.items():
             self.send_suppressed.labels(kind).inc(n)
+        for result, n in tally.tokens.items():
+            self.retry_tokens.labels(result).inc(n)
         for seconds in tally.latencies:
             self.decision_seconds.observe(seconds)
 

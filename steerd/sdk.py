@@ -67,7 +67,9 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
 
 from quic.cid import CidLayout
+from quic.errors import QuicError
 from quic.reset import reset_token
+from quic.token import MAX_LIFETIME, derive_token_key, is_retry_token, validate_retry_token
 from steerd.config import DEFAULT_CONTROL_PATH
 from steerd.control import ControlClient, ControlError, Registration, layout_dict
 
@@ -88,6 +90,19 @@ class CidIssuer:
     layout: CidLayout
     slot: int
     reset_key: bytes
+    token_key: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "token_key", derive_token_key(self.reset_key))
+
+    def retried_odcid(self, token: bytes, client_ip: str, dcid: bytes) -> bytes | None:
+        """The original DCID of a connection the daemon retried (its Retry mode), from the
+        token the client echoes; None if ``token`` is not the daemon's. A token of the daemon's
+        that does not validate raises QuicError (the daemon would not have passed it on)."""
+        if not is_retry_token(token):
+            return None
+        return validate_retry_token(self.token_key, token, client_ip, dcid, time.monotonic(),
+                                    MAX_LIFETIME)
 
     def new_cid(self) -> bytes:
         return self.layout.encode(self.slot, os.urandom(self.layout.nonce_len))
@@ -134,6 +149,12 @@ class SteerdQuicServer(QuicServer):
     """aioquic's ``QuicServer`` making ``SteerdQuicConnection``s (and Retry packets whose SCID
     is one of ours, so the client's retried Initial is routed back to this worker).
 
+    A connection the *daemon* retried (its Retry mode, under a flood) arrives with the
+    daemon's token: the worker reads the original DCID from it and sets both
+    ``original_destination_connection_id`` and ``retry_source_connection_id`` (the DCID the
+    retried Initial carries) in its transport parameters, or the client aborts the handshake
+    (RFC 9000 §7.3). Such a connection is not retried again by the worker's own Retry.
+
     Only the accept path is ours: a new connection is built and filed under its DCIDs, then
     the datagram is handed to ``QuicServer.datagram_received``, which finds it there.
     """
@@ -166,7 +187,17 @@ class SteerdQuicServer(QuicServer):
         (answered with a Retry, or its token was refused)."""
         odcid: bytes | None = header.destination_cid
         retry_scid: bytes | None = None
-        if self._retry is not None:
+        retried: bytes | None = None
+        if header.token:
+            try:
+                retried = self.issuer.retried_odcid(header.token, addr[0],
+                                                    header.destination_cid)
+            except QuicError as exc:
+                log.debug("dropped an Initial from %s: %s", addr, exc)
+                return False
+        if retried is not None:
+            odcid, retry_scid = retried, header.destination_cid
+        elif self._retry is not None:
             now = self._loop.time()
             if not header.token:
                 scid = self.issuer.new_cid()

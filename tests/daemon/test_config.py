@@ -15,6 +15,7 @@ from steerd.config import (
     Config,
     ConfigError,
     ControlConfig,
+    FloodConfig,
     LimitsConfig,
     ListenConfig,
     PolicyConfig,
@@ -119,8 +120,8 @@ def test_full_config_parses() -> None:
         ("[listen]\nprot = 443",
          "[listen] prot: unknown key (known: addresses, port)"),
         ("[lsiten]\nport = 443",
-         "unknown section [lsiten] (known: acl, cid, control, limits, listen, metrics, policy, "
-         "xdp)"),
+         "unknown section [lsiten] (known: acl, cid, control, flood, limits, listen, metrics, "
+         "policy, xdp)"),
         ("listen = 3", "[listen]: must be a table, got 3"),
         ('[listen]\naddresses = ["10.0.0.300"]',
          '[listen] addresses: each item must be an IPv4 or IPv6 address, got "10.0.0.300"'),
@@ -190,6 +191,30 @@ def test_full_config_parses() -> None:
          "the 253 one control message can carry"),
         ("[limits]\ncontrol_rate = 0", "[limits] control_rate: must be a number of messages "
          "per second 0.1..100000, got 0"),
+        ('[flood]\nretry = "on"',
+         '[flood] retry: must be one of "off", "auto", "always", got "on"'),
+        ("[flood]\nretry_pending_fraction = 0",
+         "[flood] retry_pending_fraction: must be a number of pending/cap 0.01..1, got 0"),
+        ("[flood]\nretry_initial_rate = 0.5", "[flood] retry_initial_rate: must be a number of "
+         "Initials per second 1..1e+07, got 0.5"),
+        ("[flood]\nretry_hold = -1",
+         "[flood] retry_hold: must be a number of seconds 0..3600, got -1"),
+        ("[flood]\nretry_rate = 0",
+         "[flood] retry_rate: must be a number of Retries per second 1..1e+07, got 0"),
+        ("[flood]\nretry_burst = 0", "[flood] retry_burst: must be an integer 1..10000000, got 0"),
+        ("[flood]\ntoken_lifetime = 61",
+         "[flood] token_lifetime: must be a number of seconds 1..60, got 61"),
+        ("[flood]\nguard_rate = 100",
+         "[flood] guard_rate: needs the guard: set [xdp] interfaces (or guard_rate = 0)"),
+        ("[flood]\nguard_burst = 0", "[flood] guard_burst: must be an integer 1..10000000, got 0"),
+        ("[flood]\nguard_v4_prefix_len = 33",
+         "[flood] guard_v4_prefix_len: must be an integer 0..32, got 33"),
+        ("[flood]\nguard_v6_prefix_len = 129",
+         "[flood] guard_v6_prefix_len: must be an integer 0..128, got 129"),
+        ("[flood]\nretries = 1",
+         "[flood] retries: unknown key (known: guard_burst, guard_rate, guard_v4_prefix_len, "
+         "guard_v6_prefix_len, retry, retry_burst, retry_hold, retry_initial_rate, "
+         "retry_pending_fraction, retry_rate, token_lifetime)"),
     ],
 )
 def test_error_messages_are_exact(text: str, message: str) -> None:
@@ -217,12 +242,20 @@ def test_example_config_is_valid_and_documents_every_key() -> None:
     c = load_config(EXAMPLE)
     assert c.source == str(EXAMPLE)
     text = EXAMPLE.read_text()
-    for cls in (ListenConfig, ControlConfig, PolicyConfig, LimitsConfig):
+    for cls in (ListenConfig, ControlConfig, PolicyConfig, LimitsConfig, FloodConfig):
         for name in cls.__dataclass_fields__:
             assert f"{name} =" in text, f"deploy/steerd.toml does not document {name}"
     for name in ("interfaces", "config_id", "host_id_len", "slot_len", "nonce_len", "enabled",
                  "uids", "gids", "users", "groups", "alpn", "server_names"):
         assert f"{name} =" in text, f"deploy/steerd.toml does not document {name}"
+
+
+def test_flood_section_parses() -> None:
+    c = parse('[xdp]\ninterfaces = ["eth0"]\n[flood]\nretry = "always"\nguard_rate = 50\n'
+              "guard_burst = 10\nguard_v4_prefix_len = 16\ntoken_lifetime = 5\n")
+    assert c.flood == FloodConfig(retry="always", guard_rate=50.0, guard_burst=10,
+                                  guard_v4_prefix_len=16, token_lifetime=5.0)
+    assert parse("").flood == FloodConfig() and FloodConfig().retry == "auto"
 
 
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:

@@ -11,10 +11,13 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
 
+from quic.builders import verify_retry_integrity
 from quic.cid import CidLayout
 from quic.flight import AssemblerConfig
+from quic.packet import PacketType, parse_long_header
 from quic.reset import reset_token
-from steerd.classifier import MAX_STRAGGLERS, Classifier, Origin
+from quic.token import derive_token_key, validate_retry_token
+from steerd.classifier import MAX_STRAGGLERS, Classifier, Origin, RetryConfig
 from steerd.config import Config
 from steerd.registry import Peer, Registry
 
@@ -163,3 +166,90 @@ def test_bookkeeping_stays_bounded_under_a_flood_of_half_flights() -> None:
     assert len(classifier.front._first_seen) <= 16
     classifier.expire(1000.0)
     assert classifier.front.assembler.pending_count == 0 and not classifier.front._first_seen
+
+
+# -- Retry mode ---------------------------------------------------------------------------------
+
+TOKEN_KEY = derive_token_key(KEY)
+
+
+def retrying(world: World, mode: str = "always", assembler: AssemblerConfig | None = None,
+             **kw) -> Classifier:
+    retry = RetryConfig(mode=mode, key=TOKEN_KEY, lifetime=10.0, **kw)
+    classifier, _ = make(world, retry=retry, assembler=assembler)
+    return classifier
+
+
+def answer_retry(conn: QuicConnection, packet: bytes) -> list[bytes]:
+    """Give the client our Retry; what it sends next (its Initial again, with the token)."""
+    conn.receive_datagram(packet, SERVICE, now=time.time())
+    return [d for d, _ in conn.datagrams_to_send(now=time.time())]
+
+
+def test_retry_always_then_the_token_is_accepted_and_routed() -> None:
+    world = World()
+    classifier = retrying(world)
+    conn, datagrams = flight(["h3"])
+    odcid = datagrams[0][6 : 6 + datagrams[0][5]]
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.0) == "retry"
+    assert not world.routes and classifier.front.stats().pending_connections == 0  # stateless
+    (packet,) = world.replies
+    header = parse_long_header(packet)
+    assert header.packet_type is PacketType.RETRY and verify_retry_integrity(packet, odcid)
+    assert CidLayout().decode(header.scid) is None  # the data plane never routes it to a worker
+    assert validate_retry_token(TOKEN_KEY, header.token, CLIENT[0], header.scid, 1.0) == odcid
+    again = answer_retry(conn, packet)
+    assert parse_long_header(again[0]).token == header.token
+    assert classifier.on_datagram(again[0], ORIGIN, 1.2).startswith("routed:web:")
+    (_, dcid, _), = world.routes
+    assert dcid == header.scid and world.injected == [again[0]]
+    tally = classifier.tally.take()
+    assert tally.sent == {"retry": 1} and tally.tokens == {"accepted": 1}
+
+
+def test_token_from_another_address_or_expired_is_dropped() -> None:
+    world = World()
+    classifier = retrying(world)
+    conn, datagrams = flight(["h3"])
+    classifier.on_datagram(datagrams[0], ORIGIN, 1.0)
+    again = answer_retry(conn, world.replies[0])
+    spoofed = Origin(("198.18.0.99", CLIENT[1]), SERVICE, 0)
+    assert classifier.on_datagram(again[0], spoofed, 1.1) == "dropped:token_invalid"
+    assert classifier.on_datagram(again[0], ORIGIN, 11.5) == "dropped:token_expired"
+    assert not world.routes and not world.injected and len(world.replies) == 1
+    assert classifier.tally.take().tokens == {"token_invalid": 1, "token_expired": 1}
+    assert classifier.report().dropped == {"token_invalid": 1, "token_expired": 1}
+
+
+def test_retry_auto_turns_on_under_load_and_off_after_hold() -> None:
+    world = World()
+    classifier = retrying(world, mode="auto", initial_rate=5, hold=2.0)
+    outcomes = []
+    for i in range(8):
+        _, datagrams = flight(["nobody"])
+        outcomes.append(classifier.on_datagram(datagrams[0], ORIGIN, 10.0 + i * 0.01))
+    # Five new Initials within the second are fine; the sixth is over the rate.
+    assert outcomes[:5] == ["no_application"] * 5 and outcomes[5:] == ["retry"] * 3
+    assert classifier.report().retrying
+    _, datagrams = flight(["h3"])
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 13.0).startswith("routed:web:")
+    assert not classifier.retrying(13.0)
+
+
+def test_retry_auto_on_pending_share_and_half_assembled_flights_finish() -> None:
+    world = World()
+    classifier = retrying(world, mode="auto", pending_fraction=0.5,
+                          assembler=AssemblerConfig(max_pending=4))
+    halves = [flight(["smb"], two=True)[1] for _ in range(3)]
+    assert [classifier.on_datagram(h[0], ORIGIN, 1.0) for h in halves[:2]] == ["pending"] * 2
+    # Two pending of four: on. A new flight is retried, the ones under way complete.
+    assert classifier.on_datagram(halves[2][0], ORIGIN, 1.0) == "retry"
+    assert classifier.on_datagram(halves[0][1], ORIGIN, 1.1).startswith("routed:files:")
+
+
+def test_retries_have_their_own_budget() -> None:
+    world = World()
+    classifier = retrying(world, rate=1.0, burst=2)
+    outcomes = [classifier.on_datagram(flight(["h3"])[1][0], ORIGIN, 1.0) for _ in range(3)]
+    assert outcomes == ["retry", "retry", "retry_suppressed"]
+    assert classifier.tally.take().suppressed == {"retry": 1}

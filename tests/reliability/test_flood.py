@@ -1,0 +1,217 @@
+"""Issue 7 §1: a flood of spoofed new Initials while real clients connect.
+
+The daemon (``steerd run``) sits in a server namespace with the guard at TC ingress and its
+per-source-prefix token bucket on, Retry mode ``auto``; the real h3 demo app (the SDK) is
+registered behind it. From the client namespace a C sender (bench/flood/spoof.c, raw socket)
+sends real aioquic client Initials from random addresses of 198.19.0.0/16 as fast as it can,
+while the load generator (steerd.quicclient, real aioquic clients) makes one connection and
+request after another from the client's own address. What must hold:
+
+* legitimate requests still complete (success ratio >= 0.95): the guard drops most of the
+  flood before the classifier socket, Retry mode keeps the daemon from holding anything per
+  spoofed Initial, and the legitimate clients echo their tokens;
+* the daemon's peak RSS (VmHWM, reset before the flood) stays within what its caps allow.
+
+Also: a real aioquic client completes an HTTP/3 request through the daemon in ``retry =
+"always"`` mode (the worker accepts the daemon-retried connection). The figures are printed
+(``-s``) and recorded in docs/RELIABILITY.md §1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import socket
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+
+from quic.packet import PacketType, parse_long_header
+from steerd.dataplane.netns import netns_path
+from steerd.netns import NetnsPair, ip, netns_pair
+from tests.e2e.conftest import PORT, ROOT, Daemon, start_daemon
+from tests.sdk.harness import Session, start_demo_app, start_loader
+
+SPOOF_C = ROOT / "bench" / "flood" / "spoof.c"
+SPOOF_NET, SPOOF_BITS = "198.19.0.0", 16  # RFC 2544 space, routed into the client namespace
+FLOOD_SECONDS = 12.0
+SPOOFED_FLIGHTS = 1024  # distinct DCIDs the sender cycles through
+RECORD = 1200
+PENDING_CONNECTIONS = 2048  # the daemon's [limits] in the flood test
+PENDING_BYTES = 16384
+GUARD_RATE, GUARD_BURST = 50, 100  # per /24: the legitimate client's /24 stays well inside
+MIN_SUCCESS = 0.95
+FIGURES: dict[str, object] = {}
+
+
+@pytest.fixture(scope="module")
+def pair() -> Iterator[NetnsPair]:
+    with netns_pair("f") as made:
+        # Replies to the spoofed sources go back into the client namespace (which drops
+        # them: nobody there owns those addresses), not into "no route" errors.
+        ip("route", "add", f"{SPOOF_NET}/{SPOOF_BITS}", "via", made.client_v4,
+           netns=made.server)
+        yield made
+
+
+def metric(daemon: Daemon, name: str) -> float:
+    """Sum of every sample of ``name`` (all label sets) in the daemon's /metrics."""
+    total = 0.0
+    for line in daemon.metrics().splitlines():
+        if re.match(rf"{re.escape(name)}(\{{|\s)", line):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def proc_status(pid: int, key: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {key} for pid {pid}")
+
+
+def h3_session(pair: NetnsPair) -> Session:
+    sock = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind((pair.client_v4, 0))
+    return Session("aioquic", sock, (pair.server_v4, PORT), "h3")
+
+
+def test_retry_always_real_client_completes_h3(pair: NetnsPair) -> None:
+    with contextlib.contextmanager(start_daemon)(pair, '[flood]\nretry = "always"\n') as daemon:
+        app = start_demo_app(daemon, "h3")
+        try:
+            session = h3_session(pair)
+            try:
+                status, body = session.get("/count")
+            finally:
+                session.close()
+            assert status == 200, body
+            retries = [d for d in session.received
+                       if d[0] & 0x80 and parse_long_header(d).packet_type is PacketType.RETRY]
+            assert len(retries) == 1, "the daemon answered the first Initial with a Retry"
+            deadline = time.monotonic() + 5
+            while metric(daemon, "steerd_retry_tokens_total") < 1:  # folded every 0.5 s
+                assert time.monotonic() < deadline, "no accepted token counted"
+            assert metric(daemon, "steerd_retries_sent_total") >= 1
+            assert metric(daemon, "steerd_retry_mode") == 1
+        finally:
+            assert app.stop() == 0
+
+
+def spoofed_flights(path: Path) -> None:
+    """First datagrams of ClientHellos split over two (aioquic's quantum readiness padding):
+    without Retry, each one is a pending first flight the daemon would have to hold."""
+    out = bytearray()
+    for _ in range(SPOOFED_FLIGHTS):
+        config = QuicConfiguration(is_client=True, alpn_protocols=["h3"],
+                                   server_name="localhost")
+        config.quantum_readiness_test = True
+        conn = QuicConnection(configuration=config)
+        conn.connect(("198.18.0.2", PORT), now=0.0)
+        first = conn.datagrams_to_send(now=0.0)[0][0]
+        assert len(first) == RECORD
+        out += first
+    path.write_bytes(bytes(out))
+
+
+def test_initial_flood(pair: NetnsPair) -> None:
+    work = Path(tempfile.mkdtemp(prefix="steerd-flood-"))
+    spoof = work / "spoof"
+    subprocess.run(["gcc", "-O2", "-Wall", "-o", str(spoof), str(SPOOF_C)], check=True,
+                   timeout=60)
+    flights = work / "flights.bin"
+    spoofed_flights(flights)
+    config = (
+        f"[limits]\npending_connections = {PENDING_CONNECTIONS}\n"
+        f"pending_bytes = {PENDING_BYTES}\n"
+        f'[xdp]\ninterfaces = ["{pair.server_if}"]\nmode = "tc"\n'
+        f'[flood]\nretry = "auto"\nguard_rate = {GUARD_RATE}\nguard_burst = {GUARD_BURST}\n'
+    )
+    with contextlib.contextmanager(start_daemon)(pair, config) as daemon:
+        app = start_demo_app(daemon, "h3")
+        loader = None
+        sender = None
+        try:
+            pid = daemon.proc.pid
+            assert Path(f"/proc/{pid}/comm").read_text().strip() != "nsenter"
+            Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+            baseline = proc_status(pid, "VmRSS")
+            sender = subprocess.Popen(
+                ["nsenter", f"--net={netns_path(pair.client)}", str(spoof), pair.server_v4,
+                 str(PORT), SPOOF_NET, str(SPOOF_BITS), str(flights), str(RECORD),
+                 str(FLOOD_SECONDS), "64"],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            )
+            started = time.monotonic()
+            # Legitimate clients come once the daemon has noticed the flood (it turns Retry
+            # mode on by itself: that is part of what is tested).
+            while metric(daemon, "steerd_retry_mode") < 1:
+                assert sender.poll() is None, sender.stderr.read() if sender.stderr else ""
+                assert time.monotonic() - started < 5, "Retry mode did not turn on"
+            FIGURES["retry_on_after_s"] = round(time.monotonic() - started, 2)
+            loader = start_loader(pair, "aioquic", "h3", "/count")
+            peak_sampled = baseline
+            while sender.poll() is None:
+                peak_sampled = max(peak_sampled, proc_status(pid, "VmRSS"))
+                time.sleep(0.1)  # sampling RSS while the flood lasts: nothing to await
+            totals = loader.finish()
+            out, err = sender.communicate(timeout=10)
+            assert sender.returncode == 0, err
+            sent, failed, elapsed = out.split()
+            hwm = proc_status(pid, "VmHWM")
+            deadline = time.monotonic() + 5
+            while metric(daemon, "steerd_retry_tokens_total") < totals["ok"]:
+                assert time.monotonic() < deadline, "accepted tokens not counted"
+            status = daemon.status()
+            counters = status["counters"]
+            FIGURES.update(
+                flood_seconds=float(elapsed), spoofed_sent=int(sent),
+                spoofed_pps=round(int(sent) / float(elapsed)), send_failed=int(failed),
+                guard_dropped=counters.get("xdp_drop_rate_limited", 0),
+                guard_passed=counters.get("xdp_initial", 0),
+                retries_sent=metric(daemon, "steerd_retries_sent_total"),
+                retries_suppressed=metric(daemon, 'steerd_send_suppressed_total{kind="retry"}'),
+                tokens=_labels(daemon, "steerd_retry_tokens_total"),
+                legit_ok=totals["ok"], legit_failed=totals["failed"],
+                legit_errors=totals["errors"][:3],
+                success_ratio=round(totals["ok"] / max(1, totals["ok"] + totals["failed"]), 4),
+                rss_baseline_kib=baseline, rss_peak_kib=hwm, rss_sampled_peak_kib=peak_sampled,
+                classifier_drops=status.get("classifier_drops", {}),
+            )
+            print("\nflood figures:", json.dumps(FIGURES, indent=1))
+            # The flood really was one (the guard dropped most of it), and what passed the
+            # guard was answered with Retries; every legitimate connection echoed a token.
+            assert FIGURES["guard_dropped"] > FIGURES["guard_passed"] > 0, FIGURES  # type: ignore[operator]
+            assert FIGURES["retries_sent"] > 1000, FIGURES  # type: ignore[operator]
+            assert totals["ok"] >= 10, totals
+            assert FIGURES["success_ratio"] >= MIN_SUCCESS, FIGURES  # type: ignore[operator]
+            # Memory: what the caps allow (every pending flight at its byte cap, plus the
+            # bookkeeping of each, and the bounded DCID tables), over the baseline.
+            cap_kib = (PENDING_CONNECTIONS * (PENDING_BYTES + 4096) + 65536 * 2 * 200) // 1024
+            FIGURES["rss_cap_kib"] = baseline + cap_kib
+            assert hwm <= baseline + cap_kib, FIGURES
+        finally:
+            if sender is not None and sender.poll() is None:
+                sender.kill()
+                sender.wait(5)
+            if loader is not None:
+                loader.kill()
+            assert app.stop() == 0
+            subprocess.run(["rm", "-rf", str(work)], check=False)
+
+
+def _labels(daemon: Daemon, name: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in daemon.metrics().splitlines():
+        m = re.match(rf'{re.escape(name)}\{{result="([^"]+)"\}} (\S+)', line)
+        if m:
+            out[m.group(1)] = float(m.group(2))
+    return out
