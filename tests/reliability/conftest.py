@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from steerd.control import ControlClient, ControlError
 from tests.e2e.conftest import Daemon, start_daemon
 from tests.netns import NetnsPair, netns_pair
 
@@ -67,20 +68,33 @@ def daemon_pid(daemon: Daemon) -> int:
     return pid
 
 
-def usage(daemon: Daemon) -> Usage:
+def usage(daemon: Daemon, timeout: float = 10.0) -> Usage:
+    """The daemon's resources, read while our status connection is open (so it is counted,
+    always exactly once: earlier connections' ends were handled before this request was).
+    A connection refused for the limit is retried: closes the daemon has not handled yet
+    hold it for a moment."""
     pid = daemon_pid(daemon)
-    status = daemon.status()  # its own control connection counts in it: one
-    rss = next(
-        int(line.split()[1])
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines()
-        if line.startswith("VmRSS:")
-    )
-    targets = []
-    for fd in os.listdir(f"/proc/{pid}/fd"):
+    deadline = time.monotonic() + timeout
+    while True:
         try:
-            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
-        except OSError:
-            continue  # closed meanwhile
+            with ControlClient(daemon.control) as c:
+                status = c.status()
+                targets = []
+                for fd in os.listdir(f"/proc/{pid}/fd"):
+                    try:
+                        targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                    except OSError:
+                        continue  # closed meanwhile
+                rss = next(
+                    int(line.split()[1])
+                    for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+                    if line.startswith("VmRSS:")
+                )
+            break
+        except (ControlError, ConnectionError, BlockingIOError) as e:
+            if isinstance(e, ControlError) and e.reason != "too_many_connections":
+                raise
+            assert time.monotonic() < deadline, f"status refused for {timeout} s: {e}"
     return Usage(
         fds=len(targets),
         fd_targets=tuple(sorted(targets)),
