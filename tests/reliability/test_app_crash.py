@@ -191,7 +191,7 @@ def test_app_crash_resets_its_clients_and_spares_the_rest(
     print("app crash figures:", json.dumps(figures))
 
 
-def test_dead_app_alpn_is_refused_even_before_the_daemon_polls(
+def test_dead_app_alpn_is_refused_right_after_the_crash(
     pair: NetnsPair, steerd: Daemon, sessions: list[Session]
 ) -> None:
     """No waiting for the daemon at all: the first flight goes out as soon as the app's

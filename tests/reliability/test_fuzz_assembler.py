@@ -15,8 +15,16 @@ from pathlib import Path
 
 import pytest
 
-from quic.flight import FirstFlightAssembler, Ready
-from tests.reliability.fuzz_assembler import DEFAULT, SOAK, datagrams, run_input, write_seeds
+from quic.flight import FirstFlightAssembler, NeedMore, Ready, Rejected
+from tests.reliability.fuzz_assembler import (
+    DEFAULT,
+    SOAK,
+    TIGHT,
+    check_result,
+    datagrams,
+    run_input,
+    write_seeds,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -73,6 +81,27 @@ def test_seeds_replay_real_first_flights(seeds: Path) -> None:
         results = [asm.feed(d, ("192.0.2.1", 1), 0.0) for d, _i, _s in datagrams(seed.read_bytes())]
         assert any(isinstance(r, Ready) for r in results), seed.name
         run_input(seed.read_bytes())  # and the contract holds under the tight limits
+
+
+def test_contract_checks_can_fail() -> None:
+    """The checks the fuzzer relies on do fire (a harness that cannot fail finds nothing)."""
+    asm = FirstFlightAssembler(TIGHT)
+    check_result(asm, NeedMore(b"x" * 8), 0.0)
+    for result, elapsed, what in (
+        (None, 0.0, "undocumented result"),
+        (Rejected("made_up", None), 0.0, "undocumented reason"),
+        (NeedMore(b"x" * 8), 10.0, "feed took"),
+    ):
+        with pytest.raises(AssertionError, match=what):
+            check_result(asm, result, elapsed)  # type: ignore[arg-type]
+
+    class Overfull:
+        config = TIGHT
+        pending_count = TIGHT.max_pending + 1
+        pending_bytes = 0
+
+    with pytest.raises(AssertionError, match="pending"):
+        check_result(Overfull(), NeedMore(b"x" * 8), 0.0)  # type: ignore[arg-type]
 
 
 def test_fuzz_assembler_coverage_guided(fuzzed: tuple[Path, str]) -> None:
