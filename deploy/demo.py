@@ -32,7 +32,6 @@ import html
 import json
 import os
 import pwd
-import queue
 import re
 import shutil
 import signal
@@ -42,7 +41,6 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -57,6 +55,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from steerd.dataplane.netns import netns_path, run_in_netns
 from steerd.netns import NetnsPair, netns_pair
+from steerd.proclines import Lines
 from steerd.quicclient import RequestFailed, Session, one_request
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -76,36 +75,6 @@ APP_ALPN = {"web": "HTTP/3 site, ALPN h3", "files": "file service, ALPN smb, NOT
 
 def log(msg: str) -> None:
     print(f"demo: {msg}", file=sys.stderr, flush=True)
-
-
-class Lines:
-    """A child's stdout lines through a reader thread, so waiting for "ready" has a deadline
-    without sleeping (select() would miss lines already in the pipe reader's buffer)."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        stream = proc.stdout
-        assert stream is not None
-
-        def pump() -> None:
-            for line in stream:
-                self._queue.put(line)
-            self._queue.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    def wait_for(self, pred: Callable[[str], bool], timeout: float) -> str | None:
-        deadline = time.monotonic() + timeout
-        while (left := deadline - time.monotonic()) > 0:
-            try:
-                line = self._queue.get(timeout=left)
-            except queue.Empty:
-                return None
-            if line is None:
-                return None
-            if pred(line):
-                return line
-        return None
 
 
 @dataclass

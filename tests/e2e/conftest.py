@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import socket
 import subprocess
 import tempfile
-import threading
 import time
 import urllib.request
 import uuid
@@ -32,6 +30,7 @@ from aioquic.quic.connection import QuicConnection
 
 from steerd.dataplane.netns import netns_path, run_in_netns
 from steerd.netns import NetnsPair, netns_pair
+from steerd.proclines import Lines
 
 ROOT = Path(__file__).resolve().parents[2]
 STEERD = str(ROOT / ".venv" / "bin" / "steerd")
@@ -41,37 +40,14 @@ PORT = 4433
 METRICS_PORT = 19443
 
 
-class _Lines:
-    """Lines of a child's stdout, read by a thread into a queue: select() on the pipe would
-    miss lines already sitting in the reader's buffer, and waiting must not mean sleeping."""
-
-    def __init__(self, proc: subprocess.Popen[str]) -> None:
-        self.queue: queue.Queue[str | None] = queue.Queue()
-        assert proc.stdout is not None
-        stream = proc.stdout
-
-        def pump() -> None:
-            for line in stream:
-                self.queue.put(line)
-            self.queue.put(None)
-
-        threading.Thread(target=pump, daemon=True).start()
-
-    def get(self, timeout: float) -> str | None:
-        try:
-            return self.queue.get(timeout=max(timeout, 0.0))
-        except queue.Empty:
-            return None
-
-
-_readers: dict[int, _Lines] = {}
+_readers: dict[int, Lines] = {}
 
 
 def _read_line(proc: subprocess.Popen[str], timeout: float) -> str | None:
     """One stdout line of ``proc`` within ``timeout`` seconds, else None (no sleeping)."""
     reader = _readers.get(proc.pid)
     if reader is None:
-        reader = _readers[proc.pid] = _Lines(proc)
+        reader = _readers[proc.pid] = Lines(proc)
     return reader.get(timeout)
 
 
