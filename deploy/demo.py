@@ -4,12 +4,16 @@ What it does, all inside two network namespaces it makes and deletes (no traffic
 
 1. a client namespace and a server namespace joined by a veth pair, IPv4 and IPv6;
 2. ``steerd run`` in the server namespace, with the guard on the server's veth;
-3. two apps behind it on UDP 443, both from deploy/apps: the HTTP/3 site (ALPN ``h3``) and
-   the file service on ALPN ``smb`` (a made-up protocol that is NOT SMB: it stands in for an
-   SMB-over-QUIC server so that two apps with different ALPNs share the port);
+3. two apps behind it on UDP 443, both from deploy/apps, each as its own unprivileged user
+   that the daemon's [[acl]] allows only its ALPN: the HTTP/3 site (ALPN ``h3``, www-data)
+   and the file service on ALPN ``smb`` (nobody; a made-up protocol that is NOT SMB: it
+   stands in for an SMB-over-QUIC server so that two apps with different ALPNs share the
+   port);
 4. real, independently written clients from the client namespace: Chromium (headless,
    HTTP/3), ngtcp2's gtlsclient, qh3 (HTTP/3) and aioquic (ALPN ``smb``). Each asks the app
-   which worker answered (``/count`` or ``INFO``: app, slot, pid);
+   which worker answered (``/count`` or ``INFO``: app, slot, pid). One more aioquic client
+   asks for ALPN ``doq``, which no app owns: steerd itself must refuse it
+   (no_application_protocol);
 5. a table of who asked for what and who served it, and an excerpt of the daemon's
    Prometheus metrics;
 6. teardown, also on failure and Ctrl-C: apps SIGTERM (they drain), daemon SIGTERM,
@@ -457,6 +461,8 @@ def demo(verbose: bool) -> int:
                   f"  server namespace {pair.server}: {pair.server_v4}, {pair.server_v6}\n"
                   f"  client namespace {pair.client}: real clients, each asking for an ALPN "
                   "and a server name", flush=True)
+            guard = re.search(r"guard on (\S+ \(\w+\))", (work / "steerd.log").read_text())
+            print(f"  XDP guard on the server's veth: {guard[1] if guard else 'none'}")
             log("running the clients from the client namespace")
             with ThreadPoolExecutor(len(runs)) as pool:
                 futures = [pool.submit(run) for run in runs]
