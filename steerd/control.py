@@ -51,6 +51,7 @@ import asyncio
 import contextlib
 import grp
 import json
+import math
 import os
 import pwd
 import socket
@@ -96,7 +97,13 @@ class SocketSink(Protocol):
 
 def socket_cookie(fd: int) -> int:
     """The kernel's unique, never reused id of a socket (what REUSEPORT_SOCKARRAY stores)."""
-    with socket.socket(fileno=os.dup(fd)) as sock:
+    dup = os.dup(fd)
+    try:
+        sock = socket.socket(fileno=dup)  # ENOTSOCK for a pipe or file: the dup is ours to close
+    except OSError:
+        os.close(dup)
+        raise
+    with sock:
         return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
 
 
@@ -428,6 +435,10 @@ class ControlServer:
                 raise _Refused("bad_json", "invalid JSON: not UTF-8") from None
             except json.JSONDecodeError as e:
                 raise _Refused("bad_json", f"invalid JSON: {e.msg} at byte {e.pos}") from None
+            except RecursionError:
+                raise _Refused("bad_json", "invalid JSON: nested too deeply") from None
+            except ValueError as e:  # e.g. an integer past Python's digit limit
+                raise _Refused("bad_json", f"invalid JSON: {e}") from None
             if not isinstance(message, dict):
                 raise _Refused(
                     "bad_message",
@@ -645,7 +656,8 @@ class ControlServer:
             slot, load = r["slot"], r["load"]
             if (
                 isinstance(slot, bool) or not isinstance(slot, int)
-                or isinstance(load, bool) or not isinstance(load, int | float) or not load >= 0
+                or isinstance(load, bool) or not isinstance(load, int | float)
+                or not 0 <= load < math.inf
             ):
                 raise bad
             loads[slot] = float(load)

@@ -169,12 +169,6 @@ def test_oversized_truncated_and_malformed_messages(steerd: Daemon, before: Usag
     no_leak(steerd, before)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steerd/control.py _handle: json.loads raises RecursionError (deep nesting) or "
-    "ValueError (int over 4300 digits), neither a JSONDecodeError, so the client gets "
-    "internal_error ('None: internal error: ...') instead of bad_json",
-)
 @pytest.mark.parametrize(
     "data",
     [b"[" * 5000, b'{"op": "status", "id": ' + b"9" * 5000 + b"}"],
@@ -188,12 +182,6 @@ def test_json_bombs_are_bad_json(steerd: Daemon, data: bytes) -> None:
     assert reply["reason"] == "bad_json", reply
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steerd/control.py _op_load accepts an infinite load (json.loads takes "
-    "'Infinity'); status then carries Infinity, which is not JSON (RFC 8259) for any "
-    "strict parser of `steerd status --json`",
-)
 def test_infinite_load_is_refused(steerd: Daemon) -> None:
     with ControlClient(steerd.control) as c:
         reg = c.register("inf", ["inf"])
@@ -493,12 +481,6 @@ def test_daemon_still_routes_after_the_abuse(
     assert after.rss_kib - baseline.rss_kib < 16 * 1024
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="steerd/control.py:99 socket_cookie: socket.socket(fileno=os.dup(fd)) raises "
-    "ENOTSOCK for a non-socket FD after the dup, and the dup is never closed: every resume "
-    "presenting a pipe leaks one daemon FD (any client of the socket, before the ACL)",
-)
 def test_resume_with_a_pipe_leaks_no_fd(steerd: Daemon, before: Usage) -> None:
     r, w = os.pipe()
     try:
