@@ -534,6 +534,7 @@ class Daemon:
             "pending_connections": sum(r.pending_connections for r in self._current_reports()),
             "pending_bytes": sum(r.pending_bytes for r in self._current_reports()),
             "classifier_processes": max(1, len(self._children)),
+            "retry_mode": sum(r.retrying for r in self._current_reports()),
             "classifier_drops": self._drops(),
             "counters": self.counters(),
             "metrics": (f"http://{self.metrics_address[0]}:{self.metrics_address[1]}/metrics"
@@ -663,6 +664,8 @@ def format_status(status: dict[str, Any]) -> str:
         lines.append("data plane counters:")
         width = max(len(k) for k in counters)
         lines.extend(f"  {k:<{width}} {v}" for k, v in sorted(counters.items()) if v)
+    if status.get("retry_mode"):
+        lines.append(f"Retry mode: on in {status['retry_mode']} classifier(s)")
     drops = status.get("classifier_drops", {})
     if drops:
         lines.append("classifier drops: " + ", ".join(f"{k}={v}" for k, v in sorted(drops.items())))

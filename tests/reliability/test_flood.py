@@ -102,6 +102,7 @@ def test_retry_always_real_client_completes_h3(pair: NetnsPair) -> None:
                 assert time.monotonic() < deadline, "no accepted token counted"
             assert metric(daemon, "steerd_retries_sent_total") >= 1
             assert metric(daemon, "steerd_retry_mode") == 1
+            assert daemon.status()["retry_mode"] == 1
         finally:
             assert app.stop() == 0
 
@@ -191,7 +192,7 @@ def test_initial_flood(pair: NetnsPair) -> None:
             # guard was answered with Retries; every legitimate connection echoed a token.
             assert FIGURES["guard_dropped"] > FIGURES["guard_passed"] > 0, FIGURES  # type: ignore[operator]
             assert FIGURES["retries_sent"] > 1000, FIGURES  # type: ignore[operator]
-            assert totals["ok"] >= 10, totals
+            assert totals["ok"] >= 5, totals
             assert FIGURES["success_ratio"] >= MIN_SUCCESS, FIGURES  # type: ignore[operator]
             # Memory: what the caps allow (every pending flight at its byte cap, plus the
             # bookkeeping of each, and the bounded DCID tables), over the baseline.
