@@ -123,7 +123,8 @@ def test_deregister_and_disconnect_free_everything(daemon: Daemon) -> None:
         daemon.sink.wait_for(lambda: not daemon.sink.workers)
         assert daemon.in_loop(lambda: daemon.registry.decide(None, ["smb"])) is None
         status = a.status()
-        assert status["apps"] == [] and status["slots"] == {"total": 8, "free": 8, "awaiting_resume": []}
+        assert status["apps"] == []
+        assert status["slots"] == {"total": 8, "free": 8, "awaiting_resume": []}
         ra.close()
         rb.close()
     finally:
