@@ -75,8 +75,14 @@ def _pick_ecb_encryptor() -> Callable[[bytes], Callable[[bytes], bytes]]:
 
         create = rust_openssl.ciphers.create_encryption_ctx
 
+        aes_cls = algorithms.AES
+
         def fast(hp: bytes) -> Callable[[bytes], bytes]:
-            return create(algorithms.AES(hp), _ECB).update  # type: ignore[no-any-return]
+            # The AES object without its __init__ (a Python-level bytes and key-size check
+            # that derive_initial_keys has made true by construction): just its ``key``.
+            aes = _object_new(aes_cls)
+            aes.key = hp
+            return create(aes, _ECB).update  # type: ignore[no-any-return]
 
         probe_key, probe_block = bytes(range(16)), bytes(range(16, 32))
         if fast(probe_key)(probe_block) == _public_ecb_encryptor(probe_key)(probe_block):

@@ -359,10 +359,11 @@ class FirstFlightAssembler:
             # Fast path, the common case (aioquic, ngtcp2, most stacks): a new connection whose
             # one CRYPTO frame holds the whole ClientHello. Same checks, nothing stored.
             data = crypto[0][1]
+            n = len(data)
             try:
-                if len(data) > cfg.crypto_cap:
-                    raise QuicError("crypto_over_cap", f"{len(data)} CRYPTO bytes > cap")
-                if len(data) >= 4 and len(data) >= client_hello_length(data):
+                if n > cfg.crypto_cap:
+                    raise QuicError("crypto_over_cap", f"{n} CRYPTO bytes > cap")
+                if n >= 4 and n >= client_hello_length(data):
                     hello = parse_client_hello(data)
                     self.stats.ready += 1
                     return Ready(version, dcid, scid, hello, ((datagram, addr),))
@@ -383,8 +384,7 @@ class FirstFlightAssembler:
         buf = reasm._buf
         before = len(buf)
         try:
-            for offset, data in crypto:
-                reasm.add(offset, data)
+            have = reasm.extend(crypto)
         except QuicError as e:
             return self._reject(e.reason, dcid, e.detail)
         grown = size + len(buf) - before
@@ -397,7 +397,6 @@ class FirstFlightAssembler:
             # Evict others (oldest first) rather than the connection that just made progress.
             self._make_room(0, False, keep=dcid)
 
-        have = reasm.contiguous
         if have < 4:
             return NeedMore(dcid)
         try:

@@ -9,6 +9,7 @@ copying packets out of coalesced datagrams.
 
 from dataclasses import dataclass
 from enum import IntEnum
+from struct import Struct
 from typing import NamedTuple
 
 from quic.errors import QuicError
@@ -91,6 +92,7 @@ class LongHeader(NamedTuple):
 
 
 _new_header = tuple.__new__
+_INVARIANTS = Struct(">BIB")  # first byte, version, DCID length (RFC 8999 §5.1)
 
 
 def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
@@ -104,13 +106,12 @@ def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
     n = len(datagram)
     if pos + 7 > n:
         raise QuicError("truncated", "long header shorter than its invariant fields")
-    first = datagram[pos]
+    # first byte, version and DCID length in one C call (this runs once per packet)
+    first, version, dcid_len = _INVARIANTS.unpack_from(datagram, pos)
     if not first & LONG_HEADER_BIT:
         raise QuicError("not_long_header", f"first byte 0x{first:02x} at offset {pos}")
-    version = int.from_bytes(datagram[pos + 1 : pos + 5], "big")
     types = _TYPES_BY_BITS.get(version)
     max_cid = MAX_CID_LEN if types is not None else 255
-    dcid_len = datagram[pos + 5]
     if dcid_len > max_cid:
         raise QuicError("bad_cid_length", f"DCID length {dcid_len} for version 0x{version:08x}")
     p = pos + 6 + dcid_len
@@ -120,11 +121,10 @@ def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
     scid_len = datagram[p]
     if scid_len > max_cid:
         raise QuicError("bad_cid_length", f"SCID length {scid_len} for version 0x{version:08x}")
-    p += 1
-    if p + scid_len > n:
+    p += 1 + scid_len
+    if p > n:
         raise QuicError("truncated", "packet ends inside the SCID")
-    scid = datagram[p : p + scid_len]
-    p += scid_len
+    scid = datagram[p - scid_len : p]
 
     if types is None:
         ptype = PacketType.VERSION_NEGOTIATION if version == VERSION_NEGOTIATION_VERSION else None

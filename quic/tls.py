@@ -145,18 +145,17 @@ def _parse_key_share(data: bytes, start: int, end: int) -> tuple[int, ...]:
     if end - start < 2 or start + 2 + ((data[start] << 8) | data[start + 1]) != end:
         raise _fail("key_share length mismatch")
     groups: list[int] = []
+    append = groups.append
     pos = start + 2
     unpack = _U16_PAIR.unpack_from
     while pos < end:
         if pos + 4 > end:
             raise _fail("key_share entry truncated")
         group, klen = unpack(data, pos)
-        if klen == 0:
-            raise _fail("empty key_exchange")
-        groups.append(group)
         pos += 4 + klen
-        if pos > end:
-            raise _fail("key_exchange past its list")
+        if not klen or pos > end:
+            raise _fail("empty key_exchange" if not klen else "key_exchange past its list")
+        append(group)
     return tuple(groups)
 
 
@@ -185,7 +184,12 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     cs_len = (data[pos] << 8) | data[pos + 1]
     if cs_len == 0 or cs_len % 2 or pos + 2 + cs_len > end:
         raise _fail("cipher_suites length mismatch")
-    suites = _u16_vector(data, pos + 2, cs_len >> 1)
+    half = cs_len >> 1
+    suites = (
+        _U16_VECTORS[half].unpack_from(data, pos + 2)
+        if half < 64
+        else unpack_from(f">{half}H", data, pos + 2)
+    )
     pos += 2 + cs_len
     if pos + 1 > end:
         raise _fail("truncated before compression_methods")
@@ -230,7 +234,9 @@ def parse_client_hello(msg: bytes) -> ClientHello:
     if len(seen) != len(types):
         dup = next(t for i, t in enumerate(types) if t in types[:i])
         raise QuicError("duplicate_extension", f"extension 0x{dup:04x} appears twice")
-    if EXT_PRE_SHARED_KEY in seen and types[-1] != EXT_PRE_SHARED_KEY:
+    # literals: 0x29 = EXT_PRE_SHARED_KEY, 0x39 / 0xffa5 = the transport parameters, 0xfe0d =
+    # EXT_ENCRYPTED_CLIENT_HELLO
+    if 0x29 in seen and types[-1] != 0x29:
         raise _fail("pre_shared_key is not the last extension")
 
     return _new_hello(
@@ -242,9 +248,9 @@ def parse_client_hello(msg: bytes) -> ClientHello:
             groups,
             suites,
             tuple(types),
-            EXT_QUIC_TRANSPORT_PARAMETERS in seen,
-            EXT_QUIC_TRANSPORT_PARAMETERS_DRAFT in seen,
-            EXT_ENCRYPTED_CLIENT_HELLO in seen,
+            0x39 in seen,
+            0xFFA5 in seen,
+            0xFE0D in seen,
             total,
         ),
     )
