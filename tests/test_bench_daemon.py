@@ -63,4 +63,4 @@ def test_bench_daemon_stages() -> None:
                           capture_output=True, text=True, timeout=240, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     costs = json.loads(proc.stdout)
-    assert len(costs) == 12 and all(us > 0 for us in costs.values()), costs
+    assert len(costs) == 11 and all(us > 0 for us in costs.values()), costs
