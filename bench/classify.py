@@ -1,6 +1,7 @@
 """Benchmark: reading a client's first flight, steerd's quic/ path against aioquic's own way.
 
     .venv/bin/python bench/classify.py [--flights N] [--repeat R] [--json]
+    valgrind --tool=callgrind .venv/bin/python bench/classify.py --pass ours --kind 1 --flights 50
 
 Flights are made by the aioquic client itself (1-datagram ClientHellos, and 2-datagram ones
 with ``quantum_readiness_test=True``; QUIC v1 and v2), every one with its own random DCID, so
@@ -226,6 +227,32 @@ def run(flights_per_kind: int, repeat: int, all_versions: bool) -> list[dict[str
     return rows
 
 
+def one_pass(path: str, kind: int, count: int) -> int:
+    """One pass of one path over ``count`` flights of one kind, for callgrind.
+
+    Instructions per flight = (Ir of this pass - Ir of ``--pass none``) / ``count``: the
+    flights come from a cache file (made on the first run) so both runs read the same bytes,
+    and both paths are warmed up on five flights before the counted pass.
+    """
+    _name, version, two = KINDS[kind]
+    cache = Path(__file__).resolve().parent.parent / ".cache" / "bench"
+    path_file = cache / f"classify-flights-{kind}-{count}.json"
+    if path_file.exists():
+        flights = [[bytes.fromhex(d) for d in f] for f in json.loads(path_file.read_text())]
+    else:
+        flights = make_flights(version, two, count)
+        cache.mkdir(parents=True, exist_ok=True)
+        path_file.write_text(json.dumps([[d.hex() for d in f] for f in flights]))
+    ours(flights[:5])
+    aioquic(flights[:5])
+    gc.disable()
+    if path == "ours":
+        ours(flights)
+    elif path == "aioquic":
+        aioquic(flights)
+    return 0
+
+
 def print_table(rows: list[dict[str, object]]) -> None:
     print(f"{'flight':<18}{'ours µs':>10}{'aioquic µs':>13}{'ratio':>8}   (min: ours, aioquic)")
     for row in rows:
@@ -247,9 +274,19 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="let aioquic set up Initial keys for v1 and v2, as its server does",
     )
+    parser.add_argument(
+        "--pass",
+        dest="one_pass",
+        choices=("ours", "aioquic", "none"),
+        help="instruction counting: read the --kind flights once with this path and exit "
+        "(run under callgrind; 'none' is the baseline to subtract)",
+    )
+    parser.add_argument("--kind", type=int, default=0, help="flight kind for --pass (0-3)")
     args = parser.parse_args(argv)
     if args.flights < 1 or args.repeat < 1:
         parser.error("--flights and --repeat must be positive")
+    if args.one_pass:
+        return one_pass(args.one_pass, args.kind, args.flights)
     rows = run(args.flights, args.repeat, args.aioquic_all_versions)
     if args.json:
         print(json.dumps({"python": sys.version.split()[0], "results": rows}, indent=2))
