@@ -15,7 +15,7 @@ from quic.packet import (
     VERSION_1,
     VERSION_2,
     PacketType,
-    long_header_type_bits,
+    encode_long_header_start,
     parse_long_header,
 )
 from quic.varint import encode_varint
@@ -137,18 +137,7 @@ def build_retry(
         raise QuicError("bad_cid_length", "connection IDs are at most 20 bytes")
     if not token:
         raise QuicError("bad_token", "a Retry must carry a non-empty token (RFC 9000 §17.2.5)")
-    first = 0xC0 | (long_header_type_bits(version, PacketType.RETRY) << 4) | (unused_bits & 0x0F)
-    packet = b"".join(
-        (
-            bytes((first,)),
-            version.to_bytes(4, "big"),
-            bytes((len(dcid),)),
-            dcid,
-            bytes((len(scid),)),
-            scid,
-            token,
-        )
-    )
+    packet = encode_long_header_start(version, PacketType.RETRY, unused_bits, dcid, scid) + token
     return packet + _retry_tag(version, original_dcid, packet)
 
 

@@ -29,8 +29,8 @@ from quic.packet import (
     LongHeader,
     PacketType,
     ShortHeader,
+    encode_long_header_start,
     encode_varint_fixed,
-    long_header_type_bits,
 )
 from quic.varint import encode_varint
 
@@ -462,17 +462,9 @@ def seal_initial(
     The packet number is sent as its low ``pn_len`` bytes.
     """
     _check_pn_len(pn_len)
-    if len(dcid) > 20 or len(scid) > 20:
-        raise QuicError("bad_cid_length", f"DCID {len(dcid)} / SCID {len(scid)} bytes")
-    first = 0xC0 | (long_header_type_bits(version, PacketType.INITIAL) << 4) | (pn_len - 1)
     header = b"".join(
         (
-            bytes((first,)),
-            version.to_bytes(4, "big"),
-            bytes((len(dcid),)),
-            dcid,
-            bytes((len(scid),)),
-            scid,
+            encode_long_header_start(version, PacketType.INITIAL, pn_len - 1, dcid, scid),
             encode_varint(len(token)),
             token,
             encode_varint_fixed(pn_len + len(payload) + TAG_LEN, length_len),

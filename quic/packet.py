@@ -62,6 +62,20 @@ def long_header_type_bits(version: int, packet_type: PacketType) -> int:
         ) from None
 
 
+def encode_long_header_start(
+    version: int, packet_type: PacketType, low_bits: int, dcid: bytes, scid: bytes
+) -> bytes:
+    """The part every long header of a known version shares: first byte (form and fixed bits,
+    the version's type bits, ``low_bits`` in the low nibble), version, DCID and SCID.
+    The builders add what follows (token, length, packet number; or a Retry's token)."""
+    if len(dcid) > MAX_CID_LEN or len(scid) > MAX_CID_LEN:
+        raise QuicError("bad_cid_length", f"DCID {len(dcid)} / SCID {len(scid)} bytes, "
+                        f"at most {MAX_CID_LEN}")
+    first = 0xC0 | (long_header_type_bits(version, packet_type) << 4) | (low_bits & 0x0F)
+    return b"".join((bytes((first,)), version.to_bytes(4, "big"), bytes((len(dcid),)), dcid,
+                     bytes((len(scid),)), scid))
+
+
 def is_long_header(first_byte: int) -> bool:
     """RFC 8999 §5.1: the most significant bit alone tells long from short headers."""
     return bool(first_byte & LONG_HEADER_BIT)

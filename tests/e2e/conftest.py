@@ -329,3 +329,29 @@ def clients() -> Iterator[list[Client]]:
     finally:
         for c in made:
             c.close()
+
+
+@pytest.fixture
+def own_daemon() -> Iterator[tuple[NetnsPair, Daemon]]:
+    """A namespace pair and a daemon of the test's own (for tests that kill or restart it)."""
+    if os.geteuid() != 0:
+        pytest.fail("needs root (network namespaces, BPF)")
+    with netns_pair("r") as pair:
+        gen = start_daemon(pair)
+        daemon = next(gen)
+        try:
+            yield pair, daemon
+        finally:
+            gen.close()
+
+
+def await_resumed(daemon: Daemon, timeout: float = 15.0) -> dict[str, Any]:
+    """The daemon's status once no slot awaits its app's resume and some app is registered
+    (or the last status seen when ``timeout`` passes)."""
+    deadline = time.monotonic() + timeout
+    status = daemon.status()
+    while time.monotonic() < deadline and (
+        status["slots"]["awaiting_resume"] or not status["apps"]
+    ):
+        status = daemon.status()
+    return status

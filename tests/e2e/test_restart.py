@@ -12,34 +12,19 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Iterator
 
 import pytest
 
 from quic.cid import CidLayout
-from steerd.netns import NetnsPair, netns_pair
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import (
     Daemon,
     quic_client,
     spawn_daemon,
     start_app,
-    start_daemon,
 )
 
 pytestmark = pytest.mark.root
-
-
-@pytest.fixture
-def world() -> Iterator[tuple[NetnsPair, Daemon]]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root")
-    with netns_pair("r") as pair:
-        gen = start_daemon(pair)
-        daemon = next(gen)
-        try:
-            yield pair, daemon
-        finally:
-            gen.close()
 
 
 def short_header(slot: int) -> bytes:
@@ -50,9 +35,9 @@ def short_header(slot: int) -> bytes:
 
 @pytest.mark.parametrize("how", [signal.SIGKILL, signal.SIGTERM], ids=["sigkill", "clean"])
 def test_restart_breaks_no_connection_and_apps_resume(
-    world: tuple[NetnsPair, Daemon], how: signal.Signals
+    own_daemon: tuple[NetnsPair, Daemon], how: signal.Signals
 ) -> None:
-    pair, daemon = world
+    pair, daemon = own_daemon
     web = start_app(daemon, "web", ["h3"], resume=True)
     files = start_app(daemon, "files", ["smb"])  # never resumes: its slot stays held
     client = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -5,51 +5,35 @@ connections reach it again."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair, netns_pair
+from steerd.netns import NetnsPair
 from tests.e2e.conftest import (
     PYTHON,
     ROOT,
     STEERD,
     Daemon,
     _read_line,
+    await_resumed,
     spawn_daemon,
-    start_daemon,
 )
 from tests.sdk.harness import H3SITE, RunningApp, kill_group, session, start_demo_app
 
 pytestmark = pytest.mark.root
 
 
-@pytest.fixture
-def world() -> Iterator[tuple[NetnsPair, Daemon]]:
-    if os.geteuid() != 0:
-        pytest.fail("needs root")
-    with netns_pair("q") as pair:
-        gen = start_daemon(pair)
-        daemon = next(gen)
-        try:
-            yield pair, daemon
-        finally:
-            gen.close()
-
-
 def test_sdk_app_keeps_connections_and_resumes_through_a_daemon_kill(
-    world: tuple[NetnsPair, Daemon],
+    own_daemon: tuple[NetnsPair, Daemon],
 ) -> None:
-    pair, daemon = world
+    pair, daemon = own_daemon
     app: RunningApp = start_demo_app(daemon, "h3", workers=2)
     client = session(pair, "h3")
     try:
@@ -59,12 +43,7 @@ def test_sdk_app_keeps_connections_and_resumes_through_a_daemon_kill(
         during = json.loads(client.get("/count")[1])  # no daemon at all: the kernel steers
         assert during["pid"] == first["pid"]
         spawn_daemon(daemon, until="classifying")
-        deadline = time.monotonic() + 15
-        status = daemon.status()
-        while time.monotonic() < deadline and (
-            status["slots"]["awaiting_resume"] or not status["apps"]
-        ):
-            status = daemon.status()
+        status = await_resumed(daemon)
         assert status["slots"]["awaiting_resume"] == []
         (web,) = status["apps"]
         assert web["app"] == "web"
@@ -83,11 +62,11 @@ def test_sdk_app_keeps_connections_and_resumes_through_a_daemon_kill(
 
 
 def test_steerd_exec_app_resumes_through_a_daemon_restart(
-    world: tuple[NetnsPair, Daemon],
+    own_daemon: tuple[NetnsPair, Daemon],
 ) -> None:
     """`steerd exec` holds the app's registration: it too resumes with the restarted
     daemon, and the command (the h3 site) never notices."""
-    pair, daemon = world
+    pair, daemon = own_daemon
     certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "exec", "--control",
@@ -104,12 +83,7 @@ def test_steerd_exec_app_resumes_through_a_daemon_restart(
         daemon.proc.send_signal(signal.SIGTERM)  # a clean restart this time
         assert daemon.proc.wait(20) == 0
         spawn_daemon(daemon, until="classifying")
-        deadline = time.monotonic() + 15
-        status = daemon.status()
-        while time.monotonic() < deadline and (
-            status["slots"]["awaiting_resume"] or not status["apps"]
-        ):
-            status = daemon.status()
+        status = await_resumed(daemon)
         assert status["slots"]["awaiting_resume"] == []
         assert [a["app"] for a in status["apps"]] == ["execweb"]
         assert json.loads(client.get("/count")[1])["pid"] == pid
