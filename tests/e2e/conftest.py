@@ -231,11 +231,13 @@ def daemon(pair: NetnsPair, request: pytest.FixtureRequest) -> Iterator[Daemon]:
 
 
 def start_app(
-    daemon: Daemon, name: str, alpns: list[str], workers: int = 1, resume: bool = False
+    daemon: Daemon, name: str, alpns: list[str], workers: int = 1, resume: bool = False,
+    server_names: list[str] | None = None,
 ) -> App:
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(daemon.pair.server)}", PYTHON, PROBE, daemon.control,
-         name, ",".join(alpns), str(workers), *(["--resume"] if resume else [])],
+         name, ",".join(alpns), str(workers), *(["--resume"] if resume else []),
+         *([f"--names={','.join(server_names)}"] if server_names else [])],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
     )
     line = _read_line(proc, 20)

@@ -1,7 +1,7 @@
 """A minimal steerd app for the daemon tests: registers, then reports every datagram it gets.
 
 Run inside the server namespace:
-``probe_app.py CONTROL_PATH APP ALPN[,ALPN...] [WORKERS] [--resume]``.
+``probe_app.py CONTROL_PATH APP ALPN[,ALPN...] [WORKERS] [--resume] [--names=N1,N2]``.
 With ``--resume`` it behaves like an app built to survive daemon restarts: when its control
 connection breaks it reconnects and resumes its slots with the sockets it kept (printing a
 "resumed" line); without, it just keeps serving on its sockets, never re-registering.
@@ -19,14 +19,14 @@ from steerd.control import ControlClient, ControlError, Registration
 
 
 def try_resume(
-    path: str, app: str, alpns: list[str], reg: Registration
+    path: str, app: str, alpns: list[str], names: list[str], reg: Registration
 ) -> tuple[ControlClient, Registration] | None:
     """One attempt to hand our slots to a restarted daemon; None while none answers (a dying
     daemon's socket may even accept a connection and then reset it)."""
     client = None
     try:
         client = ControlClient(path, timeout=5)
-        return client, client.resume(app, alpns, [], reg)
+        return client, client.resume(app, alpns, names, reg)
     except OSError:
         if client is not None:
             client.close()
@@ -34,13 +34,14 @@ def try_resume(
 
 
 def main() -> int:
-    args = [a for a in sys.argv[1:] if a != "--resume"]
+    args = [a for a in sys.argv[1:] if a != "--resume" and not a.startswith("--names=")]
     resume = "--resume" in sys.argv
+    names = [n for a in sys.argv if a.startswith("--names=") for n in a[8:].split(",") if n]
     path, app, alpns = args[0], args[1], args[2].split(",")
     workers = int(args[3]) if len(args) > 3 else 1
     client = ControlClient(path)
     try:
-        reg = client.register(app, alpns, workers=workers)
+        reg = client.register(app, alpns, names, workers=workers)
     except ControlError as exc:
         print(json.dumps({"event": "refused", "reason": exc.reason, "error": str(exc)}),
               flush=True)
@@ -58,7 +59,7 @@ def main() -> int:
     resuming = False  # the daemon went away: retry the resume between datagrams
     while True:
         if resuming:
-            done = try_resume(path, app, alpns, reg)
+            done = try_resume(path, app, alpns, names, reg)
             if done is not None:
                 client, reg = done
                 resuming = False

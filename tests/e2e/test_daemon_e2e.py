@@ -308,3 +308,29 @@ def test_guard_drops_undersized_initial_and_counts_it(pair: NetnsPair, daemon: D
         after = daemon.status()["counters"]
     assert after["xdp_drop_small_initial"] == before["xdp_drop_small_initial"] + 1
     assert after["steer_to_classifier"] == before["steer_to_classifier"]
+
+
+def test_server_names_exact_wildcard_and_none(
+    pair: NetnsPair, daemon: Daemon, clients: list[Client]
+) -> None:
+    """One ALPN, three apps: an exact name, a wildcard and all names. The exact claim beats
+    the wildcard, the wildcard covers deeper names, and a client with another name or none
+    goes to the all-names app."""
+    apps = {
+        "exact": start_app(daemon, "exact", ["site"], server_names=["www.example.test"]),
+        "wild": start_app(daemon, "wild", ["site"], server_names=["*.example.test"]),
+        "any": start_app(daemon, "any", ["site"]),
+    }
+    try:
+        for sni, owner in (("www.example.test", "exact"), ("a.example.test", "wild"),
+                           ("b.c.example.test", "wild"), ("other.test", "any"), (None, "any")):
+            client = quic_client(pair, socket.AF_INET, ["site"], server_name=sni)
+            clients.append(client)
+            got = apps[owner].next_datagram()
+            assert got is not None and tuple(got["from"]) == client.address, (sni, owner)
+            for name, app in apps.items():
+                if name != owner:
+                    assert app.next_datagram(timeout=0.1) is None, (sni, name)
+    finally:
+        for app in apps.values():
+            app.close()

@@ -12,6 +12,7 @@ import hashlib
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +85,36 @@ def test_ngtcp2_client_gets_the_page(pair: NetnsPair, site: RunningApp) -> None:
         shutil.rmtree(download, ignore_errors=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert PAGE_MARK in page, out.stderr[-2000:]
+
+
+def _vn_sent(daemon: Daemon) -> float:
+    for line in daemon.metrics().splitlines():
+        if line.startswith("steerd_version_negotiation_sent_total "):
+            return float(line.split()[1])
+    return 0.0
+
+
+def test_ngtcp2_unknown_version_negotiates_then_gets_the_page(
+    pair: NetnsPair, daemon: Daemon, site: RunningApp
+) -> None:
+    """gtlsclient starts in a version nobody speaks: the daemon answers Version Negotiation,
+    the client retries in QUIC v1 (its preferred version) and gets the page from the site."""
+    before = _vn_sent(daemon)
+    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-vn-"))
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
+             f"--download={download}", "--exit-on-all-streams-close", "--version=0x1a2a3a4a",
+             "--preferred-versions=v1", pair.server_v4, str(PORT), f"https://{HOST}:{PORT}/"],
+            capture_output=True, text=True, timeout=60,
+        )
+        saved = download / "index.html"
+        page = saved.read_text() if saved.exists() else ""
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert PAGE_MARK in page, out.stderr[-2000:]
+    deadline = time.monotonic() + 5  # the daemon folds its counts in every 0.5 s
+    while _vn_sent(daemon) == before and time.monotonic() < deadline:
+        pass
+    assert _vn_sent(daemon) >= before + 1
