@@ -15,6 +15,7 @@ import pytest
 from steerd.control import ControlClient, ControlError
 from tests.e2e.conftest import Daemon, start_daemon
 from tests.netns import NetnsPair, netns_pair
+from tests.sdk.harness import sessions  # noqa: F401 - the fixture, for test_app_crash
 
 CONTROL_CONNECTIONS = 16  # the daemon's [limits] control_connections in these tests
 CONTROL_MESSAGE_BYTES = 8192

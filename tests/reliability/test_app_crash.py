@@ -72,15 +72,6 @@ def _drain_socket(s: Session) -> None:
     s.sock.setblocking(True)
 
 
-@pytest.fixture
-def sessions() -> Iterator[list[Session]]:
-    made: list[Session] = []
-    try:
-        yield made
-    finally:
-        for s in made:
-            with contextlib.suppress(Exception):
-                s.close()
 
 
 @pytest.fixture
