@@ -145,7 +145,8 @@ def build(workdir: Path) -> tuple[str, str]:
     out = []
     for name in ("sender", "receiver"):
         exe = workdir / name
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / "daemon" / f"{name}.c")],
+        subprocess.run(["gcc", "-O2", "-Wall", f"-I{HERE / 'common'}", "-o", str(exe),
+                        str(HERE / "daemon" / f"{name}.c")],
                        check=True)
         out.append(str(exe))
     return out[0], out[1]

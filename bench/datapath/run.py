@@ -65,7 +65,8 @@ def build(workdir: Path) -> tuple[Path, Path]:
     out = []
     for name in ("sender", "receiver"):
         exe = workdir / name
-        subprocess.run(["gcc", "-O2", "-Wall", "-o", str(exe), str(HERE / f"{name}.c")],
+        subprocess.run(["gcc", "-O2", "-Wall", f"-I{HERE.parent / 'common'}", "-o", str(exe),
+                        str(HERE / f"{name}.c")],
                        check=True)
         out.append(exe)
     return out[0], out[1]

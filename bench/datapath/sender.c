@@ -16,6 +16,8 @@
 #include <errno.h>
 #include <netinet/in.h>
 #include <stdio.h>
+
+#include "sockaddr.h"
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
@@ -61,21 +63,10 @@ int main(int argc, char **argv)
         return 2;
     }
     fclose(f);
-    memset(&addr, 0, sizeof(addr));
-    if (strchr(dst, ':')) {
-        struct sockaddr_in6 *a6 = (struct sockaddr_in6 *)&addr;
-
-        a6->sin6_family = AF_INET6;
-        a6->sin6_port = htons(port);
-        inet_pton(AF_INET6, dst, &a6->sin6_addr);
-        addrlen = sizeof(*a6);
-    } else {
-        struct sockaddr_in *a4 = (struct sockaddr_in *)&addr;
-
-        a4->sin_family = AF_INET;
-        a4->sin_port = htons(port);
-        inet_pton(AF_INET, dst, &a4->sin_addr);
-        addrlen = sizeof(*a4);
+    addrlen = bench_sockaddr(dst, port, &addr);
+    if (!addrlen) {
+        fprintf(stderr, "bad address %s\n", dst);
+        return 2;
     }
     for (int i = 0; i < nsock; i++) {
         socks[i] = socket(addr.ss_family, SOCK_DGRAM, 0);
