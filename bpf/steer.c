@@ -46,10 +46,38 @@ static __always_inline int our_slot(const __u8 *cid, __u32 *slot)
     return 1;
 }
 
+/* Whether the datagram's destination is a multicast or (limited) broadcast address: such a
+ * datagram is no client's connection to us, and answering it (Version Negotiation, a reset)
+ * would make the daemon reply to a whole network segment's worth of spoofed senders. Read
+ * from the IP header (the skb's network header) only on the way to a classifier: workers
+ * only ever get datagrams whose CID or route names them. Directed broadcasts (a subnet's
+ * broadcast address) need the routing table; the classifier drops those (steerd/daemon.py). */
+static __always_inline int not_unicast(struct sk_reuseport_md *md)
+{
+    __u8 first = 0;
+
+    if (md->eth_protocol == bpf_htons(0x0800)) {          /* ETH_P_IP: daddr at 16 */
+        if (bpf_skb_load_bytes_relative(md, 16, &first, 1, BPF_HDR_START_NET) < 0)
+            return 1;
+        return first >= 224;                               /* 224/4 multicast, 240/4, 255.255.255.255 */
+    }
+    if (md->eth_protocol == bpf_htons(0x86DD)) {          /* ETH_P_IPV6: daddr at 24 */
+        if (bpf_skb_load_bytes_relative(md, 24, &first, 1, BPF_HDR_START_NET) < 0)
+            return 1;
+        return first == 0xff;                              /* ff00::/8 multicast */
+    }
+    return 1;
+}
+
 /* FNV-1a over the DCID: cheap, stable, and the same for every datagram of one DCID. */
 static __always_inline int to_classifier(struct sk_reuseport_md *md, const __u8 *cid, __u32 len)
 {
     __u32 hash = 2166136261u;
+
+    if (not_unicast(md)) {
+        steerd_count(STEERD_CNT_STEER_DROP_NOT_UNICAST);
+        return SK_DROP;
+    }
 
 #pragma unroll
     for (int i = 0; i < STEERD_MAX_CID_LEN; i++) {

@@ -83,7 +83,14 @@
 #define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26
 #define STEERD_CNT_XDP_DROP_BAD_CID_LEN 27
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED 28
-#define STEERD_CNT_MAX 32
+/* the socket jail (cgroup hooks, bpf/jail.c): calls refused to a non-daemon process on a
+ * service-port UDP socket */
+#define STEERD_CNT_JAIL_REFUSED_SETSOCKOPT 32    /* reuseport program attach/detach, bind to device */
+#define STEERD_CNT_JAIL_REFUSED_CONNECT 33
+#define STEERD_CNT_JAIL_REFUSED_BIND 34          /* a new socket bound to the service port */
+/* steering: datagrams not to a local unicast address (multicast, limited broadcast) */
+#define STEERD_CNT_STEER_DROP_NOT_UNICAST 35
+#define STEERD_CNT_MAX 48
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
  * `len` so Python and BPF build byte-identical keys. */

@@ -214,6 +214,17 @@ class FloodConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Tenant isolation switches (docs/SECURITY.md)."""
+
+    # Hand worker sockets to apps of another uid than the daemon's even when the socket jail
+    # (cgroup BPF hooks, bpf/jail.c) cannot be attached. UNSAFE: any such app can then take
+    # the whole port from the others (replace the group's steering program, connect() or
+    # bind to device its socket, bind new sockets to the port).
+    allow_unjailed: bool = False
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration; ``Config()`` is the built-in default."""
 
@@ -226,6 +237,7 @@ class Config:
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     flood: FloodConfig = field(default_factory=FloodConfig)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
     source: str = "<defaults>"
 
 
@@ -353,7 +365,8 @@ def _table(source: str, where: str, value: Any) -> Mapping[str, Any]:
     return value
 
 
-_SECTIONS = ("acl", "cid", "control", "flood", "limits", "listen", "metrics", "policy", "xdp")
+_SECTIONS = ("acl", "cid", "control", "flood", "limits", "listen", "metrics", "policy",
+             "security", "xdp")
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
@@ -546,9 +559,13 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     )
     if flood.guard_rate and not xdp.interfaces:
         raise s.fail("guard_rate", "needs the guard: set [xdp] interfaces (or guard_rate = 0)")
+    s = section("security", tuple(SecurityConfig.__dataclass_fields__))
+    security = SecurityConfig(
+        allow_unjailed=s.boolean("allow_unjailed", SecurityConfig().allow_unjailed),
+    )
     return Config(
         listen=listen, xdp=xdp, cid=cid, control=control, metrics=metrics, acl=tuple(rules),
-        policy=policy, limits=limits, flood=flood, source=source,
+        policy=policy, limits=limits, flood=flood, security=security, source=source,
     )
 
 
@@ -611,6 +628,10 @@ def warnings(config: Config) -> list[str]:
     """Things that are valid but probably not meant: ACL names this host cannot resolve
     (yet: a user may be created after the daemon starts, so these are not errors)."""
     out = []
+    if config.security.allow_unjailed:
+        out.append("[security] allow_unjailed = true: if the socket jail cannot be attached, "
+                   "apps of other uids get worker sockets anyway and any of them can take "
+                   "the whole port (docs/SECURITY.md)")
     for n, rule in enumerate(config.acl, 1):
         for user in rule.users:
             try:

@@ -3,7 +3,9 @@
 Why a command: a missing header tree or an unmounted bpffs otherwise surfaces as a compiler
 or syscall error deep in daemon start-up. The doctor names each prerequisite, says whether
 it holds and how to fix it, and finally compiles and loads both BPF programs into a
-scratch pin dir (then removes them), which is the only proof that counts.
+scratch pin dir (then removes them), which is the only proof that counts; likewise it attaches
+the socket jail's cgroup hooks for a throw-away loopback port and checks that they refuse
+bind, connect and SO_BINDTODEVICE to a process they do not list.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from steerd.dataplane import (
     Prerequisite,
     check_prerequisites,
 )
+from steerd.dataplane.jail import check_jail_prerequisites
 
 
 def load_check(pin_dir: str) -> Prerequisite:
@@ -51,6 +54,7 @@ def run(args: argparse.Namespace) -> int:
         else:
             checks.append(Prerequisite("programs load", False, "not tried",
                                        "fix the failures above first"))
+    checks += check_jail_prerequisites(probe=not args.no_load and all(c.ok for c in checks))
     width = max(len(c.name) for c in checks)
     for c in checks:
         line = f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}"

@@ -530,6 +530,11 @@ class Dataplane:
         self._need_loaded()
         return self._guard_fd
 
+    def map_fd(self, name: str) -> int:
+        """The open fd of map ``name`` (e.g. ``counters``, which the socket jail shares)."""
+        self._need_maps()
+        return self._fds[name]
+
     def _need_loaded(self) -> None:
         if self._steer_fd < 0:
             raise DataplaneError("data plane not loaded: call load() first")

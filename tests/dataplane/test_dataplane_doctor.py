@@ -8,6 +8,8 @@ import sys
 
 import pytest
 
+from steerd.dataplane.jail import cgroup2_root
+
 pytestmark = pytest.mark.root
 
 
@@ -25,8 +27,11 @@ def test_doctor_passes_here_and_loads_for_real() -> None:
     proc = doctor()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = [line.split()[1] for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")]
-    assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs"]
+    assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs", "cgroup", "socket"]
     assert "programs load   steer (SK_REUSEPORT) and guard (XDP and TC) compiled" in proc.stdout
+    # the jail probe really attached the cgroup hooks and saw them refuse and allow
+    assert (f"socket jail     hooks attached at {cgroup2_root()} refused bind, connect and "
+            "SO_BINDTODEVICE on a jailed port, and allowed the listed daemon") in proc.stdout
     scratch = proc.stdout.split("scratch pin dir ")[1].split()[0]
     assert scratch.startswith("/sys/fs/bpf/steerd-doctor-")
     assert not os.path.exists(scratch)  # the scratch programs and maps are gone
