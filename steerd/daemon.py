@@ -14,6 +14,7 @@ a TLS key or a 1-RTT byte.
 import asyncio
 import contextlib
 import ctypes
+import errno
 import ipaddress
 import logging
 import math
@@ -22,6 +23,7 @@ import pickle
 import selectors
 import signal
 import socket
+import stat
 import struct
 import sys
 import time
@@ -33,7 +35,8 @@ from quic.token import derive_token_key
 from steerd.classifier import Classifier, ClassifierReport, Origin, RetryConfig
 from steerd.config import Config
 from steerd.control import RESET_KEY_LEN, ControlServer
-from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig
+from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
+from steerd.dataplane.jail import Jail, remove_jail
 from steerd.metrics import Metrics, bump
 from steerd.registry import Registry
 from steerd.reinject import Reinjector
@@ -69,19 +72,27 @@ def bind_classifier_socket(address: str, port: int) -> socket.socket:
     return sock
 
 
-def _local_address(ancdata: Sequence[tuple[int, int, bytes]], fallback: tuple[str, int]) -> str:
+def _local_address(ancdata: Sequence[tuple[int, int, bytes]], fallback: tuple[str, int]
+                   ) -> str | None:
+    """The local address a datagram was sent to, or None if it was not one of ours as a
+    unicast destination: IPv4 reports the header's destination and the local address the
+    route chose apart, and they differ exactly for broadcasts (also a subnet's directed
+    broadcast, which the steering program cannot tell) and multicasts."""
     for level, kind, data in ancdata:
         if level == socket.IPPROTO_IP and kind == IP_PKTINFO and len(data) >= _IN_PKTINFO.size:
-            return socket.inet_ntop(socket.AF_INET, _IN_PKTINFO.unpack_from(data)[2])
+            _, spec_dst, addr = _IN_PKTINFO.unpack_from(data)
+            return socket.inet_ntop(socket.AF_INET, addr) if addr == spec_dst else None
         if level == socket.IPPROTO_IPV6 and kind == socket.IPV6_PKTINFO and len(data) >= 20:
-            return socket.inet_ntop(socket.AF_INET6, _IN6_PKTINFO.unpack_from(data)[0])
+            addr = _IN6_PKTINFO.unpack_from(data)[0]
+            return None if addr[0] == 0xFF else socket.inet_ntop(socket.AF_INET6, addr)
     return fallback[0]
 
 
 def receive(
-    sock: socket.socket, group: int, address: str, port: int
+    sock: socket.socket, group: int, address: str, port: int, dropped: dict[str, int]
 ) -> Iterator[tuple[bytes, Origin]]:
-    """Drain up to a batch of datagrams from a non-blocking classifier socket."""
+    """Drain up to a batch of datagrams from a non-blocking classifier socket. Datagrams
+    not sent to a local unicast address are counted in ``dropped`` and never answered."""
     for _ in range(_BATCH):
         try:
             data, anc, _flags, client = sock.recvmsg(_RECV_BUFFER, _ANC_SPACE)
@@ -90,8 +101,11 @@ def receive(
         except OSError as exc:  # e.g. ICMP errors surfacing on the socket: not fatal
             log.debug("classifier recv: %s", exc)
             return
-        service = (_local_address(anc, (address, port)), port)
-        yield data, Origin((client[0], client[1]), service, group)
+        local = _local_address(anc, (address, port))
+        if local is None:
+            bump(dropped, "not_unicast")
+            continue
+        yield data, Origin((client[0], client[1]), (local, port), group)
 
 
 # After a restart, how long (past start-up) flights for ALPNs nobody owns yet are left
@@ -106,31 +120,63 @@ def reset_key_path(config: Config) -> str:
     return os.path.join(os.path.dirname(config.control.path) or ".", "reset.key")
 
 
+def _check_private(st: os.stat_result, what: str) -> None:
+    """Refuse a key file or its directory that anyone but the daemon's uid could have
+    written: a key an attacker planted would let them forge resets and Retry tokens."""
+    if st.st_uid != os.geteuid():
+        raise OSError(f"{what} is owned by uid {st.st_uid}, not {os.geteuid()}: refusing it "
+                      "(remove it, or fix its owner)")
+    if st.st_mode & 0o022:
+        raise OSError(f"{what} is writable by group or others (mode "
+                      f"{stat.S_IMODE(st.st_mode):04o}): refusing it")
+
+
 def load_reset_key(path: str) -> bytes:
-    """The stateless-reset key of earlier runs, or a new one saved for later runs (0600)."""
+    """The master secret of earlier runs (apps' per-slot reset keys and the Retry token key
+    derive from it), or a new one saved for later runs.
+
+    The file is opened with O_NOFOLLOW and must be a regular file of the daemon's uid that
+    nobody else can read or write (mode 0600); its directory must not be writable by
+    others. A new one is created with O_EXCL|O_NOFOLLOW, so a planted file or symlink is
+    refused, never followed or overwritten."""
+    directory = os.path.dirname(path) or "."
+    os.makedirs(directory, mode=0o755, exist_ok=True)
+    _check_private(os.stat(directory), f"the directory of {path}")
     try:
-        with open(path, "rb") as f:
-            key = f.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        fd = -1
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(f"{path} is a symbolic link: refusing it (remove it)") from None
+        raise
+    if fd >= 0:
+        with os.fdopen(fd, "rb") as f:
+            st = os.fstat(f.fileno())
+            if not stat.S_ISREG(st.st_mode):
+                raise OSError(f"{path} is not a regular file: refusing it (remove it)")
+            _check_private(st, path)
+            if st.st_mode & 0o077:
+                raise OSError(f"{path} is readable by group or others (mode "
+                              f"{stat.S_IMODE(st.st_mode):04o}): refusing it (chmod 600)")
+            key = f.read(RESET_KEY_LEN + 1)
         if len(key) == RESET_KEY_LEN:
             return key
         log.warning("%s is not a %d-byte key: making a new one", path, RESET_KEY_LEN)
-    except FileNotFoundError:
-        pass
+        os.unlink(path)
     key = os.urandom(RESET_KEY_LEN)
-    os.makedirs(os.path.dirname(path) or ".", mode=0o755, exist_ok=True)
-    tmp = f"{path}.{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
-    os.replace(tmp, path)
     return key
 
 
 def retry_config(config: Config, secret: bytes, share: int = 1) -> RetryConfig:
     """The classifier's Retry mode from [flood]; ``share`` divides the Retry budget among
-    classifier processes. The token key derives from the reset key, which apps already hold
-    (so SDK workers validate the tokens of retried connections) and which outlives restarts
-    (so a token issued just before one is still good just after)."""
+    classifier processes. The token key derives from the daemon's master secret, which no app
+    ever sees (apps get per-slot keys derived from it), so only the daemon mints tokens; it
+    outlives restarts, so a token issued just before one is still good just after."""
     flood = config.flood
     return RetryConfig(
         mode=flood.retry, key=derive_token_key(secret), lifetime=flood.token_lifetime,
@@ -186,7 +232,12 @@ class Daemon:
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
             status_extra=self._status_extra, on_change=self._registry_changed,
+            socket_refusal=self.socket_refusal,
         )
+        # The socket jail (bpf/jail.c): opened before anything binds, attached with the
+        # programs; until it is attached, worker sockets go only to the daemon's own uid.
+        self.jail: Jail | None = None
+        self._jail_error = "not attached yet: the daemon is starting"
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
@@ -225,6 +276,15 @@ class Daemon:
                 group = _Group(index, address, dp)
                 self.groups.append(group)
                 dp.open_maps()
+            if self.groups:
+                # Before binding: a previous run's jail is still attached and refuses binds
+                # to the port from any process it does not list.
+                self.jail = Jail(self.pin_dir, cfg.listen.port,
+                                 self.groups[0].dataplane.map_fd("counters"))
+                self.jail.open()
+                self.jail.set_daemon_pids([os.getpid()])
+            for group in self.groups:
+                address, dp = group.address, group.dataplane
                 for j in range(limits.classifiers):
                     sock = bind_classifier_socket(address, cfg.listen.port)
                     group.sockets.append(sock)
@@ -256,8 +316,19 @@ class Daemon:
             raise
 
     def _load_programs(self) -> None:
-        """Compile and attach (in a thread: the event loop keeps classifying meanwhile)."""
+        """Compile and attach (in a thread: the event loop keeps classifying meanwhile). The
+        jail first: until it holds, apps of other uids get no sockets."""
         cfg = self.config
+        if self.jail is not None:
+            try:
+                self.jail.attach()
+                log.info("socket jail attached (cgroup hooks for UDP port %d)",
+                         cfg.listen.port)
+            except DataplaneError as exc:
+                self._jail_error = str(exc)
+                log.error("socket jail: %s; worker sockets go only to uid %d%s", exc,
+                          os.geteuid(), " and, as [security] allow_unjailed says, to every "
+                          "other uid too (UNSAFE)" if cfg.security.allow_unjailed else "")
         for group in self.groups:
             group.dataplane.load_programs()
             # Replaces the group's program (a previous run's, or the kernel's hash).
@@ -296,6 +367,13 @@ class Daemon:
         await self.control.close()
         self.metrics.close()
         self._stop_children()
+        if self.jail is not None:
+            # While no daemon runs, no process at all may touch the port's sockets (and no
+            # process that inherits one of our pids is taken for the daemon).
+            with contextlib.suppress(DataplaneError):
+                self.jail.set_daemon_pids([])
+            self.jail.close()
+            self.jail = None
         for group in self.groups:
             for sock in group.sockets:
                 if self._loop is not None and self.config.limits.classifiers == 1:
@@ -354,6 +432,20 @@ class Daemon:
     def worker_cookies(self, slot: int) -> list[int | None]:
         return [group.dataplane.worker_cookie(slot) for group in self.groups]
 
+    def socket_refusal(self, uid: int) -> str | None:
+        """Why worker sockets may not be handed to a peer of ``uid`` now (None: they may).
+
+        Without the jail, any holder of a worker socket can take the whole port, so only
+        the daemon's own uid (who could do that anyway) gets sockets, unless the operator
+        accepted the risk in the config."""
+        if uid == os.geteuid() or (self.jail is not None and self.jail.attached):
+            return None
+        if self.config.security.allow_unjailed:
+            return None
+        return (f"the socket jail is not attached ({self._jail_error}), so worker sockets go "
+                f"only to uid {os.geteuid()}; [security] allow_unjailed = true overrides this "
+                "(unsafe: see docs/SECURITY.md)")
+
     def _slot_alive(self, slot: int) -> bool:
         return any(cookie is not None for cookie in self.worker_cookies(slot))
 
@@ -361,7 +453,8 @@ class Daemon:
 
     def _readable(self, group: _Group, sock: socket.socket) -> None:
         now = time.monotonic()
-        for data, origin in receive(sock, group.index, group.address, self.config.listen.port):
+        for data, origin in receive(sock, group.index, group.address, self.config.listen.port,
+                                    self.classifier.dropped):
             try:
                 self.classifier.on_datagram(data, origin, now)
             except Exception:  # a bug must cost one datagram, never the daemon
@@ -387,6 +480,8 @@ class Daemon:
             child_end.close()
             parent_end.setblocking(False)
             self._children.append((pid, parent_end))
+            if self.jail is not None:
+                self.jail.add_pid(pid)
             self._loop.add_reader(parent_end.fileno(), self._child_readable, index, parent_end)
 
     def _run_child(self, index: int, channel: socket.socket) -> NoReturn:
@@ -431,7 +526,7 @@ class Daemon:
                     group = key.data
                     now = time.monotonic()
                     for data, origin in receive(group.sockets[index], group.index,
-                                                group.address, port):
+                                                group.address, port, classifier.dropped):
                         try:
                             classifier.on_datagram(data, origin, now)
                         except Exception:  # a bug must cost one datagram, not the process
@@ -588,7 +683,7 @@ def purge(config: Config, pin_dir: str) -> list[str]:
     kernel); run it when steerd is to go away, not between restarts. Returns what it did."""
     import shutil
 
-    done: list[str] = []
+    done: list[str] = remove_jail(pin_dir)
     for index, _address in enumerate(config.listen.addresses):
         group_dir = f"{pin_dir}/g{index}"
         if not os.path.isdir(group_dir):
