@@ -75,9 +75,10 @@ def _direct(args: argparse.Namespace) -> int:
     reg = Registration(
         app="direct", generation=1,
         workers=[{"slot": i, "server_id": i.to_bytes(2, "big").hex(),
+                  "reset_key": os.urandom(32).hex(),
                   "sockets": [{"address": args.address, "port": args.port, "fd_index": i}]}
                  for i in range(args.workers)],
-        sockets=socks, layout=layout, reset_key=os.urandom(32), reply={},
+        sockets=socks, layout=layout, reply={},
     )
     env, ordered = environment(reg)
     cmd = list(args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd)

@@ -2,9 +2,10 @@
 
 Why HMAC(key, CID): a worker that dies takes its connection state with it, so only something
 that survives it can end its clients' connections promptly instead of letting them idle out.
-Every worker derives the token it advertises for a CID from the daemon's per-run key, so the
-daemon, seeing a short-header packet for a slot with no live worker, can compute the same token
-and send the reset. The SDK and the daemon both call :func:`reset_token`: one definition.
+Every worker derives the token it advertises for a CID from its slot's key, which the daemon
+derives from its per-run master secret (:func:`slot_reset_key`), so the daemon, seeing a
+short-header packet for a slot with no live worker, can compute the same token and send the
+reset. The SDK and the daemon both call :func:`reset_token`: one definition.
 """
 
 import hashlib
@@ -14,10 +15,31 @@ from quic.errors import QuicError
 
 TOKEN_LEN = 16
 MIN_RESET_LEN = 21  # RFC 9000 §10.3: 5 unpredictable bytes + the 16-byte token at least
+SLOT_KEY_LEN = 32
+MAX_SLOT = (1 << 32) - 1  # quic/cid.py: a slot is at most 4 bytes
+_SLOT_KEY_LABEL = b"steerd slot reset key v1\x00"
+
+
+def slot_reset_key(master: bytes, slot: int) -> bytes:
+    """The stateless-reset key of worker ``slot``: HMAC-SHA256(master, label || slot).
+
+    Why one key per slot: whoever holds a reset key can forge stateless resets for every CID
+    it covers, and a reset kills the connection at once. With the daemon's master key in
+    every app's hands, any app could reset any other app's connections; with per-slot keys
+    an app can only reset connections of its own workers. HMAC is a PRF, so one slot's key
+    tells nothing about the master or another slot's key, and the daemon recomputes any
+    slot's key from the slot number the CID carries (a dead worker needs no stored state).
+    The fixed label (longer than any 20-byte CID) keeps this input apart from the CIDs that
+    :func:`reset_token` MACs, should anyone ever use the master there too.
+    """
+    if not 0 <= slot <= MAX_SLOT:
+        raise QuicError("bad_slot", f"slot {slot} not in 0..{MAX_SLOT}")
+    return hmac.digest(master, _SLOT_KEY_LABEL + slot.to_bytes(4, "big"), hashlib.sha256)
 
 
 def reset_token(key: bytes, cid: bytes) -> bytes:
-    """The stateless-reset token a worker advertises for ``cid``."""
+    """The stateless-reset token a worker advertises for ``cid``; ``key`` is the key of the
+    slot ``cid`` names (:func:`slot_reset_key`)."""
     return hmac.digest(key, cid, hashlib.sha256)[:TOKEN_LEN]
 
 

@@ -12,14 +12,18 @@ the Retry and the retried Initial (§8.1.4 recommends the address).
 
 Layout (opaque to clients, who only echo it)::
 
-    magic (1) | issued, ms on the callers' clock (8) | len(odcid) (1) | odcid | HMAC-SHA256[:16]
+    magic (1) | issued, ms on the daemon's clock (8) | len(odcid) (1) | odcid | HMAC-SHA256[:16]
 
 The MAC covers everything before it plus the client's packed IP address and the Retry SCID.
-The key is derived from the daemon's secret (:func:`derive_token_key`): the SDK already holds
-the stateless-reset key, so workers can validate tokens with no new key distribution, and
-the derivation keeps the two uses apart. Pure: callers pass ``now`` in seconds on a clock the
-daemon and its workers share: steerd uses CLOCK_MONOTONIC (``time.monotonic``), which is
-system-wide on Linux, and the key (in /run) does not outlive the boot that clock counts.
+The key is derived from the daemon's secret (:func:`derive_token_key`) and never leaves the
+daemon: an app holding it could mint tokens for any address, and so bypass Retry and get
+connections the daemon would take as address-validated. Only the classifier validates
+(:func:`validate_retry_token`: MAC, binding, expiry); a worker merely reads the original
+DCID back (:func:`read_retry_token`). That is safe because of where the token-bearing
+Initial can come from: the daemon's Retry SCID is outside the CID layout, so the retried
+Initial reaches a classifier, and only the classifier, after validating its token, routes it
+to a worker. Pure: callers pass ``now`` in seconds (steerd uses ``time.monotonic``); the
+secret (in /run) does not outlive the boot that clock counts.
 """
 
 from __future__ import annotations
@@ -38,9 +42,6 @@ TOKEN_MAGIC = 0x5E  # first byte of a steerd Retry token (other tokens, e.g. NEW
 MAC_LEN = 16
 MAX_CID_LEN = 20
 DEFAULT_LIFETIME = 10.0  # seconds: a Retry round trip plus the client's retransmissions
-# What a worker accepts: the daemon already checked the configured lifetime (at most this)
-# a moment before it re-injected the datagram; the worker only re-checks the MAC and binding.
-MAX_LIFETIME = 120.0
 CLOCK_SKEW = 1.0  # seconds a token may appear to come from the future (other process' clock)
 _ISSUED = struct.Struct("!Q")
 MIN_TOKEN_LEN = 1 + _ISSUED.size + 1 + MAC_LEN
@@ -109,3 +110,16 @@ def validate_retry_token(
     if not issued - CLOCK_SKEW <= now <= issued + lifetime:
         raise QuicError("token_expired", f"issued {now - issued:.3f} s ago, lifetime {lifetime:g}")
     return bytes(body[2 + _ISSUED.size :])
+
+
+def read_retry_token(token: bytes) -> bytes:
+    """The original DCID a steerd token carries, read without any key (for workers).
+
+    No MAC, binding or expiry check: workers do not hold the token key. They may trust the
+    token because only the classifier, which runs :func:`validate_retry_token` on every
+    Initial carrying a token of ours, routes a token-bearing Initial with a DCID outside the
+    CID layout to a worker. Raises QuicError ``token_malformed`` if ``token`` is not shaped
+    like ours (check :func:`is_retry_token` first to tell other tokens apart)."""
+    if not is_retry_token(token):
+        raise QuicError("token_malformed", "not a steerd Retry token")
+    return bytes(token[2 + _ISSUED.size : -MAC_LEN])

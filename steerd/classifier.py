@@ -22,7 +22,11 @@ load is high), a new Initial without a token is answered with a Retry carrying a
 token (quic/token.py: bound to the client's address, HMAC-keyed, expiring) and nothing is
 kept; only an Initial echoing a valid token is assembled and decided, so only clients that
 own their source address cost anything. The worker accepts the retried connection from the
-same token (steerd/sdk.py). Invalid or expired tokens are dropped and counted.
+same token (steerd/sdk.py), reading it without the key: the classifier is the only place a
+token is validated. So whenever a token key is configured, even with Retry ``off``, every
+Initial carrying a token shaped like ours is validated here, and invalid or expired ones
+(e.g. minted by an app) are dropped and counted: a forged token never gets a routed
+connection.
 
 Sans-I/O in the aioquic manner: the side effects go through three narrow callables (route
 writer, re-injector, reply sender) that the daemon wires to the data plane and real sockets.
@@ -47,7 +51,13 @@ from quic.flight import (
     VersionNegotiationNeeded,
 )
 from quic.packet import SUPPORTED_VERSIONS, PacketType, parse_long_header
-from quic.reset import MIN_RESET_LEN, TOKEN_LEN, build_stateless_reset, reset_token
+from quic.reset import (
+    MIN_RESET_LEN,
+    TOKEN_LEN,
+    build_stateless_reset,
+    reset_token,
+    slot_reset_key,
+)
 from quic.token import (
     DEFAULT_LIFETIME,
     build_retry_token,
@@ -82,7 +92,9 @@ class RetryConfig:
     """
 
     mode: str = "off"
-    key: bytes = b""  # quic.token.derive_token_key(daemon secret)
+    # quic.token.derive_token_key(daemon secret). Also with mode "off": then no Retry is sent
+    # but tokens of ours that clients present are still validated (see the module docstring).
+    key: bytes = b""
     lifetime: float = DEFAULT_LIFETIME
     pending_fraction: float = 0.25
     initial_rate: float = 2000.0
@@ -93,7 +105,7 @@ class RetryConfig:
     def __post_init__(self) -> None:
         if self.mode not in RETRY_MODES:
             raise ValueError(f"retry mode must be one of {RETRY_MODES}, got {self.mode!r}")
-        if self.mode != "off" and len(self.key) < 16:
+        if (self.mode != "off" or self.key) and len(self.key) < 16:
             raise ValueError("retry needs a token key of at least 16 bytes")
 
 
@@ -317,7 +329,7 @@ class Classifier:
         reply: Reply,
         *,
         layout: CidLayout | None = None,
-        reset_key: bytes | None = None,
+        reset_key: bytes | None = None,  # the daemon's master: slot keys derive from it
         assembler: AssemblerConfig | None = None,
         decided_ttl: float = 10.0,
         decided_max: int = 65536,
@@ -362,7 +374,7 @@ class Classifier:
 
     def on_datagram(self, data: bytes, origin: Origin, now: float) -> str:
         """Handle one datagram; returns the outcome token (for tests and logs)."""
-        if self.retry.mode != "off" and data and data[0] & 0x80:
+        if (self.retry.mode != "off" or self.retry.key) and data and data[0] & 0x80:
             outcome = self._retry_gate(data, origin, now)
             if outcome is not None:
                 return outcome
@@ -422,8 +434,9 @@ class Classifier:
     # -- Retry mode -----------------------------------------------------------------------------
 
     def _retry_gate(self, data: bytes, origin: Origin, now: float) -> str | None:
-        """Retry mode's look at a long-header datagram before assembly: None lets it through
-        to the front; otherwise the outcome (Retry sent, or dropped)."""
+        """The token check (whenever a key is configured) and Retry mode's look at a
+        long-header datagram before assembly: None lets it through to the front; otherwise
+        the outcome (Retry sent, or dropped)."""
         try:
             header = parse_long_header(data, 0)
         except QuicError:
@@ -539,13 +552,15 @@ class Classifier:
     def _short_header(self, data: bytes, origin: Origin, now: float) -> str:
         """A 1-RTT packet the kernel could not deliver: its CID names a slot with no live
         worker (the worker died), or the CID is not ours. For our CIDs, answer with the
-        stateless reset the dead worker advertised (same HMAC key), so its clients learn at
-        once instead of after an idle timeout; anything else is dropped."""
-        layout, key = self.layout, self.reset_key
-        if layout is None or key is None or len(data) < 1 + layout.cid_len:
+        stateless reset the dead worker advertised (the key of the slot the CID names,
+        derived from the master), so its clients learn at once instead of after an idle
+        timeout; anything else is dropped."""
+        layout, master = self.layout, self.reset_key
+        if layout is None or master is None or len(data) < 1 + layout.cid_len:
             return self._drop("short_header")
         dcid = data[1 : 1 + layout.cid_len]
-        if layout.decode(dcid) is None:
+        slot = layout.decode(dcid)
+        if slot is None:
             return self._drop("short_header_not_ours")
         # RFC 9000 §10.3.3: a reset must be smaller than the packet that caused it (no loops
         # between two endpoints); one that cannot be is not sent.
@@ -555,7 +570,8 @@ class Classifier:
         if not self._budget.take(now):
             bump(self.tally.suppressed, "stateless_reset")
             return "stateless_reset_suppressed"
-        packet = build_stateless_reset(reset_token(key, dcid), self.random(size - TOKEN_LEN))
+        token = reset_token(slot_reset_key(master, slot), dcid)
+        packet = build_stateless_reset(token, self.random(size - TOKEN_LEN))
         self.reply(packet, origin.client, origin.service, origin.group)
         bump(self.tally.sent, "stateless_reset")
         return "stateless_reset"

@@ -20,9 +20,10 @@ integer) that the reply echoes; only a resuming register carries file descriptor
 op          request fields                                     reply (besides ok, op, id)
 =========== ================================================== ================================
 register    app, alpn [..], server_names [..] (default: all),  app, generation, workers [{slot,
-            workers (default 1), replace (default false)       server_id, sockets [{address,
-                                                               port, fd_index}]}], cid {...},
-                                                               reset_key (hex); FDs attached
+            workers (default 1), replace (default false)       server_id, reset_key (hex: the
+                                                               slot's key), sockets [{address,
+                                                               port, fd_index}]}], cid {...};
+                                                               FDs attached
 register    the same, plus resume [slots], carrying the app's  the same, plus resumed: true;
  (resume)   worker sockets as FDs (one per listen address per  no FDs (the app keeps its own)
             slot): after a daemon restart
@@ -32,10 +33,17 @@ load        app, workers [{slot, load}]                        app
 status      (none)                                             status {...}
 =========== ================================================== ================================
 
+A worker's ``reset_key`` is ``quic.reset.slot_reset_key(master, slot)``: it advertises
+``reset_token(reset_key, cid)`` for each CID, and the daemon recomputes it from its master key
+to reset a dead worker's clients. An app gets only its own slots' keys (never the master, from
+which the Retry token key also derives), so it cannot forge resets for other apps'
+connections nor mint Retry tokens.
+
 Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
 carries on, and the connection stays open (except when the daemon cannot reply at all).
 Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds, bad_resume,
 rate_limited (the message is not even parsed, so no id is echoed), acl_denied, conflict,
+unjailed (worker sockets would go to another uid while the socket jail is not attached),
 exists, not_owner, not_registered, no_slots, socket_error, internal_error,
 too_many_connections (then the connection is closed).
 
@@ -63,6 +71,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from quic.cid import CidLayout
+from quic.reset import slot_reset_key
 from steerd.config import SCM_MAX_FD, Config, render
 from steerd.metrics import Metrics
 from steerd.registry import Generation, Peer, Registry, RegistryError
@@ -216,14 +225,15 @@ class ControlServer:
         status_extra: Callable[[], Mapping[str, Any]] | None = None,
         socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
         on_change: Callable[[], None] | None = None,
+        socket_refusal: Callable[[int], str | None] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
         self.sink = sink
         self.metrics = metrics
-        # Per daemon run: apps derive stateless-reset tokens as HMAC(key, CID), so the daemon
-        # could reset connections of a dead worker; a restart invalidates old tokens, which
-        # is what RFC 9000 §10.3 expects of a server that lost state.
+        # The master key: each worker gets slot_reset_key(master, slot) and derives its
+        # stateless-reset tokens from it, so the daemon can reset connections of a dead
+        # worker. Never sent to apps.
         self.reset_key = reset_key if reset_key is not None else os.urandom(RESET_KEY_LEN)
         self.clock = clock
         self.status_extra = status_extra
@@ -231,6 +241,9 @@ class ControlServer:
         # Called after anything that may have changed the registry (the daemon copies it to
         # its classifier processes).
         self.on_change = on_change
+        # Why worker sockets may not go to a peer of this uid now (the daemon: the socket
+        # jail is not attached); None from it, or no callable, lets them go.
+        self.socket_refusal = socket_refusal
         self.path = config.control.path
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -510,6 +523,10 @@ class ControlServer:
                 "bad_request",
                 f'register: "workers" must be an integer 1..{limit}, got {render(workers)}',
             )
+        if self.socket_refusal is not None:
+            why = self.socket_refusal(conn.peer.uid)
+            if why is not None:
+                raise _Refused("unjailed", f"register: {why}")
         addresses = self.config.listen.addresses
         port = self.config.listen.port
         gen = self.registry.register(
@@ -600,6 +617,8 @@ class ControlServer:
             "workers": [
                 {
                     "slot": w.slot, "server_id": w.server_id.hex(),
+                    # this slot's key only: an app must not forge other apps' resets
+                    "reset_key": slot_reset_key(self.reset_key, w.slot).hex(),
                     "sockets": [
                         {"address": a, "port": port, "fd_index": i * n + j}
                         for j, a in enumerate(addresses)
@@ -608,7 +627,6 @@ class ControlServer:
                 for i, w in enumerate(gen.workers)
             ],
             "cid": layout_dict(self.registry.layout),
-            "reset_key": self.reset_key.hex(),
         }
 
     def _app_of(self, op: str, m: Mapping[str, Any]) -> str:
@@ -670,7 +688,7 @@ class ControlServer:
         dict[str, Any], list[int], list[socket.socket]
     ]:
         self._fields("status", m, (), ())
-        status = self.registry.status()
+        status = self.registry.status(viewer_uid=conn.peer.uid)  # a tenant sees its own apps
         status["control_connections"] = len(self._conns)
         if self.status_extra is not None:
             status.update(self.status_extra())
@@ -731,14 +749,14 @@ class ControlError(Exception):
 @dataclass
 class Registration:
     """A successful register: the worker sockets (one per listen address per worker, in the
-    reply's fd_index order), the CID layout to issue CIDs in, and the stateless-reset key."""
+    reply's fd_index order), the CID layout to issue CIDs in, and each worker's
+    stateless-reset key (in its ``workers`` entry; see :meth:`reset_key_of`)."""
 
     app: str
     generation: int
     workers: list[dict[str, Any]]
     sockets: list[socket.socket]
     layout: CidLayout
-    reset_key: bytes
     reply: dict[str, Any]
 
     @classmethod
@@ -746,9 +764,16 @@ class Registration:
         cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
         return cls(
             app=reply["app"], generation=reply["generation"], workers=reply["workers"],
-            sockets=sockets, layout=CidLayout(**cid), reset_key=bytes.fromhex(reply["reset_key"]),
-            reply=reply,
+            sockets=sockets, layout=CidLayout(**cid), reply=reply,
         )
+
+    def reset_key_of(self, slot: int) -> bytes:
+        """The stateless-reset key of worker ``slot`` (each slot has its own, so an app can
+        reset only its own connections)."""
+        for w in self.workers:
+            if w["slot"] == slot:
+                return bytes.fromhex(w["reset_key"])
+        raise KeyError(slot)
 
     def worker_sockets(self, slot: int) -> list[socket.socket]:
         for w in self.workers:

@@ -16,6 +16,7 @@ import contextlib
 import ctypes
 import errno
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -113,6 +114,51 @@ def receive(
 RESUME_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
+
+
+# How long after start-up the claims of a previous run's apps stay reserved for them (their
+# slots' sockets still steer their connections) against registrations by anyone else: the
+# program compile (seconds) plus RESUME_GRACE, with room to spare.
+CLAIM_RESERVATION = 30.0
+
+
+def claims_path(config: Config) -> str:
+    """Beside the master secret: who claimed what, for the next run to reserve."""
+    return os.path.join(os.path.dirname(config.control.path) or ".", "claims.json")
+
+
+def save_claims(path: str, records: list[dict[str, Any]]) -> None:
+    """Write the registry's claims atomically (a new private file renamed over the old one,
+    never following a planted link)."""
+    tmp = f"{path}.{os.getpid()}"
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(records, f)
+    os.replace(tmp, path)
+
+
+def load_claims(path: str) -> list[Any]:
+    """The previous run's claim records, [] when there are none or they are unreadable
+    (the registry checks each record anyway). A file anyone else could have written is
+    ignored: reserving claims on its word would let its author hold other apps' names."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return []
+    with os.fdopen(fd) as f:
+        st = os.fstat(f.fileno())
+        if st.st_uid != os.geteuid() or st.st_mode & 0o022 or not stat.S_ISREG(st.st_mode):
+            log.warning("%s is not a private file of uid %d: ignoring it", path, os.geteuid())
+            return []
+        try:
+            records = json.load(f)
+        except (ValueError, UnicodeDecodeError) as exc:
+            log.warning("%s is not valid JSON (%s): no claims reserved", path, exc)
+            return []
+    return records if isinstance(records, list) else []
 
 
 def reset_key_path(config: Config) -> str:
@@ -238,6 +284,7 @@ class Daemon:
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"
+        self._saved_claims: list[dict[str, Any]] | None = None
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
@@ -295,6 +342,12 @@ class Daemon:
             # their apps serve on; nobody else gets them until the apps resume or exit.
             orphans = [slot for slot in range(limits.worker_slots) if self._slot_alive(slot)]
             self.registry.reserve_orphans(orphans)
+            if orphans:
+                # Their claims too, before the control socket opens: nobody else may take
+                # them while the apps resume.
+                for why in self.registry.reserve_claims(
+                        load_claims(claims_path(cfg)), time.monotonic() + CLAIM_RESERVATION):
+                    log.warning("claims of the previous run: %s", why)
             if orphans:
                 log.info("slots %s still serve a previous run's apps: awaiting resume", orphans)
             if limits.classifiers > 1:
@@ -545,9 +598,21 @@ class Daemon:
             code = 1
         os._exit(code)
 
+    def _save_claims(self) -> None:
+        records = self.registry.claims_snapshot()
+        if records == self._saved_claims:
+            return
+        try:
+            save_claims(claims_path(self.config), records)
+            self._saved_claims = records
+        except OSError as exc:
+            log.error("cannot save the claims for the next run: %s", exc)
+
     def _registry_changed(self) -> None:
         """Send every classifier process the registry as it is now (registrations are rare,
         decisions are per flight: copying the table beats asking the main process)."""
+        if not self._stopping:  # a stopping daemon disconnects every app: keep their claims
+            self._save_claims()
         if not self._children:
             return
         snapshot = pickle.dumps((self.registry, self.classifier.hold_unowned_until),
@@ -698,10 +763,10 @@ def purge(config: Config, pin_dir: str) -> list[str]:
         done.append(f"removed {group_dir}")
     with contextlib.suppress(OSError):
         os.rmdir(pin_dir)  # only when empty: never another tool's pins
-    key = reset_key_path(config)
-    if os.path.exists(key):
-        os.unlink(key)
-        done.append(f"removed {key}")
+    for path in (reset_key_path(config), claims_path(config)):
+        if os.path.exists(path):
+            os.unlink(path)
+            done.append(f"removed {path}")
     return done
 
 

@@ -23,16 +23,27 @@ STEERD_APP            the app name
 STEERD_GENERATION     the generation number this registration started
 STEERD_WORKER_SLOTS   ``,``-separated worker slots, e.g. ``4,5``
 STEERD_SOCKETS        JSON list, one object per fd: {"fd", "slot", "server_id" (hex),
-                      "address", "port"}
+                      "address", "port", "reset_key" (hex: that slot's key)}
 STEERD_CID_LAYOUT     JSON {"config_id", "host_id", "host_id_len", "slot_len", "nonce_len",
                       "cid_len"}: every CID a worker issues must be the QUIC-LB plaintext
                       layout of quic/cid.py: first octet (config_id << 5 | cid_len - 1),
                       host_id (host_id_len bytes), the worker's slot (slot_len bytes,
                       big-endian), nonce_len random bytes
-STEERD_RESET_KEY      hex key: the stateless-reset token advertised for a CID must be
-                      HMAC-SHA256(key, cid)[:16] (quic/reset.py), so steerd can reset the
-                      clients of a worker that died
 ===================== ====================================================================
+
+The stateless-reset token advertised for a CID must be HMAC-SHA256(key, cid)[:16]
+(quic/reset.py) with the ``reset_key`` of the slot the CID names, so steerd can reset the
+clients of a worker that died. Each slot has its own key (derived from a master key that
+stays in the daemon), so an app can reset only its own connections.
+
+New connections only through the classifier: a long-header packet whose DCID is in the CID
+layout goes straight to that slot's worker, without any ALPN, server-name or ACL decision.
+So CMD must not create a connection from an Initial whose DCID is in the layout (legitimate
+first Initials carry a client-chosen DCID, or the DCID of a Retry sent by steerd, which is
+outside the layout); the one exception is an Initial echoing a token of CMD's own Retry
+(whose SCID, in the layout, the retried Initial uses as its DCID). A Retry token of steerd's
+(first byte 0x5E, quic/token.py) reaching CMD was already validated by steerd: CMD reads the
+original DCID from it (``quic.token.read_retry_token``) and needs no key.
 
 A server handling the sockets of several slots must serve each slot's sockets with CIDs of
 that slot (one process or thread per slot is simplest). steerd.sdk's ``run`` recognises this
@@ -80,6 +91,7 @@ def environment(reg: Registration) -> tuple[dict[str, str], list[socket.socket]]
             described.append({
                 "fd": FIRST_FD + len(socks), "slot": w["slot"], "server_id": w["server_id"],
                 "address": entry["address"], "port": entry["port"],
+                "reset_key": reg.reset_key_of(w["slot"]).hex(),
             })
             names.append(f"slot{w['slot']}-{i}")
             socks.append(sock)
@@ -91,7 +103,6 @@ def environment(reg: Registration) -> tuple[dict[str, str], list[socket.socket]]
         "STEERD_WORKER_SLOTS": ",".join(str(w["slot"]) for w in reg.workers),
         "STEERD_SOCKETS": json.dumps(described),
         "STEERD_CID_LAYOUT": json.dumps(layout_dict(reg.layout)),
-        "STEERD_RESET_KEY": reg.reset_key.hex(),
     }
     return env, socks
 

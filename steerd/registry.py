@@ -2,7 +2,8 @@
 
 Pure logic, no I/O: the control server feeds it requests (with the peer's credentials already
 resolved into a ``Peer``) and the classifier asks it ``decide(sni, alpns)``. Keeping it free
-of sockets and clocks lets every rule below be unit-tested exactly.
+of sockets, files and the system clock (time comes from an injected ``clock``) lets every
+rule below be unit-tested exactly.
 
 Model:
 - An *app* (a name such as ``web``) has one or more *generations*. Registering an existing
@@ -14,20 +15,33 @@ Model:
   sockarray and the number encoded in every server CID the worker issues. Slots are handed
   out least-recently-freed first, so a slot that just lost its worker is reused as late as
   possible (stray packets for its old connections then meet the classifier, not a stranger),
-  and a slot is never handed out while any generation, draining or not, holds it.
+  and a slot is never handed out while any generation, draining or not, holds it. A freed
+  slot is also *quarantined* for ``slot_quarantine`` seconds (the daemon passes
+  ``limits.route_ttl``): first-flight routes in the kernel name slots for that long, so a
+  different app given the slot sooner could receive the old app's stragglers. The same app
+  (same name and uid) takes its own quarantined slots back first, at once: the stragglers
+  are its own, and a churning app then does not quarantine the whole pool for everyone.
 - *Claims* are (ALPN, server name) pairs of the newest non-draining generation of each app;
   the server name is exact (``example.com``), a suffix wildcard (``*.example.com``) or all
   names (``*``, written as no server names in a register request). Two apps may not hold the
-  same pair; different specificity is fine (exact beats wildcard beats all).
+  same pair; different specificity is fine (exact beats wildcard beats all) -- but a claim
+  more specific than another uid's takes that uid's traffic for the name, so it is a
+  *shadowing* claim and needs the operator's explicit say-so (see ``register``).
 - Every connection-oriented operation names an *owner* (the control connection); only the
   owner of a generation may drain, deregister or report load for it, and when the owner goes
   away all its generations go with it.
+- A daemon restart empties the table while apps keep serving on their *orphaned* slots. The
+  daemon persists ``claims_snapshot()`` and, at start-up, hands the records of still-living
+  slots back to ``reserve_claims``: their claims are *reserved* for a while, so that nobody
+  can take an app's names in the window before it resumes.
 """
 
 from __future__ import annotations
 
+import math
+import time
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -137,6 +151,45 @@ class Counts:
     free_slots: int
 
 
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The claims of a generation that served before a daemon restart, held for its resume.
+
+    ``slots`` are those of its slots that were orphans when reserved; the reservation lasts
+    until ``until`` (clock time), the app resumes, or none of these slots is an orphan any
+    more (the app exited, or someone else resumed them).
+    """
+
+    app: str
+    uid: int
+    alpns: tuple[str, ...]
+    server_names: tuple[str, ...]  # normalised, like Generation.server_names
+    slots: frozenset[int]
+    until: float
+
+    def pairs(self) -> Iterator[tuple[str, str]]:
+        for alpn in self.alpns:
+            for name in self.server_names:
+                yield alpn, name
+
+    def snapshot(self, now: float) -> dict[str, Any]:
+        return {
+            "app": self.app, "uid": self.uid, "alpn": list(self.alpns),
+            "server_names": list(self.server_names), "slots": sorted(self.slots),
+            "expires_in": round(max(0.0, self.until - now), 3),
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class _FreeSlot:
+    """A free slot and who let it go when (``app``/``uid`` None: nobody known)."""
+
+    slot: int
+    freed_at: float
+    app: str | None = None
+    uid: int | None = None
+
+
 @dataclass(slots=True)
 class _App:
     name: str
@@ -172,12 +225,48 @@ def covers(pattern: str, name: str) -> bool:
     return pattern == name
 
 
+def broader(name: str) -> Iterator[str]:
+    """The claim patterns strictly broader than ``name`` that cover it, most specific first:
+    ``a.b.c`` -> ``*.b.c``, ``*.c``, ``*``; ``*.b.c`` -> ``*.c``, ``*``; ``*`` -> nothing.
+    The same suffix walk as ``decide``, so what shadows what matches what wins there."""
+    if name == ANY_NAME:
+        return
+    host = name[2:] if name.startswith("*.") else name
+    dot = host.find(".")
+    while dot >= 0:
+        yield "*" + host[dot:]
+        dot = host.find(".", dot + 1)
+    yield ANY_NAME
+
+
+def _checked(key: str, value: Any, check: Callable[[Any], str]) -> str:
+    """``check(value)``, its ValueError naming ``key``."""
+    try:
+        return check(value)
+    except ValueError as e:
+        raise ValueError(f'"{key}": {e}') from None
+
+
+def _short(value: object, limit: int = 80) -> str:
+    text = render(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _describe_name(name: str) -> str:
     return "all server names" if name == ANY_NAME else f"server name {render(name)}"
 
 
+def _describe_pattern(pattern: str) -> str:
+    return f"{render(pattern)} (all server names)" if pattern == ANY_NAME else render(pattern)
+
+
 class Registry:
-    """The app table. Not thread-safe: one owner (the daemon's event loop) calls it."""
+    """The app table. Not thread-safe: one owner (the daemon's event loop) calls it.
+
+    ``slot_quarantine``: seconds a freed slot stays out of reach of other apps (see the
+    module docstring); 0 turns the quarantine off. ``clock``: monotonic seconds, the same
+    clock the caller uses for ``reserve_claims(until=...)``.
+    """
 
     def __init__(
         self,
@@ -186,17 +275,26 @@ class Registry:
         acl: Sequence[AclRule],
         worker_slots: int,
         workers_per_app: int,
+        *,
+        slot_quarantine: float = 0.0,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.layout = layout
         self.policy = policy
         self.acl = tuple(acl)
         self.worker_slots = worker_slots
         self.workers_per_app = workers_per_app
-        self._free: deque[int] = deque(range(worker_slots))
+        self.slot_quarantine = slot_quarantine
+        self.clock = clock
+        # Least recently freed first. Never-used slots count as freed long ago by nobody.
+        self._free: deque[_FreeSlot] = deque(
+            _FreeSlot(slot, -math.inf) for slot in range(worker_slots)
+        )
         # Slots whose sockets a previous daemon run handed out and that are still in the data
         # plane: their apps keep serving (their CIDs name these slots) and are expected to
         # re-register with "resume". Never handed to anyone else meanwhile.
         self._orphans: set[int] = set()
+        self._reservations: list[Reservation] = []
         self._apps: dict[str, _App] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (alpn, name pattern) -> app
         self._next_generation: dict[str, int] = {}
@@ -204,9 +302,12 @@ class Registry:
         self._server_rank = {a: i for i, a in enumerate(policy.alpn_order)}
 
     @classmethod
-    def from_config(cls, config: Config) -> Registry:
+    def from_config(
+        cls, config: Config, *, clock: Callable[[], float] = time.monotonic
+    ) -> Registry:
         return cls(config.cid, config.policy, config.acl, config.limits.worker_slots,
-                   config.limits.workers_per_app)
+                   config.limits.workers_per_app, slot_quarantine=config.limits.route_ttl,
+                   clock=clock)
 
     # -- registration -------------------------------------------------------------------
 
@@ -226,6 +327,31 @@ class Registry:
         ``resume``: the orphaned slots (see :meth:`reserve_orphans`) an app that survived a
         daemon restart still serves; the generation takes exactly those (the caller has
         checked the app holds their sockets), instead of fresh ones.
+
+        No cross-uid shadowing: a claim of (ALPN, N) is refused ("conflict") when another
+        app, registered by a different uid, holds (ALPN, P) for a broader pattern P that
+        covers N -- the new claim would silently take N's traffic from it (``decide`` prefers
+        the more specific claim) -- unless the ACL grants the peer N through a pattern that
+        does not cover P: the operator then gave this uid something narrower than what the
+        other app holds, so taking N is intended. Root is exempt (it bypasses the ACL), and
+        so is a peer shadowing its own uid's claims. The check is made at claim time, against
+        the claims that exist then: a specific claim made while nobody held a broader one
+        stands when a broader claim arrives later (that one shadows nothing). So an ACL that
+        grants a uid a name only through a broad pattern still lets it take names nobody holds
+        yet; grant narrow patterns where that matters.
+
+        Reservations (see :meth:`reserve_claims`): a register that is not the resume of a
+        reservation may not claim a reserved pair, shadow one (under the rule above, with
+        the reservation's uid), or use a reserved app name ("reserved"). The resume of a
+        reservation (same app name and uid, slots among the reserved ones) consumes it, and
+        its reserved pairs are exempt from the shadowing rule (live or reserved): they were
+        held before the restart, whichever order the apps come back in. Likewise a
+        ``replace`` keeps the pairs the replaced generation held without a new shadowing
+        check, so an app's graceful restart cannot be blocked by a broader claim that
+        arrived after its own; a fresh register after a deregister is a new claim.
+
+        Root is bound by reservations of exact pairs and app names (taking one would make
+        the resume fail); it is exempt only from the shadowing part, as above.
         """
         app = self._check("app", app, check_app_name)
         if not isinstance(alpns, list | tuple) or not alpns:
@@ -260,15 +386,15 @@ class Registry:
             raise RegistryError(
                 "bad_request", f'"replace" must be true or false, got {render(replace)}'
             )
+        pairs = [(alpn, name) for alpn in clean_alpns for name in names]
 
-        for alpn in clean_alpns:
-            for name in names:
-                if not self._allowed(peer, alpn, name):
-                    raise RegistryError(
-                        "acl_denied",
-                        f"uid {peer.uid} may not claim ALPN {render(alpn)} for "
-                        f"{_describe_name(name)}",
-                    )
+        for alpn, name in pairs:
+            if not self._allowed(peer, alpn, name):
+                raise RegistryError(
+                    "acl_denied",
+                    f"uid {peer.uid} may not claim ALPN {render(alpn)} for "
+                    f"{_describe_name(name)}",
+                )
 
         record = self._apps.get(app)
         if record is not None and record.generations:
@@ -285,15 +411,14 @@ class Registry:
                     f"{record.active.number}); send \"replace\": true to start a new generation",
                 )
 
-        for alpn in clean_alpns:
-            for name in names:
-                other = self._claims.get((alpn, name))
-                if other is not None and other != app:
-                    raise RegistryError(
-                        "conflict",
-                        f"ALPN {render(alpn)} for {_describe_name(name)} is already claimed by "
-                        f"app {render(other)}",
-                    )
+        for alpn, name in pairs:
+            other = self._claims.get((alpn, name))
+            if other is not None and other != app:
+                raise RegistryError(
+                    "conflict",
+                    f"ALPN {render(alpn)} for {_describe_name(name)} is already claimed by "
+                    f"app {render(other)}",
+                )
 
         if resume is not None:
             bad = [slot for slot in resume if slot not in self._orphans]
@@ -304,12 +429,18 @@ class Registry:
                     f"handed out and still in the data plane can be resumed, once each "
                     f"(resumable: {sorted(self._orphans)})",
                 )
-        elif len(self._free) < workers:
-            raise RegistryError(
-                "no_slots",
-                f"no free worker slots: {workers} wanted, {len(self._free)} free of "
-                f"{self.worker_slots}",
-            )
+
+        now = self.clock()
+        self._prune(now)
+        resumed = self._resumed_reservation(app, peer.uid, resume)
+        # Claims held before this request are not new claims: shadowing is judged when a
+        # claim is first made, not again on every graceful restart or daemon restart.
+        kept: set[tuple[str, str]] = set(resumed.pairs()) if resumed is not None else set()
+        if record is not None and record.active is not None:
+            kept.update((a, n) for a in record.active.alpns for n in record.active.server_names)
+        self._check_reservations(app, pairs, peer, resumed, kept, now)
+        self._check_shadowing(app, [p for p in pairs if p not in kept], peer)
+        chosen = self._choose_slots(app, peer.uid, workers, now) if resume is None else []
 
         # Everything checked: now change state (nothing below can fail).
         if record is None:
@@ -322,8 +453,12 @@ class Registry:
         if resume is not None:
             slots = list(resume)
             self._orphans.difference_update(slots)
+            if resumed is not None:
+                self._reservations.remove(resumed)
         else:
-            slots = [self._free.popleft() for _ in range(workers)]
+            taken = {f.slot for f in chosen}
+            self._free = deque(f for f in self._free if f.slot not in taken)
+            slots = [f.slot for f in chosen]
         generation = Generation(
             app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
             server_names=names,
@@ -331,30 +466,124 @@ class Registry:
             replaced=replaced,
         )
         record.generations.append(generation)
-        for alpn in clean_alpns:
-            for name in names:
-                self._claims[(alpn, name)] = app
+        for pair in pairs:
+            self._claims[pair] = app
         return generation
 
     def reserve_orphans(self, slots: Iterable[int]) -> None:
         """At start-up: these slots still hold a previous run's worker sockets."""
-        for slot in slots:
-            if slot in self._free:
-                self._free.remove(slot)
-                self._orphans.add(slot)
+        wanted = set(slots)
+        kept: deque[_FreeSlot] = deque()
+        for f in self._free:
+            if f.slot in wanted:
+                self._orphans.add(f.slot)
+            else:
+                kept.append(f)
+        self._free = kept
+
+    def reserve_claims(self, records: Iterable[Mapping[str, Any]], until: float) -> list[str]:
+        """At start-up, after :meth:`reserve_orphans`: hold the claims of the generations a
+        previous run persisted (``claims_snapshot`` records) for their apps to resume.
+
+        A record's reservation lasts until ``until`` (clock time), its app resumes, or none
+        of its slots is an orphan any more. The records come from a file that may be corrupt
+        or stale, so each is checked and skipped (with a reason, returned for the log) when
+        malformed, when none of its slots is an orphan, when it shares a slot or a claim with
+        an earlier record or a live claim. Draining records reserve nothing: they held no
+        claims (their app's newer generation did).
+        """
+        skipped: list[str] = []
+        now = self.clock()
+        self._prune(now)
+        taken_slots = {s for r in self._reservations for s in r.slots}
+        taken_pairs = {p for r in self._reservations for p in r.pairs()}
+        for i, raw in enumerate(records):
+            try:
+                res = self._parse_record(raw, until)
+            except ValueError as e:
+                text = str(e)  # the checks quote values: keep a corrupt file's log line short
+                skipped.append(f"record {i}: {text if len(text) <= 200 else text[:197] + '...'}")
+                continue
+            if res is None:
+                continue  # draining
+            if until <= now:
+                skipped.append(f"record {i} (app {render(res.app)}): expired already")
+                continue
+            if not res.slots & self._orphans:
+                skipped.append(
+                    f"record {i} (app {render(res.app)}): none of its slots awaits a resume"
+                )
+                continue
+            if res.slots & taken_slots:
+                skipped.append(
+                    f"record {i} (app {render(res.app)}): slots "
+                    f"{sorted(res.slots & taken_slots)} are reserved by an earlier record"
+                )
+                continue
+            clash = next(
+                (p for p in res.pairs() if p in taken_pairs or p in self._claims), None
+            )
+            if clash is not None:
+                skipped.append(
+                    f"record {i} (app {render(res.app)}): ALPN {render(clash[0])} for "
+                    f"{_describe_name(clash[1])} is already claimed or reserved"
+                )
+                continue
+            res = Reservation(res.app, res.uid, res.alpns, res.server_names,
+                              res.slots & self._orphans, until)
+            self._reservations.append(res)
+            taken_slots |= res.slots
+            taken_pairs.update(res.pairs())
+        return skipped
 
     def release_orphans(self, alive: Callable[[int], bool]) -> list[int]:
         """Free the orphaned slots whose sockets are gone (the app exited without resuming:
-        the kernel took its sockets out of the data plane). Returns them."""
-        gone = [slot for slot in self._orphans if not alive(slot)]
+        the kernel took its sockets out of the data plane), and drop the reservations none
+        of whose slots remains. Returns the freed slots; they are quarantined like any other
+        freed slot, for the reservation's app if one names them, else for everyone."""
+        now = self.clock()
+        gone = [slot for slot in sorted(self._orphans) if not alive(slot)]
         for slot in gone:
             self._orphans.discard(slot)
-            self._free.append(slot)
+            holder = next((r for r in self._reservations if slot in r.slots), None)
+            self._free.append(_FreeSlot(slot, now, holder.app if holder else None,
+                                        holder.uid if holder else None))
+        self._prune(now)
         return gone
 
     @property
     def orphans(self) -> frozenset[int]:
         return frozenset(self._orphans)
+
+    @property
+    def reservations(self) -> tuple[Reservation, ...]:
+        """The reservations still in force (expired or dead ones are dropped on the way)."""
+        self._prune(self.clock())
+        return tuple(self._reservations)
+
+    def claims_snapshot(self) -> list[dict[str, Any]]:
+        """What the daemon persists so that claims survive its restart (JSON-ready): one
+        record per generation with ``app``, ``uid``, ``alpn``, ``server_names``, ``slots``
+        and ``draining``; plus the reservations still awaiting their resume (as active
+        records), so that a second restart before they resume does not forget them."""
+        out: list[dict[str, Any]] = [
+            {
+                "app": g.app, "uid": g.uid, "alpn": list(g.alpns),
+                "server_names": list(g.server_names), "slots": [w.slot for w in g.workers],
+                "draining": g.draining,
+            }
+            for a in sorted(self._apps.values(), key=lambda a: a.name)
+            for g in a.generations
+        ]
+        out.extend(
+            {
+                "app": r.app, "uid": r.uid, "alpn": list(r.alpns),
+                "server_names": list(r.server_names), "slots": sorted(r.slots),
+                "draining": False,
+            }
+            for r in self.reservations
+        )
+        return out
 
     def undo(self, gen: Generation) -> list[int]:
         """Take back a registration that could not be completed (its sockets could not be
@@ -470,6 +699,8 @@ class Registry:
         return list(record.generations) if record else []
 
     def counts(self) -> Counts:
+        """Sizes for the gauges; ``free_slots`` counts quarantined slots too (they are free,
+        only not yet for everyone; ``status()`` says how many are quarantined)."""
         gens = [g for a in self._apps.values() for g in a.generations]
         return Counts(
             apps=len(self._apps),
@@ -479,14 +710,31 @@ class Registry:
             free_slots=len(self._free),
         )
 
-    def status(self) -> dict[str, Any]:
-        """A JSON-ready snapshot for ``steerd status``."""
+    def status(self, viewer_uid: int | None = None) -> dict[str, Any]:
+        """A JSON-ready snapshot for ``steerd status``.
+
+        ``viewer_uid``: the asking peer's uid. None or 0 (root) sees everything; any other
+        uid sees only the apps with a generation of its own and its own reservations, since
+        another user's app names, claims and loads are none of its business. Slot totals
+        stay: they explain a ``no_slots`` refusal without naming anyone.
+        """
+        now = self.clock()
+        self._prune(now)
+        everything = viewer_uid is None or viewer_uid == 0
+        apps = [
+            a for a in sorted(self._apps.values(), key=lambda a: a.name)
+            if everything or any(g.uid == viewer_uid for g in a.generations)
+        ]
         return {
             "apps": [
                 {"app": a.name, "generations": [g.snapshot() for g in a.generations]}
-                for a in sorted(self._apps.values(), key=lambda a: a.name)
+                for a in apps
+            ],
+            "reserved": [
+                r.snapshot(now) for r in self._reservations if everything or r.uid == viewer_uid
             ],
             "slots": {"total": self.worker_slots, "free": len(self._free),
+                      "quarantined": sum(self._quarantine_left(f, now) > 0 for f in self._free),
                       "awaiting_resume": sorted(self._orphans)},
             "policy": {
                 "no_owner": self.policy.no_owner, "default_app": self.policy.default_app,
@@ -513,9 +761,8 @@ class Registry:
             seen.add(v)
         return tuple(values)
 
-    def _allowed(self, peer: Peer, alpn: str, name: str) -> bool:
-        if peer.uid == 0:
-            return True  # root could rewrite the config anyway
+    def _grants(self, peer: Peer, alpn: str) -> Iterator[str]:
+        """The server-name patterns of the ACL rules that let ``peer`` claim ``alpn``."""
         gids = peer.all_gids
         for rule in self.acl:
             if not (
@@ -525,11 +772,171 @@ class Registry:
                 or not peer.group_names.isdisjoint(rule.groups)
             ):
                 continue
-            if ("*" in rule.alpn or alpn in rule.alpn) and any(
-                covers(p, name) for p in rule.server_names
-            ):
-                return True
-        return False
+            if "*" in rule.alpn or alpn in rule.alpn:
+                yield from rule.server_names
+
+    def _allowed(self, peer: Peer, alpn: str, name: str) -> bool:
+        if peer.uid == 0:
+            return True  # root could rewrite the config anyway
+        return any(covers(p, name) for p in self._grants(peer, alpn))
+
+    def _granted_within(self, peer: Peer, alpn: str, name: str, shadowed: str) -> bool:
+        """Whether the ACL grants ``name`` to ``peer`` through a pattern narrower than (not
+        covering) ``shadowed``: the operator's explicit say-so for shadowing it."""
+        return any(
+            covers(p, name) and not covers(p, shadowed) for p in self._grants(peer, alpn)
+        )
+
+    def _check_shadowing(self, app: str, pairs: Iterable[tuple[str, str]], peer: Peer) -> None:
+        if peer.uid == 0:
+            return
+        for alpn, name in pairs:
+            for pattern in broader(name):
+                other = self._claims.get((alpn, pattern))
+                if other is None or other == app:
+                    continue
+                holder = self._apps[other].active
+                if holder is None or holder.uid == peer.uid:
+                    continue
+                if not self._granted_within(peer, alpn, name, pattern):
+                    raise RegistryError(
+                        "conflict",
+                        f"ALPN {render(alpn)} for {_describe_name(name)} would shadow app "
+                        f"{render(other)} (uid {holder.uid}), which claims it through "
+                        f"{_describe_pattern(pattern)}; the ACL grants uid {peer.uid} this "
+                        "name only through a pattern at least as broad",
+                    )
+
+    def _resumed_reservation(
+        self, app: str, uid: int, resume: Sequence[int] | None
+    ) -> Reservation | None:
+        """The reservation a resume takes back: same app name and uid, and only its slots
+        (a subset: workers that died meanwhile are simply not presented)."""
+        if not resume:
+            return None
+        slots = set(resume)
+        for r in self._reservations:
+            if r.app == app and r.uid == uid and slots <= r.slots:
+                return r
+        return None
+
+    def _check_reservations(
+        self, app: str, pairs: Sequence[tuple[str, str]], peer: Peer,
+        resumed: Reservation | None, kept: set[tuple[str, str]], now: float,
+    ) -> None:
+        for r in self._reservations:
+            if r is resumed:
+                continue
+            reserved = set(r.pairs())
+            ends = (
+                "its workers are expected to resume after a daemon restart; the reservation "
+                f"ends when they do or their slots close, at the latest in {r.until - now:.1f}s"
+            )
+            if r.app == app:
+                raise RegistryError(
+                    "reserved", f"app {render(app)} is reserved for uid {r.uid}: {ends}"
+                )
+            for alpn, name in pairs:
+                if (alpn, name) in reserved:
+                    raise RegistryError(
+                        "reserved",
+                        f"ALPN {render(alpn)} for {_describe_name(name)} is reserved for app "
+                        f"{render(r.app)} (uid {r.uid}): {ends}",
+                    )
+                if peer.uid == 0 or r.uid == peer.uid or (alpn, name) in kept:
+                    continue
+                for pattern in broader(name):
+                    if (alpn, pattern) in reserved and not self._granted_within(
+                        peer, alpn, name, pattern
+                    ):
+                        raise RegistryError(
+                            "reserved",
+                            f"ALPN {render(alpn)} for {_describe_name(name)} would shadow "
+                            f"{_describe_pattern(pattern)}, reserved for app {render(r.app)} "
+                            f"(uid {r.uid}): {ends}",
+                        )
+
+    def _prune(self, now: float) -> None:
+        """Drop the reservations past their time or without an orphaned slot left."""
+        self._reservations = [
+            r for r in self._reservations if now < r.until and r.slots & self._orphans
+        ]
+
+    def _quarantine_left(self, f: _FreeSlot, now: float) -> float:
+        return self.slot_quarantine - (now - f.freed_at)
+
+    def _choose_slots(self, app: str, uid: int, n: int, now: float) -> list[_FreeSlot]:
+        """The ``n`` slots ``app`` (of ``uid``) gets: first its own still-quarantined ones
+        (nobody else may have them yet, so taking them costs no one anything, and an app
+        that churns keeps reusing a few slots instead of quarantining the whole pool), then
+        the least recently freed of those out of quarantine."""
+        own: list[_FreeSlot] = []
+        others: list[_FreeSlot] = []
+        waits: list[float] = []
+        for f in self._free:
+            left = self._quarantine_left(f, now)
+            if left <= 0:
+                others.append(f)
+            elif f.app == app and f.uid == uid:
+                own.append(f)
+            else:
+                waits.append(left)
+        usable = own + others
+        if len(usable) >= n:
+            return usable[:n]
+        message = (
+            f"no free worker slots: {n} wanted, {len(usable)} free of {self.worker_slots}"
+        )
+        if waits:
+            message += (
+                f", and {len(waits)} more free but quarantined for up to {max(waits):.1f}s "
+                f"(other apps left them less than {self.slot_quarantine:g}s ago; routes may "
+                "still name them)"
+            )
+        raise RegistryError("no_slots", message)
+
+    def _parse_record(self, raw: Any, until: float) -> Reservation | None:
+        """A persisted record as a reservation (None: draining); ValueError when malformed
+        (its message quotes at most a little of a corrupt file)."""
+        if not isinstance(raw, Mapping):
+            raise ValueError(f"not an object: {_short(raw)}")
+        missing = [k for k in ("app", "uid", "alpn", "server_names", "slots") if k not in raw]
+        if missing:
+            raise ValueError(f"missing {', '.join(missing)}")
+        draining = raw.get("draining", False)
+        if not isinstance(draining, bool):
+            raise ValueError(f'"draining" must be true or false, got {_short(draining)}')
+        app = _checked("app", raw["app"], check_app_name)
+        alpns, names = raw["alpn"], raw["server_names"]
+        if not isinstance(alpns, list) or not alpns:
+            raise ValueError(f'"alpn" must be a non-empty list, got {_short(alpns)}')
+        if not isinstance(names, list):
+            raise ValueError(f'"server_names" must be a list, got {_short(names)}')
+        clean_alpns = tuple(_checked("alpn", a, check_alpn) for a in alpns)
+        clean_names = tuple(_checked("server_names", n, check_server_name) for n in names)
+        clean_names = clean_names or (ANY_NAME,)
+        if len(set(clean_alpns)) != len(clean_alpns) or len(set(clean_names)) != len(
+            clean_names
+        ):
+            raise ValueError("duplicate ALPNs or server names")
+        if ANY_NAME in clean_names and len(clean_names) > 1:
+            raise ValueError('"*" (all names) combined with names')
+        uid = raw["uid"]
+        if isinstance(uid, bool) or not isinstance(uid, int) or not 0 <= uid < 2**32:
+            raise ValueError(f'"uid" must be a uid, got {_short(uid)}')
+        slots = raw["slots"]
+        if (
+            not isinstance(slots, list) or not slots
+            or any(isinstance(s, bool) or not isinstance(s, int) for s in slots)
+            or not all(0 <= s < self.worker_slots for s in slots)
+            or len(set(slots)) != len(slots)
+        ):
+            raise ValueError(
+                f'"slots" must be distinct slots 0..{self.worker_slots - 1}, got {_short(slots)}'
+            )
+        if draining:
+            return None
+        return Reservation(app, uid, clean_alpns, clean_names, frozenset(slots), until)
 
     def _owned(self, app: str, owner: Hashable) -> list[Generation]:
         record = self._apps.get(app)
@@ -550,6 +957,9 @@ class Registry:
                     del self._claims[(alpn, name)]
 
     def _remove(self, gens: list[Generation]) -> list[int]:
+        """Remove generations; their slots go to the back of the free pool, quarantined
+        for other apps from now."""
+        now = self.clock()
         freed: list[int] = []
         for gen in gens:
             self._set_draining(gen)
@@ -558,6 +968,6 @@ class Registry:
             if not record.generations:
                 del self._apps[gen.app]
             for w in gen.workers:
-                self._free.append(w.slot)
+                self._free.append(_FreeSlot(w.slot, now, gen.app, gen.uid))
                 freed.append(w.slot)
         return freed

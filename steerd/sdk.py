@@ -4,10 +4,12 @@ Why this module exists: an app behind steerd must get three things right that ai
 public hook for. (1) Every connection ID a worker issues must name the worker's slot in the
 daemon's CID layout, or the kernel cannot route the connection's later packets (after NAT
 rebinding, migration, or any packet not matching the first flight's DCID). (2) The stateless-
-reset token advertised for each CID must be ``quic.reset.reset_token(daemon_key, cid)``, so
-the daemon can reset the clients of a worker that died instead of leaving them to an idle
-timeout. (3) Restarts must drop nothing: the old generation stops getting new connections
-(the daemon's job), finishes the open ones and only then exits (ours).
+reset token advertised for each CID must be ``quic.reset.reset_token(slot_key, cid)`` with
+the key the daemon gave the worker's slot, so the daemon can reset the clients of a worker
+that died instead of leaving them to an idle timeout. (3) Restarts must drop nothing: the old
+generation stops getting new connections (the daemon's job), finishes the open ones and only
+then exits (ours). And it must create connections only from Initials the daemon decided (see
+``SteerdQuicServer``).
 
 Use::
 
@@ -67,9 +69,8 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
 
 from quic.cid import CidLayout
-from quic.errors import QuicError
 from quic.reset import reset_token
-from quic.token import MAX_LIFETIME, derive_token_key, is_retry_token, validate_retry_token
+from quic.token import is_retry_token, read_retry_token
 from steerd.config import DEFAULT_CONTROL_PATH
 from steerd.control import ControlClient, ControlError, Registration, layout_dict
 
@@ -85,24 +86,24 @@ DEAD_WORKER_LOAD = 1e9  # reported for a slot whose worker died: the daemon's pi
 
 @dataclass(frozen=True, slots=True)
 class CidIssuer:
-    """Makes the CIDs and reset tokens of one worker slot (shared by all its connections)."""
+    """Makes the CIDs and reset tokens of one worker slot (shared by all its connections).
+    ``reset_key`` is the slot's own key from the daemon (never the daemon's master key)."""
 
     layout: CidLayout
     slot: int
     reset_key: bytes
-    token_key: bytes = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "token_key", derive_token_key(self.reset_key))
-
-    def retried_odcid(self, token: bytes, client_ip: str, dcid: bytes) -> bytes | None:
+    def retried_odcid(self, token: bytes) -> bytes | None:
         """The original DCID of a connection the daemon retried (its Retry mode), from the
-        token the client echoes; None if ``token`` is not the daemon's. A token of the daemon's
-        that does not validate raises QuicError (the daemon would not have passed it on)."""
+        token the client echoes; None if ``token`` is not shaped like the daemon's.
+
+        Read without a key or any check: the worker does not hold the token key. It can
+        trust the token because the caller only asks for an Initial whose DCID is outside
+        the CID layout, and the data plane hands such an Initial to a worker only after the
+        classifier validated its token (MAC, address, expiry) and routed its DCID here."""
         if not is_retry_token(token):
             return None
-        return validate_retry_token(self.token_key, token, client_ip, dcid, time.monotonic(),
-                                    MAX_LIFETIME)
+        return read_retry_token(token)
 
     def new_cid(self) -> bytes:
         return self.layout.encode(self.slot, os.urandom(self.layout.nonce_len))
@@ -155,6 +156,16 @@ class SteerdQuicServer(QuicServer):
     retried Initial carries) in its transport parameters, or the client aborts the handshake
     (RFC 9000 §7.3). Such a connection is not retried again by the worker's own Retry.
 
+    New connections only through the classifier: the data plane steers a long-header packet
+    whose DCID is in the CID layout straight to that slot's worker, so an Initial naming our
+    slot (spoofed, or from a client that picked such a DCID) reached us without any ALPN,
+    server-name or ACL decision. No connection is created from it (silently dropped and
+    counted in ``refused_layout_initials``), except when it echoes a token our own Retry
+    (``retry=True``) issued and that validates: our Retry's SCID is in the layout, so the
+    retried Initial legitimately names the slot, and the first Initial of that exchange
+    came through the classifier. Legitimate first Initials carry the client's own DCID or
+    the daemon's Retry SCID, neither in the layout.
+
     Only the accept path is ours: a new connection is built and filed under its DCIDs, then
     the datagram is handed to ``QuicServer.datagram_received``, which finds it there.
     """
@@ -163,6 +174,7 @@ class SteerdQuicServer(QuicServer):
         super().__init__(**kwargs)
         self.issuer = issuer
         self.accepted = 0
+        self.refused_layout_initials = 0  # Initials naming our slot that no classifier decided
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         data = cast(bytes, data)
@@ -184,19 +196,20 @@ class SteerdQuicServer(QuicServer):
 
     def _accept(self, data: bytes, addr: NetworkAddress, header: Any) -> bool:
         """Build the connection for a new client Initial; False when the datagram is spent
-        (answered with a Retry, or its token was refused)."""
-        odcid: bytes | None = header.destination_cid
+        (answered with a Retry, or refused: see the class docstring)."""
+        dcid: bytes = header.destination_cid
+        odcid: bytes | None = dcid
         retry_scid: bytes | None = None
-        retried: bytes | None = None
-        if header.token:
-            try:
-                retried = self.issuer.retried_odcid(header.token, addr[0],
-                                                    header.destination_cid)
-            except QuicError as exc:
-                log.debug("dropped an Initial from %s: %s", addr, exc)
+        if self.issuer.layout.decode(dcid) is not None:
+            odcid = self._own_retry_odcid(addr, header)
+            if odcid is None:
+                self.refused_layout_initials += 1
+                log.debug("refused an Initial from %s naming slot %d (DCID %s): not "
+                          "decided by a classifier", addr, self.issuer.slot, dcid.hex())
                 return False
-        if retried is not None:
-            odcid, retry_scid = retried, header.destination_cid
+            retry_scid = dcid
+        elif header.token and (retried := self.issuer.retried_odcid(header.token)) is not None:
+            odcid, retry_scid = retried, dcid
         elif self._retry is not None:
             now = self._loop.time()
             if not header.token:
@@ -238,6 +251,18 @@ class SteerdQuicServer(QuicServer):
         self._protocols[connection.host_cid] = protocol
         self.accepted += 1
         return True
+
+    def _own_retry_odcid(self, addr: NetworkAddress, header: Any) -> bytes | None:
+        """The original DCID from a token our own Retry issued for this DCID and address
+        (still valid), or None: no Retry of ours, no token, or one that does not validate."""
+        if self._retry is None or not header.token:
+            return None
+        try:
+            return cast(bytes, self._retry.validate_token(
+                address=addr, destination_cid=header.destination_cid, token=header.token,
+                now=self._loop.time()))
+        except ValueError:
+            return None
 
     def connections(self) -> set[QuicConnectionProtocol]:
         return set(self._protocols.values())
@@ -291,6 +316,7 @@ RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
 class _Slot:
     slot: int
     sockets: list[socket.socket]
+    reset_key: bytes  # this slot's own stateless-reset key
     pid: int = 0
     pipe: int = -1
     pidfd: int = -1
@@ -307,7 +333,7 @@ class Inherited:
     app: str
     generation: int
     layout: CidLayout
-    reset_key: bytes
+    reset_keys: dict[int, bytes]  # slot -> that slot's stateless-reset key
     slots: dict[int, list[socket.socket]]
 
 
@@ -319,14 +345,16 @@ def inherited_from_environment(env: dict[str, str] | None = None) -> Inherited |
     cid = json.loads(env["STEERD_CID_LAYOUT"])
     layout = CidLayout(**{k: v for k, v in cid.items() if k != "cid_len"})
     slots: dict[int, list[socket.socket]] = {}
+    keys: dict[int, bytes] = {}
     for entry in json.loads(env["STEERD_SOCKETS"]):
         os.set_inheritable(entry["fd"], False)  # ours, not our children's
         slots.setdefault(entry["slot"], []).append(socket.socket(fileno=entry["fd"]))
+        keys[entry["slot"]] = bytes.fromhex(entry["reset_key"])
     for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)  # not for our children (sd_listen_fds(unset=1) semantics)
     return Inherited(
         app=env["STEERD_APP"], generation=int(env.get("STEERD_GENERATION", "0")),
-        layout=layout, reset_key=bytes.fromhex(env["STEERD_RESET_KEY"]), slots=slots,
+        layout=layout, reset_keys=keys, slots=slots,
     )
 
 
@@ -356,17 +384,18 @@ def run(
             client.close()
             print(f"steerd: register refused ({exc.reason}): {exc}", file=sys.stderr)
             return 2
-        app, generation, layout, key = reg.app, reg.generation, reg.layout, reg.reset_key
+        app, generation, layout = reg.app, reg.generation, reg.layout
         for sock in reg.sockets:  # not for programs the app may run (recv_fds may leave
             os.set_inheritable(sock.fileno(), False)  # them inheritable)
-        slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"])) for w in reg.workers]
+        slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"]), reg.reset_key_of(w["slot"]))
+                 for w in reg.workers]
     else:
-        app, generation = inherited.app, inherited.generation
-        layout, key = inherited.layout, inherited.reset_key
-        slots = [_Slot(s, socks) for s, socks in sorted(inherited.slots.items())]
+        app, generation, layout = inherited.app, inherited.generation, inherited.layout
+        slots = [_Slot(s, socks, inherited.reset_keys[s])
+                 for s, socks in sorted(inherited.slots.items())]
     configuration.connection_id_length = layout.cid_len
     for s in slots:
-        _fork_worker(s, slots, client, app, generation, layout, key, spec, configuration,
+        _fork_worker(s, slots, client, app, generation, layout, spec, configuration,
                      create_protocol, stream_handler)
     if client is None:
         for s in slots:
@@ -382,7 +411,7 @@ def run(
 
 def _fork_worker(
     me: _Slot, slots: list[_Slot], client: ControlClient | None, app: str, generation: int,
-    layout: CidLayout, key: bytes, spec: AppSpec, configuration: QuicConfiguration,
+    layout: CidLayout, spec: AppSpec, configuration: QuicConfiguration,
     create_protocol: Callable[..., QuicConnectionProtocol], stream_handler: Any,
 ) -> None:
     read_end, write_end = os.pipe()
@@ -409,7 +438,7 @@ def _fork_worker(
                     os.close(other.pidfd)
         global _current
         _current = WorkerInfo(app, generation, me.slot, os.getpid())
-        worker = _Worker(spec, me.slot, me.sockets, CidIssuer(layout, me.slot, key),
+        worker = _Worker(spec, me.slot, me.sockets, CidIssuer(layout, me.slot, me.reset_key),
                          configuration, create_protocol, stream_handler, write_end)
         code = asyncio.run(worker.run())
     except BaseException:  # a forked child must never return into the caller

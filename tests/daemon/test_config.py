@@ -121,7 +121,7 @@ def test_full_config_parses() -> None:
          "[listen] prot: unknown key (known: addresses, port)"),
         ("[lsiten]\nport = 443",
          "unknown section [lsiten] (known: acl, cid, control, flood, limits, listen, metrics, "
-         "policy, xdp)"),
+         "policy, security, xdp)"),
         ("listen = 3", "[listen]: must be a table, got 3"),
         ('[listen]\naddresses = ["10.0.0.300"]',
          '[listen] addresses: each item must be an IPv4 or IPv6 address, got "10.0.0.300"'),

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from quic.reset import slot_reset_key
 from steerd.config import AclRule, Config
 from steerd.control import ControlClient, ControlError, ControlServer
 from tests.daemon.harness import NOBODY, Daemon
@@ -53,7 +54,16 @@ def test_register_hands_over_real_bound_udp_sockets(daemon: Daemon) -> None:
             assert [w["slot"] for w in reg.workers] == [0, 1]
             assert [w["server_id"] for w in reg.workers] == ["0000", "0001"]
             assert reg.layout == daemon.config.cid
-            assert reg.reset_key == daemon.server.reset_key and len(reg.reset_key) == 32
+            # Each worker its own reset key (its slot's, from the master); never the master.
+            master = daemon.server.reset_key
+            assert "reset_key" not in reg.reply and master.hex() not in json.dumps(reg.reply)
+            keys = [reg.reset_key_of(w["slot"]) for w in reg.workers]
+            assert keys == [slot_reset_key(master, w["slot"]) for w in reg.workers]
+            assert len(set(keys)) == 2 and master not in keys
+            assert all(len(k) == 32 for k in keys)
+            assert [bytes.fromhex(w["reset_key"]) for w in reg.workers] == keys
+            with pytest.raises(KeyError):
+                reg.reset_key_of(99)
             assert reg.reply["cid"]["cid_len"] == 9
             assert len(reg.sockets) == 4
             for w in reg.workers:
@@ -124,7 +134,9 @@ def test_deregister_and_disconnect_free_everything(daemon: Daemon) -> None:
         assert daemon.in_loop(lambda: daemon.registry.decide(None, ["smb"])) is None
         status = a.status()
         assert status["apps"] == []
-        assert status["slots"] == {"total": 8, "free": 8, "awaiting_resume": []}
+        # free again, but quarantined: other apps get them only after route_ttl
+        assert status["slots"] == {"total": 8, "free": 8, "quarantined": 3,
+                                   "awaiting_resume": []}
         ra.close()
         rb.close()
     finally:
@@ -573,6 +585,9 @@ def test_resume_takes_back_orphaned_slots_with_the_very_sockets(daemon: Daemon) 
             back = again.resume("web", ["h3"], [], reg)
             assert back.reply["resumed"] is True
             assert [w["slot"] for w in back.workers] == slots
+            # the same slot keys: the reset tokens the workers advertised stay valid
+            assert [back.reset_key_of(s) for s in slots] == [reg.reset_key_of(s) for s in slots]
+            assert "reset_key" not in back.reply
             assert back.sockets == reg.sockets  # the app keeps serving on what it had
             assert again.status()["slots"]["awaiting_resume"] == []
         reg.close()

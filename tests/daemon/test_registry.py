@@ -284,7 +284,8 @@ def test_status_snapshot() -> None:
                 {"slot": 1, "server_id": "0001", "load": None, "assigned": 0},
             ],
         }]}],
-        "slots": {"total": 16, "free": 14, "awaiting_resume": []},
+        "reserved": [],
+        "slots": {"total": 16, "free": 14, "quarantined": 0, "awaiting_resume": []},
         "policy": {"no_owner": "close", "default_app": None, "alpn_preference": "client",
                    "alpn_order": []},
     }

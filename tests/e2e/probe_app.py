@@ -5,7 +5,7 @@ Run inside the server namespace:
 With ``--resume`` it behaves like an app built to survive daemon restarts: when its control
 connection breaks it reconnects and resumes its slots with the sockets it kept (printing a
 "resumed" line); without, it just keeps serving on its sockets, never re-registering.
-It prints one JSON line when registered (slots, server IDs, socket addresses) and one per
+It prints one JSON line when registered (generation, slots, their reset keys) and one per
 datagram received on any of its worker sockets (slot, client address, size, first byte), and
 exits when its standard input closes: the test controls its life, and a disconnect is just
 closing stdin. No QUIC stack: the daemon's job ends at delivery, which is what is checked.
@@ -16,6 +16,11 @@ import selectors
 import sys
 
 from steerd.control import ControlClient, ControlError, Registration
+
+
+def reset_keys(reg: Registration) -> dict[str, str]:
+    """Each slot's stateless-reset key (hex), by slot: what the workers would advertise with."""
+    return {str(w["slot"]): reg.reset_key_of(w["slot"]).hex() for w in reg.workers}
 
 
 def try_resume(
@@ -55,7 +60,7 @@ def main() -> int:
         sel.register(client.sock, selectors.EVENT_READ, "control")
     print(json.dumps({"event": "registered", "generation": reg.generation,
                       "slots": [w["slot"] for w in reg.workers],
-                      "reset_key": reg.reset_key.hex()}), flush=True)
+                      "reset_keys": reset_keys(reg)}), flush=True)
     resuming = False  # the daemon went away: retry the resume between datagrams
     while True:
         if resuming:
@@ -65,7 +70,7 @@ def main() -> int:
                 resuming = False
                 sel.register(client.sock, selectors.EVENT_READ, "control")
                 print(json.dumps({"event": "resumed", "slots": [w["slot"] for w in reg.workers],
-                                  "reset_key": reg.reset_key.hex()}), flush=True)
+                                  "reset_keys": reset_keys(reg)}), flush=True)
         for key, _ in sel.select(0.02 if resuming else None):
             if key.data is None:
                 if not sys.stdin.readline():

@@ -65,7 +65,7 @@ def test_restart_breaks_no_connection_and_apps_resume(
         classifying_after = time.monotonic() - started
         resumed = web.wait_event("resumed")
         assert resumed is not None and resumed["slots"] == [slot]
-        assert resumed["reset_key"] == web.registered["reset_key"]  # tokens stay valid
+        assert resumed["reset_keys"] == web.registered["reset_keys"]  # tokens stay valid
 
         # The early client retransmits its Initial (as its PTO would): now it lands on web.
         deadline = time.monotonic() + 10

@@ -13,6 +13,7 @@ from quic.token import (
     build_retry_token,
     derive_token_key,
     is_retry_token,
+    read_retry_token,
     validate_retry_token,
 )
 
@@ -79,3 +80,19 @@ def test_other_tokens_are_not_ours() -> None:
     with pytest.raises(QuicError) as e:
         validate_retry_token(KEY, token, "not an address", SCID, 100.0)
     assert e.value.reason == "bad_address"
+
+
+def test_workers_read_the_original_dcid_without_a_key() -> None:
+    """read_retry_token gives what validate_retry_token gives, with no key and no check (the
+    classifier validated the token before a worker sees it); it refuses only the shape."""
+    for odcid in (ODCID, b"", bytes(20)):
+        token = build_retry_token(KEY, "198.18.0.1", odcid, SCID, 100.0)
+        assert read_retry_token(token) == odcid
+        assert read_retry_token(token) == validate_retry_token(KEY, token, "198.18.0.1",
+                                                                SCID, 100.0)
+    forged = build_retry_token(derive_token_key(b"an app"), "198.18.0.9", ODCID, SCID, 1.0)
+    assert read_retry_token(forged) == ODCID  # why only the classifier may pass tokens on
+    for other in (b"", b"\x5e", forged[:-1], forged + b"x", b"\x00" + forged[1:]):
+        with pytest.raises(QuicError) as e:
+            read_retry_token(other)
+        assert e.value.reason == "token_malformed"

@@ -9,6 +9,7 @@ client fetches a page through the daemon.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import signal
 import socket
@@ -18,9 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from quic.cid import CidLayout
+from steerd.control import Registration
 from steerd.dataplane.netns import netns_path
+from steerd.exec import environment
 from steerd.netns import NetnsPair
 from steerd.quicclient import Session
+from steerd.sdk import inherited_from_environment
 from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
 from tests.sdk.harness import H3SITE, kill_group
 
@@ -91,10 +96,49 @@ def test_exec_passes_sockets_systemd_way(daemon: Daemon) -> None:
     layout = json.loads(env["STEERD_CID_LAYOUT"])
     assert set(layout) == {"config_id", "host_id", "host_id_len", "slot_len", "nonce_len",
                            "cid_len"}
-    assert len(bytes.fromhex(env["STEERD_RESET_KEY"])) >= 16
+    # each slot its own reset key (the same on each of its sockets), no daemon-wide key
+    assert "STEERD_RESET_KEY" not in env
+    keys = {d["slot"]: d["reset_key"] for d in described}
+    assert all(d["reset_key"] == keys[d["slot"]] for d in described)
+    assert len(set(keys.values())) == 2 and all(len(bytes.fromhex(k)) == 32 for k in keys.values())
     assert env["STEERD_APP"] == "probe" and int(env["STEERD_GENERATION"]) >= 1
     # the registration ended with steerd exec
     assert "probe" not in {a["app"] for a in daemon.status()["apps"]}
+
+
+def test_sdk_reads_each_slots_key_from_the_environment() -> None:
+    """What ``environment`` writes, ``inherited_from_environment`` reads back: each slot's
+    sockets and its own reset key (no daemon-wide key exists to pass)."""
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(2)]
+    keys = {4: os.urandom(32), 9: os.urandom(32)}
+    reg = Registration(
+        app="envtest", generation=3, sockets=socks, layout=CidLayout(), reply={},
+        workers=[{"slot": slot, "server_id": slot.to_bytes(2, "big").hex(),
+                  "reset_key": keys[slot].hex(),
+                  "sockets": [{"address": "127.0.0.1", "port": 443, "fd_index": i}]}
+                 for i, slot in enumerate(keys)],
+    )
+    inherited = None
+    try:
+        env, ordered = environment(reg)
+        assert "STEERD_RESET_KEY" not in env
+        described = json.loads(env["STEERD_SOCKETS"])
+        assert [bytes.fromhex(d["reset_key"]) for d in described] == list(keys.values())
+        for d, sock in zip(described, ordered, strict=True):  # as if inherited at these fds
+            d["fd"] = os.dup(sock.fileno())
+        env["STEERD_SOCKETS"] = json.dumps(described)
+        env["LISTEN_PID"] = str(os.getpid())
+        inherited = inherited_from_environment(env)
+        assert inherited is not None
+        assert (inherited.app, inherited.generation) == ("envtest", 3)
+        assert inherited.reset_keys == keys and sorted(inherited.slots) == sorted(keys)
+    finally:
+        for sock in socks:
+            sock.close()
+        if inherited is not None:
+            for group in inherited.slots.values():
+                for sock in group:
+                    sock.close()
 
 
 def test_exec_runs_the_h3_site(daemon: Daemon, pair: NetnsPair) -> None:

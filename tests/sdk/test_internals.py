@@ -27,12 +27,13 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection, QuicConnectionId
 
 from deploy.apps.certs import ensure_cert
-from quic.cid import CidLayout
+from quic.cid import CONFIG_ROTATION_SHIFT, CR_UNROUTABLE, CidLayout
 from quic.reset import reset_token
+from quic.token import build_retry_token
 from steerd.sdk import CidIssuer, SteerdQuicConnection, SteerdQuicServer
 
 LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_len=6)
-KEY = bytes(range(32))
+KEY = bytes(range(32))  # the slot's reset key
 SLOT = 0x0107
 CLIENT_ADDR, SERVER_ADDR = ("127.0.0.1", 1234), ("127.0.0.1", 443)
 
@@ -193,3 +194,115 @@ def test_cert_key_is_private(tmp_path: Path) -> None:
     key.chmod(0o644)
     with pytest.raises(PermissionError):
         ensure_cert(tmp_path / "c", ["www.example.test"])
+
+
+class _Transport:
+    """Records what a SteerdQuicServer sends (its datagram transport, without a socket)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[bytes, object]] = []
+
+    def sendto(self, data: bytes, addr: object = None) -> None:
+        self.sent.append((data, addr))
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: object = None) -> object:
+        return default
+
+
+def _client_initial(dcid: bytes | None = None, token: bytes = b"") -> tuple[
+    QuicConnection, list[bytes]
+]:
+    """A real aioquic client's first flight; ``dcid`` replaces the DCID it picked (before
+    connect, which derives the Initial keys from it), ``token`` is the token it echoes."""
+    client = QuicConnection(configuration=QuicConfiguration(
+        is_client=True, alpn_protocols=["smb"], verify_mode=0, server_name="localhost"))
+    if dcid is not None:
+        client._peer_cid.cid = dcid
+    client._peer_token = token
+    now = time.time()
+    client.connect(SERVER_ADDR, now=now)
+    return client, [d for d, _ in client.datagrams_to_send(now=now)]
+
+
+def _daemon_retry_cid() -> bytes:
+    """A DCID like the daemon's Retry SCIDs: the unroutable codepoint, never in the layout."""
+    return bytes(((CR_UNROUTABLE << CONFIG_ROTATION_SHIFT) | 15,)) + os.urandom(15)
+
+
+@pytest.mark.parametrize("retry", [False, True], ids=["no_retry", "retry"])
+def test_initials_naming_a_slot_create_no_connection(cert: tuple[Path, Path],
+                                                     retry: bool) -> None:
+    """New connections only through the classifier: the data plane steers an Initial whose
+    DCID is in the layout straight to the slot's worker, so no ALPN/SNI/ACL decision was
+    made for it. The worker refuses it (nothing sent, counted); the same Initial with a
+    client-chosen DCID (what the classifier routes) makes a connection. Neither a token of
+    the daemon's shape (unkeyed, so anyone can make one) nor another slot's CID helps."""
+
+    async def scenario() -> None:
+        transport = _Transport()
+        server = SteerdQuicServer(issuer=CidIssuer(LAYOUT, SLOT, KEY),
+                                  configuration=server_config(cert), retry=retry)
+        server.connection_made(transport)  # type: ignore[arg-type]
+        try:
+            refused = 0
+            ours, other_slot = (LAYOUT.encode(s, os.urandom(LAYOUT.nonce_len))
+                                for s in (SLOT, SLOT + 1))
+            forged = build_retry_token(os.urandom(32), CLIENT_ADDR[0], b"odcid", ours, 1.0)
+            for dcid, token in ((ours, b""), (other_slot, b""), (ours, forged)):
+                _, datagrams = _client_initial(dcid, token)
+                for data in datagrams:
+                    server.datagram_received(data, CLIENT_ADDR)
+                refused += len(datagrams)
+                assert server.refused_layout_initials == refused
+            assert server.accepted == 0 and not server.connections()
+            assert transport.sent == [], "nothing at all goes back (not even a Retry)"
+
+            client, datagrams = _client_initial()  # the DCID the client picked
+            assert LAYOUT.decode(client._peer_cid.cid) is None
+            for data in datagrams:
+                server.datagram_received(data, CLIENT_ADDR)
+            if retry:  # our own Retry: its SCID names the slot, and its token lets the
+                (packet, _), = transport.sent  # retried Initial through
+                assert server.accepted == 0
+                client.receive_datagram(packet, SERVER_ADDR, now=time.time())
+                assert LAYOUT.decode(client._peer_cid.cid) == SLOT
+                for data, _ in client.datagrams_to_send(now=time.time()):
+                    server.datagram_received(data, CLIENT_ADDR)
+            assert server.accepted == 1 and len(server.connections()) == 1
+            assert server.refused_layout_initials == refused
+            assert len(transport.sent) > int(retry), "the server answered the handshake"
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_daemon_retried_initial_is_accepted_from_its_token(cert: tuple[Path, Path]) -> None:
+    """An Initial the daemon retried and routed (DCID: its Retry SCID, outside the layout)
+    makes a connection whose original DCID is read from the token, with no key: the worker
+    holds none, and only the classifier, having validated the token, routes such an
+    Initial to a worker."""
+
+    async def scenario() -> None:
+        transport = _Transport()
+        server = SteerdQuicServer(issuer=CidIssuer(LAYOUT, SLOT, KEY),
+                                  configuration=server_config(cert))
+        server.connection_made(transport)  # type: ignore[arg-type]
+        try:
+            dcid, odcid = _daemon_retry_cid(), os.urandom(8)
+            token = build_retry_token(os.urandom(32), CLIENT_ADDR[0], odcid, dcid, 1.0)
+            _, datagrams = _client_initial(dcid, token)
+            for data in datagrams:
+                server.datagram_received(data, CLIENT_ADDR)
+            assert server.accepted == 1 and server.refused_layout_initials == 0
+            (protocol,) = server.connections()
+            conn = protocol._quic
+            assert conn._original_destination_connection_id == odcid
+            assert conn._retry_source_connection_id == dcid
+        finally:
+            server.close()
+
+    asyncio.run(scenario())

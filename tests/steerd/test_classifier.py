@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
@@ -15,8 +17,8 @@ from quic.builders import verify_retry_integrity
 from quic.cid import CidLayout
 from quic.flight import AssemblerConfig
 from quic.packet import PacketType, parse_long_header
-from quic.reset import reset_token
-from quic.token import derive_token_key, validate_retry_token
+from quic.reset import reset_token, slot_reset_key
+from quic.token import build_retry_token, derive_token_key, validate_retry_token
 from steerd.classifier import MAX_STRAGGLERS, Classifier, Origin, RetryConfig
 from steerd.config import Config
 from steerd.registry import Peer, Registry
@@ -24,7 +26,7 @@ from steerd.registry import Peer, Registry
 CLIENT = ("198.18.0.1", 40000)
 SERVICE = ("198.18.0.2", 443)
 ORIGIN = Origin(CLIENT, SERVICE, 0)
-KEY = os.urandom(32)
+KEY = os.urandom(32)  # the daemon's master key
 
 
 @dataclass
@@ -148,7 +150,10 @@ def test_dead_worker_gets_stateless_reset_smaller_than_trigger() -> None:
     packet = bytes([0x41]) + cid + os.urandom(30)
     assert classifier.on_datagram(packet, ORIGIN, 1.0) == "stateless_reset"
     (reset,) = world.replies
-    assert reset[-16:] == reset_token(KEY, cid) and len(reset) < len(packet)
+    # the token the dead worker advertised: its slot's key, not the master
+    assert reset[-16:] == reset_token(slot_reset_key(KEY, 7), cid) and len(reset) < len(packet)
+    assert reset[-16:] != reset_token(KEY, cid)
+    assert reset[-16:] != reset_token(slot_reset_key(KEY, 6), cid)
     assert reset[0] & 0xC0 == 0x40
     tiny = bytes([0x41]) + cid + os.urandom(2)
     assert classifier.on_datagram(tiny, ORIGIN, 1.0) == "dropped:short_header_too_small_to_reset"
@@ -253,3 +258,47 @@ def test_retries_have_their_own_budget() -> None:
     outcomes = [classifier.on_datagram(flight(["h3"])[1][0], ORIGIN, 1.0) for _ in range(3)]
     assert outcomes == ["retry", "retry", "retry_suppressed"]
     assert classifier.tally.take().suppressed == {"retry": 1}
+
+
+def tokened_flight(alpns: list[str], token_for: Callable[[bytes], bytes]) -> list[bytes]:
+    """A client's first flight carrying ``token_for(its DCID)`` (as if it echoed a Retry whose
+    SCID was that DCID)."""
+    conn = QuicConnection(configuration=QuicConfiguration(is_client=True, alpn_protocols=alpns))
+    conn._peer_token = token_for(conn._peer_cid.cid)
+    conn.connect(SERVICE, now=time.time())
+    return [d for d, _ in conn.datagrams_to_send(now=time.time())]
+
+
+def test_tokens_are_validated_even_with_retry_off() -> None:
+    """Workers read tokens without the key, so the classifier must never route an Initial
+    whose token it did not validate, whatever the Retry mode. An app deriving the token key
+    the old way from the key it holds (its slot's) mints tokens that are dropped."""
+    world = World()
+    classifier = retrying(world, mode="off")
+    app_key = derive_token_key(slot_reset_key(KEY, 0))
+    forged = tokened_flight(
+        ["h3"], lambda dcid: build_retry_token(app_key, CLIENT[0], os.urandom(8), dcid, 1.0))
+    assert parse_long_header(forged[0]).token
+    assert classifier.on_datagram(forged[0], ORIGIN, 1.0) == "dropped:token_invalid"
+    # ... and so is one bound to another address, even under the daemon's own key
+    elsewhere = tokened_flight(
+        ["h3"], lambda dcid: build_retry_token(TOKEN_KEY, "198.18.0.77", b"", dcid, 1.0))
+    assert classifier.on_datagram(elsewhere[0], ORIGIN, 1.0) == "dropped:token_invalid"
+    assert not world.routes and not world.injected and not world.replies
+    # a token the daemon issued (before switching Retry off) is still honoured
+    good = tokened_flight(
+        ["h3"], lambda dcid: build_retry_token(TOKEN_KEY, CLIENT[0], os.urandom(8), dcid, 1.0))
+    assert classifier.on_datagram(good[0], ORIGIN, 1.5).startswith("routed:web:")
+    # and with no token at all, mode off assembles as usual (no Retry)
+    assert classifier.on_datagram(flight(["h3"])[1][0], ORIGIN, 1.6).startswith("routed:web:")
+    assert not world.replies
+    tally = classifier.tally.take()
+    assert tally.tokens == {"token_invalid": 2, "accepted": 1} and not tally.sent
+
+
+def test_retry_config_takes_a_key_with_mode_off() -> None:
+    assert RetryConfig(mode="off", key=TOKEN_KEY).key == TOKEN_KEY
+    assert RetryConfig().key == b""  # no key: no token check (no daemon secret to check with)
+    for mode in ("off", "auto", "always"):
+        with pytest.raises(ValueError, match="token key"):
+            RetryConfig(mode=mode, key=b"short")
