@@ -518,7 +518,7 @@ def stages(path: Path, count: int) -> list[tuple[str, float]]:
 
             def drain() -> None:
                 while len(got) < n:
-                    batch = [len(d) for d, _ in receive(sink, 0, pair.server_v4, PORT)]
+                    batch = [len(d) for d, _ in receive(sink, 0, pair.server_v4, PORT, {})]
                     if not batch:
                         break
                     got.extend(batch)

@@ -34,9 +34,11 @@ from pathlib import Path
 from steerd.dataplane import (
     BPF_DIR,
     DataplaneError,
+    MapSpec,
     Prerequisite,
     _errno_of,
     _lib,
+    _open_or_create_map,
     _pin_fd,
 )
 
@@ -111,40 +113,18 @@ class Jail:
     def open(self) -> None:
         """Open (or create and pin) ``jail_pids``: fast, before the daemon binds anything,
         because a previous run's attached jail refuses binds from processes not listed."""
-        lib = _lib()
-        path = _pin_path(self.pin_dir, "jail_pids")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        if os.path.exists(path):
-            fd = lib.bpf_obj_get(path.encode())
-            if fd < 0:
-                raise DataplaneError(f"cannot open pinned map {path}: "
-                                     f"{os.strerror(_errno_of(fd))}")
-        else:
-            fd = lib.bcc_create_map(MAP_HASH, b"jail_pids", 4, 4, MAX_DAEMON_PIDS, 0)
-            if fd < 0:
-                raise DataplaneError(f"cannot create jail_pids: {os.strerror(_errno_of(fd))}")
-            ret = lib.bpf_obj_pin(fd, path.encode())
-            if ret != 0:
-                os.close(fd)
-                raise DataplaneError(f"cannot pin {path}: {os.strerror(_errno_of(ret))}")
-        self._pids_fd = fd
+        jail_dir = os.path.join(self.pin_dir, "jail")
+        os.makedirs(jail_dir, exist_ok=True)
+        self._pids_fd = _open_or_create_map(
+            MapSpec("jail_pids", MAP_HASH, 4, 4, MAX_DAEMON_PIDS), jail_dir)
 
     def set_daemon_pids(self, pids: Iterable[int]) -> None:
         """The daemon's processes are exactly ``pids`` from now on (stale ones go)."""
-        lib, fd = _lib(), self._need_open()
         keep = {int(p) for p in pids}
-        key, nxt = ct.c_uint32(), ct.c_uint32()
-        stale: list[int] = []
-        first = True
-        while lib.bpf_get_next_key(fd, None if first else ct.byref(key), ct.byref(nxt)) == 0:
-            first = False
-            key.value = nxt.value
-            if key.value not in keep:
-                stale.append(key.value)
         for pid in keep:
             self.add_pid(pid)
-        for pid in stale:
-            lib.bpf_delete_elem(fd, ct.byref(ct.c_uint32(pid)))
+        for pid in self.daemon_pids() - keep:
+            self.remove_pid(pid)
 
     def add_pid(self, pid: int) -> None:
         """List ``pid`` (a classifier process the daemon just forked) as the daemon's."""

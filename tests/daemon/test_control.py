@@ -601,3 +601,47 @@ def test_received_worker_sockets_are_close_on_exec(daemon: Daemon) -> None:
             assert reg.sockets and all(not s.get_inheritable() for s in reg.sockets)
         finally:
             reg.close()
+
+
+@pytest.mark.parametrize("allow_unjailed", [False, True])
+def test_no_sockets_for_another_uid_without_the_jail(daemon: Daemon,
+                                                     allow_unjailed: bool) -> None:
+    """Without the socket jail any holder of a worker socket can take the whole port, so the
+    daemon (its real ``socket_refusal``, on a daemon whose jail failed to attach) hands
+    sockets only to its own uid, unless the config accepts the risk."""
+    from types import SimpleNamespace
+
+    from steerd.config import SecurityConfig
+    from steerd.daemon import Daemon as SteerdDaemon
+
+    config = dataclasses.replace(daemon.config,
+                                 security=SecurityConfig(allow_unjailed=allow_unjailed))
+    state = SimpleNamespace(jail=None, config=config, _jail_error="no cgroup v2 here")
+    daemon.server.socket_refusal = lambda uid: SteerdDaemon.socket_refusal(state, uid)  # type: ignore[arg-type]
+
+    def child(emit: Callable[[dict[str, object]], None]) -> object:
+        c = ControlClient(daemon.path)
+        try:
+            reg = c.register("nb", ["nb"], ["nobody.example"])
+            emit({"slots": [w["slot"] for w in reg.workers]})
+            return c, reg
+        except ControlError as e:
+            emit({"refused": [e.reason, str(e)]})
+            return c
+
+    pid, out_fd, go_fd = fork_as(child, [])
+    try:
+        out = read_json_line(out_fd)
+    finally:
+        assert reap(pid, out_fd, go_fd) == 0
+    if allow_unjailed:
+        assert "slots" in out, out
+    else:
+        assert out["refused"] == [
+            "unjailed",
+            f"register: the socket jail is not attached (no cgroup v2 here), so worker sockets "
+            f"go only to uid {os.geteuid()}; [security] allow_unjailed = true overrides this "
+            "(unsafe: see docs/SECURITY.md)"]
+        assert not daemon.sink.workers
+    with ControlClient(daemon.path) as c:  # the daemon's own uid still gets sockets
+        c.register("mine", ["h3"]).close()
