@@ -26,6 +26,7 @@
 #define SO_ATTACH_REUSEPORT_CBPF_ 51
 #define SO_ATTACH_REUSEPORT_EBPF_ 52
 #define SO_DETACH_REUSEPORT_BPF_ 68
+#define SO_BINDTOIFINDEX_ 62
 #define PAGE_SIZE_ 4096
 
 #define REFUSE 0
@@ -51,7 +52,8 @@ int steerd_jail_setsockopt(struct bpf_sockopt *ctx)
 
     if (ctx->level == SOL_SOCKET_ &&
         (optname == SO_ATTACH_REUSEPORT_CBPF_ || optname == SO_ATTACH_REUSEPORT_EBPF_ ||
-         optname == SO_DETACH_REUSEPORT_BPF_ || optname == SO_BINDTODEVICE_) &&
+         optname == SO_DETACH_REUSEPORT_BPF_ || optname == SO_BINDTODEVICE_ ||
+         optname == SO_BINDTOIFINDEX_) &&
         is_service_socket(ctx->sk, bpf_get_netns_cookie(ctx)) && !is_daemon()) {
         steerd_count(STEERD_CNT_JAIL_REFUSED_SETSOCKOPT);
         return REFUSE;

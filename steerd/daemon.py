@@ -633,6 +633,9 @@ class Daemon:
                 return
             if not message:  # a classifier process died: its share of new flights is lost
                 log.error("classifier process %d exited", index)
+                if self.jail is not None:  # its pid may go to any process now
+                    with contextlib.suppress(DataplaneError):
+                        self.jail.remove_pid(self._children[index][0])
                 assert self._loop is not None
                 self._loop.remove_reader(channel.fileno())
                 self._reports.pop(index, None)

@@ -17,9 +17,10 @@ nobody at all may touch the port's sockets); the next run lists itself before it
 anything, attaches its freshly compiled programs beside the old ones and only then detaches
 the old ones (no gap). ``steerd purge`` detaches and unpins them (:func:`remove_jail`).
 
-A pid is only as good as the process behind it: the map is rewritten at every start, and a
-stopped daemon's pids could be taken by new processes until the next start. That window
-exists only while no daemon runs (see docs/SECURITY.md).
+A pid is only as good as the process behind it: the map is rewritten at every start, emptied
+at a clean stop, and a classifier process that dies is taken out at once; after a SIGKILL of
+the daemon its pids stay listed (and could be taken by new processes) until the next start
+(see docs/SECURITY.md).
 """
 
 from __future__ import annotations
@@ -117,6 +118,9 @@ class Jail:
         os.makedirs(jail_dir, exist_ok=True)
         self._pids_fd = _open_or_create_map(
             MapSpec("jail_pids", MAP_HASH, 4, 4, MAX_DAEMON_PIDS), jail_dir)
+        # Mode 0: a uid-0 app without CAP_DAC_OVERRIDE can neither open the pinned map (to
+        # list itself) nor the programs; the daemon's capabilities pass.
+        os.chmod(jail_dir, 0)
 
     def set_daemon_pids(self, pids: Iterable[int]) -> None:
         """The daemon's processes are exactly ``pids`` from now on (stale ones go)."""

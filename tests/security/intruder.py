@@ -26,6 +26,7 @@ from steerd.control import ControlClient, ControlError
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_ATTACH_REUSEPORT_EBPF = 52
 SO_DETACH_REUSEPORT_BPF = 68
+SO_BINDTOIFINDEX = 62
 
 
 def errno_of(call: Callable[[], object]) -> int:
@@ -52,6 +53,8 @@ def socket_calls(sock: socket.socket, service: tuple[str, int], client: tuple[st
             socket.SOL_SOCKET, SO_DETACH_REUSEPORT_BPF, struct.pack("i", 0))),
         "bindtodevice": errno_of(lambda: sock.setsockopt(
             socket.SOL_SOCKET, socket.SO_BINDTODEVICE, b"lo\0")),
+        "bindtoifindex": errno_of(lambda: sock.setsockopt(
+            socket.SOL_SOCKET, SO_BINDTOIFINDEX, struct.pack("i", 1))),
         "connect": errno_of(lambda: sock.connect(client)),
     }
     fresh = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

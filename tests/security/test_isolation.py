@@ -184,7 +184,8 @@ def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
 # -- 1. the socket jail ------------------------------------------------------------------------
 
 
-CALLS = ("attach_cbpf", "attach_ebpf", "detach", "bindtodevice", "connect", "bind_new")
+CALLS = ("attach_cbpf", "attach_ebpf", "detach", "bindtodevice", "bindtoifindex", "connect",
+         "bind_new")
 
 
 def test_held_worker_socket_cannot_take_the_port(world: World, served: list[Loader]) -> None:
@@ -199,7 +200,7 @@ def test_held_worker_socket_cannot_take_the_port(world: World, served: list[Load
             got = who.ask(op="socket_calls", **target)
             assert got == dict.fromkeys(CALLS, errno.EPERM), (who.registered["uid"], got)
         after = counters(world.daemon)
-        assert delta(before, after, "jail_refused_setsockopt") == 2 * 4
+        assert delta(before, after, "jail_refused_setsockopt") == 2 * 5
         assert delta(before, after, "jail_refused_connect") == 2
         assert delta(before, after, "jail_refused_bind") == 2
     finally:
