@@ -395,8 +395,10 @@ retry = "off"
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-        if os.path.isdir(pin_dir):  # a stopped daemon leaves its pins for the next run
-            subprocess.run(["rm", "-rf", pin_dir], check=False)
+        if os.path.isdir(pin_dir):  # a stopped daemon leaves its data plane and its socket
+            subprocess.run(  # jail (cgroup hooks) for the next run: purge removes them all
+                ["nsenter", f"--net={netns_path(pair.server)}", STEERD, "purge", "-c",
+                 str(config), "--pin-dir", pin_dir], capture_output=True, check=False)
         if proc.returncode not in (0, -15) or os.environ.get("BENCH_DAEMON_LOG"):
             print(f"bench/daemon: steerd exited {proc.returncode}:\n{log_path.read_text()}",
                   file=sys.stderr)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import fcntl
 import ipaddress
 import json
 import logging
@@ -22,6 +23,7 @@ import math
 import os
 import pickle
 import selectors
+import shutil
 import signal
 import socket
 import stat
@@ -161,6 +163,33 @@ def load_claims(path: str) -> list[Any]:
     return records if isinstance(records, list) else []
 
 
+def _lock_path(pin_dir: str) -> str:
+    """A regular file naming ``pin_dir`` (bpffs holds no regular files)."""
+    run = "/run/lock" if os.path.isdir("/run/lock") else "/run"
+    return os.path.join(run, "steerd" + os.path.abspath(pin_dir).replace("/", "_") + ".lock")
+
+
+def lock_pin_dir(pin_dir: str) -> int:
+    """Take the one-daemon-per-pin-dir lock (held for the daemon's life: the returned fd).
+
+    Why: a second daemon on the same pin dir, even one about to be refused, would rewrite
+    what the running one relies on (its classifier sockets in the maps, its pids in the
+    socket jail). The lock comes before anything touches them; the message names the live
+    daemon."""
+    fd = os.open(_lock_path(pin_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise OSError(f"another steerd (pid {holder}) serves pin dir {pin_dir}: one daemon "
+                      "per pin dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def reset_key_path(config: Config) -> str:
     """Beside the control socket (root's runtime directory, gone at reboot with the pins)."""
     return os.path.join(os.path.dirname(config.control.path) or ".", "reset.key")
@@ -285,6 +314,7 @@ class Daemon:
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"
         self._saved_claims: list[dict[str, Any]] | None = None
+        self._lock = -1  # the pin dir lock's fd while running
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
@@ -306,6 +336,7 @@ class Daemon:
         are reopened here, so the new classifier sockets receive traffic and apps can resume
         within a moment, while compiling the programs takes seconds."""
         self._loop = asyncio.get_running_loop()
+        self._lock = lock_pin_dir(self.pin_dir)  # before anything touches the pinned state
         for sig in (signal.SIGTERM, signal.SIGINT):  # from the start: a stop during start-up
             self._loop.add_signal_handler(sig, self._stopped.set)  # is still a clean stop
         cfg, limits = self.config, self.config.limits
@@ -436,6 +467,9 @@ class Daemon:
             group.dataplane.close()
         self.groups.clear()
         self.reinjector.close()
+        if self._lock >= 0:
+            os.close(self._lock)
+            self._lock = -1
         self._stopped.set()
 
     async def serve_forever(self) -> None:
@@ -749,8 +783,16 @@ def purge(config: Config, pin_dir: str) -> list[str]:
     configured interfaces, the pinned maps and programs, the reset key. Established
     connections of apps still running lose their steering (new datagrams are hashed by the
     kernel); run it when steerd is to go away, not between restarts. Returns what it did."""
-    import shutil
+    lock = lock_pin_dir(pin_dir)  # refuses while a daemon serves this pin dir
+    try:
+        return _purge_locked(config, pin_dir)
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(_lock_path(pin_dir))
+        os.close(lock)
 
+
+def _purge_locked(config: Config, pin_dir: str) -> list[str]:
     done: list[str] = remove_jail(pin_dir)
     for index, _address in enumerate(config.listen.addresses):
         group_dir = f"{pin_dir}/g{index}"
@@ -781,7 +823,12 @@ def _purge(args: Any) -> int:
     except ConfigError as exc:
         print(f"steerd: {exc}", file=sys.stderr)
         return 2
-    for line in purge(config, args.pin_dir) or ["nothing to remove"]:
+    try:
+        done = purge(config, args.pin_dir)
+    except OSError as exc:
+        print(f"steerd purge: {exc}", file=sys.stderr)
+        return 1
+    for line in done or ["nothing to remove"]:
         print(line)
     return 0
 

@@ -11,13 +11,16 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import time
 
 import pytest
 
 from quic.cid import CidLayout
+from steerd.dataplane.netns import netns_path
 from steerd.netns import NetnsPair
 from tests.e2e.conftest import (
+    STEERD,
     Daemon,
     quic_client,
     spawn_daemon,
@@ -96,3 +99,34 @@ def test_restart_breaks_no_connection_and_apps_resume(
             c.close()
         web.close()
         files.close()
+
+
+def test_second_daemon_on_the_same_pin_dir_touches_nothing(
+    own_daemon: tuple[NetnsPair, Daemon],
+) -> None:
+    """A second ``steerd run`` by mistake (same config, same pin dir) is refused before it
+    touches the pinned state, naming the live daemon; ``steerd purge`` refuses too. The
+    running daemon keeps its jail listing and its classifiers: a new app still gets sockets
+    (a bind the jail allows only to the listed daemon) and is still routed to."""
+    pair, daemon = own_daemon
+    net = f"--net={netns_path(pair.server)}"
+    config = str(daemon.workdir / "steerd.toml")
+    second = subprocess.run(
+        ["nsenter", net, STEERD, "run", "-c", config, "--pin-dir", daemon.pin_dir],
+        capture_output=True, text=True, timeout=60)
+    assert second.returncode == 1
+    assert (f"another steerd (pid {daemon.proc.pid}) serves pin dir {daemon.pin_dir}"
+            in second.stderr), second.stderr
+    purge = subprocess.run(
+        ["nsenter", net, STEERD, "purge", "-c", config, "--pin-dir", daemon.pin_dir],
+        capture_output=True, text=True, timeout=60)
+    assert purge.returncode == 1 and "another steerd" in purge.stderr, purge.stderr
+    app = start_app(daemon, "late", ["h3"])
+    try:
+        client = quic_client(pair, socket.AF_INET, ["h3"])
+        try:
+            assert app.next_datagram() is not None
+        finally:
+            client.close()
+    finally:
+        app.close()
