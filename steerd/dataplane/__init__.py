@@ -29,6 +29,7 @@ import socket
 import struct
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -310,6 +311,26 @@ def _pin_fd(fd: int, path: str) -> None:
         raise DataplaneError(f"cannot pin {path}: {os.strerror(_errno_of(ret))}")
 
 
+def detach_pinned(path: str, attach_type: int, target: Callable[[], int],
+                  netns: str | None = None) -> bool:
+    """Detach the program pinned at ``path`` from ``target()`` (a cgroup fd or an ifindex,
+    looked up in ``netns``): how a run retires what an earlier run attached, found by its
+    pin. False if there is no such pin or it was not attached there."""
+    if not os.path.exists(path):
+        return False
+    lib = _lib()
+    fd = lib.bpf_obj_get(path.encode())
+    if fd < 0:
+        return False
+    try:
+        detached = run_in_netns(netns, lambda: int(lib.bpf_prog_detach2(fd, target(), attach_type)))
+        return detached == 0
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+
+
 def _fd_of(sock: socket.socket | int) -> int:
     return sock if isinstance(sock, int) else sock.fileno()
 
@@ -490,23 +511,8 @@ class Dataplane:
     def detach_stale_tc(self, ifname: str, netns: str | None = None) -> bool:
         """Detach the TC guard a previous run pinned (before attaching this run's), so a
         restart does not leave two guards on one interface. True if one was removed."""
-        path = os.path.join(self.config.pin_dir, "prog_guard_tc")
-        if not os.path.exists(path):
-            return False
-        lib = _lib()
-        fd = lib.bpf_obj_get(path.encode())
-        if fd < 0:
-            return False
-        try:
-            def detach() -> int:
-                index = socket.if_nametoindex(ifname)
-                return int(lib.bpf_prog_detach2(fd, index, BPF_TCX_INGRESS))
-
-            return run_in_netns(netns, detach) == 0
-        except OSError:
-            return False
-        finally:
-            os.close(fd)
+        return detach_pinned(os.path.join(self.config.pin_dir, "prog_guard_tc"),
+                             BPF_TCX_INGRESS, lambda: socket.if_nametoindex(ifname), netns)
 
     def _compile(self, source: str) -> Any:
         import bcc

@@ -41,6 +41,7 @@ from steerd.dataplane import (
     _lib,
     _open_or_create_map,
     _pin_fd,
+    detach_pinned,
 )
 
 MAP_HASH = 1
@@ -188,7 +189,7 @@ class Jail:
                         f"{os.strerror(_errno_of(ret))}")
                 attached.append((prog_fd, atype))
             for name, prog_fd, atype in progs:
-                _detach_pinned(_pin_path(self.pin_dir, name), cg, atype)
+                detach_pinned(_pin_path(self.pin_dir, name), atype, lambda: cg)
                 _pin_fd(prog_fd, _pin_path(self.pin_dir, name))
         finally:
             os.close(cg)
@@ -211,20 +212,6 @@ class Jail:
         return self._pids_fd
 
 
-def _detach_pinned(path: str, cgroup_fd: int, attach_type: int) -> bool:
-    """Detach the program pinned at ``path`` from the cgroup (if it is attached there)."""
-    if not os.path.exists(path):
-        return False
-    lib = _lib()
-    fd = lib.bpf_obj_get(path.encode())
-    if fd < 0:
-        return False
-    try:
-        return int(lib.bpf_prog_detach2(fd, cgroup_fd, attach_type)) == 0
-    finally:
-        os.close(fd)
-
-
 def remove_jail(pin_dir: str) -> list[str]:
     """Detach and unpin the jail under ``pin_dir`` (``steerd purge``); what was done."""
     done: list[str] = []
@@ -236,7 +223,7 @@ def remove_jail(pin_dir: str) -> list[str]:
         cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             for name, _, atype in HOOKS:
-                if _detach_pinned(_pin_path(pin_dir, name), cg, atype):
+                if detach_pinned(_pin_path(pin_dir, name), atype, lambda: cg):
                     done.append(f"detached {name} from {root}")
         finally:
             os.close(cg)
