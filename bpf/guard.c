@@ -77,6 +77,7 @@ static __always_inline int flood_allows(struct steerd_bucket_key *key)
  * points, so both attachments judge and count identically. */
 #define PASS 1
 #define DROP 0
+#define MORE 2   /* headers reach past what is linear: the TC entry pulls more and retries */
 static __always_inline int judge(void *data, void *end)
 {
     struct ethhdr *eth = data;
@@ -91,17 +92,22 @@ static __always_inline int judge(void *data, void *end)
     if (eth->h_proto == bpf_htons(ETH_P_IP)) {
         struct iphdr *ip = (void *)(eth + 1);
 
-        if ((void *)(ip + 1) > end || ip->protocol != IPPROTO_UDP || ip->ihl < 5)
+        if ((void *)(ip + 1) > end)
+            return MORE;
+        if (ip->protocol != IPPROTO_UDP || ip->ihl < 5)
             return PASS;
         if (ip->frag_off & bpf_htons(0x1fff))
-            return PASS; /* a later fragment: no UDP header, nothing to judge */
+            return PASS; /* a later fragment: no UDP header; without its first, it dies */
         udp = (void *)ip + ip->ihl * 4;
-        if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
+        if ((void *)(udp + 1) > end)
+            return MORE;
+        if (!is_service_port(udp->dest))
             return PASS;
         if (ip->frag_off & bpf_htons(0x2000)) {
-            /* First fragment: the datagram is judged nowhere whole, so it passes. */
-            steerd_count(STEERD_CNT_XDP_FRAGMENT);
-            return PASS;
+            /* First fragment: QUIC sets DF (RFC 9000 §14), and a fragmented datagram would
+             * be judged nowhere whole. */
+            steerd_count(STEERD_CNT_XDP_DROP_FRAGMENT);
+            return DROP;
         }
         src.family = 4;
         __builtin_memcpy(src.addr, &ip->saddr, 4);
@@ -112,23 +118,23 @@ static __always_inline int judge(void *data, void *end)
         int fragment = 0;
 
         if ((void *)(ip6 + 1) > end)
-            return PASS;
+            return MORE;
         next = ip6->nexthdr;
 #pragma unroll
         for (int i = 0; i < STEERD_MAX_IPV6_EXT_HEADERS; i++) {
             if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS) {
                 if ((void *)(hdr + 2) > end)
-                    return PASS;
+                    return MORE;
                 next = hdr[0];
                 hdr += (hdr[1] + 1) * 8;
             } else if (next == IPPROTO_AH) {
                 if ((void *)(hdr + 2) > end)
-                    return PASS;
+                    return MORE;
                 next = hdr[0];
                 hdr += (hdr[1] + 2) * 4;
             } else if (next == IPPROTO_FRAGMENT) {
                 if ((void *)(hdr + 8) > end)
-                    return PASS;
+                    return MORE;
                 if (((hdr[2] << 8) | hdr[3]) & 0xfff8)
                     return PASS; /* a later fragment: no UDP header */
                 fragment = 1;
@@ -138,14 +144,23 @@ static __always_inline int judge(void *data, void *end)
                 break;
             }
         }
+        if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+            next == IPPROTO_AH || next == IPPROTO_FRAGMENT) {
+            /* Longer than the walk: where it leads (maybe a service port) stays unknown, and
+             * nothing real sends such a chain. */
+            steerd_count(STEERD_CNT_XDP_DROP_EXT_CHAIN);
+            return DROP;
+        }
         if (next != IPPROTO_UDP)
             return PASS;
         udp = (void *)hdr;
-        if ((void *)(udp + 1) > end || !is_service_port(udp->dest))
+        if ((void *)(udp + 1) > end)
+            return MORE;
+        if (!is_service_port(udp->dest))
             return PASS;
         if (fragment) {
-            steerd_count(STEERD_CNT_XDP_FRAGMENT);
-            return PASS;
+            steerd_count(STEERD_CNT_XDP_DROP_FRAGMENT);
+            return DROP;
         }
         src.family = 6;
         __builtin_memcpy(src.addr, &ip6->saddr, 16);
@@ -165,7 +180,7 @@ static __always_inline int judge(void *data, void *end)
     /* Lengths come from the UDP header; bytes we cannot see (only possible for a
      * non-linear skb at TC) are not evidence against the packet. */
     if ((void *)(quic + 1) > end)
-        return PASS;
+        return MORE;
     first = quic[0];
     if (!(first & STEERD_LONG_HEADER_BIT)) {
         if (plen < STEERD_MIN_SHORT_PACKET) {
@@ -180,7 +195,7 @@ static __always_inline int judge(void *data, void *end)
         return DROP;
     }
     if ((void *)(quic + 6) > end)
-        return PASS;
+        return MORE;
     version = ((__u32)quic[1] << 24) | ((__u32)quic[2] << 16) | ((__u32)quic[3] << 8) | quic[4];
     if (version == 0) {
         steerd_count(STEERD_CNT_XDP_VERSION_NEGOTIATION);
@@ -213,6 +228,11 @@ static __always_inline int judge(void *data, void *end)
         }
         steerd_count(STEERD_CNT_XDP_INITIAL);
     } else if (type == STEERD_TYPE_0RTT) {
+        /* 0-RTT before its Initial costs the classifier as much as an Initial: same budget. */
+        if (!flood_allows(&src)) {
+            steerd_count(STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT);
+            return DROP;
+        }
         steerd_count(STEERD_CNT_XDP_0RTT);
     } else if (type == STEERD_TYPE_HANDSHAKE) {
         steerd_count(STEERD_CNT_XDP_HANDSHAKE);
@@ -224,8 +244,9 @@ static __always_inline int judge(void *data, void *end)
 
 int steerd_guard(struct xdp_md *ctx)
 {
-    return judge((void *)(long)ctx->data, (void *)(long)ctx->data_end) == PASS ? XDP_PASS
-                                                                              : XDP_DROP;
+    /* XDP sees the whole frame linear: MORE only means truncated, which the stack drops. */
+    return judge((void *)(long)ctx->data, (void *)(long)ctx->data_end) == DROP ? XDP_DROP
+                                                                              : XDP_PASS;
 }
 
 /* The same guard at TC ingress (tcx), for interfaces where native XDP is expensive: on veth
@@ -235,9 +256,15 @@ int steerd_guard(struct xdp_md *ctx)
 int steerd_guard_tc(struct __sk_buff *skb)
 {
     __u32 want = skb->len < STEERD_TC_PULL_LEN ? skb->len : STEERD_TC_PULL_LEN;
+    int verdict;
 
     if ((long)skb->data_end - (long)skb->data < want)
         bpf_skb_pull_data(skb, want);
-    return judge((void *)(long)skb->data, (void *)(long)skb->data_end) == PASS ? TC_ACT_OK
-                                                                              : TC_ACT_SHOT;
+    verdict = judge((void *)(long)skb->data, (void *)(long)skb->data_end);
+    if (verdict == MORE) {
+        want = skb->len < STEERD_TC_PULL_MAX ? skb->len : STEERD_TC_PULL_MAX;
+        bpf_skb_pull_data(skb, want);
+        verdict = judge((void *)(long)skb->data, (void *)(long)skb->data_end);
+    }
+    return verdict == DROP ? TC_ACT_SHOT : TC_ACT_OK;
 }

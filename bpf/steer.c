@@ -107,7 +107,7 @@ int steerd_steer(struct sk_reuseport_md *md)
     __u8 first = 0;
     __u8 lh[5];
     __u32 slot = 0;
-    __u32 len;
+    __u32 len, version, type;
 
     void *data = md->data;
     void *end = md->data_end;
@@ -129,8 +129,10 @@ int steerd_steer(struct sk_reuseport_md *md)
             goto malformed;
 short_header:
         if (!our_slot(key.cid, &slot)) {
-            steerd_count(STEERD_CNT_STEER_SHORT_NOT_OURS);
-            return to_classifier(md, key.cid, STEERD_CID_LEN);
+            /* No worker issued it, and a classifier could only drop it: stay in the kernel
+             * (random short headers are the cheapest junk there is). */
+            steerd_count(STEERD_CNT_STEER_DROP_SHORT_NOT_OURS);
+            return SK_DROP;
         }
         if (bpf_sk_select_reuseport(md, WORKERS, &slot, 0) == 0) {
             steerd_count(STEERD_CNT_STEER_SHORT_WORKER);
@@ -175,6 +177,18 @@ short_header:
         }
         steerd_count(STEERD_CNT_STEER_LONG_OURS_DEAD_SLOT);
         return to_classifier(md, key.cid, len);
+    }
+    /* No route and not ours: only a client's first flight (Initial, 0-RTT) or an unknown
+     * version (Version Negotiation) is the classifier's business. A Handshake or Retry
+     * here belongs to no connection of ours. */
+    version = ((__u32)lh[0] << 24) | ((__u32)lh[1] << 16) | ((__u32)lh[2] << 8) | lh[3];
+    type = (first >> 4) & 3;
+    if (version == STEERD_QUIC_V2)
+        type = (type + 3) & 3;   /* RFC 9369 §3.2: Initial 0b01, 0-RTT 0b10 */
+    if ((version == STEERD_QUIC_V1 || version == STEERD_QUIC_V2) &&
+        type != STEERD_TYPE_INITIAL && type != STEERD_TYPE_0RTT) {
+        steerd_count(STEERD_CNT_STEER_DROP_LONG_UNROUTABLE);
+        return SK_DROP;
     }
     steerd_count(STEERD_CNT_STEER_LONG_NEW);
     return to_classifier(md, key.cid, len);

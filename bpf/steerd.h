@@ -40,8 +40,10 @@
 /* Bound for the IPv6 extension header walk in the XDP guard. */
 #define STEERD_MAX_IPV6_EXT_HEADERS 6
 /* Bytes the TC guard makes linear before judging: Ethernet + IPv6 + a few extension
- * headers + UDP + the 6 QUIC bytes it reads. */
+ * headers + UDP + the 6 QUIC bytes it reads; when the headers reach further (long extension
+ * header chains), it pulls up to STEERD_TC_PULL_MAX and judges again. */
 #define STEERD_TC_PULL_LEN 128
+#define STEERD_TC_PULL_MAX 1024
 /* Upper bounds for maps; the actual sizes are chosen by Python. */
 #define STEERD_MAX_CLASSIFIER_SLOTS 16
 #define STEERD_MAX_WORKER_SLOTS 65536
@@ -57,14 +59,15 @@
  * steerd/dataplane turns STEERD_CNT_FOO_BAR into the counter name "foo_bar". */
 /* SK_REUSEPORT steering */
 #define STEERD_CNT_STEER_SHORT_WORKER 0          /* short header -> the worker its CID names */
-#define STEERD_CNT_STEER_SHORT_NOT_OURS 1        /* short header, CID not ours -> classifier */
+#define STEERD_CNT_STEER_DROP_SHORT_NOT_OURS 1   /* short header, CID not in our layout: dropped */
 #define STEERD_CNT_STEER_SHORT_DEAD_SLOT 2       /* short header, named slot empty -> classifier */
 #define STEERD_CNT_STEER_ROUTE_HIT 3             /* long header, initial_routes hit -> worker */
 #define STEERD_CNT_STEER_ROUTE_EXPIRED 4         /* long header, route past its TTL (ignored) */
 #define STEERD_CNT_STEER_ROUTE_DEAD_SLOT 5       /* route names an empty slot -> classifier */
 #define STEERD_CNT_STEER_LONG_OURS_WORKER 6      /* long header, DCID is our CID -> worker */
 #define STEERD_CNT_STEER_LONG_OURS_DEAD_SLOT 7   /* our CID, slot empty -> classifier */
-#define STEERD_CNT_STEER_LONG_NEW 8              /* long header, no route, not ours -> classifier */
+#define STEERD_CNT_STEER_LONG_NEW 8              /* Initial/0-RTT/unknown version, no route, not
+                                                  * ours -> classifier */
 #define STEERD_CNT_STEER_MALFORMED 9             /* header unreadable -> classifier */
 #define STEERD_CNT_STEER_TO_CLASSIFIER 10        /* total delivered to a classifier socket */
 #define STEERD_CNT_STEER_DROP_NO_CLASSIFIER 11   /* wanted a classifier, none alive: dropped */
@@ -77,7 +80,8 @@
 #define STEERD_CNT_XDP_SHORT 20
 #define STEERD_CNT_XDP_VERSION_NEGOTIATION 21
 #define STEERD_CNT_XDP_UNKNOWN_VERSION 22
-#define STEERD_CNT_XDP_FRAGMENT 23               /* first IP fragment: passed untouched */
+#define STEERD_CNT_XDP_DROP_FRAGMENT 23          /* first IP fragment to a service port: dropped
+                                                  * (QUIC sets DF, RFC 9000 §14) */
 #define STEERD_CNT_XDP_DROP_TOO_SHORT 24
 #define STEERD_CNT_XDP_DROP_SMALL_INITIAL 25
 #define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26
@@ -90,6 +94,13 @@
 #define STEERD_CNT_JAIL_REFUSED_BIND 34          /* a new socket bound to the service port */
 /* steering: datagrams not to a local unicast address (multicast, limited broadcast) */
 #define STEERD_CNT_STEER_DROP_NOT_UNICAST 35
+/* steering: a v1/v2 Handshake or Retry with no route and no CID of ours (no first flight
+ * of ours ever made such a packet) */
+#define STEERD_CNT_STEER_DROP_LONG_UNROUTABLE 36
+/* the guard: an IPv6 extension header chain longer than it walks (nothing real sends one) */
+#define STEERD_CNT_XDP_DROP_EXT_CHAIN 37
+/* the guard: 0-RTT over its source prefix's budget (the Initials' token bucket) */
+#define STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT 38
 #define STEERD_CNT_MAX 48
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past

@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import os
 import socket
+import struct
 
 import pytest
 
 from quic.packet import VERSION_1, VERSION_2, PacketType
 from steerd.netns import NetnsPair, ip
+from steerd.reinject import udp_checksum
 from tests.dataplane.conftest import (
     LAYOUT,
     MARKER_SLOT,
@@ -133,7 +135,7 @@ def test_unknown_dcids_go_to_one_classifier_per_dcid(
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_foreign_short_header_cids_go_to_a_classifier(
+def test_foreign_short_header_cids_are_dropped_in_the_kernel(
     family: int, loaded: Loaded, make_group: GroupFactory
 ) -> None:
     group = make_group(workers=[3])
@@ -144,11 +146,9 @@ def test_foreign_short_header_cids_go_to_a_classifier(
     before = loaded.dp.counters()
     got = group.deliver(family, [(0, short_packet(wrong_config, tags[0])),
                                  (0, short_packet(wrong_host, tags[1]))])
-    assert set(got) == set(tags)
-    assert all(label.startswith("classifier") for label in got.values())
+    assert got == {}  # no worker issued them, and a classifier could only drop them
     assert delta(before, loaded.dp.counters()) == {
-        "steer_short_not_ours": 2, "steer_to_classifier": 2, "xdp_short": 3,
-        "steer_short_worker": 1,
+        "steer_drop_short_not_ours": 2, "xdp_short": 3, "steer_short_worker": 1,
     }
 
 
@@ -328,21 +328,100 @@ def test_ipv6_extension_headers_are_walked(loaded: Loaded, make_group: GroupFact
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_ip_fragments_pass_untouched(
+def test_ip_fragments_to_the_service_port_are_dropped(
     family: int, loaded: Loaded, make_group: GroupFactory
 ) -> None:
-    """A datagram larger than the veth MTU arrives in fragments: the guard cannot judge a
-    fragment, so it passes them all, and the reassembled datagram is steered as usual."""
+    """A datagram larger than the veth MTU arrives in fragments. QUIC sets DF (RFC 9000
+    §14), and no fragment can be judged whole: the guard drops the first one (the only one
+    with a port), so the datagram never reassembles and reaches no classifier."""
     group = make_group(workers=[51])
     tag = new_tag()
     before = loaded.dp.counters()
     got = group.deliver(family, [(0, long_packet(PacketType.INITIAL, os.urandom(8), tag,
                                                  size=3000))])
-    assert got[tag].startswith("classifier")
+    assert got == {}
     assert delta(before, loaded.dp.counters()) == {
-        "xdp_fragment": 1,  # the first fragment; later ones carry no UDP port
-        "steer_long_new": 1, "steer_to_classifier": 1, "xdp_short": 1, "steer_short_worker": 1,
+        "xdp_drop_fragment": 1,  # the first fragment; later ones carry no UDP port
+        "xdp_short": 1, "steer_short_worker": 1,
     }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("version", [VERSION_1, VERSION_2], ids=["v1", "v2"])
+def test_unroutable_handshake_is_dropped_in_the_kernel(
+    family: int, version: int, loaded: Loaded, make_group: GroupFactory
+) -> None:
+    """A Handshake with no route and no CID of ours belongs to no connection: dropped by
+    the steering program, not handed to a classifier to drop. An Initial and a 0-RTT with
+    such DCIDs still go to a classifier (a first flight)."""
+    group = make_group(workers=[52])
+    junk, first, early = new_tag(), new_tag(), new_tag()
+    before = loaded.dp.counters()
+    got = group.deliver(family, [
+        (0, long_packet(PacketType.HANDSHAKE, os.urandom(8), junk, version=version)),
+        (1, long_packet(PacketType.INITIAL, os.urandom(8), first, version=version)),
+        (2, long_packet(PacketType.ZERO_RTT, os.urandom(8), early, version=version)),
+    ])
+    assert set(got) == {first, early}
+    assert all(label.startswith("classifier") for label in got.values())
+    assert delta(before, loaded.dp.counters()) == {
+        "xdp_handshake": 1, "steer_drop_long_unroutable": 1, "xdp_initial": 1, "xdp_0rtt": 1,
+        "steer_long_new": 2, "steer_to_classifier": 2, "xdp_short": 1, "steer_short_worker": 1,
+    }
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flood_guard_limits_0rtt_like_initials(
+    family: int, loaded: Loaded, make_group: GroupFactory
+) -> None:
+    """Random-DCID 0-RTT costs a classifier what an Initial does: it spends the same
+    per-prefix budget."""
+    group = make_group(workers=[53])
+    loaded.dp.set_flood_guard(rate=0.5, burst=3)
+    try:
+        tags = [new_tag() for _ in range(6)]
+        before = loaded.dp.counters()
+        got = group.deliver(family, [
+            (i, long_packet(PacketType.ZERO_RTT, os.urandom(8), tag)) for i, tag in enumerate(tags)
+        ])
+        assert set(got) == set(tags[:3])
+        assert delta(before, loaded.dp.counters()) == {
+            "xdp_0rtt": 3, "xdp_drop_rate_limited_0rtt": 3, "steer_long_new": 3,
+            "steer_to_classifier": 3, "xdp_short": 1, "steer_short_worker": 1,
+        }
+    finally:
+        loaded.dp.disable_flood_guard()
+
+
+def test_overlong_ipv6_extension_chain_is_dropped(loaded: Loaded,
+                                                  make_group: GroupFactory) -> None:
+    """Eight destination-options headers before UDP: longer than the guard walks, so where
+    the packet leads stays unknown; nothing real sends one, and it is dropped, not passed
+    unjudged. Sent raw (IPv6 header included) from the client namespace."""
+    group = make_group(workers=[54])
+    pair = group.pair
+    tag = new_tag()
+    src = socket.inet_pton(socket.AF_INET6, pair.client_v6)
+    dst = socket.inet_pton(socket.AF_INET6, pair.server_v6)
+    payload = long_packet(PacketType.INITIAL, os.urandom(8), tag)
+    length = 8 + len(payload)
+    csum = udp_checksum(src, dst, struct.pack("!HHHH", 40000, PORT, length, 0), payload)
+    udp = struct.pack("!HHHH", 40000, PORT, length, csum) + payload
+    count = 8
+    chain = b"".join(bytes([60 if i < count - 1 else socket.IPPROTO_UDP, 0, 1, 4, 0, 0, 0, 0])
+                     for i in range(count))
+    packet = struct.pack("!IHBB16s16s", 6 << 28, len(chain) + len(udp), 60, 64, src,
+                         dst) + chain + udp
+    raw = pair.client_socket(socket.AF_INET6, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    try:
+        before = loaded.dp.counters()
+        raw.sendto(packet, (pair.server_v6, 0))
+        assert group.deliver(socket.AF_INET6, []) == {}
+        assert delta(before, loaded.dp.counters()) == {
+            "xdp_drop_ext_chain": 1, "xdp_short": 1, "steer_short_worker": 1,
+        }
+    finally:
+        raw.close()
 
 
 def test_generic_xdp_mode_and_detach(pair: NetnsPair, loaded: Loaded) -> None:
