@@ -4,38 +4,61 @@ API (what ``steerd classify``, the daemon and the benchmark use)::
 
     asm = FirstFlightAssembler(AssemblerConfig())      # all limits have sane defaults
     result = asm.feed(datagram, addr, now)              # now: caller's clock, seconds
+    result = asm.feed(datagram, origin, now, origin.client)  # or: key on part of addr
     match result:
         case Ready():     # result.version, .dcid, .scid, .client_hello (.sni, .alpn, ...),
                           # .datagrams: every accepted datagram of the flight as (bytes, addr),
-                          # in arrival order -> route the connection, re-inject them all
+                          # in arrival order -> route the connection, re-inject them all;
+                          # .started: arrival of the flight's first datagram
         case NeedMore():  # buffered; nothing to do yet
         case VersionNegotiationNeeded():  # .version, .dcid, .scid -> answer with VN
         case Rejected():  # .reason (stable token), .dcid (or None), .detail;
                           # .connection_dropped: the pending connection went with it
     asm.expire(now)     # drop pending connections older than the TTL (feed does it too)
-    asm.pending_count, asm.pending_bytes, asm.stats   # for metrics
+    asm.pending_count, asm.pending_bytes, asm.early_count, asm.early_bytes, asm.stats
 
-The assembler never does I/O and never reads a clock. Connections are keyed by the client's
-original Destination Connection ID. Once a connection is decided (Ready or Rejected with
-``connection_dropped``) the assembler forgets it: later datagrams of that DCID are the
-caller's to route (feeding one anyway just starts a new pending entry; nothing breaks).
+The assembler never does I/O and never reads a clock.
+
+Keys. A pending connection is keyed by the client's original Destination Connection ID AND
+the client's address: ``feed``'s ``peer`` argument (any hashable: the daemon passes the
+client's (IP, port)), or ``addr`` itself when ``peer`` is not given. So a sender who learns or
+guesses a client's DCID but sends from another address cannot touch that client's pending
+flight: its datagrams (conflicting CRYPTO data that would drop the connection, a 0-RTT
+datagram, bytes that would eat the connection's budget) open, extend or drop an entry of its
+own. The price: a client whose NAT rebinds in the middle of its first flight (rare: a flight
+lasts a round trip at most) becomes two pending entries, each completing or expiring on its
+own; the client's retransmissions from its new address complete the second. Once a
+connection is decided (Ready or Rejected with ``connection_dropped``) the assembler forgets
+it: later datagrams of that key are the caller's to route (feeding one anyway just starts a
+new pending entry; nothing breaks).
 
 What a pending connection holds, and why:
 
-* Initial packets: opened with keys derived once per DCID (cached in the entry); their CRYPTO
-  frames go into a bounded :class:`~quic.reassembly.CryptoReassembler`. As soon as the
+* Initial packets: opened with keys derived once per connection (cached in the entry); their
+  CRYPTO frames go into a bounded :class:`~quic.reassembly.CryptoReassembler`. As soon as the
   gap-free prefix holds a whole ClientHello, it is parsed and the answer is Ready — in
   whatever order the datagrams came and however the client cut its CRYPTO frames. (A new
   connection whose single CRYPTO frame holds the whole ClientHello skips the reassembler and
   the pending table altogether: the common one-datagram case stays cheap.)
-* 0-RTT packets (and Initial retransmissions) of the same DCID: kept verbatim, to be forwarded
-  with the flight so the chosen server sees everything the client sent. A 0-RTT datagram may
-  arrive before any Initial (reordering): it opens a pending entry of its own.
-* Limits: ``max_pending`` connections, ``max_bytes_per_connection`` and ``max_bytes_total``
-  (buffered datagrams plus reassembly buffers, so a tiny fragment at a large offset is charged
-  for the buffer it causes), and a TTL counted from the first datagram. When full, the oldest
-  pending connection is evicted first: a flood of half-flights can only push out other
-  half-flights, never an already decided connection.
+* 0-RTT packets (and Initial retransmissions) of the same key: kept verbatim, to be forwarded
+  with the flight so the chosen server sees everything the client sent.
+* 0-RTT before any Initial (reordering): kept in a table of its own, the *early* table
+  (``max_early`` entries, ``max_early_bytes``), until an Initial of the same key arrives; then
+  the early entry's datagrams move, in arrival order, to the head of a normal pending entry
+  (or of the Ready answer). Anyone can send 0-RTT datagrams with random DCIDs at no cost (no
+  encryption to get right), so the two tables never compete: a flood of them evicts only
+  other early entries (oldest first), never a half-assembled flight holding Initial data.
+
+Limits: ``max_pending`` connections with Initial data, ``max_bytes_per_connection`` and
+``max_bytes_total`` (buffered datagrams plus reassembly buffers, so a tiny fragment at a large
+offset is charged for the buffer it causes), and a TTL counted from the connection's first
+Initial-bearing datagram (an early entry's from its first 0-RTT datagram; promoted, the
+connection starts a TTL of its own). When full, the oldest pending connection is evicted
+first: a flood of half-flights can only push out other half-flights, never an already decided
+connection. The early table has the same rules with its own caps, so memory is bounded by
+``max_bytes_total + max_early_bytes``. ``pending_count``/``pending_bytes`` describe the main
+table, ``early_count``/``early_bytes`` the early one; ``stats`` counts evictions and expiries
+of each separately (``evicted``/``expired`` and ``evicted_early``/``expired_early``).
 
 Per-datagram rules (RFC 9000): a datagram carrying an Initial must be at least 1200 bytes
 (§14.1) and its DCID at least 8 bytes (§7.2); an unsupported version gets Version
@@ -44,12 +67,14 @@ another DCID than the first are ignored (§12.2); Handshake packets and short he
 part of a client's first flight. An Initial that fails to decrypt is dropped alone (§12.2:
 packets that fail authentication are discarded) and does not hurt the pending connection; a
 decrypted Initial that breaks the protocol (forbidden frame, conflicting CRYPTO data, data
-beyond the cap, a malformed ClientHello) drops the whole pending connection.
+beyond the cap, a malformed ClientHello) drops the whole pending connection of its key (with
+its early datagrams, if any).
 
 ``Rejected.reason`` is one of :data:`REJECT_REASONS` (stable tokens: metrics labels and
 ``steerd classify`` output).
 """
 
+from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +86,7 @@ from quic.reassembly import DEFAULT_CRYPTO_CAP, DEFAULT_MAX_RANGES, CryptoReasse
 from quic.tls import ClientHello, client_hello_length, parse_client_hello
 
 Addr = Any  # whatever the caller uses for a peer address; stored and handed back untouched
+_Key = tuple[bytes, Hashable]  # (original DCID, client address): see the module docstring
 
 REJECT_REASONS = frozenset(
     {
@@ -112,6 +138,9 @@ class AssemblerConfig:
     max_bytes_per_connection: int = 64 * 1024  # datagrams + reassembly buffer, one connection
     max_bytes_total: int = 32 * 1024 * 1024  # the same over all pending connections
     ttl: float = 10.0  # seconds from a connection's first datagram to its eviction
+    # The early table (0-RTT seen, no Initial yet); 0 = derived from the limits above:
+    max_early: int = 0  # entries; 0: max(64, max_pending // 8)
+    max_early_bytes: int = 0  # 0: max(max_bytes_total // 8, max_bytes_per_connection)
 
     def __post_init__(self) -> None:
         if self.crypto_cap < 4096:
@@ -122,6 +151,16 @@ class AssemblerConfig:
             raise ValueError("max_bytes_per_connection must hold a datagram and the CRYPTO cap")
         if self.max_bytes_total < self.max_bytes_per_connection:
             raise ValueError("max_bytes_total must be at least max_bytes_per_connection")
+        # Frozen: the derived defaults are written once, here, so readers see plain numbers.
+        if self.max_early == 0:
+            object.__setattr__(self, "max_early", max(64, self.max_pending // 8))
+        if self.max_early_bytes == 0:
+            early_bytes = max(self.max_bytes_total // 8, self.max_bytes_per_connection)
+            object.__setattr__(self, "max_early_bytes", early_bytes)
+        if self.max_early < 1:
+            raise ValueError("max_early must be positive")
+        if self.max_early_bytes < self.max_bytes_per_connection:
+            raise ValueError("max_early_bytes must be at least max_bytes_per_connection")
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +179,7 @@ class Ready:
     scid: bytes
     client_hello: ClientHello
     datagrams: tuple[tuple[bytes, Addr], ...]  # arrival order, this datagram included
+    started: float = 0.0  # ``now`` of the flight's first datagram (0-RTT ones included)
 
     @property
     def sni(self) -> str | None:
@@ -178,24 +218,40 @@ class AssemblerStats:
 
     ready: int = 0
     rejected: int = 0
-    evicted: int = 0  # pushed out by the count or byte limits
-    expired: int = 0  # TTL
+    evicted: int = 0  # connections with Initial data pushed out by the count or byte limits
+    expired: int = 0  # connections with Initial data past their TTL
     version_negotiation: int = 0
+    evicted_early: int = 0  # early-table entries (0-RTT only, no Initial yet) pushed out
+    expired_early: int = 0  # early-table entries past their TTL
 
 
 class _Pending:
-    """One undecided connection."""
+    """One undecided connection that has sent Initial data (the main table)."""
 
-    __slots__ = ("bytes", "created", "datagrams", "keys", "reasm", "scid", "version")
+    __slots__ = ("bytes", "created", "datagrams", "keys", "reasm", "scid", "started", "version")
 
     def __init__(self, version: int, created: float, cfg: AssemblerConfig) -> None:
         self.version = version
-        self.created = created
+        self.created = created  # TTL and eviction order
+        self.started = created  # its first datagram, an early 0-RTT one included
         self.keys: PacketKeys | None = None
         self.scid: bytes | None = None
         self.reasm = CryptoReassembler(cfg.crypto_cap, cfg.max_crypto_ranges)
         self.datagrams: list[tuple[bytes, Addr]] = []
         self.bytes = 0  # datagram bytes + reassembly buffer, as charged to the budgets
+
+
+class _Early:
+    """A connection seen only through 0-RTT so far (the early table): its datagrams, no
+    reassembler (it has no CRYPTO data), so a flood of them costs little besides the bytes."""
+
+    __slots__ = ("bytes", "created", "datagrams", "version")
+
+    def __init__(self, version: int, created: float) -> None:
+        self.version = version
+        self.created = created
+        self.datagrams: list[tuple[bytes, Addr]] = []
+        self.bytes = 0
 
 
 @dataclass(slots=True)

@@ -12,7 +12,11 @@ Choices worth knowing:
 * The server name is returned lowercased (DNS names are case-insensitive and steering rules
   compare it). The list must be exactly one ``host_name`` (type 0) entry (RFC 6066 allows one
   name per type and defines no other type); the name must be a dotted ASCII hostname (IDNA
-  names arrive as ``xn--`` A-labels), no trailing dot, <= 253 bytes.
+  names arrive as ``xn--`` A-labels), <= 253 bytes. One trailing dot (the absolute form,
+  ``example.com.``) is accepted and removed, so such a client reaches the app that claims
+  ``example.com`` (the registry compares names without it) instead of being dropped: RFC 6066
+  says the name "MUST NOT contain the trailing dot", yet some clients send what their user
+  typed, and a server would rather answer them than let them time out.
 * ALPN names are bytes on the wire; they are decoded as Latin-1, which never fails and maps
   each byte to one code point, so ``name.encode("latin-1")`` gives the wire bytes back.
 * ``sni_is_outer`` is true whenever an ``encrypted_client_hello`` extension is present: the
@@ -108,6 +112,8 @@ def _parse_sni(data: bytes, start: int, end: int) -> str:
     if start + 5 + ((data[start + 3] << 8) | data[start + 4]) != end:
         raise _fail("server_name list is not exactly one host_name")
     raw = data[start + 5 : end]
+    if raw[-1:] == b".":
+        raw = raw[:-1]  # the absolute form: one dot only ("a.." stays invalid)
     if len(raw) > MAX_HOSTNAME_LEN or _HOSTNAME.fullmatch(raw) is None:
         raise QuicError("bad_sni", f"server name {raw[:64]!r} is not a valid hostname")
     return raw.decode("ascii").lower()

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MAX_SLOT_LEN, MIN_NONCE_LEN, CidLayout
 from quic.errors import QuicError
+from quic.reassembly import DEFAULT_CRYPTO_CAP
 
 DEFAULT_CONFIG_PATH = "/etc/steerd/steerd.toml"
 DEFAULT_CONTROL_PATH = "/run/steerd/control.sock"
@@ -178,12 +179,21 @@ class PolicyConfig:
     alpn_order: tuple[str, ...] = ()
 
 
+# What one pending connection must be allowed to buffer: a full-size client Initial datagram
+# (quic.flight.MIN_INITIAL_DATAGRAM, RFC 9000 §14.1) plus the CRYPTO bytes the assembler
+# accepts per connection (its crypto_cap). quic.flight.AssemblerConfig refuses less.
+MIN_INITIAL_DATAGRAM = 1200
+MIN_PENDING_BYTES = MIN_INITIAL_DATAGRAM + DEFAULT_CRYPTO_CAP  # 17584
+MAX_PENDING_BYTES = 2**20
+
+
 @dataclass(frozen=True, slots=True)
 class LimitsConfig:
     """Bounds on everything a client or an app can make the daemon hold."""
 
     pending_connections: int = 4096
-    pending_bytes: int = 16384  # per pending connection: the buffered first-flight datagrams
+    # per pending connection: the buffered first-flight datagrams (>= MIN_PENDING_BYTES)
+    pending_bytes: int = MIN_PENDING_BYTES
     pending_ttl: float = 2.0  # seconds a first flight may take to complete
     route_ttl: float = 10.0  # seconds an initial_routes entry lives
     classifiers: int = 1  # classifier processes (sharded by DCID hash)
@@ -512,11 +522,23 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     if policy.no_owner == "close" and policy.default_app is not None:
         raise s.fail("default_app", 'is set but no_owner is "close" (set no_owner = "default_app")')
 
+    def pending_bytes(k: str, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not (
+            MIN_PENDING_BYTES <= v <= MAX_PENDING_BYTES
+        ):
+            raise s.fail(
+                k,
+                f"must be an integer {MIN_PENDING_BYTES}..{MAX_PENDING_BYTES} (one pending "
+                f"connection holds at least a {MIN_INITIAL_DATAGRAM}-byte Initial datagram "
+                f"and {DEFAULT_CRYPTO_CAP} bytes of CRYPTO data), got {render(v)}",
+            )
+        return v
+
     s = section("limits", tuple(LimitsConfig.__dataclass_fields__))
     dl = LimitsConfig()
     limits = LimitsConfig(
         pending_connections=s.int_range("pending_connections", dl.pending_connections, 1, 10**7),
-        pending_bytes=s.int_range("pending_bytes", dl.pending_bytes, 1200, 2**20),
+        pending_bytes=s.get("pending_bytes", dl.pending_bytes, pending_bytes),
         pending_ttl=s.number("pending_ttl", dl.pending_ttl, 0.01, 60),
         route_ttl=s.number("route_ttl", dl.route_ttl, 0.1, 3600),
         classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),

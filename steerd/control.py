@@ -44,6 +44,7 @@ carries on, and the connection stays open (except when the daemon cannot reply a
 Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds, bad_resume,
 rate_limited (the message is not even parsed, so no id is echoed), acl_denied, conflict,
 unjailed (worker sockets would go to another uid while the socket jail is not attached),
+not_ready (no steering program is attached to the groups yet: the daemon is starting),
 exists, not_owner, not_registered, no_slots, socket_error, internal_error,
 too_many_connections (then the connection is closed).
 
@@ -225,7 +226,7 @@ class ControlServer:
         status_extra: Callable[[], Mapping[str, Any]] | None = None,
         socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
         on_change: Callable[[], None] | None = None,
-        socket_refusal: Callable[[int], str | None] | None = None,
+        socket_refusal: Callable[[int], tuple[str, str] | None] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -241,8 +242,9 @@ class ControlServer:
         # Called after anything that may have changed the registry (the daemon copies it to
         # its classifier processes).
         self.on_change = on_change
-        # Why worker sockets may not go to a peer of this uid now (the daemon: the socket
-        # jail is not attached); None from it, or no callable, lets them go.
+        # Why worker sockets may not go to a peer of this uid now, as (reason, message): the
+        # daemon's steering program or socket jail is not attached yet. None from it, or no
+        # callable, lets them go.
         self.socket_refusal = socket_refusal
         self.path = config.control.path
         self._listener: socket.socket | None = None
@@ -524,9 +526,9 @@ class ControlServer:
                 f'register: "workers" must be an integer 1..{limit}, got {render(workers)}',
             )
         if self.socket_refusal is not None:
-            why = self.socket_refusal(conn.peer.uid)
-            if why is not None:
-                raise _Refused("unjailed", f"register: {why}")
+            refusal = self.socket_refusal(conn.peer.uid)
+            if refusal is not None:
+                raise _Refused(refusal[0], f"register: {refusal[1]}")
         addresses = self.config.listen.addresses
         port = self.config.listen.port
         gen = self.registry.register(

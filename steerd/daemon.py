@@ -315,6 +315,8 @@ class Daemon:
         self._jail_error = "not attached yet: the daemon is starting"
         self._saved_claims: list[dict[str, Any]] | None = None
         self._lock = -1  # the pin dir lock's fd while running
+        # Every group has a steering program (a previous run's, pinned, or this run's).
+        self.steering_attached = False
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
@@ -369,6 +371,11 @@ class Daemon:
                     dp.set_classifier(j, sock)
                     if limits.classifiers == 1:
                         self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+            # A group whose apps all left died with them, and its new one (our classifier
+            # sockets) has no program: the kernel would hash. The previous run's pinned
+            # program steers at once, until this run's is compiled.
+            self.steering_attached = bool(self.groups) and all(
+                g.dataplane.attach_pinned_steering(g.sockets[0]) for g in self.groups)
             # Slots a previous run handed out whose sockets are still in the data plane:
             # their apps serve on; nobody else gets them until the apps resume or exit.
             orphans = [slot for slot in range(limits.worker_slots) if self._slot_alive(slot)]
@@ -417,6 +424,7 @@ class Daemon:
             group.dataplane.load_programs()
             # Replaces the group's program (a previous run's, or the kernel's hash).
             group.dataplane.attach_reuseport(group.sockets[0])
+        self.steering_attached = True
         if self.groups:
             dp0 = self.groups[0].dataplane
             for ifname in cfg.xdp.interfaces:
@@ -519,17 +527,23 @@ class Daemon:
     def worker_cookies(self, slot: int) -> list[int | None]:
         return [group.dataplane.worker_cookie(slot) for group in self.groups]
 
-    def socket_refusal(self, uid: int) -> str | None:
-        """Why worker sockets may not be handed to a peer of ``uid`` now (None: they may).
+    def socket_refusal(self, uid: int) -> tuple[str, str] | None:
+        """Why worker sockets may not be handed to a peer of ``uid`` now, as (reason,
+        message); None: they may.
 
-        Without the jail, any holder of a worker socket can take the whole port, so only
-        the daemon's own uid (who could do that anyway) gets sockets, unless the operator
-        accepted the risk in the config."""
+        Before a steering program is attached to every group, the kernel would hash new
+        datagrams over whatever sockets join it: nobody gets sockets. Without the jail, any
+        holder of a worker socket can take the whole port, so only the daemon's own uid (who
+        could do that anyway) gets sockets, unless the operator accepted the risk."""
+        if not self.steering_attached:
+            return ("not_ready", "no steering program is attached yet (the daemon is "
+                    "starting: it compiles its programs); retry in a moment")
         if uid == os.geteuid() or (self.jail is not None and self.jail.attached):
             return None
         if self.config.security.allow_unjailed:
             return None
-        return (f"the socket jail is not attached ({self._jail_error}), so worker sockets go "
+        return ("unjailed",
+                f"the socket jail is not attached ({self._jail_error}), so worker sockets go "
                 f"only to uid {os.geteuid()}; [security] allow_unjailed = true overrides this "
                 "(unsafe: see docs/SECURITY.md)")
 
@@ -731,6 +745,8 @@ class Daemon:
             "pending_connections": sum(r.pending_connections for r in self._current_reports()),
             "pending_bytes": sum(r.pending_bytes for r in self._current_reports()),
             "classifier_processes": max(1, len(self._children)),
+            "steering_attached": self.steering_attached,
+            "jail_attached": self.jail is not None and self.jail.attached,
             "retry_mode": sum(r.retrying for r in self._current_reports()),
             "classifier_drops": self._drops(),
             "counters": self.counters(),

@@ -116,7 +116,10 @@ class Generation:
     workers: list[Worker]
     draining: bool = False
     cursor: int = 0  # round-robin position
-    replaced: Generation | None = field(default=None, repr=False)  # for undo()
+    # For undo() only: the generation this one replaced, while this one is its app's newest.
+    # Never a chain: a newer replace, or the removal of either end, drops the link, so a
+    # generation never links to one that itself links on (see Registry._unlink).
+    replaced: Generation | None = field(default=None, repr=False)
 
     @property
     def state(self) -> str:
@@ -446,6 +449,8 @@ class Registry:
         if record is None:
             record = self._apps[app] = _App(app)
         replaced = record.active
+        for g in record.generations:
+            g.replaced = None  # only the newest generation may be undone: no chains
         if replaced is not None:
             self._set_draining(replaced)
         number = self._next_generation.get(app, 0) + 1
@@ -589,8 +594,8 @@ class Registry:
         """Take back a registration that could not be completed (its sockets could not be
         made or handed over): remove ``gen`` and give the generation it replaced its claims
         back, as if the request had never come. Returns the freed slots."""
+        old = gen.replaced  # read before _remove drops the link
         freed = self._remove([gen])
-        old = gen.replaced
         record = self._apps.get(gen.app)
         if old is not None and record is not None and record.generations[-1:] == [old]:
             old.draining = False
@@ -965,6 +970,10 @@ class Registry:
             self._set_draining(gen)
             record = self._apps[gen.app]
             record.generations.remove(gen)
+            gen.replaced = None
+            for g in record.generations:
+                if g.replaced is gen:
+                    g.replaced = None  # gone: nothing to give its claims back to
             if not record.generations:
                 del self._apps[gen.app]
             for w in gen.workers:

@@ -20,7 +20,10 @@ _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HEADER = struct.Struct("!IHBB16s16s")
 _UDP_HEADER = struct.Struct("!HHHH")
 
-Address = tuple[str, int]  # (ip, port) as the socket module gives it (IPv6 flow/scope dropped)
+Address = tuple[str, int]  # (ip, port): what the packet headers carry
+# What callers may pass: (ip, port), or an IPv6 sockaddr as recvmsg() gives it,
+# (ip, port, flowinfo, scope_id); a scope may also be written "fe80::1%eth0" / "fe80::1%2".
+SockAddr = tuple[str, int] | tuple[str, int, int, int]
 
 
 def _fold(total: int) -> int:
@@ -85,7 +88,7 @@ def build_ipv6_udp(src: Address, dst: Address, payload: bytes) -> bytes:
     return header + udp
 
 
-def _plain(addr: Address | tuple[str, int, int, int]) -> Address:
+def _plain(addr: SockAddr) -> Address:
     """IPv4-mapped IPv6 addresses become IPv4 (a dual-stack socket's peers re-inject right),
     and a scope suffix is dropped. String checks, not ``ipaddress``: this runs per datagram,
     and the kernel always prints a mapped address as ``::ffff:a.b.c.d``."""
@@ -97,6 +100,44 @@ def _plain(addr: Address | tuple[str, int, int, int]) -> Address:
     if "." in host and host[:7].lower() == "::ffff:":
         host = host[7:]
     return host, addr[1]
+
+
+def scope_of(addr: SockAddr) -> int:
+    """The IPv6 scope (interface index) of a socket address, 0 for none: the sockaddr's
+    ``scope_id``, else a ``%index`` or ``%name`` suffix (a name this namespace does not know
+    counts as none)."""
+    if len(addr) >= 4 and addr[3]:
+        return int(addr[3])
+    host = addr[0]
+    if "%" not in host:
+        return 0
+    zone = host.split("%", 1)[1]
+    if zone.isdigit():
+        return int(zone)
+    try:
+        return socket.if_nametoindex(zone)
+    except OSError:
+        return 0
+
+
+def destination(client: SockAddr, service: SockAddr, scope_id: int | None = None
+                ) -> tuple[int, Address, Address, tuple[str, int] | tuple[str, int, int, int]]:
+    """Family, header source and destination, and the raw socket's destination sockaddr for
+    one re-injection.
+
+    For IPv6 the sockaddr carries the scope: a link-local service address (fe80::/10) names
+    no interface by itself, and the kernel resolves it to some interface holding it -- when
+    several do (the same fe80::1 on many links is common), perhaps not the one the client is
+    on. The datagram then arrives on the wrong interface, the worker sees the client at
+    fe80::x%wrong and its answers are lost. The scope is ``scope_id`` if given, else the
+    client's (a link-local peer is on the link the datagram came in on), else the
+    service's. The kernel ignores it for addresses that need none."""
+    src, dst = _plain(client), _plain(service)
+    if ":" not in dst[0]:
+        return socket.AF_INET, src, dst, (dst[0], 0)
+    if scope_id is None:
+        scope_id = scope_of(client) or scope_of(service)
+    return socket.AF_INET6, src, dst, (dst[0], 0, 0, scope_id)
 
 
 class Reinjector:
@@ -115,17 +156,19 @@ class Reinjector:
             self._socks[family] = sock
         return sock
 
-    def send(self, client: Address, service: Address, datagrams: Sequence[bytes]) -> int:
-        """Send ``datagrams`` as if from ``client`` to ``service``; returns how many went."""
-        src, dst = _plain(client), _plain(service)
-        if ":" in dst[0]:
-            family, build = socket.AF_INET6, build_ipv6_udp
-        else:
-            family, build = socket.AF_INET, build_ipv4_udp
+    def send(self, client: SockAddr, service: SockAddr, datagrams: Sequence[bytes],
+             scope_id: int | None = None) -> int:
+        """Send ``datagrams`` as if from ``client`` to ``service``; returns how many went.
+
+        Pass IPv6 addresses as recvmsg() gives them, (host, port, flowinfo, scope_id), or
+        give ``scope_id``: a link-local client must be re-injected on its own interface
+        (see :func:`destination`)."""
+        family, src, dst, sockaddr = destination(client, service, scope_id)
+        build = build_ipv6_udp if family == socket.AF_INET6 else build_ipv4_udp
         sock = self._sock(family)
         sent = 0
         for payload in datagrams:
-            sock.sendto(build(src, dst, payload), (dst[0], 0))
+            sock.sendto(build(src, dst, payload), sockaddr)
             sent += 1
         return sent
 

@@ -602,6 +602,23 @@ class Dataplane:
                 "bound, with SO_REUSEPORT set)"
             ) from exc
 
+    def attach_pinned_steering(self, sock: socket.socket) -> bool:
+        """Attach the steering program a previous run pinned to ``sock``'s group, before
+        this run's is compiled; False if there is none (a first start)."""
+        path = os.path.join(self.config.pin_dir, "prog_steer")
+        if not os.path.exists(path):
+            return False
+        fd = _lib().bpf_obj_get(path.encode())
+        if fd < 0:
+            return False
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, SO_ATTACH_REUSEPORT_EBPF, struct.pack("i", fd))
+            return True
+        except OSError:
+            return False
+        finally:
+            os.close(fd)
+
     @staticmethod
     def detach_reuseport(sock: socket.socket) -> None:
         """Back to the kernel's hash for ``sock``'s group."""

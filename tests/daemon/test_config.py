@@ -221,6 +221,37 @@ def test_error_messages_are_exact(text: str, message: str) -> None:
     assert error(text) == "steerd.toml: " + message
 
 
+PENDING_BYTES_ERROR = (
+    "steerd.toml: [limits] pending_bytes: must be an integer 17584..1048576 (one pending "
+    "connection holds at least a 1200-byte Initial datagram and 16384 bytes of CRYPTO data), "
+    "got {}"
+)
+
+
+@pytest.mark.parametrize("value", ["16384", "17583", "1200", "1048577", "true", '"17584"'])
+def test_pending_bytes_below_one_connection_is_refused(value: str) -> None:
+    """Issue 12: a pending_bytes below what one connection needs used to be accepted and
+    then raised silently by the daemon (max(pending_bytes, 1200 + 16384)). Now the config
+    refuses it, naming the minimum."""
+    assert error(f"[limits]\npending_bytes = {value}") == PENDING_BYTES_ERROR.format(value)
+
+
+def test_pending_bytes_minimum_is_what_the_assembler_needs() -> None:
+    """The default is the minimum, and the minimum is exactly what quic.flight's assembler
+    accepts as max_bytes_per_connection with its default CRYPTO cap, so the daemon can pass
+    pending_bytes through as it is."""
+    from quic.flight import MIN_INITIAL_DATAGRAM, AssemblerConfig
+    from steerd.config import MIN_PENDING_BYTES
+
+    assert MIN_PENDING_BYTES == MIN_INITIAL_DATAGRAM + AssemblerConfig().crypto_cap == 17584
+    assert LimitsConfig().pending_bytes == parse("").limits.pending_bytes == MIN_PENDING_BYTES
+    assert parse("[limits]\npending_bytes = 17584").limits.pending_bytes == 17584
+    assert parse("[limits]\npending_bytes = 1048576").limits.pending_bytes == 1048576
+    AssemblerConfig(max_bytes_per_connection=LimitsConfig().pending_bytes)
+    with pytest.raises(ValueError):
+        AssemblerConfig(max_bytes_per_connection=MIN_PENDING_BYTES - 1)
+
+
 def test_load_config_file_errors(tmp_path: Path) -> None:
     missing = tmp_path / "none.toml"
     with pytest.raises(ConfigError) as e:

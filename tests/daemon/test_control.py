@@ -616,7 +616,8 @@ def test_no_sockets_for_another_uid_without_the_jail(daemon: Daemon,
 
     config = dataclasses.replace(daemon.config,
                                  security=SecurityConfig(allow_unjailed=allow_unjailed))
-    state = SimpleNamespace(jail=None, config=config, _jail_error="no cgroup v2 here")
+    state = SimpleNamespace(jail=None, config=config, _jail_error="no cgroup v2 here",
+                            steering_attached=True)
     daemon.server.socket_refusal = lambda uid: SteerdDaemon.socket_refusal(state, uid)  # type: ignore[arg-type]
 
     def child(emit: Callable[[dict[str, object]], None]) -> object:
@@ -645,3 +646,26 @@ def test_no_sockets_for_another_uid_without_the_jail(daemon: Daemon,
         assert not daemon.sink.workers
     with ControlClient(daemon.path) as c:  # the daemon's own uid still gets sockets
         c.register("mine", ["h3"]).close()
+
+
+def test_no_sockets_before_a_steering_program_is_attached(daemon: Daemon) -> None:
+    """On a first start the programs compile for seconds after the control socket opens;
+    a worker socket joining a group with no program would get datagrams by the kernel's
+    hash, so even root is told to come back (the daemon's real ``socket_refusal``)."""
+    from types import SimpleNamespace
+
+    from steerd.daemon import Daemon as SteerdDaemon
+
+    state = SimpleNamespace(jail=None, config=daemon.config, _jail_error="",
+                            steering_attached=False)
+    daemon.server.socket_refusal = lambda uid: SteerdDaemon.socket_refusal(state, uid)  # type: ignore[arg-type]
+    with ControlClient(daemon.path) as c:
+        with pytest.raises(ControlError) as e:
+            c.register("early", ["h3"])
+        assert (e.value.reason, str(e.value)) == (
+            "not_ready", "register: no steering program is attached yet (the daemon is "
+            "starting: it compiles its programs); retry in a moment")
+        assert not daemon.sink.workers  # no socket was made or put in the data plane
+        state.steering_attached = True
+        c.register("early", ["h3"]).close()
+        assert set(daemon.sink.workers) == {0}

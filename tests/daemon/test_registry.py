@@ -333,3 +333,104 @@ def test_orphaned_slots_are_held_for_resume_then_freed() -> None:
     assert reg.release_orphans(lambda slot: False) == [1]
     assert reg.orphans == frozenset()
     assert reg.decide(None, ["smb"]).slot == 2
+
+
+def _reachable_generations(root: object) -> int:
+    """How many Generation objects hang off ``root`` (a walk of gc referents)."""
+    import gc
+
+    from steerd.registry import Generation
+
+    seen: set[int] = set()
+    stack = [root]
+    count = 0
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or isinstance(obj, type):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Generation):
+            count += 1
+        stack.extend(gc.get_referents(obj))
+    return count
+
+
+@pytest.mark.parametrize("leave", ["deregister", "disconnect"])
+def test_replacements_keep_no_chain_of_generations(leave: str) -> None:
+    """Issue 12: each replace used to link the new generation to the one it replaced, which
+    linked to its own predecessor... After ~300 graceful restarts pickling the registry (to
+    the classifier processes) hit RecursionError, and every generation ever registered
+    stayed in memory. Now at most the newest generation links back, one step."""
+    import pickle
+
+    r = make(slots=8)
+    reg(r, "web", ["h3"], workers=2, owner=0)
+    for i in range(1, 1001):
+        reg(r, "web", ["h3"], workers=2, replace=True, owner=i)
+        # the SDK's old generation drains, then leaves
+        if leave == "deregister":
+            r.deregister("web", i - 1)
+        else:
+            r.disconnect(i - 1)
+    assert [g.number for g in r.generations("web")] == [1001]
+    assert _reachable_generations(r) == 1
+    back = pickle.loads(pickle.dumps(r))
+    assert back.decide(None, ["h3"]).generation == 1001
+
+
+def test_draining_generations_link_back_one_step_at_most() -> None:
+    """Generations that have not left yet: still no chain, and the registry pickles."""
+    import pickle
+
+    r = make(slots=1024)
+    gens = [reg(r, "web", ["h3"], owner=0)]
+    for i in range(1, 600):
+        gens.append(reg(r, "web", ["h3"], replace=True, owner=i))
+    assert all(g.replaced is None for g in gens[:-1])
+    assert gens[-1].replaced is gens[-2]
+    pickle.dumps(r)
+    # the newest can still be taken back, and its predecessor serves again
+    r.undo(gens[-1])
+    assert r.decide(None, ["h3"]).generation == gens[-2].number
+
+
+def test_undo_after_the_older_generation_left() -> None:
+    r = make(slots=4)
+    reg(r, "web", ["h3"], owner=1)
+    g2 = reg(r, "web", ["h3"], replace=True, owner=2)
+    r.deregister("web", 1)
+    g3 = reg(r, "web", ["h3"], replace=True, owner=3)
+    assert g3.replaced is g2 and g2.replaced is None
+    r.undo(g3)
+    assert (g2.state, r.decide(None, ["h3"]).generation) == ("active", 2)
+    # an undone generation whose predecessor is gone restores nothing
+    g4 = reg(r, "web", ["h3"], replace=True, owner=4)
+    r.deregister("web", 2)
+    assert g4.replaced is None
+    r.undo(g4)
+    assert r.generations("web") == [] and r.decide(None, ["h3"]) is None
+
+
+@pytest.mark.parametrize("server_name", ["www.example.com.", "WWW.Example.Com."])
+def test_client_sni_with_trailing_dot_routes_like_without(server_name: str) -> None:
+    """Issue 12: a ClientHello for "www.example.com." (aioquic sends what it is given) was
+    refused by the parser as bad_sni, so the classifier dropped it and the client timed out.
+    Parsed and decided, it now reaches the app claiming the name, exact or wildcard."""
+    from aioquic import tls as aioquic_tls
+    from aioquic.buffer import Buffer
+
+    from quic.tls import parse_client_hello
+
+    ctx = aioquic_tls.Context(is_client=True, alpn_protocols=["h3"], server_name=server_name)
+    ctx.handshake_extensions = [(0x39, b"\x01\x02\x40\x64")]
+    bufs = {epoch: Buffer(capacity=8192) for epoch in aioquic_tls.Epoch}
+    ctx.handle_message(b"", bufs)
+    hello = parse_client_hello(bufs[aioquic_tls.Epoch.INITIAL].data)
+    assert hello.sni == "www.example.com"
+    r = make()
+    reg(r, "exact", ["h3"], ["www.example.com"], owner=1)
+    reg(r, "wild", ["h3"], ["*.example.com"], owner=2)
+    assert r.decide(hello.sni, hello.alpn).app == "exact"
+    assert r.decide(server_name, ["h3"]).app == "exact"  # decide strips it on its own too
+    r.deregister("exact", 1)
+    assert r.decide(hello.sni, hello.alpn).app == "wild"

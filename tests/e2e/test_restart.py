@@ -130,3 +130,24 @@ def test_second_daemon_on_the_same_pin_dir_touches_nothing(
             client.close()
     finally:
         app.close()
+
+
+def test_restart_with_no_apps_steers_at_once(own_daemon: tuple[NetnsPair, Daemon]) -> None:
+    """With no app left, the reuseport group dies with the daemon's sockets; the next run's
+    new group would be hashed by the kernel until its programs compile. It attaches the
+    pinned program at once instead, so apps may register from its first moment."""
+    pair, daemon = own_daemon
+    daemon.proc.terminate()
+    assert daemon.proc.wait(20) == 0
+    spawn_daemon(daemon, until="classifying")
+    status = daemon.status()
+    assert status["steering_attached"] is True and status["jail_attached"] is True
+    app = start_app(daemon, "early", ["h3"])
+    try:
+        client = quic_client(pair, socket.AF_INET, ["h3"])
+        try:
+            assert app.next_datagram() is not None
+        finally:
+            client.close()
+    finally:
+        app.close()

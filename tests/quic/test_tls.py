@@ -192,7 +192,9 @@ def test_every_inner_length_change_rejected() -> None:
         ([ext(EXT_ALPN, b"\x00\x00")], "bad_client_hello"),
         ([ext(EXT_ALPN, b"\x00\x04\x02h3")], "bad_client_hello"),
         ([ext(EXT_ALPN, b"\x00\x03\x05h3")], "bad_client_hello"),
-        ([sni_ext(b"example.com.")], "bad_sni"),
+        ([sni_ext(b"example.com..")], "bad_sni"),
+        ([sni_ext(b".")], "bad_sni"),
+        ([sni_ext(b".example.com")], "bad_sni"),
         ([sni_ext(b"")], "bad_sni"),
         ([sni_ext(b"exa mple.com")], "bad_sni"),
         ([sni_ext("bücher.example".encode())], "bad_sni"),
@@ -222,6 +224,23 @@ def test_rejected(extensions: list[bytes], reason: str) -> None:
 def test_pre_shared_key_last_is_fine() -> None:
     hello = parse_client_hello(build_client_hello([alpn_ext(b"h3"), ext(EXT_PRE_SHARED_KEY, b"")]))
     assert hello.alpn == ("h3",)
+
+
+@pytest.mark.parametrize(
+    ("wire", "sni"),
+    [
+        (b"example.com.", "example.com"),
+        (b"Example.COM.", "example.com"),
+        (b"localhost.", "localhost"),
+        (b".".join([b"a" * 63] * 3 + [b"a" * 61]) + b".", ".".join(["a" * 63] * 3 + ["a" * 61])),
+    ],
+)
+def test_sni_trailing_dot_removed(wire: bytes, sni: str) -> None:
+    """Issue 12: a client asking for "example.com." (the absolute form) was refused as
+    bad_sni, so the classifier dropped its Initial and it waited for its timeout. It now
+    parses as "example.com" (253 bytes plus the dot still fits)."""
+    hello = parse_client_hello(build_client_hello([sni_ext(wire), alpn_ext(b"h3")]))
+    assert (hello.sni, hello.alpn) == (sni, ("h3",))
 
 
 def test_sni_lowercased_and_underscore_allowed() -> None:
