@@ -196,6 +196,9 @@ class LimitsConfig:
     pending_bytes: int = MIN_PENDING_BYTES
     pending_ttl: float = 2.0  # seconds a first flight may take to complete
     route_ttl: float = 10.0  # seconds an initial_routes entry lives
+    # New connections per second the route tables are sized for (first_flight_capacity): a
+    # table smaller than rate x route_ttl evicts routes of handshakes still under way.
+    first_flight_rate: float = 10000.0
     classifiers: int = 1  # classifier processes (sharded by DCID hash)
     worker_slots: int = 256  # size of the worker slot pool (and of the BPF sockarray)
     workers_per_app: int = 64
@@ -203,6 +206,18 @@ class LimitsConfig:
     control_message_bytes: int = 65536
     control_rate: float = 20.0  # messages per second per control connection, sustained
     control_burst: int = 40
+
+
+MAX_ROUTE_CAPACITY = 1 << 22
+
+
+def first_flight_capacity(limits: LimitsConfig) -> int:
+    """Entries the first-flight route tables need (``initial_routes`` in the kernel, the
+    classifiers' decided-DCID tables): every route lives ``route_ttl``, so at
+    ``first_flight_rate`` that many are alive at once; a quarter more for bursts, rounded up
+    to a power of two (what the kernel's hash table uses anyway), at least 4096."""
+    need = int(limits.first_flight_rate * limits.route_ttl * 1.25)
+    return min(MAX_ROUTE_CAPACITY, max(4096, 1 << max(0, need - 1).bit_length()))
 
 
 @dataclass(frozen=True, slots=True)
@@ -541,6 +556,8 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         pending_bytes=s.get("pending_bytes", dl.pending_bytes, pending_bytes),
         pending_ttl=s.number("pending_ttl", dl.pending_ttl, 0.01, 60),
         route_ttl=s.number("route_ttl", dl.route_ttl, 0.1, 3600),
+        first_flight_rate=s.number("first_flight_rate", dl.first_flight_rate, 10, 10**6,
+                                   "new connections per second"),
         classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),
         worker_slots=s.int_range(
             "worker_slots", dl.worker_slots, 1, min(256**slot_len, MAX_WORKER_SLOTS)

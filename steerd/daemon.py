@@ -36,7 +36,7 @@ from typing import Any, NoReturn
 from quic.flight import AssemblerConfig
 from quic.token import derive_token_key
 from steerd.classifier import Classifier, ClassifierReport, Origin, RetryConfig
-from steerd.config import Config
+from steerd.config import Config, first_flight_capacity
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
 from steerd.dataplane.jail import Jail, remove_jail
@@ -300,6 +300,7 @@ class Daemon:
                 ttl=limits.pending_ttl,
             ),
             decided_ttl=limits.route_ttl,
+            decided_max=first_flight_capacity(limits),
             # Until the programs are loaded, then RESUME_GRACE more (set in start()).
             hold_unowned_until=math.inf,
             retry=retry_config(config, reset_key),
@@ -350,6 +351,7 @@ class Daemon:
                         port=cfg.listen.port,
                         classifier_slots=limits.classifiers,
                         worker_slots=limits.worker_slots,
+                        route_capacity=first_flight_capacity(limits),
                         pin_dir=f"{self.pin_dir}/g{index}",
                     )
                 )
@@ -602,6 +604,7 @@ class Daemon:
                 layout=self.config.cid, reset_key=self.classifier.reset_key,
                 assembler=self.classifier.front.assembler.config,
                 decided_ttl=limits.route_ttl,
+                decided_max=-(-first_flight_capacity(limits) // limits.classifiers),  # its share
                 send_rate=self.classifier.send_rate / limits.classifiers,
                 send_burst=max(1, self.classifier.send_burst // limits.classifiers),
                 hold_unowned_until=self.classifier.hold_unowned_until,

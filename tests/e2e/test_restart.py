@@ -8,6 +8,7 @@ and never refused while its app may still come back.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -142,6 +143,10 @@ def test_restart_with_no_apps_steers_at_once(own_daemon: tuple[NetnsPair, Daemon
     spawn_daemon(daemon, until="classifying")
     status = daemon.status()
     assert status["steering_attached"] is True and status["jail_attached"] is True
+    routes = json.loads(subprocess.run(
+        ["bpftool", "-j", "map", "show", "pinned", f"{daemon.pin_dir}/g0/initial_routes"],
+        capture_output=True, text=True, check=True).stdout)
+    assert routes["max_entries"] == 131072  # sized for the default first_flight_rate
     app = start_app(daemon, "early", ["h3"])
     try:
         client = quic_client(pair, socket.AF_INET, ["h3"])
