@@ -260,63 +260,149 @@ class FirstFlightAssembler:
 
     config: AssemblerConfig = field(default_factory=AssemblerConfig)
     stats: AssemblerStats = field(default_factory=AssemblerStats)
-    # insertion order = age order (TTL and eviction walk it from the front)
-    _pending: dict[bytes, _Pending] = field(default_factory=dict, init=False, repr=False)
+    # Both tables: insertion order = age order (TTL and eviction walk them from the front).
+    # A key is in one table at most: an early entry moves to the main one with its Initial.
+    _pending: dict[_Key, _Pending] = field(default_factory=dict, init=False, repr=False)
+    _early: dict[_Key, _Early] = field(default_factory=dict, init=False, repr=False)
     _bytes: int = field(default=0, init=False)
+    _early_bytes: int = field(default=0, init=False)
 
     @property
     def pending_count(self) -> int:
+        """Pending connections with Initial data (the main table, at most ``max_pending``)."""
         return len(self._pending)
 
     @property
     def pending_bytes(self) -> int:
+        """Bytes charged to the main table (at most ``max_bytes_total``)."""
         return self._bytes
 
+    @property
+    def early_count(self) -> int:
+        """Connections seen only through 0-RTT so far (at most ``max_early``)."""
+        return len(self._early)
+
+    @property
+    def early_bytes(self) -> int:
+        """Bytes charged to the early table (at most ``max_early_bytes``)."""
+        return self._early_bytes
+
+    def is_pending(self, dcid: bytes, peer: Hashable) -> bool:
+        """Whether a connection of this DCID from this client is being assembled (in either
+        table); ``peer`` as passed to :meth:`feed` (``addr`` when ``feed`` got no ``peer``)."""
+        key = (dcid, peer)
+        return key in self._pending or key in self._early
+
     def expire(self, now: float) -> int:
-        """Drop pending connections whose TTL has passed; return how many."""
+        """Drop pending connections (either table) whose TTL has passed; return how many."""
         deadline = now - self.config.ttl
         pending = self._pending
         n = 0
         while pending:
-            dcid = next(iter(pending))
-            if pending[dcid].created > deadline:
+            key = next(iter(pending))
+            entry = pending[key]
+            if entry.created > deadline:
                 break
-            self._drop(dcid)
+            del pending[key]
+            self._bytes -= entry.bytes
             n += 1
         self.stats.expired += n
-        return n
+        early = self._early
+        m = 0
+        while early:
+            key = next(iter(early))
+            held = early[key]
+            if held.created > deadline:
+                break
+            del early[key]
+            self._early_bytes -= held.bytes
+            m += 1
+        self.stats.expired_early += m
+        return n + m
 
-    def _drop(self, dcid: bytes) -> None:
-        entry = self._pending.pop(dcid, None)
+    def _drop(self, key: _Key) -> bool:
+        """Forget the connection of ``key``, in whichever table; whether there was one."""
+        entry = self._pending.pop(key, None)
         if entry is not None:
             self._bytes -= entry.bytes
+            return True
+        held = self._early.pop(key, None)
+        if held is not None:
+            self._early_bytes -= held.bytes
+            return True
+        return False
 
-    def _reject(self, reason: str, dcid: bytes | None, detail: str = "") -> Rejected:
-        dropped = False
-        if dcid is not None and dcid in self._pending:
-            self._drop(dcid)
-            dropped = True
+    def _reject(
+        self, reason: str, dcid: bytes | None, detail: str = "", key: _Key | None = None
+    ) -> Rejected:
+        """Refuse the datagram and, with ``key``, drop that pending connection."""
+        dropped = key is not None and self._drop(key)
         self.stats.rejected += 1
         return Rejected(reason, dcid, detail, dropped)
 
-    def _make_room(self, need: int, new_connection: bool, keep: bytes | None = None) -> None:
-        """Evict oldest-first (never ``keep``) until the connection and ``need`` bytes fit."""
+    def _make_room(self, need: int, new_connection: bool, keep: _Key | None = None) -> None:
+        """Main table: evict oldest-first (never ``keep``, never an early entry) until the
+        connection and ``need`` bytes fit."""
         cfg = self.config
         pending = self._pending
         extra = 1 if new_connection else 0
         while len(pending) + extra > cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
             victim = None
-            for dcid in pending:
-                if dcid != keep:
-                    victim = dcid
+            for key in pending:
+                if key != keep:
+                    victim = key
                     break
             if victim is None:
                 return
-            self._drop(victim)
+            self._bytes -= pending.pop(victim).bytes
             self.stats.evicted += 1
 
-    def feed(self, datagram: bytes, addr: Addr, now: float) -> FeedResult:
+    def _make_room_early(self, need: int, new_connection: bool, keep: _Key | None = None) -> None:
+        """Early table: the same, within its own caps (never a main-table entry)."""
+        cfg = self.config
+        early = self._early
+        extra = 1 if new_connection else 0
+        while len(early) + extra > cfg.max_early or self._early_bytes + need > cfg.max_early_bytes:
+            victim = None
+            for key in early:
+                if key != keep:
+                    victim = key
+                    break
+            if victim is None:
+                return
+            self._early_bytes -= early.pop(victim).bytes
+            self.stats.evicted_early += 1
+
+    def _feed_early(
+        self,
+        key: _Key,
+        held: _Early | None,
+        version: int,
+        datagram: bytes,
+        addr: Addr,
+        now: float,
+    ) -> NeedMore:
+        """A 0-RTT-only datagram of a key with no Initial data yet: into the early table."""
+        size = len(datagram)
+        if held is None:
+            self._make_room_early(size, True)
+            held = self._early[key] = _Early(version, now)
+        elif self._early_bytes + size > self.config.max_early_bytes:
+            self._make_room_early(size, False, keep=key)
+        held.datagrams.append((datagram, addr))
+        held.bytes += size
+        self._early_bytes += size
+        return NeedMore(key[0])
+
+    def feed(
+        self, datagram: bytes, addr: Addr, now: float, peer: Hashable | None = None
+    ) -> FeedResult:
         """Take one datagram from ``addr`` received at ``now``; see the module docstring.
+
+        ``peer`` is the client's address as the connection key knows it (any hashable, e.g.
+        the (IP, port) inside a richer ``addr``); ``None`` keys on ``addr`` itself, which must
+        then be hashable. Datagrams of one DCID from different peers are different
+        connections.
 
         Written for the per-datagram cost (bench/classify): header fields are unpacked from
         the header tuple once, enum members and helpers are module constants, a datagram with
@@ -324,8 +410,12 @@ class FirstFlightAssembler:
         goes straight to its reassembler.
         """
         pending = self._pending
+        early_table = self._early
         cfg = self.config
-        if pending and pending[next(iter(pending))].created <= now - cfg.ttl:
+        deadline = now - cfg.ttl
+        if (pending and pending[next(iter(pending))].created <= deadline) or (
+            early_table and early_table[next(iter(early_table))].created <= deadline
+        ):
             self.expire(now)
         size = len(datagram)
         if size == 0 or not datagram[0] & 0x80:
@@ -342,6 +432,7 @@ class FirstFlightAssembler:
                 return self._reject("short_unknown_version", None, f"{size} bytes")
             self.stats.version_negotiation += 1
             return VersionNegotiationNeeded(version, dcid, scid)
+        key = (dcid, addr if peer is None else peer)
 
         # The packets of this datagram that belong to the first flight.
         headers: tuple[LongHeader, ...] | list[LongHeader]
@@ -364,24 +455,28 @@ class FirstFlightAssembler:
                 has_initial = True
             elif ptype is not _ZERO_RTT:
                 name = ptype.name.lower() if ptype is not None else "unknown"
-                return self._reject("unexpected_packet_type", dcid, f"{name} in a first flight")
+                return self._reject(
+                    "unexpected_packet_type", dcid, f"{name} in a first flight", key
+                )
         if len(dcid) < MIN_CLIENT_DCID_LEN:
-            return self._reject("short_dcid", dcid, f"{len(dcid)}-byte DCID")
+            return self._reject("short_dcid", dcid, f"{len(dcid)}-byte DCID", key)
         if has_initial and size < MIN_INITIAL_DATAGRAM:
-            return self._reject("short_initial", dcid, f"{size}-byte datagram")
+            return self._reject("short_initial", dcid, f"{size}-byte datagram", key)
 
-        entry = pending.get(dcid) if pending else None
-        if entry is not None:
-            if entry.version != version:
+        entry = pending.get(key) if pending else None
+        held = early_table.get(key) if entry is None and early_table else None
+        known = entry if entry is not None else held
+        if known is not None:
+            if known.version != version:
                 self.stats.rejected += 1
-                detail = f"0x{version:08x} after 0x{entry.version:08x}"
+                detail = f"0x{version:08x} after 0x{known.version:08x}"
                 return Rejected("version_mismatch", dcid, detail)
-            if entry.bytes + size > cfg.max_bytes_per_connection:
+            if known.bytes + size > cfg.max_bytes_per_connection:
                 self.stats.rejected += 1
-                return Rejected("connection_over_budget", dcid, f"{entry.bytes} bytes buffered")
-            keys = entry.keys
-        else:
-            keys = None
+                return Rejected("connection_over_budget", dcid, f"{known.bytes} bytes buffered")
+        if not has_initial and entry is None:
+            return self._feed_early(key, held, version, datagram, addr, now)
+        keys = entry.keys if entry is not None else None
 
         crypto: list[tuple[int, bytes]] = []
         if has_initial:
@@ -398,9 +493,9 @@ class FirstFlightAssembler:
                 try:
                     frames, closed = parse_initial_frames(payload)
                 except QuicError as e:
-                    return self._reject(e.reason, dcid, e.detail)
+                    return self._reject(e.reason, dcid, e.detail, key)
                 if closed:
-                    return self._reject("client_closed", dcid, "CONNECTION_CLOSE in Initial")
+                    return self._reject("client_closed", dcid, "CONNECTION_CLOSE in Initial", key)
                 if crypto:
                     crypto += frames
                 else:
@@ -422,16 +517,33 @@ class FirstFlightAssembler:
                 if n >= 4 and n >= client_hello_length(data):
                     hello = parse_client_hello(data)
                     self.stats.ready += 1
-                    return Ready(version, dcid, scid, hello, ((datagram, addr),))
+                    if held is None:
+                        return Ready(version, dcid, scid, hello, ((datagram, addr),), now)
+                    self._drop(key)  # its 0-RTT datagrams go first, in arrival order
+                    datagrams = (*held.datagrams, (datagram, addr))
+                    return Ready(version, dcid, scid, hello, datagrams, held.created)
             except QuicError as e:
-                return self._reject(e.reason, dcid, e.detail)
+                return self._reject(e.reason, dcid, e.detail, key)
 
         if entry is None:
-            if len(pending) >= cfg.max_pending or self._bytes + size > cfg.max_bytes_total:
-                self._make_room(size, True)
+            # A new connection, or an early one with its first Initial: into the main table,
+            # the early entry's datagrams (and their bytes) first.
+            carried = 0
+            if held is not None:
+                carried = held.bytes
+                del early_table[key]
+                self._early_bytes -= carried
+            need = size + carried
+            if len(pending) >= cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
+                self._make_room(need, True)
             entry = _Pending(version, now, cfg)
             entry.keys = keys
-            pending[dcid] = entry
+            if held is not None:
+                entry.started = held.created
+                entry.datagrams = held.datagrams
+                entry.bytes = carried
+                self._bytes += carried
+            pending[key] = entry
         elif entry.keys is None:
             entry.keys = keys
         if has_initial and entry.scid is None:
@@ -442,16 +554,16 @@ class FirstFlightAssembler:
         try:
             have = reasm.extend(crypto)
         except QuicError as e:
-            return self._reject(e.reason, dcid, e.detail)
+            return self._reject(e.reason, dcid, e.detail, key)
         grown = size + len(buf) - before
         if entry.bytes + grown > cfg.max_bytes_per_connection:
-            return self._reject("connection_over_budget", dcid, "CRYPTO buffer too large")
+            return self._reject("connection_over_budget", dcid, "CRYPTO buffer too large", key)
         entry.datagrams.append((datagram, addr))
         entry.bytes += grown
         self._bytes += grown
         if self._bytes > cfg.max_bytes_total:
             # Evict others (oldest first) rather than the connection that just made progress.
-            self._make_room(0, False, keep=dcid)
+            self._make_room(0, False, keep=key)
 
         if have < 4:
             return NeedMore(dcid)
@@ -463,7 +575,7 @@ class FirstFlightAssembler:
                 return NeedMore(dcid)
             hello = parse_client_hello(reasm.data(total))
         except QuicError as e:
-            return self._reject(e.reason, dcid, e.detail)
-        self._drop(dcid)
+            return self._reject(e.reason, dcid, e.detail, key)
+        self._drop(key)
         self.stats.ready += 1
-        return Ready(version, dcid, entry.scid or b"", hello, tuple(entry.datagrams))
+        return Ready(version, dcid, entry.scid or b"", hello, tuple(entry.datagrams), entry.started)

@@ -28,6 +28,28 @@ Initial carrying a token shaped like ours is validated here, and invalid or expi
 (e.g. minted by an app) are dropped and counted: a forged token never gets a routed
 connection.
 
+Keys (issue 11): a first flight is the client's original DCID *and* its address (IP, port),
+in the assembler (quic/flight.py) and in the bookkeeping here: the front's handed-over set and
+the decision half's decided DCIDs. So a sender who learns or guesses a client's DCID cannot
+add to, drop, or ride on that client's flight from another address; what it sends is a flight
+of its own. For a datagram of a decided DCID from another address than the decided flight's,
+that means:
+
+* it is not a straggler of the decided flight: not re-injected to the decided worker, and not
+  charged to that flight's straggler budget (``MAX_STRAGGLERS``), which a spoofer could
+  otherwise use up so that the real client's own retransmissions were dropped. Re-injecting it
+  would hand the worker a long-header packet of its connection from a new address, which its
+  QUIC stack must treat as an (invalid, pre-handshake) path change at best; the kernel does
+  deliver such packets once the route exists, but the classifier need not add to it;
+* it is fed to the assembler as a new flight keyed by its own address, bounded like any other
+  half-flight; should that flight complete, its DCID is already routed for another client, so
+  it is dropped unanswered (``flight_dcid_taken``): the route is never rewritten (the first
+  decision stands), and nothing is sent to an address that may be spoofed;
+* a client whose NAT rebinds during its first flight is the same case: before the decision
+  its datagrams from the two addresses are two pending flights (its retransmissions from the
+  new address complete the second); after it, its retransmissions race the route write at
+  worst (dropped here; the next ones reach the worker through the kernel route).
+
 Sans-I/O in the aioquic manner: the side effects go through three narrow callables (route
 writer, re-injector, reply sender) that the daemon wires to the data plane and real sockets.
 """
@@ -67,7 +89,7 @@ from quic.token import (
 from steerd.metrics import Tally, bump
 from steerd.registry import Registry
 
-Address = tuple[str, int]
+Address = tuple[str, int] | tuple[str, int, int, int]  # IPv6 link-local: with its scope
 
 # Datagrams of one decided DCID re-injected from the classifier at most (retransmissions of
 # the first flight that raced the route write); past that the worker is presumed gone.
@@ -138,7 +160,8 @@ class Origin:
 
 @dataclass(frozen=True, slots=True)
 class Flight:
-    """A complete ClientHello and every datagram of its flight, in arrival order."""
+    """A complete ClientHello and every datagram of its flight, in arrival order (all from the
+    same client address: the assembler keys flights by DCID and address)."""
 
     version: int
     dcid: bytes
@@ -159,7 +182,8 @@ class NeedsVersionNegotiation:
 
 @dataclass(frozen=True, slots=True)
 class Straggler:
-    """A long-header datagram of a DCID this front already handed over."""
+    """A long-header datagram of a DCID this front already handed over, from the same client
+    address as the flight it handed over."""
 
     dcid: bytes
     data: bytes
@@ -185,7 +209,9 @@ Event = Flight | NeedsVersionNegotiation | Straggler | ShortHeader | Dropped | N
 
 @dataclass(slots=True)
 class FrontStats:
-    """What a front reports for metrics: sizes now, drops since creation."""
+    """What a front reports for metrics: sizes now, drops since creation. The sizes cover both
+    of the assembler's tables (flights with Initial data, and 0-RTT seen before any Initial):
+    what the front holds in memory."""
 
     pending_connections: int = 0
     pending_bytes: int = 0
@@ -204,15 +230,14 @@ class FlightFront:
         handed_max: int = 65536,
     ) -> None:
         self.assembler = FirstFlightAssembler(assembler or AssemblerConfig())
-        # DCIDs already handed over (decided or refused): their later datagrams are stragglers
-        # for the decision half, never fed again (which would start a second decision).
-        self._handed: OrderedDict[bytes, float] = OrderedDict()
+        # (DCID, client address) already handed over (decided or refused) -> until when: their
+        # later datagrams are stragglers for the decision half, never fed again (which would
+        # start a second decision). The same DCID from another address is not (see the module
+        # docstring). A flight's start time, for the latency histogram, is the assembler's
+        # (Ready.started), so no table here mirrors the assembler's pending ones.
+        self._handed: OrderedDict[tuple[bytes, Address], float] = OrderedDict()
         self._handed_ttl = handed_ttl
         self._handed_max = handed_max
-        # DCID -> time of its first datagram; capped like the assembler's own table (oldest
-        # first), so a flood cannot grow it.
-        self._first_seen: OrderedDict[bytes, float] = OrderedDict()
-        self._first_seen_max = self.assembler.config.max_pending
         self.dropped: dict[str, int] = {}
         self.rejected = 0
 
@@ -225,27 +250,21 @@ class FlightFront:
             dcid = parse_long_header(data, 0).dcid
         except QuicError as exc:
             return self._drop(exc.reason)
-        handed = self._handed.get(dcid)
+        client = origin.client
+        key = (dcid, client)
+        handed = self._handed.get(key)
         if handed is not None and handed > now:
             return Straggler(dcid, data, origin)
-        seen = self._first_seen
-        if dcid not in seen:
-            seen[dcid] = now
-            if len(seen) > self._first_seen_max:
-                seen.popitem(last=False)
-        result = self.assembler.feed(data, origin, now)
+        result = self.assembler.feed(data, origin, now, client)
         if isinstance(result, NeedMore):
             return None
         if isinstance(result, Ready):
-            self._hand_over(result.dcid, now)
+            self._hand_over(key, now)
             return Flight(result.version, result.dcid, result.scid, result.sni, result.alpn,
-                          result.datagrams, seen.pop(result.dcid, now))
+                          result.datagrams, result.started)
         if isinstance(result, VersionNegotiationNeeded):
-            seen.pop(dcid, None)
             return NeedsVersionNegotiation(result.version, result.dcid, result.scid, origin)
         assert isinstance(result, Rejected)
-        if result.connection_dropped or result.dcid is None:
-            seen.pop(dcid, None)
         self.rejected += 1
         return self._drop(result.reason, rejected=True)
 
@@ -255,27 +274,27 @@ class FlightFront:
         handed = self._handed
         while handed and next(iter(handed.values())) <= now:
             handed.popitem(last=False)
-        seen, ttl = self._first_seen, self.assembler.config.ttl
-        while seen and now - next(iter(seen.values())) >= ttl:
-            seen.popitem(last=False)
 
-    def knows(self, dcid: bytes, now: float) -> bool:
-        """Whether ``dcid`` is being assembled or was just handed over (its later datagrams
-        belong to a flight already under way, whatever Retry mode says)."""
-        handed = self._handed.get(dcid)
-        return dcid in self._first_seen or (handed is not None and handed > now)
+    def knows(self, dcid: bytes, client: Address, now: float) -> bool:
+        """Whether ``client``'s flight of ``dcid`` is being assembled or was just handed over
+        (its later datagrams belong to a flight already under way, whatever Retry mode says;
+        the same DCID from another address does not)."""
+        handed = self._handed.get((dcid, client))
+        return (handed is not None and handed > now) or self.assembler.is_pending(dcid, client)
 
-    def forget(self, dcid: bytes) -> None:
-        """Treat the next datagram of ``dcid`` as new (its flight was held, not decided)."""
-        self._handed.pop(dcid, None)
+    def forget(self, dcid: bytes, client: Address) -> None:
+        """Treat the next datagram of ``client``'s ``dcid`` as new (its flight was held, not
+        decided)."""
+        self._handed.pop((dcid, client), None)
 
     def stats(self) -> FrontStats:
-        return FrontStats(self.assembler.pending_count, self.assembler.pending_bytes,
+        asm = self.assembler
+        return FrontStats(asm.pending_count + asm.early_count, asm.pending_bytes + asm.early_bytes,
                           dict(self.dropped), self.rejected)
 
-    def _hand_over(self, dcid: bytes, now: float) -> None:
-        self._handed[dcid] = now + self._handed_ttl
-        self._handed.move_to_end(dcid)
+    def _hand_over(self, key: tuple[bytes, Address], now: float) -> None:
+        self._handed[key] = now + self._handed_ttl
+        self._handed.move_to_end(key)
         if len(self._handed) > self._handed_max:
             self._handed.popitem(last=False)
 
@@ -288,12 +307,32 @@ class FlightFront:
 class ClassifierReport:
     """One classifier's sizes and drops (a classifier process sends its own periodically)."""
 
-    pending_connections: int = 0
+    pending_connections: int = 0  # both assembler tables (see FrontStats)
     pending_bytes: int = 0
     routes: int = 0
     dropped: dict[str, int] = field(default_factory=dict)
-    expired: int = 0  # first flights that never completed (TTL or eviction), since start
+    # First flights that never completed (TTL or eviction), since start: connections that had
+    # sent Initial data (the assembler's stats.expired + stats.evicted). Not the early table's
+    # losses, which have their own count below: an entry there never carried an Initial, so
+    # it is not yet a first flight (a random-DCID 0-RTT flood would otherwise read as lost
+    # clients), and a real client that loses one still gets its flight decided when its
+    # Initial arrives (only its 0-RTT datagrams are lost, which QUIC recovers).
+    expired: int = 0
     retrying: bool = False  # Retry mode in force at the time of the report
+    early_expired: int = 0  # 0-RTT-only entries (no Initial yet) that expired or were evicted
+
+
+class _Decided:
+    """A routed flight, for its stragglers: the slot, until when, the client address it came
+    from (only its datagrams are stragglers) and how many were re-injected."""
+
+    __slots__ = ("client", "expires", "slot", "stragglers")
+
+    def __init__(self, slot: int, expires: float, client: Address) -> None:
+        self.slot = slot
+        self.expires = expires
+        self.client = client
+        self.stragglers = 0
 
 
 class _SendBudget:
@@ -354,11 +393,12 @@ class Classifier:
         self.front = FlightFront(assembler, handed_ttl=decided_ttl, handed_max=decided_max)
         self.random = random
         self.clock = clock
-        # DCID -> [slot, expires, stragglers]: datagrams of a decided flight that were queued
-        # here before the route existed still go to the same worker, never to a second
-        # decision. The straggler count bounds a loop: if the route's worker died, the kernel
-        # hands re-injected datagrams back here, and they must not circle forever.
-        self._decided: OrderedDict[bytes, list[float]] = OrderedDict()
+        # DCID -> its decision: datagrams of a decided flight that were queued here before the
+        # route existed still go to the same worker, never to a second decision; only those
+        # from the decided flight's client address (see the module docstring). The straggler
+        # count bounds a loop: if the route's worker died, the kernel hands re-injected
+        # datagrams back here, and they must not circle forever.
+        self._decided: OrderedDict[bytes, _Decided] = OrderedDict()
         self._decided_ttl = decided_ttl
         self._decided_max = decided_max
         self.send_rate, self.send_burst = send_rate, send_burst
@@ -401,7 +441,7 @@ class Classifier:
         """Age out pending flights and decided DCIDs; the daemon calls this every second."""
         self.front.expire(now)
         decided = self._decided
-        while decided and next(iter(decided.values()))[1] <= now:
+        while decided and next(iter(decided.values())).expires <= now:
             decided.popitem(last=False)
 
     def report(self) -> ClassifierReport:
@@ -413,7 +453,8 @@ class Classifier:
         stats = self.front.assembler.stats
         return ClassifierReport(front.pending_connections, front.pending_bytes,
                                 len(self._decided), dropped, stats.expired + stats.evicted,
-                                self.retrying(self.clock()))
+                                self.retrying(self.clock()),
+                                stats.expired_early + stats.evicted_early)
 
     def retrying(self, now: float) -> bool:
         """Whether a token-less new Initial arriving now gets a Retry."""
@@ -460,7 +501,7 @@ class Classifier:
         if (
             not self.retrying(now)
             or len(data) < MIN_INITIAL_DATAGRAM
-            or self.front.knows(header.dcid, now)
+            or self.front.knows(header.dcid, origin.client, now)
         ):
             return None
         if not self._retry_budget.take(now):
@@ -493,10 +534,15 @@ class Classifier:
     # -- outcomes -----------------------------------------------------------------------------
 
     def _flight(self, flight: Flight, now: float) -> str:
-        decision = self.registry.decide(flight.sni, flight.alpn)
         first = flight.datagrams[0][1]
+        prior = self._decided.get(flight.dcid)
+        if prior is not None and prior.client != first.client and prior.expires > now:
+            # Routed a moment ago for another client address: a spoofer (or a rebound NAT
+            # whose client was already served); the first decision stands.
+            return self._drop("flight_dcid_taken")
+        decision = self.registry.decide(flight.sni, flight.alpn)
         if decision is None and now < self.hold_unowned_until and self.registry.orphans:
-            self.front.forget(flight.dcid)
+            self.front.forget(flight.dcid, first.client)
             self.tally.flight("held")
             return "held"
         if decision is None:
@@ -513,7 +559,8 @@ class Classifier:
         # Every datagram of one flight arrived on the same group (the client's address family
         # and the service address it chose); route there and re-inject in arrival order.
         self.write_route(first.group, flight.dcid, decision.slot)
-        self._decided[flight.dcid] = [decision.slot, now + self._decided_ttl, 0]
+        self._decided[flight.dcid] = _Decided(decision.slot, now + self._decided_ttl,
+                                              first.client)
         self._decided.move_to_end(flight.dcid)
         if len(self._decided) > self._decided_max:
             self._decided.popitem(last=False)
@@ -528,14 +575,15 @@ class Classifier:
 
     def _straggler(self, event: Straggler) -> str:
         decided = self._decided.get(event.dcid)
-        if decided is None:
-            return self._drop("straggler_undecided")  # refused, or its decision aged out
-        if decided[2] >= MAX_STRAGGLERS:
+        if decided is None or decided.client != event.origin.client:
+            # refused, its decision aged out, or another address's flight took the DCID
+            return self._drop("straggler_undecided")
+        if decided.stragglers >= MAX_STRAGGLERS:
             return self._drop("straggler_loop")
-        decided[2] += 1
+        decided.stragglers += 1
         self.tally.reinjected += self.reinject(
             event.origin.client, event.origin.service, (event.data,))
-        return f"straggler:{int(decided[0])}"
+        return f"straggler:{decided.slot}"
 
     def _version_negotiation(self, vn: NeedsVersionNegotiation, now: float) -> str:
         self.tally.flight("version_negotiation")

@@ -35,7 +35,7 @@ from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
 from quic.token import derive_token_key
-from steerd.classifier import Classifier, ClassifierReport, Origin, RetryConfig
+from steerd.classifier import Address, Classifier, ClassifierReport, Origin, RetryConfig
 from steerd.config import Config, first_flight_capacity
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
@@ -108,7 +108,13 @@ def receive(
         if local is None:
             bump(dropped, "not_unicast")
             continue
-        yield data, Origin((client[0], client[1]), (local, port), group)
+        # An IPv6 link-local client keeps its scope (the interface), or re-injection and
+        # replies would go out the wrong one; everyone else is (host, port).
+        if len(client) == 4 and client[3]:
+            peer: Address = (client[0], client[1], 0, client[3])
+        else:
+            peer = (client[0], client[1])
+        yield data, Origin(peer, (local, port), group)
 
 
 # After a restart, how long (past start-up) flights for ALPNs nobody owns yet are left
@@ -296,7 +302,7 @@ class Daemon:
             reset_key=reset_key,
             assembler=AssemblerConfig(
                 max_pending=limits.pending_connections,
-                max_bytes_per_connection=max(limits.pending_bytes, 1200 + 16384),
+                max_bytes_per_connection=limits.pending_bytes,
                 ttl=limits.pending_ttl,
             ),
             decided_ttl=limits.route_ttl,

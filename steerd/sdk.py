@@ -20,6 +20,9 @@ Use::
     sys.exit(sdk.run(sdk.AppSpec(app="web", alpn=["h3"], workers=2),
                      config, create_protocol=MyProtocol))
 
+Session resumption and 0-RTT: give ``AppSpec(ticket_store=sdk.MemoryTicketStore())`` (each
+worker keeps the tickets it issued) or a store of your own that the workers share.
+
 Process model: the *parent* registers over the control socket (and so holds the app's routes:
 its control connection is the app's life), then forks one *worker* process per worker slot
 (so an app uses several cores). The parent closes its copies of the worker sockets, so a
@@ -56,10 +59,12 @@ import signal
 import socket
 import sys
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from functools import partial
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aioquic.asyncio.protocol import QuicConnectionProtocol
 from aioquic.asyncio.server import QuicServer
@@ -67,6 +72,7 @@ from aioquic.buffer import Buffer
 from aioquic.quic.configuration import SMALLEST_MAX_DATAGRAM_SIZE, QuicConfiguration
 from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
+from aioquic.tls import SessionTicket
 
 from quic.cid import CidLayout
 from quic.reset import reset_token
@@ -289,6 +295,66 @@ def current_worker() -> WorkerInfo | None:
 
 
 # ---------------------------------------------------------------------------------------------
+# Session tickets (resumption and 0-RTT)
+
+
+class TicketStore(Protocol):
+    """Where a worker keeps the TLS session tickets it issues, for aioquic's server.
+
+    ``add`` is aioquic's ``session_ticket_handler`` (called with each ticket the worker
+    issues), ``pop`` its ``session_ticket_fetcher`` (called with the label a resuming client
+    presents; None: unknown, the client gets a full handshake and its 0-RTT data is
+    refused). An app that wants tickets redeemable at any of its workers (the daemon routes
+    a returning client by load, not by ticket) supplies a store all of them share."""
+
+    def add(self, ticket: SessionTicket) -> None: ...
+
+    def pop(self, label: bytes) -> SessionTicket | None: ...
+
+
+class MemoryTicketStore:
+    """A bounded in-memory ticket store: lets clients resume (no certificate exchange) and
+    send 0-RTT data, with no setup.
+
+    Per worker process: ``run`` forks the workers after the ``AppSpec`` was made, so each
+    worker gets its own (empty) copy, and a ticket is redeemable only at the worker that
+    issued it. With several workers the daemon may route a returning client to another one,
+    which does not know the ticket: that client gets a full handshake and its 0-RTT data is
+    rejected (it resends it, RFC 9001 §4.6.2). Apps that need resumption at every worker
+    supply a shared store instead (any object with this ``add``/``pop``, see
+    ``TicketStore``).
+
+    Each ticket is redeemable once (``pop`` removes it): a replayed ClientHello with 0-RTT
+    data finds nothing (RFC 8446 §8.1, single-use tickets), within this worker; clients get
+    a fresh ticket on every connection. At most ``max_tickets`` are kept (the oldest go
+    first), and expired ones are dropped as new ones arrive.
+    """
+
+    def __init__(self, max_tickets: int = 10_000) -> None:
+        if max_tickets < 1:
+            raise ValueError("max_tickets must be at least 1")
+        self.max_tickets = max_tickets
+        self._tickets: OrderedDict[bytes, SessionTicket] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def add(self, ticket: SessionTicket) -> None:
+        tickets = self._tickets
+        tickets[ticket.ticket] = ticket
+        tickets.move_to_end(ticket.ticket)
+        now = datetime.now(UTC)
+        while tickets:
+            oldest = next(iter(tickets.values()))
+            if len(tickets) <= self.max_tickets and oldest.not_valid_after >= now:
+                break
+            tickets.popitem(last=False)
+
+    def pop(self, label: bytes) -> SessionTicket | None:
+        return self._tickets.pop(label, None)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running an app
 
 
@@ -307,6 +373,9 @@ class AppSpec:
     load_interval: float = 1.0
     retry: bool = False
     ready_line: bool = True  # print one JSON line on stdout when every worker serves
+    # Session resumption and 0-RTT: e.g. MemoryTicketStore() (each worker its own copy, see
+    # there), or a store the workers share. None: no tickets are issued.
+    ticket_store: TicketStore | None = None
 
 
 RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
@@ -474,12 +543,15 @@ class _Worker:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.draining.set)
+        tickets = self.spec.ticket_store
         for sock in self.sockets:
             _, server = await loop.create_datagram_endpoint(
                 lambda: SteerdQuicServer(
                     issuer=self.issuer, configuration=self.configuration,
                     create_protocol=self.create_protocol, retry=self.spec.retry,
                     stream_handler=self.stream_handler,
+                    session_ticket_handler=tickets.add if tickets is not None else None,
+                    session_ticket_fetcher=tickets.pop if tickets is not None else None,
                 ),
                 sock=sock,
             )

@@ -10,8 +10,12 @@
  * Payloads are fixed-size records of FLIGHTS (real client Initial datagrams), sent round robin.
  * Sources are random addresses of SRCNET/BITS and random ports (xorshift: reproducible).
  *
- * usage: spoof DST PORT SRCNET BITS FLIGHTS RECSIZE SECONDS BATCH
- * prints: "sent failed elapsed_seconds"
+ * usage: spoof DST PORT SRCNET BITS FLIGHTS RECSIZE SECONDS BATCH [frag]
+ * prints: "sent failed elapsed_seconds" (records: a fragmented record counts once)
+ *
+ * With "frag", each record goes out as two IPv4 fragments that reassemble to the whole
+ * datagram (the first carries the UDP header and FRAG_FIRST payload bytes), for the guard's
+ * fragment rule: QUIC sets DF (RFC 9000 §14), so a fragmented datagram is junk.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -32,6 +36,7 @@
 
 #define MAX_BATCH 256
 #define MAX_PAYLOAD 1500
+#define FRAG_FIRST 504 /* UDP payload bytes in a first fragment: 8 + 504 is a multiple of 8 */
 
 static uint64_t rng = 0x9e3779b97f4a7c15ULL;
 
@@ -53,18 +58,20 @@ static double now_s(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 9) {
-        fprintf(stderr, "usage: %s DST PORT SRCNET BITS FLIGHTS RECSIZE SECONDS BATCH\n", argv[0]);
+    if (argc != 9 && !(argc == 10 && strcmp(argv[9], "frag") == 0)) {
+        fprintf(stderr, "usage: %s DST PORT SRCNET BITS FLIGHTS RECSIZE SECONDS BATCH [frag]\n",
+                argv[0]);
         return 2;
     }
+    int frag = argc == 10;
     struct in_addr dst, srcnet;
     int port = atoi(argv[2]), bits = atoi(argv[4]), batch = atoi(argv[8]);
     size_t recsize = (size_t)atol(argv[6]);
     double seconds = atof(argv[7]);
 
     if (inet_pton(AF_INET, argv[1], &dst) != 1 || inet_pton(AF_INET, argv[3], &srcnet) != 1 ||
-        bits < 1 || bits > 32 || batch < 1 || batch > MAX_BATCH || recsize < 1 ||
-        recsize > MAX_PAYLOAD) {
+        bits < 1 || bits > 32 || batch < 1 || batch > MAX_BATCH / (frag ? 2 : 1) ||
+        recsize < (frag ? FRAG_FIRST + 1 : 1) || recsize > MAX_PAYLOAD) {
         fprintf(stderr, "bad arguments\n");
         return 2;
     }
@@ -96,7 +103,9 @@ int main(int argc, char **argv)
     uint32_t net = ntohl(srcnet.s_addr) & mask;
     size_t plen = sizeof(struct iphdr) + sizeof(struct udphdr) + recsize;
 
-    for (int i = 0; i < batch; i++) {
+    int npackets = frag ? 2 * batch : batch;
+
+    for (int i = 0; i < npackets; i++) {
         struct iphdr *ip = (struct iphdr *)packets[i];
 
         ip->version = 4;
@@ -111,6 +120,14 @@ int main(int argc, char **argv)
         udp->len = htons((uint16_t)(sizeof(struct udphdr) + recsize));
         iov[i].iov_base = packets[i];
         iov[i].iov_len = plen;
+        if (frag) { /* even: first fragment (MF); odd: the rest, at its offset */
+            size_t first = sizeof(struct iphdr) + sizeof(struct udphdr) + FRAG_FIRST;
+
+            iov[i].iov_len = i % 2 == 0 ? first : plen - first + sizeof(struct iphdr);
+            ip->tot_len = htons((uint16_t)iov[i].iov_len);
+            ip->frag_off = htons(i % 2 == 0 ? 0x2000
+                                            : (sizeof(struct udphdr) + FRAG_FIRST) / 8);
+        }
         msgs[i].msg_hdr.msg_iov = &iov[i];
         msgs[i].msg_hdr.msg_iovlen = 1;
         msgs[i].msg_hdr.msg_name = &to;
@@ -132,7 +149,24 @@ int main(int argc, char **argv)
             memcpy(udp + 1, flights + next * recsize, recsize);
             next = (next + 1) % records;
         }
-        int n = sendmmsg(sock, msgs, (unsigned)batch, 0);
+        if (frag) { /* spread each record over its two fragments, sharing one IP ID */
+            for (int i = batch - 1; i >= 0; i--) {
+                struct iphdr *whole = (struct iphdr *)packets[i];
+                struct iphdr *a = (struct iphdr *)packets[2 * i];
+                struct iphdr *b = (struct iphdr *)packets[2 * i + 1];
+                uint8_t record[sizeof(struct iphdr) + sizeof(struct udphdr) + MAX_PAYLOAD];
+                size_t head = sizeof(struct iphdr) + sizeof(struct udphdr) + FRAG_FIRST;
+                uint16_t id = (uint16_t)(next_random() | 1);
+
+                memcpy(record, whole, plen);
+                memcpy((uint8_t *)a + sizeof(struct iphdr), record + sizeof(struct iphdr),
+                       head - sizeof(struct iphdr));
+                memcpy((uint8_t *)b + sizeof(struct iphdr), record + head, plen - head);
+                a->saddr = b->saddr = ((struct iphdr *)record)->saddr;
+                a->id = b->id = htons(id);
+            }
+        }
+        int n = sendmmsg(sock, msgs, (unsigned)npackets, 0);
 
         if (n < 0) {
             if (errno != ENOBUFS && errno != EAGAIN && errno != EINTR) {
@@ -142,8 +176,8 @@ int main(int argc, char **argv)
             failed += (unsigned long long)batch;
             continue;
         }
-        sent += (unsigned long long)n;
-        failed += (unsigned long long)(batch - n);
+        sent += (unsigned long long)(frag ? n / 2 : n);
+        failed += (unsigned long long)(frag ? batch - n / 2 : batch - n);
     }
     printf("%llu %llu %.3f\n", sent, failed, now_s() - start);
     return 0;

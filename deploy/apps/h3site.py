@@ -143,6 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replace", action="store_true", help="start a new generation")
     p.add_argument("--drain-timeout", type=float, default=30.0)
     p.add_argument("--retry", action="store_true", help="validate addresses with Retry")
+    p.add_argument("--session-tickets", action="store_true",
+                   help="issue session tickets: resumption and 0-RTT (each worker redeems "
+                   "only its own tickets)")
     args = p.parse_args(argv)
     cert, key = ensure_cert(args.cert_dir, args.server_name or ["localhost"])
     config = QuicConfiguration(is_client=False, alpn_protocols=H3_ALPN)
@@ -151,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         app=args.app, alpn=H3_ALPN[:1], server_names=args.server_name, workers=args.workers,
         control=args.control, replace=args.replace, drain_timeout=args.drain_timeout,
         retry=args.retry,
+        ticket_store=sdk.MemoryTicketStore() if args.session_tickets else None,
     )
     return sdk.run(spec, config, create_protocol=H3Site)
 

@@ -342,7 +342,7 @@ def test_max_pending_evicts_oldest_first() -> None:
     for i in range(5):
         assert isinstance(asm.feed(partial(dcid_of(i)), ADDR, float(i)), NeedMore)
     assert asm.pending_count == 3 and asm.stats.evicted == 2
-    assert list(asm._pending) == [dcid_of(2), dcid_of(3), dcid_of(4)]
+    assert list(asm._pending) == [(dcid_of(i), ADDR) for i in (2, 3, 4)]
 
 
 def test_total_bytes_evicts_oldest_first() -> None:
@@ -353,7 +353,7 @@ def test_total_bytes_evicts_oldest_first() -> None:
         assert asm.pending_bytes <= 20000
     # each partial costs 1200 datagram bytes + 500 reassembly bytes
     assert asm.pending_count == 20000 // 1700
-    assert list(asm._pending)[-1] == dcid_of(19)
+    assert list(asm._pending)[-1] == (dcid_of(19), ADDR)
     assert asm.pending_bytes == 1700 * asm.pending_count
 
 
@@ -384,7 +384,7 @@ def test_ttl_expiry() -> None:
     assert asm.expire(4.9) == 0
     assert asm.expire(5.0) == 1 and asm.pending_count == 1
     asm.feed(partial(dcid_of(3)), ADDR, 8.5)  # lazy expiry on feed drops dcid 2
-    assert list(asm._pending) == [dcid_of(3)]
+    assert list(asm._pending) == [(dcid_of(3), ADDR)]
     assert asm.stats.expired == 2
     assert asm.pending_bytes == 1700
 
@@ -398,6 +398,182 @@ def test_expired_connection_starts_over() -> None:
     assert isinstance(result, NeedMore)  # the first half is gone with its entry
 
 
+# --- keys: DCID and client address (issue 11 item 4) ---------------------------------------
+
+SPOOF = ("198.51.100.66", 4433)
+
+
+def test_spoofed_dcid_from_another_address_cannot_disturb_a_pending_flight() -> None:
+    d0, d1 = aioquic_flight(["h3"], "www.example.com", two=True)
+    dcid = d0[6 : 6 + d0[5]]
+    # CRYPTO bytes at offset 0 that conflict with the real ClientHello (its bytes 4-5 are
+    # 0x0303, the legacy version), and a 0-RTT datagram: both carry the client's DCID.
+    conflict = initial_datagram(dcid, crypto(0, b"\x01\x00\x3f\x00" + bytes(300)))
+    early = zero_rtt_packet(dcid)
+    # From the client's own address, the conflicting datagram drops the flight (as it must) ...
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(d0, ADDR, 0.0), NeedMore)
+    poisoned = asm.feed(conflict, ADDR, 0.1)
+    assert isinstance(poisoned, Rejected) and poisoned.reason == "crypto_conflict"
+    assert poisoned.connection_dropped and asm.pending_count == 0
+    # ... from another address, it and the 0-RTT datagram are a connection of their own.
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(d0, ADDR, 0.0), NeedMore)
+    assert asm.feed(early, SPOOF, 0.1) == NeedMore(dcid)
+    assert (asm.pending_count, asm.early_count) == (1, 1)
+    assert asm.feed(conflict, SPOOF, 0.2) == NeedMore(dcid)  # promotes the spoofer's entry
+    assert (asm.pending_count, asm.early_count) == (2, 0)
+    ready = asm.feed(d1, ADDR, 0.3)
+    assert isinstance(ready, Ready) and ready.sni == "www.example.com"
+    assert ready.datagrams == ((d0, ADDR), (d1, ADDR)) and ready.started == 0.0
+    assert asm.pending_count == 1 and asm.is_pending(dcid, SPOOF)
+    assert not asm.is_pending(dcid, ADDR)
+    spoofer = asm._pending[(dcid, SPOOF)]
+    assert spoofer.datagrams == [(early, SPOOF), (conflict, SPOOF)]
+    assert asm.pending_bytes == spoofer.bytes
+    assert asm.stats.rejected == 0 and asm.stats.evicted == 0
+
+
+def test_peer_argument_keys_instead_of_addr() -> None:
+    """``peer`` is the key's address (the daemon's Origin also names the service): datagrams
+    with different ``addr`` but the same ``peer`` are one connection, and ``addr`` is handed
+    back untouched."""
+    d0, d1 = aioquic_flight(["h3"], "a.example", two=True)
+    asm = FirstFlightAssembler()
+    assert isinstance(asm.feed(d0, ("origin", 1), 0.0, ADDR), NeedMore)
+    assert isinstance(asm.feed(d1, ("origin", 2), 0.0, SPOOF), NeedMore)  # another client
+    ready = asm.feed(d1, ("origin", 3), 0.0, ADDR)
+    assert isinstance(ready, Ready)
+    assert ready.datagrams == ((d0, ("origin", 1)), (d1, ("origin", 3)))
+
+
+# --- the early table: 0-RTT before any Initial (issue 11 item 2) --------------------------------
+
+
+def test_zero_rtt_flood_cannot_evict_a_half_flight() -> None:
+    """Chromium's and qh3's ClientHellos span two datagrams: with the first one pending, a
+    flood of random-DCID 0-RTT datagrams (more than the whole main table) evicts only other
+    early entries, and the second datagram still completes the flight."""
+    d0, d1 = aioquic_flight(["smb", "h3"], "files.example", two=True)
+    cfg = AssemblerConfig()
+    asm = FirstFlightAssembler(cfg)
+    assert isinstance(asm.feed(d0, ADDR, 0.0), NeedMore)
+    n = cfg.max_pending + cfg.max_early + 1
+    for i in range(n):
+        assert isinstance(asm.feed(zero_rtt_packet(os.urandom(8), 200), ADDR, i * 1e-6), NeedMore)
+    assert asm.pending_count == 1 and asm.early_count == cfg.max_early
+    assert asm.stats.evicted == 0 and asm.stats.evicted_early == n - cfg.max_early
+    ready = asm.feed(d1, ADDR, 0.5)
+    assert isinstance(ready, Ready) and ready.alpn == ("smb", "h3")
+    assert ready.datagrams == ((d0, ADDR), (d1, ADDR))
+    assert asm.pending_count == 0 and asm.pending_bytes == 0
+    assert asm.early_bytes == 200 * cfg.max_early
+
+
+def test_initial_flood_cannot_evict_early_entries() -> None:
+    """The other direction: half-flights filling the main table never push out an early
+    entry (each table evicts only its own)."""
+    asm = FirstFlightAssembler(AssemblerConfig(max_pending=3))
+    dcid = os.urandom(8)
+    early = zero_rtt_packet(dcid)
+    assert isinstance(asm.feed(early, ADDR, 0.0), NeedMore)
+    for i in range(10):
+        assert isinstance(asm.feed(partial(dcid_of(i)), ADDR, 0.1), NeedMore)
+    assert asm.pending_count == 3 and asm.stats.evicted == 7
+    assert list(asm._early) == [(dcid, ADDR)] and asm.stats.evicted_early == 0
+    ready = asm.feed(initial_datagram(dcid, crypto(0, quic_hello())), ADDR, 0.2)
+    assert isinstance(ready, Ready) and ready.datagrams[0] == (early, ADDR)
+
+
+@pytest.mark.parametrize("two", [False, True])
+def test_zero_rtt_before_initial_forwarded_with_the_flight_in_arrival_order(two: bool) -> None:
+    """0-RTT that overtook its Initial waits in the early table, then leads the flight: on the
+    fast path (one-datagram ClientHello) as on the assembled one, and the flight's start is
+    its first 0-RTT datagram."""
+    flight = aioquic_flight(["h3"], "www.example.com", two=two)
+    dcid = flight[0][6 : 6 + flight[0][5]]
+    z0, z1, z2 = (zero_rtt_packet(dcid, 300 + i) for i in range(3))
+    asm = FirstFlightAssembler()
+    assert asm.feed(z0, ADDR, 1.0) == NeedMore(dcid)
+    assert asm.feed(z1, ADDR, 1.1) == NeedMore(dcid)
+    assert asm.early_count == 1 and asm.early_bytes == len(z0) + len(z1)
+    assert asm.pending_count == 0
+    if two:
+        assert asm.feed(flight[0], ADDR, 1.2) == NeedMore(dcid)
+        assert asm.early_count == 0 and asm.early_bytes == 0 and asm.pending_count == 1
+        assert asm.pending_bytes >= len(z0) + len(z1) + len(flight[0])
+        assert asm.feed(z2, ADDR, 1.3) == NeedMore(dcid)  # 0-RTT after an Initial: main table
+        ready = asm.feed(flight[1], ADDR, 1.4)
+        expected = [z0, z1, flight[0], z2, flight[1]]
+    else:
+        ready = asm.feed(flight[0], ADDR, 1.2)
+        expected = [z0, z1, flight[0]]
+    assert isinstance(ready, Ready) and ready.sni == "www.example.com"
+    assert ready.datagrams == tuple((d, ADDR) for d in expected)
+    assert ready.started == 1.0
+    assert asm.pending_count == asm.pending_bytes == asm.early_count == asm.early_bytes == 0
+
+
+def test_early_table_bounded_under_flood() -> None:
+    """Under a flood of random-DCID 0-RTT the early table never holds more than its count or
+    its bytes; the oldest entries go first; the main table stays empty."""
+    cfg = AssemblerConfig(max_pending=64)
+    assert cfg.max_early == 64 and cfg.max_early_bytes == 4 * 1024 * 1024  # derived defaults
+    asm = FirstFlightAssembler(cfg)
+    dcids = [os.urandom(8) for _ in range(500)]
+    for i, dcid in enumerate(dcids):
+        asm.feed(zero_rtt_packet(dcid, 100 + i % 50), ADDR, i * 1e-3)
+        assert asm.early_count <= cfg.max_early
+        assert asm.early_bytes == sum(e.bytes for e in asm._early.values())
+        assert asm.pending_count == 0 and asm.pending_bytes == 0
+    assert list(asm._early) == [(d, ADDR) for d in dcids[-cfg.max_early :]]
+    assert asm.stats.evicted_early == 500 - cfg.max_early and asm.stats.evicted == 0
+    # By bytes: big 0-RTT datagrams, a budget of a few of them.
+    tight = AssemblerConfig(max_bytes_per_connection=20000, max_early_bytes=20000)
+    asm = FirstFlightAssembler(tight)
+    for _ in range(100):
+        asm.feed(zero_rtt_packet(os.urandom(8), 1400), ADDR, 0.0)
+        assert asm.early_bytes <= tight.max_early_bytes
+    assert asm.early_count == 20000 // 1400 and asm.stats.evicted_early == 100 - 14
+    # One key growing past the budget evicts the others, never itself.
+    dcid = os.urandom(8)
+    for _ in range(14):
+        assert isinstance(asm.feed(zero_rtt_packet(dcid, 1400), ADDR, 0.0), NeedMore)
+    assert list(asm._early) == [(dcid, ADDR)] and asm.early_bytes == 14 * 1400
+    over = asm.feed(zero_rtt_packet(dcid, 1400), ADDR, 0.0)
+    assert isinstance(over, Rejected) and over.reason == "connection_over_budget"
+    assert not over.connection_dropped and asm.early_count == 1
+
+
+def test_early_entries_expire_on_their_own_count() -> None:
+    asm = FirstFlightAssembler(AssemblerConfig(ttl=5.0))
+    dcid = os.urandom(8)
+    asm.feed(zero_rtt_packet(os.urandom(8)), ADDR, 0.0)
+    asm.feed(zero_rtt_packet(dcid), ADDR, 4.0)
+    asm.feed(partial(dcid), ADDR, 8.0)  # promoted: its TTL counts from here
+    assert asm.stats.expired_early == 1 and asm.early_count == 0 and asm.pending_count == 1
+    assert asm.expire(12.9) == 0
+    assert asm.expire(13.0) == 1 and asm.stats.expired == 1
+    assert asm.pending_bytes == asm.early_bytes == 0
+
+
+def test_protocol_violation_drops_early_datagrams_too() -> None:
+    dcid = os.urandom(8)
+    asm = FirstFlightAssembler()
+    asm.feed(zero_rtt_packet(dcid), ADDR, 0.0)
+    bad = initial_datagram(dcid, crypto(0, quic_hello()) + b"\x08\x00\x00")
+    result = asm.feed(bad, ADDR, 0.1)
+    assert isinstance(result, Rejected) and result.reason == "forbidden_frame"
+    assert result.connection_dropped and asm.early_count == asm.early_bytes == 0
+    # an Initial that does not decrypt leaves the early entry alone
+    asm.feed(zero_rtt_packet(dcid), ADDR, 0.2)
+    forged = bytearray(initial_datagram(dcid, crypto(0, quic_hello())))
+    forged[-1] ^= 1
+    result = asm.feed(bytes(forged), ADDR, 0.3)
+    assert isinstance(result, Rejected) and result.reason == "decrypt_failed"
+    assert asm.early_count == 1
+
+
 @pytest.mark.parametrize(
     "kwargs",
     [
@@ -406,6 +582,8 @@ def test_expired_connection_starts_over() -> None:
         {"ttl": 0},
         {"max_bytes_per_connection": 1000},
         {"max_bytes_total": 1000},
+        {"max_early": -1},
+        {"max_early_bytes": 1000},
     ],
 )
 def test_config_validation(kwargs: dict[str, float]) -> None:

@@ -70,6 +70,11 @@ def check_bounds(asm: FirstFlightAssembler) -> None:
         assert e.reasm.buffered <= cfg.crypto_cap
         assert e.bytes <= cfg.max_bytes_per_connection
         assert len(e.reasm.ranges) <= cfg.max_crypto_ranges
+    early = list(asm._early.values())
+    assert asm.early_count == len(early) <= cfg.max_early
+    assert asm.early_bytes == sum(e.bytes for e in early) <= cfg.max_early_bytes
+    assert all(e.bytes <= cfg.max_bytes_per_connection for e in early)
+    assert not asm._early.keys() & asm._pending.keys()  # a key lives in one table at most
 
 
 def feed_all(asm: FirstFlightAssembler, datagrams: list[bytes]) -> list[object]:
@@ -233,6 +238,48 @@ def test_any_cutting_any_order_classifies(
         assert result.version == version and len(result.datagrams) == i // per_packet + 1
         return
     raise AssertionError("the ClientHello never completed")
+
+
+# A real two-datagram flight, and what a sender who knows its DCID can send from elsewhere.
+_PAIR = aioquic_flight(["smb", "h3"], "files.example", two=True)
+_PAIR_DCID = _PAIR[0][6 : 6 + _PAIR[0][5]]
+_SPOOFS = [
+    zero_rtt_packet(_PAIR_DCID),
+    initial_datagram(_PAIR_DCID, crypto(0, b"\x01\x00\x3f\x00" + bytes(300))),  # conflicts
+    initial_datagram(_PAIR_DCID, crypto(0, quic_hello(sni="evil.example"))),  # a whole hello
+    initial_datagram(_PAIR_DCID, b"\x08\x00\x00"),  # forbidden frame: drops its connection
+    *_PAIR,  # the client's own datagrams, replayed
+]
+
+
+@PROPS
+@given(
+    st.lists(st.tuples(st.sampled_from(range(len(_SPOOFS))), st.integers(0, 3)), max_size=12),
+    st.integers(0, 12),
+    st.integers(0, 12),
+    st.booleans(),
+)
+def test_same_dcid_from_other_addresses_never_disturbs_the_flight(
+    spoofs: list[tuple[int, int]], first_at: int, second_at: int, reverse: bool
+) -> None:
+    """Whatever other addresses send under the client's DCID, and whenever, the client's own
+    two datagrams complete its flight, which holds exactly them (issue 11 item 4)."""
+    asm = FirstFlightAssembler(AssemblerConfig(max_pending=8, max_early=2))
+    own = _PAIR[::-1] if reverse else _PAIR
+    plan = [(_SPOOFS[i], ("198.51.100.1", 1000 + port)) for i, port in spoofs]
+    a, b = sorted((min(first_at, len(plan)), min(second_at, len(plan))))
+    plan.insert(b, (own[1], ADDR))
+    plan.insert(a, (own[0], ADDR))
+    ours = []
+    for i, (datagram, addr) in enumerate(plan):
+        result = asm.feed(datagram, addr, i * 0.01)
+        assert isinstance(result, RESULTS)
+        check_bounds(asm)
+        if addr == ADDR:
+            ours.append(result)
+    assert isinstance(ours[0], NeedMore)
+    assert isinstance(ours[1], Ready) and ours[1].sni == "files.example"
+    assert ours[1].datagrams == tuple((d, ADDR) for d in own)
 
 
 @pytest.mark.timeout(60)

@@ -11,8 +11,8 @@ walker, the CRYPTO reassembler, the ClientHello parser and the assembler's budge
 evictions, and libFuzzer's coverage feedback steers mutation there.
 
 Each feed must give one of the four documented results (a Rejected with a documented reason),
-never raise, keep ``pending_count``/``pending_bytes`` within the configured caps and return
-within ``FEED_DEADLINE`` seconds.
+never raise, keep ``pending_count``/``pending_bytes`` and ``early_count``/``early_bytes``
+within the configured caps and return within ``FEED_DEADLINE`` seconds.
 
 Run by hand (libFuzzer flags pass through; the first corpus directory receives new inputs)::
 
@@ -236,6 +236,11 @@ def check_result(asm: FirstFlightAssembler, result: FeedResult, elapsed: float) 
         raise AssertionError(f"{asm.pending_count} pending > {cfg.max_pending}")
     if not 0 <= asm.pending_bytes <= cfg.max_bytes_total:
         raise AssertionError(f"{asm.pending_bytes} pending bytes > {cfg.max_bytes_total}")
+    # the early table (0-RTT before any Initial) has caps of its own
+    if asm.early_count > cfg.max_early:
+        raise AssertionError(f"{asm.early_count} early entries > {cfg.max_early}")
+    if not 0 <= asm.early_bytes <= cfg.max_early_bytes:
+        raise AssertionError(f"{asm.early_bytes} early bytes > {cfg.max_early_bytes}")
     if elapsed > FEED_DEADLINE:
         raise AssertionError(f"feed took {elapsed:.3f} s")
 
@@ -263,6 +268,8 @@ def run_input(
             slowest[0] = elapsed
     if asm.pending_count == 0 and asm.pending_bytes != 0:
         raise AssertionError(f"{asm.pending_bytes} bytes charged to no pending connection")
+    if asm.early_count == 0 and asm.early_bytes != 0:
+        raise AssertionError(f"{asm.early_bytes} bytes charged to no early entry")
     return now
 
 

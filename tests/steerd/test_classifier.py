@@ -168,9 +168,74 @@ def test_bookkeeping_stays_bounded_under_a_flood_of_half_flights() -> None:
         _, datagrams = flight(["smb"], two=True)
         classifier.on_datagram(datagrams[0], ORIGIN, 1.0 + i / 1000)
     assert classifier.front.assembler.pending_count <= 16
-    assert len(classifier.front._first_seen) <= 16
     classifier.expire(1000.0)
-    assert classifier.front.assembler.pending_count == 0 and not classifier.front._first_seen
+    assert classifier.front.assembler.pending_count == 0
+    assert classifier.report().expired == 200  # evicted, then expired: all lost first flights
+
+
+SPOOFER = ("203.0.113.66", 5353)
+
+
+def test_same_dcid_from_another_address_is_its_own_flight() -> None:
+    """Issue 11 item 4: a sender who knows a client's DCID cannot complete, extend or ride on
+    that client's flight from another address, before or after its decision."""
+    world = World()
+    classifier, _ = make(world)
+    _, datagrams = flight(["smb"], two=True)
+    spoofed = Origin(SPOOFER, SERVICE, 0)
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.0) == "pending"
+    # Before the decision: the spoofer's copy of the second half is a flight of its own
+    # (pending, not completing the client's), and the client's own second half completes it.
+    assert classifier.on_datagram(datagrams[1], spoofed, 1.01) == "pending"
+    outcome = classifier.on_datagram(datagrams[1], ORIGIN, 1.02)
+    assert outcome.startswith("routed:files:")
+    assert world.injected == datagrams and len(world.routes) == 1
+    # After it: the spoofer's datagrams are no stragglers of the client's flight (never
+    # re-injected; World.reinject would fail on its address), and do not use up its budget.
+    for _ in range(MAX_STRAGGLERS + 5):
+        assert classifier.on_datagram(datagrams[1], spoofed, 1.1) == "pending"
+    # The spoofer's flight completing (it has both halves now) never rewrites the route.
+    assert classifier.on_datagram(datagrams[0], spoofed, 1.2) == "dropped:flight_dcid_taken"
+    assert len(world.routes) == 1 and not world.replies
+    # The client's own stragglers still follow its decision, with their whole budget.
+    for _ in range(MAX_STRAGGLERS):
+        assert classifier.on_datagram(datagrams[0], ORIGIN, 1.3).startswith("straggler:")
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.3) == "dropped:straggler_loop"
+    assert world.injected == datagrams + [datagrams[0]] * MAX_STRAGGLERS
+    # A later straggler of the spoofer's (refused) flight is not re-injected either.
+    assert classifier.on_datagram(datagrams[0], spoofed, 1.4) == "dropped:straggler_undecided"
+    assert classifier.report().dropped == {
+        "flight_dcid_taken": 1, "straggler_loop": 1, "straggler_undecided": 1}
+
+
+def zero_rtt(dcid: bytes) -> bytes:
+    """A 0-RTT datagram (payload opaque to the classifier)."""
+    first = 0xC0 | (1 << 4) | 0x03
+    body = os.urandom(300)
+    return (bytes((first,)) + (1).to_bytes(4, "big") + bytes((len(dcid),)) + dcid
+            + bytes((8,)) + os.urandom(8) + (0x4000 | len(body)).to_bytes(2, "big") + body)
+
+
+def test_zero_rtt_flood_is_reported_apart_from_lost_flights() -> None:
+    """Issue 11 item 2 through the classifier: a random-DCID 0-RTT flood neither evicts a
+    half-assembled flight nor counts as expired first flights; its losses have their own
+    count, and the gauges show what is held in both tables."""
+    world = World()
+    cfg = AssemblerConfig(max_pending=4)
+    classifier, _ = make(world, assembler=cfg)
+    _, datagrams = flight(["smb"], two=True)
+    assert classifier.on_datagram(datagrams[0], ORIGIN, 1.0) == "pending"
+    flood = 3 * (cfg.max_pending + cfg.max_early)
+    for i in range(flood):
+        assert classifier.on_datagram(zero_rtt(os.urandom(8)), ORIGIN, 1.0 + i * 1e-5) == "pending"
+    report = classifier.report()
+    assert report.pending_connections == 1 + cfg.max_early
+    assert report.expired == 0 and report.early_expired == flood - cfg.max_early
+    assert classifier.on_datagram(datagrams[1], ORIGIN, 1.1).startswith("routed:files:")
+    classifier.expire(100.0)
+    report = classifier.report()
+    assert report.pending_connections == 0 and report.pending_bytes == 0
+    assert report.expired == 0 and report.early_expired == flood
 
 
 # -- Retry mode ---------------------------------------------------------------------------------
