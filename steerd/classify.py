@@ -128,7 +128,7 @@ class Classifier:
         self.clients: dict[frozenset[Endpoint], Endpoint] = {}  # flow -> its client endpoint
         self.server_cids: set[bytes] = set()
         self.decided: set[tuple[Endpoint, bytes]] = set()
-        self.pending: dict[bytes, _Flight] = {}
+        self.pending: dict[tuple[Endpoint, bytes], _Flight] = {}  # as the assembler keys them
         self.last_time: float | None = None  # the capture's clock, for the end-of-file TTL
 
     def _direction(self, d: Datagram) -> str | None:
@@ -183,20 +183,20 @@ class Classifier:
     def _expire(self, now: float) -> list[dict[str, Any]]:
         """Mirror the assembler's TTL so expired flights are reported, not silently lost."""
         deadline = now - self.config.ttl
-        gone = [dcid for dcid, f in self.pending.items() if f.created <= deadline]
-        return [self._incomplete(dcid, self.pending.pop(dcid), "ttl_expired") for dcid in gone]
+        gone = [key for key, f in self.pending.items() if f.created <= deadline]
+        return [self._incomplete(key[1], self.pending.pop(key), "ttl_expired") for key in gone]
 
     def _feed(self, d: Datagram, client: Endpoint) -> list[dict[str, Any]]:
         result = self.assembler.feed(d.payload, client, d.time)
         if isinstance(result, NeedMore):
-            flight = self.pending.get(result.dcid)
+            flight = self.pending.get((client, result.dcid))
             if flight is None:
                 version = int.from_bytes(d.payload[1:5], "big")
-                flight = self.pending[result.dcid] = _Flight(version, client, d.time)
+                flight = self.pending[(client, result.dcid)] = _Flight(version, client, d.time)
             flight.frames.append(d.frame)
             return []
         if isinstance(result, Ready):
-            flight = self.pending.pop(result.dcid, None)
+            flight = self.pending.pop((client, result.dcid), None)
             frames = (flight.frames if flight is not None else []) + [d.frame]
             self.decided.add((client, result.dcid))
             hello = result.client_hello
@@ -233,7 +233,7 @@ class Classifier:
             line["detail"] = result.detail
         line.update(client=_endpoint(client), frame=d.frame)
         if result.connection_dropped and result.dcid is not None:
-            dropped = self.pending.pop(result.dcid, None)
+            dropped = self.pending.pop((client, result.dcid), None)
             line["connection_dropped"] = True
             if dropped is not None:
                 line["dropped_frames"] = dropped.frames
@@ -253,7 +253,8 @@ class Classifier:
     def finish(self) -> list[dict[str, Any]]:
         """Flights still waiting for the rest of their ClientHello when the capture ended."""
         lines = [] if self.last_time is None else self._expire(self.last_time)
-        lines += [self._incomplete(d, f, "end_of_capture") for d, f in self.pending.items()]
+        lines += [self._incomplete(key[1], f, "end_of_capture")
+                  for key, f in self.pending.items()]
         self.pending.clear()
         return lines
 

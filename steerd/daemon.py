@@ -332,6 +332,7 @@ class Daemon:
         self._reports: dict[int, ClassifierReport] = {}
         self._socket_index = 0  # which classifier socket of a group this process replies from
         self._expired_counted = 0
+        self._early_expired_counted = 0
         self._stopping = False
         self.metrics_address: tuple[str, int] | None = None
         self._stopped = asyncio.Event()
@@ -519,6 +520,11 @@ class Daemon:
         if expired > self._expired_counted:
             self.metrics.first_flights.labels("expired", "").inc(expired - self._expired_counted)
             self._expired_counted = expired
+        early = sum(r.early_expired for r in reports)  # 0-RTT that never met its Initial
+        if early > self._early_expired_counted:
+            self.metrics.first_flights.labels("early_expired", "").inc(
+                early - self._early_expired_counted)
+            self._early_expired_counted = early
 
     # -- the socket sink the control server calls ----------------------------------------------
 

@@ -37,6 +37,7 @@ FLIGHT_RESULTS = (
     "version_negotiation",  # unknown QUIC version: Version Negotiation sent
     "rejected",  # undecryptable or malformed first flight (detail in quic's reason tokens)
     "expired",  # the first flight did not complete within pending_ttl, or was evicted
+    "early_expired",  # 0-RTT that never met its Initial: aged out or evicted (own table)
     "held",  # nobody owns it yet just after a restart, apps still resuming: left unanswered
 )
 
