@@ -36,8 +36,24 @@ static __always_inline int is_service_port(__be16 port)
            port == bpf_htons(STEERD_PORT_2) || port == bpf_htons(STEERD_PORT_3);
 }
 
-/* GCRA flood guard: 1 = let this Initial through, 0 = over the prefix's budget. */
-static __always_inline int flood_allows(struct steerd_bucket_key *key)
+/* One GCRA step on the bucket state ``*state``: 1 = within budget (and spent). Racy across
+ * CPUs by design: an approximate budget is enough for a flood guard. */
+static __always_inline int gcra(__u64 *state, __u64 now, __u64 interval, __u64 burst)
+{
+    __u64 tat = *state > now ? *state : now;
+
+    if (tat - now > burst)
+        return 0;
+    *state = tat + interval;
+    return 1;
+}
+
+#define FLOOD_OK 0
+#define FLOOD_PREFIX 1   /* over the source prefix's budget */
+#define FLOOD_TOTAL 2    /* over the budget of all prefixes together */
+
+/* The flood guard's verdict on one new Initial (or 0-RTT) from ``key``'s source. */
+static __always_inline int flood_check(struct steerd_bucket_key *key)
 {
     __u32 zero = 0;
     struct steerd_guard_config *cfg = bpf_map_lookup_elem(GUARD_CONFIG, &zero);
@@ -45,7 +61,7 @@ static __always_inline int flood_allows(struct steerd_bucket_key *key)
     __u32 bits;
 
     if (!cfg || !cfg->flood_enabled)
-        return 1;
+        return FLOOD_OK;
     bits = key->family == 4 ? cfg->v4_prefix_len : cfg->v6_prefix_len;
 #pragma unroll
     for (int i = 0; i < 16; i++) {
@@ -63,14 +79,13 @@ static __always_inline int flood_allows(struct steerd_bucket_key *key)
     if (!state) {
         tat = now + cfg->interval_ns;
         bpf_map_update_elem(BUCKETS, key, &tat, BPF_ANY);
-        return 1;
+    } else if (!gcra(state, now, cfg->interval_ns, cfg->burst_ns)) {
+        return FLOOD_PREFIX;
     }
-    /* Racy across CPUs by design: an approximate budget is enough for a flood guard. */
-    tat = *state > now ? *state : now;
-    if (tat - now > cfg->burst_ns)
-        return 0;
-    *state = tat + cfg->interval_ns;
-    return 1;
+    if (cfg->total_interval_ns &&
+        !gcra(&cfg->total_tat_ns, now, cfg->total_interval_ns, cfg->total_burst_ns))
+        return FLOOD_TOTAL;
+    return FLOOD_OK;
 }
 
 /* The verdict on one Ethernet frame: PASS or DROP. Shared by the XDP and the TC entry
@@ -85,6 +100,7 @@ static __always_inline int judge(void *data, void *end)
     struct udphdr *udp;
     __u8 *quic;
     __u32 plen, version, type;
+    int flood;
     __u8 first;
 
     if ((void *)(eth + 1) > end)
@@ -222,15 +238,19 @@ static __always_inline int judge(void *data, void *end)
             steerd_count(STEERD_CNT_XDP_DROP_SMALL_INITIAL);
             return DROP;
         }
-        if (!flood_allows(&src)) {
-            steerd_count(STEERD_CNT_XDP_DROP_RATE_LIMITED);
+        flood = flood_check(&src);
+        if (flood != FLOOD_OK) {
+            steerd_count(flood == FLOOD_PREFIX ? STEERD_CNT_XDP_DROP_RATE_LIMITED
+                                               : STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL);
             return DROP;
         }
         steerd_count(STEERD_CNT_XDP_INITIAL);
     } else if (type == STEERD_TYPE_0RTT) {
         /* 0-RTT before its Initial costs the classifier as much as an Initial: same budget. */
-        if (!flood_allows(&src)) {
-            steerd_count(STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT);
+        flood = flood_check(&src);
+        if (flood != FLOOD_OK) {
+            steerd_count(flood == FLOOD_PREFIX ? STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT
+                                               : STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL);
             return DROP;
         }
         steerd_count(STEERD_CNT_XDP_0RTT);

@@ -101,6 +101,8 @@
 #define STEERD_CNT_XDP_DROP_EXT_CHAIN 37
 /* the guard: 0-RTT over its source prefix's budget (the Initials' token bucket) */
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT 38
+/* the guard: within its prefix's budget, but over the budget of all prefixes together */
+#define STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL 39
 #define STEERD_CNT_MAX 48
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
@@ -119,7 +121,11 @@ struct steerd_route {
 
 /* guard_config: ARRAY of one entry, written by Python. Flood guard = GCRA per source
  * prefix: a bucket's "theoretical arrival time" advances by interval_ns per Initial and an
- * Initial is dropped when it would run more than burst_ns ahead of now. */
+ * Initial is dropped when it would run more than burst_ns ahead of now. The total_* bucket
+ * does the same for all prefixes together (0 = off): the per-prefix table is an LRU, and an
+ * attacker with many prefixes (an IPv6 /48 is cheap) evicts buckets as fast as it makes
+ * them, so only a cap on the whole bounds what reaches the classifiers. Its state lives
+ * here, not in the LRU, so nothing evicts it. */
 struct steerd_guard_config {
     __u32 flood_enabled;
     __u8 v4_prefix_len;
@@ -127,7 +133,10 @@ struct steerd_guard_config {
     __u16 pad;
     __u64 interval_ns;
     __u64 burst_ns;
-};                                    /* 24 bytes */
+    __u64 total_interval_ns;
+    __u64 total_burst_ns;
+    __u64 total_tat_ns;               /* written by the guard */
+};                                    /* 48 bytes */
 
 /* flood_buckets: LRU hash, source prefix -> GCRA state (u64 tat_ns). */
 struct steerd_bucket_key {
@@ -138,7 +147,7 @@ struct steerd_bucket_key {
 
 #define STEERD_ROUTE_KEY_SIZE 24
 #define STEERD_ROUTE_VALUE_SIZE 16
-#define STEERD_GUARD_CONFIG_SIZE 24
+#define STEERD_GUARD_CONFIG_SIZE 48
 #define STEERD_BUCKET_KEY_SIZE 20
 
 

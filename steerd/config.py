@@ -236,6 +236,9 @@ class FloodConfig:
     guard_burst: int = 64
     guard_v4_prefix_len: int = 24
     guard_v6_prefix_len: int = 48
+    # all source prefixes together, new Initials and 0-RTT per second; 0: no total cap
+    guard_total_rate: float = 0.0
+    guard_total_burst: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -595,9 +598,14 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         guard_burst=s.int_range("guard_burst", df.guard_burst, 1, 10**7),
         guard_v4_prefix_len=s.int_range("guard_v4_prefix_len", df.guard_v4_prefix_len, 0, 32),
         guard_v6_prefix_len=s.int_range("guard_v6_prefix_len", df.guard_v6_prefix_len, 0, 128),
+        guard_total_rate=s.number("guard_total_rate", df.guard_total_rate, 0, 10**8,
+                                  "Initials per second"),
+        guard_total_burst=s.int_range("guard_total_burst", df.guard_total_burst, 1, 10**8),
     )
     if flood.guard_rate and not xdp.interfaces:
         raise s.fail("guard_rate", "needs the guard: set [xdp] interfaces (or guard_rate = 0)")
+    if flood.guard_total_rate and not flood.guard_rate:
+        raise s.fail("guard_total_rate", "needs the per-prefix bucket: set guard_rate too")
     s = section("security", tuple(SecurityConfig.__dataclass_fields__))
     security = SecurityConfig(
         allow_unjailed=s.boolean("allow_unjailed", SecurityConfig().allow_unjailed),

@@ -447,9 +447,12 @@ class Daemon:
             flood = cfg.flood
             if cfg.xdp.interfaces and flood.guard_rate > 0:
                 dp0.set_flood_guard(flood.guard_rate, flood.guard_burst,
-                                    flood.guard_v4_prefix_len, flood.guard_v6_prefix_len)
-                log.info("flood guard: %g new Initials/s per source prefix, burst %d",
-                         flood.guard_rate, flood.guard_burst)
+                                    flood.guard_v4_prefix_len, flood.guard_v6_prefix_len,
+                                    flood.guard_total_rate, flood.guard_total_burst)
+                log.info("flood guard: %g new Initials/s per source prefix, burst %d; %s",
+                         flood.guard_rate, flood.guard_burst,
+                         f"{flood.guard_total_rate:g}/s in all" if flood.guard_total_rate
+                         else "no total cap")
             elif cfg.xdp.interfaces:
                 dp0.disable_flood_guard()  # a previous run's may still be configured
 

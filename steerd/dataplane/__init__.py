@@ -814,22 +814,31 @@ class Dataplane:
     # -- flood guard ----------------------------------------------------------------------
 
     def set_flood_guard(
-        self, rate: float, burst: int, v4_prefix_len: int = 24, v6_prefix_len: int = 48
+        self, rate: float, burst: int, v4_prefix_len: int = 24, v6_prefix_len: int = 48,
+        total_rate: float = 0.0, total_burst: int = 1,
     ) -> None:
-        """Allow each source prefix ``rate`` new Initials per second, ``burst`` at once."""
-        if rate <= 0 or burst < 1 or not 0 <= v4_prefix_len <= 32 or not 0 <= v6_prefix_len <= 128:
-            raise DataplaneError("flood guard: rate > 0, burst >= 1, prefix lengths in range")
+        """Allow each source prefix ``rate`` new Initials (and 0-RTT) per second, ``burst``
+        at once; and all prefixes together ``total_rate`` (0: no total cap)."""
+        if (rate <= 0 or burst < 1 or not 0 <= v4_prefix_len <= 32
+                or not 0 <= v6_prefix_len <= 128 or total_rate < 0 or total_burst < 1):
+            raise DataplaneError("flood guard: rate > 0, burst >= 1, prefix lengths in range, "
+                                 "total_rate >= 0, total_burst >= 1")
         interval = int(1e9 / rate)
-        self._write_guard_config(1, v4_prefix_len, v6_prefix_len, interval, (burst - 1) * interval)
+        total = int(1e9 / total_rate) if total_rate else 0
+        self._write_guard_config(1, v4_prefix_len, v6_prefix_len, interval,
+                                 (burst - 1) * interval, total, (total_burst - 1) * total)
         self._clear_map("flood_buckets")
 
     def disable_flood_guard(self) -> None:
-        self._write_guard_config(0, 24, 48, 0, 0)
+        self._write_guard_config(0, 24, 48, 0, 0, 0, 0)
 
-    def _write_guard_config(self, on: int, v4: int, v6: int, interval: int, burst: int) -> None:
+    def _write_guard_config(self, on: int, v4: int, v6: int, interval: int, burst: int,
+                            total: int, total_burst: int) -> None:
         self._need_maps()
         key = ct.c_uint32(0)
-        value = ct.create_string_buffer(struct.pack("=IBBHQQ", on, v4, v6, 0, interval, burst), 24)
+        value = ct.create_string_buffer(struct.pack(
+            "=IBBHQQQQQ", on, v4, v6, 0, interval, burst, total, total_burst, 0),
+            self._consts["STEERD_GUARD_CONFIG_SIZE"])
         if _lib().bpf_update_elem(self._fds["guard_config"], ct.byref(key), value, 0) != 0:
             raise DataplaneError(f"writing guard_config failed: {os.strerror(ct.get_errno())}")
 

@@ -460,3 +460,27 @@ def test_flood_guard_budget_is_per_source_prefix(
     finally:
         loaded.dp.disable_flood_guard()
         ip("addr", "del", f"{other}/24", "dev", pair.client_if, netns=pair.client)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_flood_guard_total_cap(family: int, loaded: Loaded, make_group: GroupFactory) -> None:
+    """Within its prefix's budget but over the total one: the per-prefix table is an LRU,
+    so only a cap on all prefixes together bounds a flood from many prefixes. Its state is
+    in guard_config, where no eviction resets it."""
+    group = make_group(workers=[55])
+    loaded.dp.set_flood_guard(rate=1000, burst=1000, total_rate=0.5, total_burst=2)
+    try:
+        tags = [new_tag() for _ in range(5)]
+        before = loaded.dp.counters()
+        got = group.deliver(family, [
+            (i, long_packet(PacketType.INITIAL if i % 2 else PacketType.ZERO_RTT,
+                            os.urandom(8), tag)) for i, tag in enumerate(tags)
+        ])
+        assert set(got) == set(tags[:2])
+        assert delta(before, loaded.dp.counters()) == {
+            "xdp_0rtt": 1, "xdp_initial": 1, "xdp_drop_rate_limited_total": 3,
+            "steer_long_new": 2, "steer_to_classifier": 2, "xdp_short": 1,
+            "steer_short_worker": 1,
+        }
+    finally:
+        loaded.dp.disable_flood_guard()
