@@ -227,6 +227,7 @@ class ControlServer:
         socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
         on_change: Callable[[], None] | None = None,
         socket_refusal: Callable[[int], tuple[str, str] | None] | None = None,
+        on_load: Callable[[], None] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -242,6 +243,8 @@ class ControlServer:
         # Called after anything that may have changed the registry (the daemon copies it to
         # its classifier processes).
         self.on_change = on_change
+        # Load reports change only the picker's figures: not urgent (default: on_change).
+        self.on_load = on_load or on_change
         # Why worker sockets may not go to a peer of this uid now, as (reason, message): the
         # daemon's steering program or socket jail is not attached yet. None from it, or no
         # callable, lets them go.
@@ -682,8 +685,8 @@ class ControlServer:
                 raise bad
             loads[slot] = float(load)
         self.registry.report_load(app, conn.id, loads)
-        if self.on_change is not None:
-            self.on_change()
+        if self.on_load is not None:
+            self.on_load()
         return {"app": app}, [], []
 
     def _op_status(self, conn: _Connection, m: Mapping[str, Any]) -> tuple[

@@ -29,8 +29,10 @@ import socket
 import stat
 import struct
 import sys
+import threading
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
@@ -41,6 +43,7 @@ from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
 from steerd.dataplane.jail import Jail, remove_jail
 from steerd.metrics import Metrics, bump
+from steerd.pool import MESSAGE_MAX, ClassifierPool
 from steerd.registry import Registry
 from steerd.reinject import Reinjector
 
@@ -52,7 +55,6 @@ _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(64)
 _BATCH = 64  # datagrams read per readiness event, so one busy socket cannot starve the loop
-_CHILD_MESSAGE_MAX = 1 << 22  # a registry replica or a report
 
 
 def bind_classifier_socket(address: str, port: int) -> socket.socket:
@@ -314,6 +316,7 @@ class Daemon:
         self.control = ControlServer(
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
             status_extra=self._status_extra, on_change=self._registry_changed,
+            on_load=lambda: self._registry_changed(urgent=False),
             socket_refusal=self.socket_refusal,
         )
         # The socket jail (bpf/jail.c): opened before anything binds, attached with the
@@ -322,13 +325,15 @@ class Daemon:
         self._jail_error = "not attached yet: the daemon is starting"
         self._saved_claims: list[dict[str, Any]] | None = None
         self._lock = -1  # the pin dir lock's fd while running
+        self._loading: threading.Event | None = None  # set once the compile thread is done
+        self._maps_lock = threading.Lock()
         # Every group has a steering program (a previous run's, pinned, or this run's).
         self.steering_attached = False
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
         # last report of each; with one classifier the main process classifies itself.
-        self._children: list[tuple[int, socket.socket]] = []
+        self.pool: ClassifierPool | None = None
         self._reports: dict[int, ClassifierReport] = {}
         self._socket_index = 0  # which classifier socket of a group this process replies from
         self._expired_counted = 0
@@ -359,7 +364,7 @@ class Daemon:
                         classifier_slots=limits.classifiers,
                         worker_slots=limits.worker_slots,
                         route_capacity=first_flight_capacity(limits),
-                        pin_dir=f"{self.pin_dir}/g{index}",
+                        pin_dir=group_pin_dir(self.pin_dir, address),
                     )
                 )
                 group = _Group(index, address, dp)
@@ -406,7 +411,8 @@ class Daemon:
             self._tick = asyncio.create_task(self._ticker())
             log.info("classifying and accepting apps")
             print("steerd: classifying", flush=True)  # before the (slow) program compile
-            await self._loop.run_in_executor(None, self._load_programs)
+            self._loading = threading.Event()
+            await self._loop.run_in_executor(None, self._load_programs, self._loading)
             # Apps of a previous run have had the whole start-up to resume; give them a
             # little more, then flights nobody owns are refused again.
             self.classifier.hold_unowned_until = time.monotonic() + RESUME_GRACE
@@ -415,9 +421,16 @@ class Daemon:
             await self.stop()
             raise
 
-    def _load_programs(self) -> None:
+    def _load_programs(self, done: threading.Event) -> None:
         """Compile and attach (in a thread: the event loop keeps classifying meanwhile). The
-        jail first: until it holds, apps of other uids get no sockets."""
+        jail first: until it holds, apps of other uids get no sockets. ``done`` is set when
+        the thread no longer touches the maps (stop() waits for it before closing them)."""
+        try:
+            self._load_programs_now()
+        finally:
+            done.set()
+
+    def _load_programs_now(self) -> None:
         cfg = self.config
         if self.jail is not None:
             try:
@@ -468,9 +481,13 @@ class Daemon:
         # Closing the control socket disconnects every app; that must not take their sockets
         # out of the data plane: they serve on, and resume with the next run.
         self._stopping = True
+        if self.pool is not None:
+            self.pool.freeze()  # the classifiers hold their last replica: hold, never refuse
         await self.control.close()
         self.metrics.close()
-        self._stop_children()
+        if self.pool is not None:
+            self.pool.stop()
+            self.pool = None
         if self.jail is not None:
             # While no daemon runs, no process at all may touch the port's sockets (and no
             # process that inherits one of our pids is taken for the daemon).
@@ -483,9 +500,15 @@ class Daemon:
                 if self._loop is not None and self.config.limits.classifiers == 1:
                     self._loop.remove_reader(sock.fileno())
                 sock.close()
-        for group in self.groups:
-            group.dataplane.close()
-        self.groups.clear()
+        if self._loading is not None and not self._loading.is_set():
+            # a stop during start-up (a signal, a failure): the compile thread still holds
+            # the map fds it was given; let it finish before they are closed
+            await asyncio.get_running_loop().run_in_executor(None, self._loading.wait, 120)
+        self.metrics.set_bpf_source(None)
+        with self._maps_lock:  # a scrape thread may be reading counters right now
+            for group in self.groups:
+                group.dataplane.close()
+            self.groups.clear()
         self.reinjector.close()
         if self._lock >= 0:
             os.close(self._lock)
@@ -500,15 +523,23 @@ class Daemon:
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(_REPORT_INTERVAL)
-            if not self._children:
-                self.classifier.expire(time.monotonic())
-                self.metrics.absorb(self.classifier.tally.take())
-            if self.registry.orphans and self.registry.release_orphans(self._slot_alive):
-                self._registry_changed()  # an app exited without resuming: slots are free
-            self._update_gauges()
+            try:
+                self._tick_once()
+            except Exception:  # a bug here must not stop the ticking (expiry, pushes, gauges)
+                log.exception("periodic tick failed")
+
+    def _tick_once(self) -> None:
+        if self.pool is None:
+            self.classifier.expire(time.monotonic())
+            self.metrics.absorb(self.classifier.tally.take())
+        if self.registry.orphans and self.registry.release_orphans(self._slot_alive):
+            self._registry_changed()  # an app exited without resuming: slots are free
+        if self.pool is not None:
+            self.pool.tick()
+        self._update_gauges()
 
     def _current_reports(self) -> list[ClassifierReport]:
-        if not self._children:
+        if self.pool is None:
             return [self.classifier.report()]
         return list(self._reports.values())
 
@@ -580,32 +611,48 @@ class Daemon:
                 bump(self.classifier.dropped, "internal_error")
 
     def _start_children(self) -> None:
-        """Fork one classifier process per classifier index. Each reads the sockets of its
-        index in every group (the BPF program's DCID hash picks the index, so every datagram
-        of one connection meets the same process) and does the whole job itself — assembly,
-        decision on its replica of the registry, route write, re-injection — so capacity
-        grows with processes instead of queueing at one decider."""
-        assert self._loop is not None
-        for index in range(self.config.limits.classifiers):
-            parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            for end in (parent_end, child_end):
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 << 20)
-                end.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-            pid = os.fork()
-            if pid == 0:
-                parent_end.close()
-                self._run_child(index, child_end)  # never returns
-            child_end.close()
-            parent_end.setblocking(False)
-            self._children.append((pid, parent_end))
+        """Fork one classifier process per classifier index (a ClassifierPool supervises
+        them). Each reads the sockets of its index in every group (the BPF program's DCID
+        hash picks the index, so every datagram of one connection meets the same process) and
+        does the whole job itself — assembly, decision on its replica of the registry, route
+        write, re-injection — so capacity grows with processes instead of queueing at one
+        decider."""
+        def lost(index: int) -> None:  # the steering program probes on to a live one
+            self._reports.pop(index, None)
+            for group in self.groups:
+                with contextlib.suppress(DataplaneError):
+                    group.dataplane.remove_classifier(index)
+
+        def ready(index: int) -> None:
+            for group in self.groups:
+                group.dataplane.set_classifier(index, group.sockets[index])
+
+        def report(index: int, tally: Any, rep: ClassifierReport) -> None:
+            self.metrics.absorb(tally)
+            self._reports[index] = rep
+
+        def listed(pid: int) -> None:
             if self.jail is not None:
                 self.jail.add_pid(pid)
-            self._loop.add_reader(parent_end.fileno(), self._child_readable, index, parent_end)
+
+        def unlisted(pid: int) -> None:  # its pid may go to any process now
+            if self.jail is not None:
+                with contextlib.suppress(DataplaneError):
+                    self.jail.remove_pid(pid)
+
+        self.pool = ClassifierPool(
+            self.config.limits.classifiers, self._run_child,
+            lambda: (self.registry, self.classifier.hold_unowned_until), report, lost, ready,
+            on_spawn=listed, on_reaped=unlisted,
+            count_restart=self.metrics.classifier_restarts.inc,
+        )
+        self.pool.start()
 
     def _run_child(self, index: int, channel: socket.socket) -> NoReturn:
         """Body of classifier process ``index``: exits with the main process (PDEATHSIG, or
-        its channel closing). Messages in: pickled registry replicas. Messages out, every
-        _REPORT_INTERVAL: (index, tally, report)."""
+        its channel closing). Messages in: (version, (registry replica, hold_unowned_until)),
+        pickled. Messages out, at once and then every _REPORT_INTERVAL: (the version it
+        holds, tally, report)."""
         code = 0
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
@@ -633,14 +680,15 @@ class Daemon:
             sel.register(channel, selectors.EVENT_READ, None)
             channel.setblocking(True)
             next_report = time.monotonic()
+            version = -1
             while True:
                 for key, _ in sel.select(max(0.0, next_report - time.monotonic())):
                     if key.data is None:
-                        message = channel.recv(_CHILD_MESSAGE_MAX)
+                        message = channel.recv(MESSAGE_MAX)
                         if not message:
                             raise SystemExit(0)
-                        classifier.registry, classifier.hold_unowned_until = pickle.loads(
-                            message)
+                        version, (classifier.registry, classifier.hold_unowned_until) = (
+                            pickle.loads(message))
                         continue
                     group = key.data
                     now = time.monotonic()
@@ -654,7 +702,7 @@ class Daemon:
                 now = time.monotonic()
                 if now >= next_report:
                     classifier.expire(now)
-                    report = (index, classifier.tally.take(), classifier.report())
+                    report = (version, classifier.tally.take(), classifier.report())
                     channel.send(pickle.dumps(report, pickle.HIGHEST_PROTOCOL))
                     next_report = now + _REPORT_INTERVAL
         except (SystemExit, BrokenPipeError, ConnectionResetError):
@@ -674,53 +722,14 @@ class Daemon:
         except OSError as exc:
             log.error("cannot save the claims for the next run: %s", exc)
 
-    def _registry_changed(self) -> None:
-        """Send every classifier process the registry as it is now (registrations are rare,
-        decisions are per flight: copying the table beats asking the main process)."""
+    def _registry_changed(self, urgent: bool = True) -> None:
+        """Keep the claims for the next run and the classifier processes' replicas current
+        (registrations are rare, decisions are per flight: copying the table beats asking
+        the main process). Load reports are not urgent: they go with the next tick."""
         if not self._stopping:  # a stopping daemon disconnects every app: keep their claims
             self._save_claims()
-        if not self._children:
-            return
-        snapshot = pickle.dumps((self.registry, self.classifier.hold_unowned_until),
-                                pickle.HIGHEST_PROTOCOL)
-        for _, channel in self._children:
-            try:
-                channel.send(snapshot)
-            except BlockingIOError:
-                log.error("a classifier process is not reading its channel")
-            except OSError:
-                pass  # it died; _child_readable notices
-
-    def _child_readable(self, index: int, channel: socket.socket) -> None:
-        for _ in range(_BATCH):
-            try:
-                message = channel.recv(_CHILD_MESSAGE_MAX)
-            except (BlockingIOError, InterruptedError):
-                return
-            if not message:  # a classifier process died: its share of new flights is lost
-                log.error("classifier process %d exited", index)
-                if self.jail is not None:  # its pid may go to any process now
-                    with contextlib.suppress(DataplaneError):
-                        self.jail.remove_pid(self._children[index][0])
-                assert self._loop is not None
-                self._loop.remove_reader(channel.fileno())
-                self._reports.pop(index, None)
-                return
-            _, tally, report = pickle.loads(message)
-            self.metrics.absorb(tally)
-            self._reports[index] = report
-
-    def _stop_children(self) -> None:
-        for pid, channel in self._children:
-            if self._loop is not None:
-                with contextlib.suppress(Exception):
-                    self._loop.remove_reader(channel.fileno())
-            channel.close()
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(pid, 0)
-        self._children.clear()
+        if self.pool is not None:
+            self.pool.changed(urgent)
 
     def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
         self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)
@@ -742,11 +751,13 @@ class Daemon:
     # -- views --------------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """BPF counters summed over the groups (each group counts what it steered)."""
+        """BPF counters summed over the groups (each group counts what it steered). Also
+        called from the metrics server's threads: under the lock stop() closes maps with."""
         total: dict[str, int] = {}
-        for group in self.groups:
-            for name, value in group.dataplane.counters().items():
-                total[name] = total.get(name, 0) + value
+        with self._maps_lock:
+            for group in self.groups:
+                for name, value in group.dataplane.counters().items():
+                    total[name] = total.get(name, 0) + value
         return total
 
     def _drops(self) -> dict[str, int]:
@@ -762,7 +773,8 @@ class Daemon:
             "port": self.config.listen.port,
             "pending_connections": sum(r.pending_connections for r in self._current_reports()),
             "pending_bytes": sum(r.pending_bytes for r in self._current_reports()),
-            "classifier_processes": max(1, len(self._children)),
+            "classifier_processes": len(self.pool.pids) if self.pool is not None else 1,
+            "classifier_restarts": self.pool.restarts if self.pool is not None else 0,
             "steering_attached": self.steering_attached,
             "jail_attached": self.jail is not None and self.jail.attached,
             "retry_mode": sum(r.retrying for r in self._current_reports()),
@@ -826,18 +838,26 @@ def purge(config: Config, pin_dir: str) -> list[str]:
         os.close(lock)
 
 
+def group_pin_dir(pin_dir: str, address: str) -> str:
+    """Where the group of listen address ``address`` pins its maps: keyed by the address,
+    so editing ``[listen] addresses`` never hands one address's routes and sockets to
+    another."""
+    return os.path.join(pin_dir, "g-" + address.replace(":", "-").replace(".", "_"))  # bpffs
+    # takes no "." in names
+
+
 def _purge_locked(config: Config, pin_dir: str) -> list[str]:
     done: list[str] = remove_jail(pin_dir)
-    for index, _address in enumerate(config.listen.addresses):
-        group_dir = f"{pin_dir}/g{index}"
-        if not os.path.isdir(group_dir):
-            continue
-        if index == 0:
-            dp = Dataplane(DataplaneConfig(layout=config.cid, pin_dir=group_dir))
-            for ifname in config.xdp.interfaces:
-                with contextlib.suppress(OSError):
-                    done += [f"{kind} guard off {ifname}"
-                             for kind in dp.remove_pinned_guard(ifname)]
+    # Every group this pin dir holds, also of addresses the config no longer lists (and the
+    # g<N> directories of versions that keyed groups by position).
+    groups = sorted(p for p in Path(pin_dir).glob("g*") if p.is_dir()) if os.path.isdir(
+        pin_dir) else []
+    for group_dir in groups:
+        dp = Dataplane(DataplaneConfig(layout=config.cid, pin_dir=str(group_dir)))
+        for ifname in config.xdp.interfaces:  # only the group that attached it has its pin
+            with contextlib.suppress(OSError):
+                done += [f"{kind} guard off {ifname}"
+                         for kind in dp.remove_pinned_guard(ifname)]
         shutil.rmtree(group_dir)
         done.append(f"removed {group_dir}")
     with contextlib.suppress(OSError):

@@ -203,6 +203,10 @@ class Metrics:
         self.control_connections = Gauge(
             "steerd_control_connections", "Open control-socket connections.", registry=r,
         )
+        self.classifier_restarts = Counter(
+            "steerd_classifier_restarts", "Classifier processes that died and were replaced.",
+            registry=r,
+        )
         self._bpf = _BpfCollector()
         r.register(self._bpf)
         self._server: WSGIServer | None = None

@@ -18,6 +18,7 @@ import time
 import pytest
 
 from quic.cid import CidLayout
+from steerd.daemon import group_pin_dir
 from steerd.dataplane.netns import netns_path
 from steerd.netns import NetnsPair
 from tests.e2e.conftest import (
@@ -144,7 +145,8 @@ def test_restart_with_no_apps_steers_at_once(own_daemon: tuple[NetnsPair, Daemon
     status = daemon.status()
     assert status["steering_attached"] is True and status["jail_attached"] is True
     routes = json.loads(subprocess.run(
-        ["bpftool", "-j", "map", "show", "pinned", f"{daemon.pin_dir}/g0/initial_routes"],
+        ["bpftool", "-j", "map", "show", "pinned",
+         os.path.join(group_pin_dir(daemon.pin_dir, pair.server_v4), "initial_routes")],
         capture_output=True, text=True, check=True).stdout)
     assert routes["max_entries"] == 131072  # sized for the default first_flight_rate
     app = start_app(daemon, "early", ["h3"])
