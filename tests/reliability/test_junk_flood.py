@@ -40,7 +40,7 @@ from tests.reliability.test_flood import (  # one sender, one way to build its r
     proc_status,
     spoofed_flights,
 )
-from tests.sdk.harness import start_demo_app, start_loader
+from tests.sdk.harness import chromium_get, start_demo_app, start_loader
 
 pytestmark = pytest.mark.root
 
@@ -51,6 +51,7 @@ JUNK_NET, JUNK_BITS = "198.19.7.0", 24  # one prefix: what a single attacking ho
 # not this one.
 SPOOF_BITS = 20
 JUNK_RECORDS = 1024
+BROWSER_HOST = "www.example.test"  # Chromium needs a name for its forced-QUIC origin
 MAX_PYTHON_SHARE = 0.01
 PENDING_CONNECTIONS, PENDING_BYTES = 2048, 17584
 # Per source prefix: above what the legitimate client's /24 sends when it loads as fast as it
@@ -127,7 +128,8 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
     )
     figures: dict[str, dict[str, object]] = {}
     with contextlib.contextmanager(start_daemon)(pair, config) as daemon:
-        app = start_demo_app(daemon, "h3")
+        app = start_demo_app(daemon, "h3", "--server-name", BROWSER_HOST, "--server-name",
+                             "localhost")
         try:
             pid = daemon.proc.pid
             for name, (args, net, bits) in floods.items():
@@ -146,12 +148,19 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                 started = time.monotonic()
                 loader = start_loader(pair, "qh3", "h3", "/count")
                 try:
+                    # one Chromium page load inside the window (a real browser's first flight:
+                    # two datagrams, CRYPTO scrambled), timed
+                    browser_started = time.monotonic()
+                    page = chromium_get(pair, BROWSER_HOST, app)
+                    browser = {"served": "behind steerd" in page.stdout,
+                               "seconds": round(time.monotonic() - browser_started, 2)}
                     if sender is not None:
                         out, err = sender.communicate(timeout=SECONDS + 30)
                         assert sender.returncode == 0, err
                         sent = int(out.split()[0])
                     else:
-                        time.sleep(SECONDS)  # the measuring window itself, not a wait
+                        # the rest of the measuring window itself, not a wait
+                        time.sleep(max(0.0, SECONDS - (time.monotonic() - started)))
                         sent = 0
                     elapsed = time.monotonic() - started
                     totals = loader.finish()
@@ -176,6 +185,7 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                     "legit_ok": totals["ok"], "legit_failed": totals["failed"],
                     "legit_errors": totals["errors"][:2],
                     "legit_rate": round(totals["ok"] / elapsed, 1),
+                    "chromium": browser,
                     "to_python": to_python,  # everything a classifier got, legitimate too
                     "junk_to_python": junk_to_python,
                     "python_share": round(junk_to_python / arrived, 5) if arrived else None,
@@ -189,6 +199,7 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
             for name, fig in figures.items():
                 ok, failed = fig["legit_ok"], fig["legit_failed"]
                 assert ok / max(1, ok + failed) >= MIN_SUCCESS, (name, fig)  # type: ignore[operator]
+                assert fig["chromium"]["served"], (name, fig)  # type: ignore[index]
                 if name.startswith(("a_", "b_", "c_")):
                     assert fig["junk_arrived"] > 10000, (name, fig)  # type: ignore[operator]
                     assert fig["python_share"] < MAX_PYTHON_SHARE, (name, fig)  # type: ignore[operator]

@@ -9,7 +9,9 @@ outlives a test even when the test fails.
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import os
 import shutil
@@ -23,6 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from quic.cid import CidLayout
 from steerd.dataplane.netns import netns_path
@@ -254,3 +258,30 @@ def loaders() -> Iterator[list[Loader]]:
     finally:
         for loader in made:
             loader.kill()
+
+
+def chromium_get(pair: NetnsPair, host: str, app: RunningApp, path: str = "/",
+                 timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Headless Chromium in the client namespace, forced onto HTTP/3 for ``host`` (mapped to
+    the server address), trusting ``app``'s certificate by its SPKI hash: ``--dump-dom`` of
+    ``https://host:PORT/path`` (its ClientHello spans two datagrams, CRYPTO scrambled)."""
+    if shutil.which("chromium") is None:
+        pytest.fail("chromium is part of the test environment (deploy/setup.sh installs it)")
+    cert = x509.load_pem_x509_certificate((app.workdir / "cert" / "cert.pem").read_bytes())
+    spki = base64.b64encode(hashlib.sha256(cert.public_key().public_bytes(
+        Encoding.DER, PublicFormat.SubjectPublicKeyInfo)).digest()).decode()
+    profile = Path(tempfile.mkdtemp(prefix="steerd-chromium-"))
+    try:
+        return subprocess.run(
+            ["nsenter", f"--net={netns_path(pair.client)}", "chromium", "--headless=new",
+             "--no-sandbox", "--disable-gpu", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", f"--user-data-dir={profile}",
+             f"--origin-to-force-quic-on={host}:{PORT}",
+             f"--host-resolver-rules=MAP {host} {pair.server_v4}",
+             f"--ignore-certificate-errors-spki-list={spki}",
+             "--dump-dom", f"https://{host}:{PORT}{path}"],
+            capture_output=True, text=True, timeout=timeout,
+        )
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)

@@ -7,8 +7,6 @@ through the daemon and get the page: the whole chain with peers that are not our
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import shutil
 import subprocess
 import tempfile
@@ -17,13 +15,11 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from steerd.dataplane.netns import netns_path
 from steerd.netns import NetnsPair
 from tests.e2e.conftest import PORT, Daemon
-from tests.sdk.harness import RunningApp, start_demo_app
+from tests.sdk.harness import RunningApp, chromium_get, start_demo_app
 
 pytestmark = pytest.mark.root
 
@@ -42,31 +38,8 @@ def site(daemon: Daemon) -> Iterator[RunningApp]:
         assert app.stop() == 0
 
 
-def _spki_hash(cert_pem: Path) -> str:
-    cert = x509.load_pem_x509_certificate(cert_pem.read_bytes())
-    spki = cert.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
-    return base64.b64encode(hashlib.sha256(spki).digest()).decode()
-
-
 def test_chromium_loads_the_page(pair: NetnsPair, site: RunningApp) -> None:
-    if shutil.which("chromium") is None:
-        pytest.fail("chromium is part of the test environment (deploy/setup.sh installs it)")
-    profile = Path(tempfile.mkdtemp(prefix="steerd-chromium-"))
-    spki = _spki_hash(site.workdir / "cert" / "cert.pem")
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={netns_path(pair.client)}", "chromium", "--headless=new",
-             "--no-sandbox", "--disable-gpu", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update",
-             "--disable-sync", f"--user-data-dir={profile}",
-             f"--origin-to-force-quic-on={HOST}:{PORT}",
-             f"--host-resolver-rules=MAP {HOST} {pair.server_v4}",
-             f"--ignore-certificate-errors-spki-list={spki}",
-             "--dump-dom", f"https://{HOST}:{PORT}/"],
-            capture_output=True, text=True, timeout=90,
-        )
-    finally:
-        shutil.rmtree(profile, ignore_errors=True)
+    out = chromium_get(pair, HOST, site)
     assert PAGE_MARK in out.stdout, out.stderr[-2000:]
 
 
