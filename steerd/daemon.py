@@ -1,10 +1,11 @@
 """The steerd daemon: the data plane, classifier sockets, control socket and metrics, wired.
 
 One reuseport group per listen address (an IPv4 and an IPv6 wildcard are two groups), each
-with its own :class:`~steerd.dataplane.Dataplane` pinned under ``PIN_DIR/gN``: the kernel only
-lets the steering program select sockets of the group the datagram arrived on, so worker and
-classifier sockarrays are per group. A worker slot means the same worker in every group, so a
-server CID routes the same whichever address family the client moves to.
+with its own :class:`~steerd.dataplane.Dataplane` pinned under ``PIN_DIR/g-ADDRESS``
+(:func:`group_pin_dir`): the kernel only lets the steering program select sockets of the
+group the datagram arrived on, so worker and classifier sockarrays are per group. A worker
+slot means the same worker in every group, so a server CID routes the same whichever address
+family the client moves to.
 
 The event loop owns everything (registry, assembler): readers on the classifier sockets and on
 the control socket, and a one-second tick that ages pending flights out. The daemon never sees
