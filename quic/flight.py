@@ -340,38 +340,28 @@ class FirstFlightAssembler:
         self.stats.rejected += 1
         return Rejected(reason, dcid, detail, dropped)
 
-    def _make_room(self, need: int, new_connection: bool, keep: _Key | None = None) -> None:
-        """Main table: evict oldest-first (never ``keep``, never an early entry) until the
-        connection and ``need`` bytes fit."""
+    def _make_room(self, need: int, new_connection: bool, keep: _Key | None = None,
+                   early: bool = False) -> None:
+        """Evict oldest-first (never ``keep``) from one table until the connection and
+        ``need`` bytes fit its caps: the main table or, with ``early``, the early one. Each
+        table only ever evicts its own entries."""
         cfg = self.config
-        pending = self._pending
+        table = self._early if early else self._pending
+        cap, byte_cap = ((cfg.max_early, cfg.max_early_bytes) if early
+                         else (cfg.max_pending, cfg.max_bytes_total))
         extra = 1 if new_connection else 0
-        while len(pending) + extra > cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
-            victim = None
-            for key in pending:
-                if key != keep:
-                    victim = key
-                    break
+        while len(table) + extra > cap or (
+                self._early_bytes if early else self._bytes) + need > byte_cap:
+            victim = next((key for key in table if key != keep), None)
             if victim is None:
                 return
-            self._bytes -= pending.pop(victim).bytes
-            self.stats.evicted += 1
-
-    def _make_room_early(self, need: int, new_connection: bool, keep: _Key | None = None) -> None:
-        """Early table: the same, within its own caps (never a main-table entry)."""
-        cfg = self.config
-        early = self._early
-        extra = 1 if new_connection else 0
-        while len(early) + extra > cfg.max_early or self._early_bytes + need > cfg.max_early_bytes:
-            victim = None
-            for key in early:
-                if key != keep:
-                    victim = key
-                    break
-            if victim is None:
-                return
-            self._early_bytes -= early.pop(victim).bytes
-            self.stats.evicted_early += 1
+            freed = table.pop(victim).bytes
+            if early:
+                self._early_bytes -= freed
+                self.stats.evicted_early += 1
+            else:
+                self._bytes -= freed
+                self.stats.evicted += 1
 
     def _feed_early(
         self,
@@ -385,10 +375,10 @@ class FirstFlightAssembler:
         """A 0-RTT-only datagram of a key with no Initial data yet: into the early table."""
         size = len(datagram)
         if held is None:
-            self._make_room_early(size, True)
+            self._make_room(size, True, early=True)
             held = self._early[key] = _Early(version, now)
         elif self._early_bytes + size > self.config.max_early_bytes:
-            self._make_room_early(size, False, keep=key)
+            self._make_room(size, False, keep=key, early=True)
         held.datagrams.append((datagram, addr))
         held.bytes += size
         self._early_bytes += size

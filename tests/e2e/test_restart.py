@@ -123,15 +123,7 @@ def test_second_daemon_on_the_same_pin_dir_touches_nothing(
         ["nsenter", net, STEERD, "purge", "-c", config, "--pin-dir", daemon.pin_dir],
         capture_output=True, text=True, timeout=60)
     assert purge.returncode == 1 and "another steerd" in purge.stderr, purge.stderr
-    app = start_app(daemon, "late", ["h3"])
-    try:
-        client = quic_client(pair, socket.AF_INET, ["h3"])
-        try:
-            assert app.next_datagram() is not None
-        finally:
-            client.close()
-    finally:
-        app.close()
+    assert_new_app_routed(pair, daemon, "late")
 
 
 def test_restart_with_no_apps_steers_at_once(own_daemon: tuple[NetnsPair, Daemon]) -> None:
@@ -149,7 +141,12 @@ def test_restart_with_no_apps_steers_at_once(own_daemon: tuple[NetnsPair, Daemon
          os.path.join(group_pin_dir(daemon.pin_dir, pair.server_v4), "initial_routes")],
         capture_output=True, text=True, check=True).stdout)
     assert routes["max_entries"] == 131072  # sized for the default first_flight_rate
-    app = start_app(daemon, "early", ["h3"])
+    assert_new_app_routed(pair, daemon, "early")
+
+
+def assert_new_app_routed(pair: NetnsPair, daemon: Daemon, name: str) -> None:
+    """A new app on ALPN h3 gets its sockets, and a new client's first flight reaches it."""
+    app = start_app(daemon, name, ["h3"])
     try:
         client = quic_client(pair, socket.AF_INET, ["h3"])
         try:
