@@ -20,31 +20,11 @@
 #define WORKERS ((void *)bpf_pseudo_fd(1, STEERD_FD_WORKERS))
 #define CLASSIFIERS ((void *)bpf_pseudo_fd(1, STEERD_FD_CLASSIFIERS))
 #define ROUTES ((void *)bpf_pseudo_fd(1, STEERD_FD_INITIAL_ROUTES))
+#define LEARNED_CIDS ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARNED_CIDS))
+#define LEARNED_PEERS ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARNED_PEERS))
+#define LEARN_CONFIG ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARN_CONFIG))
 
 #define QUIC_OFF STEERD_UDP_HEADER_LEN
-
-/* The worker slot a CID of STEERD_CID_LEN bytes names, if it is one of ours: the first
- * octet (config rotation + length bits) and host ID must match, as in CidLayout.decode. */
-static __always_inline int our_slot(const __u8 *cid, __u32 *slot)
-{
-    __u32 value = 0;
-
-    if (cid[0] != STEERD_CID_FIRST_OCTET)
-        return 0;
-#pragma unroll
-    for (int i = 0; i < STEERD_CID_HOST_ID_LEN; i++) {
-        if (cid[1 + i] !=
-            (__u8)(((__u64)STEERD_CID_HOST_ID >> (8 * (STEERD_CID_HOST_ID_LEN - 1 - i))) & 0xff))
-            return 0;
-    }
-#pragma unroll
-    for (int i = 0; i < STEERD_CID_SLOT_LEN; i++)
-        value = (value << 8) | cid[STEERD_CID_SLOT_OFFSET + i];
-    if (value >= STEERD_WORKER_SLOTS)
-        return 0;
-    *slot = value;
-    return 1;
-}
 
 /* Whether the datagram's destination is a multicast or (limited) broadcast address: such a
  * datagram is no client's connection to us, and answering it (Version Negotiation, a reset)
@@ -100,6 +80,93 @@ static __always_inline int to_classifier(struct sk_reuseport_md *md, const __u8 
     return SK_DROP;
 }
 
+/* A learned entry that is still alive: keep it alive while it is used (written at most once
+ * per half TTL, so a busy connection does not bounce the entry's cache line on every
+ * datagram). */
+static __always_inline int learned_alive(struct steerd_route *entry, __u64 ttl_ns)
+{
+    __u64 now = bpf_ktime_get_ns();
+
+    if (entry->expires_ns < now)
+        return 0;
+    if (entry->expires_ns - now < ttl_ns / 2)
+        entry->expires_ns = now + ttl_ns;
+    return 1;
+}
+
+/* Deliver to the slot a learned entry names; an empty slot drops (a learned-mode server's
+ * connections cannot be reset by steerd: it does not know their reset tokens). */
+static __always_inline int to_learned(struct sk_reuseport_md *md, __u32 slot, __u32 counter,
+                                      __u32 slot_stat)
+{
+    if (bpf_sk_select_reuseport(md, WORKERS, &slot, 0) == 0) {
+        steerd_count(counter);
+        steerd_slot_count(slot, slot_stat);
+        return SK_PASS;
+    }
+    steerd_count(STEERD_CNT_STEER_LEARNED_DEAD_SLOT);
+    return SK_DROP;
+}
+
+/* A short header whose DCID is not in our layout: try it as a learned CID of each length
+ * learned-mode apps registered, then the client's address:port (a client that switched to a
+ * CID the server gave it in an encrypted NEW_CONNECTION_ID frame, which nothing can learn).
+ * Returns -1 when nothing was learned for it. */
+static __always_inline int steer_learned_short(struct sk_reuseport_md *md)
+{
+    struct steerd_learn_config *cfg;
+    struct steerd_route_key key;
+    struct steerd_peer_key peer = {};
+    struct steerd_route *entry;
+    __u8 buf[STEERD_MAX_CID_LEN];
+    __u32 zero = 0;
+    __u16 ports[2];
+
+    cfg = bpf_map_lookup_elem(LEARN_CONFIG, &zero);
+    if (!cfg || !cfg->lengths[0])
+        return -1;
+    /* Any short header that can be unprotected has 20 bytes after its first byte (RFC 9001
+     * §5.4.2: a 4-byte packet number offset plus a 16-byte sample). */
+    if (bpf_skb_load_bytes(md, QUIC_OFF + 1, buf, sizeof(buf)) < 0)
+        return -1;
+#pragma unroll
+    for (int n = 0; n < STEERD_MAX_LEARN_LENGTHS; n++) {
+        __u8 len = cfg->lengths[n];
+
+        if (!len)
+            break;
+        __builtin_memset(&key, 0, sizeof(key));
+        key.len = len;
+#pragma unroll
+        for (int i = 0; i < STEERD_MAX_CID_LEN; i++)
+            key.cid[i] = i < len ? buf[i] : 0;
+        entry = bpf_map_lookup_elem(LEARNED_CIDS, &key);
+        if (entry && learned_alive(entry, cfg->ttl_ns))
+            return to_learned(md, entry->slot, STEERD_CNT_STEER_LEARNED_CID,
+                              STEERD_SLOT_STEERED_LEARNED_CID);
+    }
+    if (bpf_skb_load_bytes(md, 0, ports, sizeof(ports)) < 0)
+        return -1;
+    peer.peer_port = ports[0];
+    peer.local_port = ports[1];
+    if (md->eth_protocol == bpf_htons(0x0800)) {          /* IPv4 saddr at 12 */
+        peer.family = 4;
+        if (bpf_skb_load_bytes_relative(md, 12, peer.addr, 4, BPF_HDR_START_NET) < 0)
+            return -1;
+    } else if (md->eth_protocol == bpf_htons(0x86DD)) {   /* IPv6 saddr at 8 */
+        peer.family = 6;
+        if (bpf_skb_load_bytes_relative(md, 8, peer.addr, 16, BPF_HDR_START_NET) < 0)
+            return -1;
+    } else {
+        return -1;
+    }
+    entry = bpf_map_lookup_elem(LEARNED_PEERS, &peer);
+    if (entry && learned_alive(entry, cfg->ttl_ns))
+        return to_learned(md, entry->slot, STEERD_CNT_STEER_LEARNED_PEER,
+                          STEERD_SLOT_STEERED_LEARNED_PEER);
+    return -1;
+}
+
 int steerd_steer(struct sk_reuseport_md *md)
 {
     struct steerd_route_key key = {};
@@ -128,7 +195,11 @@ int steerd_steer(struct sk_reuseport_md *md)
         if (bpf_skb_load_bytes(md, QUIC_OFF + 1, key.cid, STEERD_CID_LEN) < 0)
             goto malformed;
 short_header:
-        if (!our_slot(key.cid, &slot)) {
+        if (!steerd_our_slot(key.cid, &slot)) {
+            int verdict = steer_learned_short(md);
+
+            if (verdict >= 0)
+                return verdict;
             /* No worker issued it, and a classifier could only drop it: stay in the kernel
              * (random short headers are the cheapest junk there is). */
             steerd_count(STEERD_CNT_STEER_DROP_SHORT_NOT_OURS);
@@ -170,13 +241,26 @@ short_header:
             return to_classifier(md, key.cid, len);
         }
     }
-    if (len == STEERD_CID_LEN && our_slot(key.cid, &slot)) {
+    if (len == STEERD_CID_LEN && steerd_our_slot(key.cid, &slot)) {
         if (bpf_sk_select_reuseport(md, WORKERS, &slot, 0) == 0) {
             steerd_count(STEERD_CNT_STEER_LONG_OURS_WORKER);
             return SK_PASS;
         }
         steerd_count(STEERD_CNT_STEER_LONG_OURS_DEAD_SLOT);
         return to_classifier(md, key.cid, len);
+    }
+    /* A learned server CID: the client's later Initials and its Handshake packets. */
+    if (len > 0) {
+        struct steerd_learn_config *cfg;
+        __u32 zero = 0;
+
+        cfg = bpf_map_lookup_elem(LEARN_CONFIG, &zero);
+        if (cfg && cfg->lengths[0]) {
+            route = bpf_map_lookup_elem(LEARNED_CIDS, &key);
+            if (route && learned_alive(route, cfg->ttl_ns))
+                return to_learned(md, route->slot, STEERD_CNT_STEER_LEARNED_CID,
+                                  STEERD_SLOT_STEERED_LEARNED_CID);
+        }
     }
     /* No route and not ours: only a client's first flight (Initial, 0-RTT) or an unknown
      * version (Version Negotiation) is the classifier's business. A Handshake or Retry

@@ -103,7 +103,19 @@
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT 38
 /* the guard: within its prefix's budget, but over the budget of all prefixes together */
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL 39
-#define STEERD_CNT_MAX 48
+/* steering by learned CIDs (bpf/learn.c learns them from the servers' own packets) */
+#define STEERD_CNT_STEER_LEARNED_CID 40          /* DCID is a learned server CID -> worker */
+#define STEERD_CNT_STEER_LEARNED_PEER 41         /* short header, no CID known, client address
+                                                  * learned -> worker */
+#define STEERD_CNT_STEER_LEARNED_DEAD_SLOT 42    /* learned entry names an empty slot: dropped */
+/* learning, on the egress path of worker sockets registered in learned mode */
+#define STEERD_CNT_LEARN_CID 43                  /* a server CID learned */
+#define STEERD_CNT_LEARN_PEER 44                 /* a client address learned */
+#define STEERD_CNT_LEARN_REFUSED 45              /* CID in our layout, or a client-chosen route:
+                                                  * never learned */
+#define STEERD_CNT_LEARN_CONFLICT 46             /* already another slot's (first writer wins) */
+#define STEERD_CNT_LEARN_FULL 47                 /* the slot's quota or the table is full */
+#define STEERD_CNT_MAX 64
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
  * `len` so Python and BPF build byte-identical keys. */
@@ -145,10 +157,69 @@ struct steerd_bucket_key {
     __u8 addr[16];                    /* masked to the prefix length */
 };                                    /* 20 bytes */
 
+/* Learned mode (bpf/learn.c, docs/DATAPLANE.md): servers that pick their own random CIDs
+ * are steered by what their own long-header packets show on the way out.
+ *
+ * learn_sockets: HASH, socket cookie (u64) -> how that worker socket is steered. Written by
+ * Python for every worker socket (layout-mode ones too: their egress is checked against
+ * the layout and mismatches are counted per slot). */
+#define STEERD_MODE_LAYOUT 1
+#define STEERD_MODE_LEARNED 2
+struct steerd_learn_socket {
+    __u32 slot;
+    __u8 mode;                        /* STEERD_MODE_* */
+    __u8 cid_len;                     /* learned mode: the length of every CID it issues */
+    __u16 pad;
+};                                    /* 8 bytes */
+
+/* learned_cids: HASH, (length, server CID) -> slot, keyed and valued like initial_routes
+ * (struct steerd_route_key / steerd_route). Not an LRU: a full table refuses new entries
+ * instead of evicting another app's, and per-slot quotas (learn_counts) keep one app from
+ * filling it. Entries expire (expires_ns) and Python sweeps them.
+ * learned_peers: HASH, client address:port and service port -> slot, same value. */
+struct steerd_peer_key {
+    __u8 family;                      /* 4 or 6 */
+    __u8 pad;
+    __u16 peer_port;                  /* network order, as on the wire */
+    __u16 local_port;                 /* network order */
+    __u16 pad2;
+    __u8 addr[16];                    /* IPv4: the first 4 bytes, the rest 0 */
+};                                    /* 24 bytes */
+
+/* learn_config: ARRAY of one entry, written by Python. */
+#define STEERD_MAX_LEARN_LENGTHS 4
+struct steerd_learn_config {
+    __u32 cid_quota;                  /* learned CIDs per slot */
+    __u32 peer_quota;                 /* learned client addresses per slot */
+    __u64 ttl_ns;                     /* an entry lives this long after its last use */
+    __u8 lengths[STEERD_MAX_LEARN_LENGTHS]; /* CID lengths learned-mode apps use; 0 = none */
+    __u32 pad;
+};                                    /* 24 bytes */
+
+/* learn_counts: ARRAY of u32, index slot (learned CIDs) and STEERD_WORKER_SLOTS + slot
+ * (learned peers): entries each slot holds. BPF adds; Python's sweep recounts. */
+
+/* slot_stats: PERCPU_ARRAY of u64, index slot * STEERD_SLOT_STATS + STEERD_SLOT_*: how each
+ * slot's packets are steered and what its egress shows (steerd status, per app). */
+#define STEERD_SLOT_STEERED_LEARNED_CID 0 /* in: steered by a learned CID */
+#define STEERD_SLOT_STEERED_LEARNED_PEER 1 /* in: steered by a learned client address */
+#define STEERD_SLOT_EGRESS_LONG 2         /* out: long-header packets (Initial/Handshake/Retry) */
+#define STEERD_SLOT_EGRESS_LEARNED 3      /* out: a new CID learned from one */
+#define STEERD_SLOT_EGRESS_OFF_MODE 4     /* out: SCID not as registered (layout mode: not in
+                                           * the layout or not this slot's; learned mode:
+                                           * another length) */
+#define STEERD_SLOT_EGRESS_REFUSED 5      /* out: learned mode, CID in the layout or a route */
+#define STEERD_SLOT_EGRESS_CONFLICT 6     /* out: CID or address already another slot's */
+#define STEERD_SLOT_EGRESS_FULL 7         /* out: quota or table full */
+#define STEERD_SLOT_STATS 8
+
 #define STEERD_ROUTE_KEY_SIZE 24
 #define STEERD_ROUTE_VALUE_SIZE 16
 #define STEERD_GUARD_CONFIG_SIZE 48
 #define STEERD_BUCKET_KEY_SIZE 20
+#define STEERD_LEARN_SOCKET_SIZE 8
+#define STEERD_PEER_KEY_SIZE 24
+#define STEERD_LEARN_CONFIG_SIZE 24
 
 
 /* Shared BPF-side helper: one per-CPU counter bump (only in programs given the counters fd). */
@@ -156,6 +227,44 @@ struct steerd_bucket_key {
 static __always_inline void steerd_count(__u32 idx)
 {
     __u64 *value = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, STEERD_FD_COUNTERS), &idx);
+
+    if (value)
+        *value += 1;
+}
+#endif
+
+/* The worker slot a CID of STEERD_CID_LEN bytes names, if it is one of ours: the first
+ * octet (config rotation + length bits) and host ID must match, as in CidLayout.decode.
+ * Shared by the steering program (where to send) and the learner (what never to learn). */
+#ifdef STEERD_CID_LEN
+static __always_inline int steerd_our_slot(const __u8 *cid, __u32 *slot)
+{
+    __u32 value = 0;
+
+    if (cid[0] != STEERD_CID_FIRST_OCTET)
+        return 0;
+#pragma unroll
+    for (int i = 0; i < STEERD_CID_HOST_ID_LEN; i++) {
+        if (cid[1 + i] !=
+            (__u8)(((__u64)STEERD_CID_HOST_ID >> (8 * (STEERD_CID_HOST_ID_LEN - 1 - i))) & 0xff))
+            return 0;
+    }
+#pragma unroll
+    for (int i = 0; i < STEERD_CID_SLOT_LEN; i++)
+        value = (value << 8) | cid[STEERD_CID_SLOT_OFFSET + i];
+    if (value >= STEERD_WORKER_SLOTS)
+        return 0;
+    *slot = value;
+    return 1;
+}
+#endif
+
+/* Count one event of a slot in slot_stats (programs given that map's fd). */
+#ifdef STEERD_FD_SLOT_STATS
+static __always_inline void steerd_slot_count(__u32 slot, __u32 what)
+{
+    __u32 idx = slot * STEERD_SLOT_STATS + what;
+    __u64 *value = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, STEERD_FD_SLOT_STATS), &idx);
 
     if (value)
         *value += 1;

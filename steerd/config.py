@@ -206,6 +206,13 @@ class LimitsConfig:
     control_message_bytes: int = 65536
     control_rate: float = 20.0  # messages per second per control connection, sustained
     control_burst: int = 40
+    # Learned mode (servers with their own CIDs, bpf/learn.c): the kernel tables of learned
+    # server CIDs and of learned client addresses hold this many each; one worker slot may
+    # hold learned_quota of each; an entry unused for learned_ttl seconds expires (longer
+    # than the apps' QUIC idle timeout, or idle connections lose their steering).
+    learned_capacity: int = 65536
+    learned_quota: int = 4096
+    learned_ttl: float = 300.0
 
 
 MAX_ROUTE_CAPACITY = 1 << 22
@@ -574,6 +581,9 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             "control_rate", dl.control_rate, 0.1, 100000, "messages per second"
         ),
         control_burst=s.int_range("control_burst", dl.control_burst, 1, 10**6),
+        learned_capacity=s.int_range("learned_capacity", dl.learned_capacity, 1024, 1 << 22),
+        learned_quota=s.int_range("learned_quota", dl.learned_quota, 16, 1 << 22),
+        learned_ttl=s.number("learned_ttl", dl.learned_ttl, 10, 86400),
     )
     fds = limits.workers_per_app * len(listen.addresses)
     if fds > SCM_MAX_FD:

@@ -75,7 +75,7 @@ from quic.cid import CidLayout
 from quic.reset import slot_reset_key
 from steerd.config import SCM_MAX_FD, Config, render
 from steerd.metrics import Metrics
-from steerd.registry import Generation, Peer, Registry, RegistryError
+from steerd.registry import LAYOUT, Generation, Peer, Registry, RegistryError, Steering
 
 OPS = ("deregister", "drain", "load", "register", "status")
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
@@ -102,6 +102,16 @@ class SocketSink(Protocol):
     def worker_cookies(self, slot: int) -> list[int | None]:
         """The SO_COOKIE of the socket in ``slot`` of each group (None: empty), so a resuming
         app can prove the sockets it presents are the ones steering its connections."""
+        ...
+
+    def set_steering(self, slot: int, steering: Steering, fresh: bool) -> None:
+        """``slot``'s sockets (already added) are steered as ``steering`` says; ``fresh``:
+        a new registration (its per-slot statistics start from zero), not a resume."""
+        ...
+
+    def steering_stats(self, slot: int) -> dict[str, int]:
+        """How ``slot``'s packets were steered and what its egress showed (``steerd
+        status``): the data plane's per-slot statistics."""
         ...
 
 
@@ -516,7 +526,8 @@ class ControlServer:
         self, conn: _Connection, m: Mapping[str, Any]
     ) -> tuple[dict[str, Any], list[int], list[socket.socket]]:
         self._fields("register", m,
-                     ("alpn", "app", "replace", "resume", "server_names", "workers"),
+                     ("alpn", "app", "cid_len", "cid_mode", "replace", "resume",
+                      "server_names", "workers"),
                      ("alpn", "app"))
         if "resume" in m:
             return self._resume(conn, m)
@@ -536,7 +547,7 @@ class ControlServer:
         port = self.config.listen.port
         gen = self.registry.register(
             m["app"], m["alpn"], m.get("server_names", []), workers, m.get("replace", False),
-            conn.peer, conn.id,
+            conn.peer, conn.id, steering=_steering(m),
         )
         made: list[socket.socket] = []
         added: list[int] = []
@@ -547,6 +558,7 @@ class ControlServer:
             for i, w in enumerate(gen.workers):
                 self.sink.add_worker(w.slot, made[i * len(addresses) : (i + 1) * len(addresses)])
                 added.append(w.slot)
+                self.sink.set_steering(w.slot, gen.steering, fresh=True)
         except OSError as e:
             self._undo(gen, made, added)
             raise _Refused("socket_error", f"register: cannot create worker sockets: {e}") from None
@@ -598,8 +610,10 @@ class ControlServer:
                     )
         gen = self.registry.register(
             m["app"], m["alpn"], m.get("server_names", []), len(slots), m.get("replace", False),
-            conn.peer, conn.id, resume=slots,
+            conn.peer, conn.id, resume=slots, steering=_steering(m),
         )
+        for slot in slots:  # the mode may differ from the previous run's
+            self.sink.set_steering(slot, gen.steering, fresh=False)
         self._update_gauges()
         reply = self._register_reply(gen, addresses, self.config.listen.port)
         reply["resumed"] = True
@@ -632,6 +646,8 @@ class ControlServer:
                 for i, w in enumerate(gen.workers)
             ],
             "cid": layout_dict(self.registry.layout),
+            "cid_mode": gen.steering.mode,
+            **({"cid_len": gen.steering.cid_len} if gen.steering.learned else {}),
         }
 
     def _app_of(self, op: str, m: Mapping[str, Any]) -> str:
@@ -694,6 +710,10 @@ class ControlServer:
     ]:
         self._fields("status", m, (), ())
         status = self.registry.status(viewer_uid=conn.peer.uid)  # a tenant sees its own apps
+        for app in status["apps"]:
+            for gen in app["generations"]:
+                for w in gen["workers"]:
+                    w["steering"] = self.sink.steering_stats(w["slot"])
         status["control_connections"] = len(self._conns)
         if self.status_extra is not None:
             status.update(self.status_extra())
@@ -726,6 +746,22 @@ class ControlServer:
 
     def owner_ids(self) -> list[Hashable]:
         return list(self._conns)
+
+
+def _steering(m: Mapping[str, Any]) -> Steering:
+    """The register message's ``cid_mode`` and ``cid_len`` (the registry checks them)."""
+    mode = m.get("cid_mode", "layout")
+    cid_len = m.get("cid_len", 0)
+    if not isinstance(mode, str):
+        raise _Refused("bad_request", f'register: "cid_mode" must be "layout" or "learned", '
+                       f"got {render(mode)}")
+    if isinstance(cid_len, bool) or not isinstance(cid_len, int):
+        raise _Refused("bad_request", f'register: "cid_len" must be an integer, got '
+                       f"{render(cid_len)}")
+    if mode == "layout" and "cid_len" in m:
+        raise _Refused("bad_request", 'register: "cid_len" is only for "cid_mode": "learned" '
+                       "(layout mode issues the layout's CIDs)")
+    return Steering(mode, cid_len) if mode != "layout" else LAYOUT
 
 
 def _fds_from(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
@@ -763,13 +799,16 @@ class Registration:
     sockets: list[socket.socket]
     layout: CidLayout
     reply: dict[str, Any]
+    steering: Steering = LAYOUT
 
     @classmethod
     def from_reply(cls, reply: dict[str, Any], sockets: list[socket.socket]) -> Registration:
         cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
+        mode = reply.get("cid_mode", "layout")
         return cls(
             app=reply["app"], generation=reply["generation"], workers=reply["workers"],
             sockets=sockets, layout=CidLayout(**cid), reply=reply,
+            steering=Steering(mode, reply.get("cid_len", 0)) if mode != "layout" else LAYOUT,
         )
 
     def reset_key_of(self, slot: int) -> bytes:
@@ -848,11 +887,12 @@ class ControlClient:
 
     def register(
         self, app: str, alpn: Sequence[str], server_names: Sequence[str] = (), workers: int = 1,
-        replace: bool = False,
+        replace: bool = False, steering: Steering = LAYOUT,
     ) -> Registration:
         reply, sockets = self.call({
             "op": "register", "app": app, "alpn": list(alpn),
             "server_names": list(server_names), "workers": workers, "replace": replace,
+            **_steering_fields(steering),
         })
         return Registration.from_reply(reply, sockets)
 
@@ -869,6 +909,7 @@ class ControlClient:
         reply, _ = self.call({
             "op": "register", "app": app, "alpn": list(alpn),
             "server_names": list(server_names), "resume": list(slots),
+            **_steering_fields(previous.steering),
         }, [s.fileno() for s in socks])
         return Registration.from_reply(reply, socks)
 
@@ -884,3 +925,10 @@ class ControlClient:
 
     def status(self) -> dict[str, Any]:
         return dict(self.call({"op": "status"})[0]["status"])
+
+
+def _steering_fields(steering: Steering) -> dict[str, Any]:
+    """A register message's steering fields (none for the default, layout mode)."""
+    if not steering.learned:
+        return {}
+    return {"cid_mode": steering.mode, "cid_len": steering.cid_len}

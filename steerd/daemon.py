@@ -43,9 +43,16 @@ from steerd.config import Config, first_flight_capacity
 from steerd.control import RESET_KEY_LEN, ControlServer
 from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
 from steerd.dataplane.jail import Jail, remove_jail
+from steerd.dataplane.learn import (
+    MODE_LAYOUT,
+    MODE_LEARNED,
+    Learner,
+    LearnLimits,
+    remove_learner,
+)
 from steerd.metrics import Metrics, bump
 from steerd.pool import MESSAGE_MAX, ClassifierPool
-from steerd.registry import Registry
+from steerd.registry import Registry, Steering
 from steerd.reinject import Reinjector
 
 log = logging.getLogger("steerd")
@@ -125,6 +132,7 @@ def receive(
 RESUME_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
+_SWEEP_INTERVAL = 5.0  # seconds between sweeps of the learned tables (expiry, quota counts)
 
 
 # How long after start-up the claims of a previous run's apps stay reserved for them (their
@@ -277,6 +285,7 @@ class _Group:
         self.index = index
         self.address = address
         self.dataplane = dataplane
+        self.learner = Learner(dataplane)
         self.sockets: list[socket.socket] = []
 
 
@@ -324,6 +333,9 @@ class Daemon:
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"
+        self._learn_error: str | None = None
+        self._learned_counts: dict[int, tuple[int, int]] = {}  # slot -> (CIDs, peers), swept
+        self._next_sweep = 0.0
         self._saved_claims: list[dict[str, Any]] | None = None
         self._lock = -1  # the pin dir lock's fd while running
         self._loading: threading.Event | None = None  # set once the compile thread is done
@@ -365,6 +377,7 @@ class Daemon:
                         classifier_slots=limits.classifiers,
                         worker_slots=limits.worker_slots,
                         route_capacity=first_flight_capacity(limits),
+                        learned_capacity=limits.learned_capacity,
                         pin_dir=group_pin_dir(self.pin_dir, address),
                     )
                 )
@@ -403,6 +416,7 @@ class Daemon:
                     log.warning("claims of the previous run: %s", why)
             if orphans:
                 log.info("slots %s still serve a previous run's apps: awaiting resume", orphans)
+            self._configure_learning()  # keeps the lengths the orphans' learned entries use
             if limits.classifiers > 1:
                 self._start_children()
             self.metrics.set_bpf_source(self.counters)
@@ -448,6 +462,12 @@ class Daemon:
             # Replaces the group's program (a previous run's, or the kernel's hash).
             group.dataplane.attach_reuseport(group.sockets[0])
         self.steering_attached = True
+        for group in self.groups:
+            try:
+                group.learner.attach()
+            except DataplaneError as exc:  # layout-mode apps do not need it
+                self._learn_error = str(exc)
+                log.error("learned mode unavailable: %s", exc)
         if self.groups:
             dp0 = self.groups[0].dataplane
             for ifname in cfg.xdp.interfaces:
@@ -508,6 +528,7 @@ class Daemon:
         self.metrics.set_bpf_source(None)
         with self._maps_lock:  # a scrape thread may be reading counters right now
             for group in self.groups:
+                group.learner.close()
                 group.dataplane.close()
             self.groups.clear()
         self.reinjector.close()
@@ -533,8 +554,23 @@ class Daemon:
         if self.pool is None:
             self.classifier.expire(time.monotonic())
             self.metrics.absorb(self.classifier.tally.take())
-        if self.registry.orphans and self.registry.release_orphans(self._slot_alive):
-            self._registry_changed()  # an app exited without resuming: slots are free
+        if self.registry.orphans:
+            released = self.registry.release_orphans(self._slot_alive)
+            if released:  # an app exited without resuming: slots are free
+                for group in self.groups:
+                    for slot in released:
+                        group.learner.forget_slot(slot)
+                self._registry_changed()
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + _SWEEP_INTERVAL
+            counts: dict[int, tuple[int, int]] = {}
+            with self._maps_lock:
+                for group in self.groups:
+                    for slot, (cids, peers) in group.learner.sweep().items():
+                        have = counts.get(slot, (0, 0))
+                        counts[slot] = (have[0] + cids, have[1] + peers)
+            self._learned_counts = counts
         if self.pool is not None:
             self.pool.tick()
         self._update_gauges()
@@ -572,6 +608,41 @@ class Daemon:
             return
         for group in self.groups:
             group.dataplane.remove_worker(slot)
+            group.learner.forget_slot(slot)
+
+    def set_steering(self, slot: int, steering: Steering, fresh: bool) -> None:
+        mode = MODE_LEARNED if steering.learned else MODE_LAYOUT
+        for group in self.groups:
+            cookie = group.dataplane.worker_cookie(slot)
+            if cookie is None:
+                continue
+            if fresh:
+                group.learner.clear_slot_stats(slot)
+            group.learner.set_socket(cookie, slot, mode, steering.cid_len)
+
+    def steering_stats(self, slot: int) -> dict[str, int]:
+        total: dict[str, int] = {}
+        with self._maps_lock:
+            for group in self.groups:
+                for name, value in group.learner.slot_stats().get(slot, {}).items():
+                    total[name] = total.get(name, 0) + value
+        cids, peers = self._learned_counts.get(slot, (0, 0))
+        if cids or peers:
+            total.update(learned_cids=cids, learned_peers=peers)
+        return total
+
+    def _configure_learning(self) -> None:
+        """Quotas, TTL and the CID lengths in use: the registry's learned-mode generations,
+        and the apps of a previous run still awaiting resume (their learned entries steer
+        their connections meanwhile; the data plane's socket list still says how)."""
+        limits = self.config.limits
+        learn = LearnLimits(limits.learned_quota, limits.learned_quota, limits.learned_ttl)
+        orphans = self.registry.orphans
+        for group in self.groups:
+            lengths = set(self.registry.learned_lengths())
+            lengths.update(cid_len for slot, mode, cid_len in group.learner.sockets().values()
+                           if mode == MODE_LEARNED and slot in orphans)
+            group.learner.configure(learn, lengths)
 
     def worker_cookies(self, slot: int) -> list[int | None]:
         return [group.dataplane.worker_cookie(slot) for group in self.groups]
@@ -729,6 +800,8 @@ class Daemon:
         the main process). Load reports are not urgent: they go with the next tick."""
         if not self._stopping:  # a stopping daemon disconnects every app: keep their claims
             self._save_claims()
+            if urgent:
+                self._configure_learning()
         if self.pool is not None:
             self.pool.changed(urgent)
 
@@ -778,6 +851,7 @@ class Daemon:
             "classifier_restarts": self.pool.restarts if self.pool is not None else 0,
             "steering_attached": self.steering_attached,
             "jail_attached": self.jail is not None and self.jail.attached,
+            "learned_mode": self._learn_error or "available",
             "retry_mode": sum(r.retrying for r in self._current_reports()),
             "classifier_drops": self._drops(),
             "counters": self.counters(),
@@ -859,6 +933,8 @@ def _purge_locked(config: Config, pin_dir: str) -> list[str]:
             with contextlib.suppress(OSError):
                 done += [f"{kind} guard off {ifname}"
                          for kind in dp.remove_pinned_guard(ifname)]
+        if remove_learner(str(group_dir)):
+            done.append(f"detached the learned-mode egress program of {group_dir}")
         shutil.rmtree(group_dir)
         done.append(f"removed {group_dir}")
     with contextlib.suppress(OSError):

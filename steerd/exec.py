@@ -71,6 +71,7 @@ from typing import Any
 
 from steerd.config import DEFAULT_CONTROL_PATH
 from steerd.control import ControlClient, ControlError, Registration, layout_dict
+from steerd.registry import LAYOUT, Steering
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 POLL_INTERVAL = 1.0  # seconds between checks that the generation was not replaced
@@ -103,6 +104,7 @@ def environment(reg: Registration) -> tuple[dict[str, str], list[socket.socket]]
         "STEERD_WORKER_SLOTS": ",".join(str(w["slot"]) for w in reg.workers),
         "STEERD_SOCKETS": json.dumps(described),
         "STEERD_CID_LAYOUT": json.dumps(layout_dict(reg.layout)),
+        "STEERD_CID_MODE": reg.steering.mode,
     }
     return env, socks
 
@@ -155,6 +157,7 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str], *,
     # present them to resume the app's slots.
     draining = False
     resuming = False
+    warned: set[str] = set()
 
     def drain(why: str) -> None:
         nonlocal draining
@@ -180,7 +183,7 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str], *,
                           file=sys.stderr, flush=True)
                 continue
             try:
-                if not draining and _replaced(client, reg):
+                if not draining and _watch(client, reg, warned):
                     drain("replaced by a newer generation")
             except OSError:  # the daemon went away: CMD serves on; resume with the next
                 client.close()
@@ -220,8 +223,11 @@ def _resume(
         return None
 
 
-def _replaced(client: ControlClient, reg: Registration) -> bool:
-    """True if a newer generation replaced ours; OSError if the daemon is gone."""
+def _watch(client: ControlClient, reg: Registration, warned: set[str]) -> bool:
+    """One look at our generation in ``steerd status``: say (once per kind, on stderr) when
+    the server's packets show it does not follow the CID mode it registered, which is the
+    one thing that makes its clients' packets miss it without any error of its own. True if
+    a newer generation replaced ours; OSError if the daemon is gone."""
     try:
         apps = client.status().get("apps", [])
     except ControlError:
@@ -230,8 +236,46 @@ def _replaced(client: ControlClient, reg: Registration) -> bool:
         if app["app"] == reg.app:
             for g in app["generations"]:
                 if g["generation"] == reg.generation:
+                    for line in mode_warnings(reg.app, reg.steering, g.get("workers", [])):
+                        kind = line.split(":", 2)[1]
+                        if kind not in warned:
+                            warned.add(kind)
+                            print(f"steerd exec: {line}", file=sys.stderr, flush=True)
                     return bool(g["state"] == "draining")
     return False
+
+
+def mode_warnings(app: str, steering: Steering, workers: Sequence[dict[str, Any]]) -> list[str]:
+    """What the per-slot egress statistics of ``steerd status`` say is wrong, as
+    ``APP: KIND: message`` lines (KIND names the problem, so each is said once)."""
+    total: dict[str, int] = {}
+    for w in workers:
+        for name, value in w.get("steering", {}).items():
+            total[name] = total.get(name, 0) + int(value)
+    seen, off = total.get("egress_long", 0), total.get("egress_off_mode", 0)
+    out: list[str] = []
+    if off and not steering.learned:
+        out.append(
+            f"{app}: off_layout: {off} of the {seen} long-header packets its server sent carry "
+            "a connection ID outside steerd's CID layout for its slot, so its clients' later "
+            "packets cannot be steered to it: it picks its own CIDs. Issue CIDs in the layout "
+            "(STEERD_CID_LAYOUT; steerd.sdk or python -m steerd.asgi do), or register with "
+            "--cid-mode learned --cid-len N (N: its CID length, 8 for aioquic and qh3)")
+    elif off:
+        out.append(
+            f"{app}: wrong_length: {off} of the {seen} long-header packets its server sent "
+            f"carry a connection ID that is not {steering.cid_len} bytes long (--cid-len): "
+            "those CIDs are not learned and their clients' packets cannot be steered to it")
+    if total.get("egress_refused"):
+        out.append(
+            f"{app}: refused: {total['egress_refused']} CIDs its server issued are in "
+            "steerd's CID layout or a client's first-flight DCID: never learned; in learned "
+            "mode the server must pick random CIDs")
+    if total.get("egress_full"):
+        out.append(
+            f"{app}: quota: {total['egress_full']} CIDs or client addresses were not learned: "
+            "the slot's quota ([limits] learned_quota) or the table is full")
+    return out
 
 
 def _command(args: Any) -> int:
@@ -247,7 +291,14 @@ def _command(args: Any) -> int:
         print(f"steerd exec: cannot reach the daemon at {args.control}: {exc}", file=sys.stderr)
         return 2
     try:
-        reg = client.register(args.app, args.alpn, args.server_name, args.workers, args.replace)
+        steering = Steering(args.cid_mode, args.cid_len or 0) if args.cid_mode == "learned" \
+            else LAYOUT
+        if args.cid_mode == "layout" and args.cid_len:
+            print("steerd exec: --cid-len is for --cid-mode learned", file=sys.stderr)
+            client.close()
+            return 2
+        reg = client.register(args.app, args.alpn, args.server_name, args.workers, args.replace,
+                              steering)
     except ControlError as exc:
         client.close()
         print(f"steerd exec: register refused ({exc.reason}): {exc}", file=sys.stderr)
@@ -269,5 +320,12 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--control", default=DEFAULT_CONTROL_PATH)
     p.add_argument("--replace", action="store_true", help="start a new generation")
+    p.add_argument("--cid-mode", choices=("layout", "learned"), default="layout",
+                   help="layout: CMD issues CIDs in steerd's layout (stateless steering, "
+                        "migration, resets); learned: CMD picks its own CIDs and the kernel "
+                        "learns them from its packets")
+    p.add_argument("--cid-len", type=int, default=None,
+                   help="learned mode: the length of every CID CMD issues (8 for aioquic, "
+                        "qh3 and hypercorn)")
     p.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD ...")
     p.set_defaults(func=_command)

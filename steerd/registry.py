@@ -57,6 +57,9 @@ from steerd.config import (
 )
 
 ANY_NAME = "*"
+CID_MODES = ("layout", "learned")
+LEARNED_CID_LEN = (4, 20)  # RFC 9000 allows 0..20; below 4 a CID is guessable by brute force
+MAX_LEARNED_LENGTHS = 4  # bpf/steerd.h STEERD_MAX_LEARN_LENGTHS: a lookup per length
 MAX_NAME_LEN = 253  # a DNS name; claims are never longer
 
 
@@ -103,6 +106,24 @@ class Worker:
         }
 
 
+@dataclass(frozen=True, slots=True)
+class Steering:
+    """How an app's packets find its workers: ``layout`` (every CID it issues is in steerd's
+    CID layout: stateless, survives migration, steerd can reset its connections) or
+    ``learned`` (it picks its own CIDs, all ``cid_len`` bytes long; the kernel learns them
+    from its packets, see bpf/learn.c and docs/DATAPLANE.md for what that gives up)."""
+
+    mode: str = "layout"
+    cid_len: int = 0  # learned mode only
+
+    @property
+    def learned(self) -> bool:
+        return self.mode == "learned"
+
+
+LAYOUT = Steering()
+
+
 @dataclass(slots=True)
 class Generation:
     """One registration of an app: its claims and its workers."""
@@ -120,6 +141,7 @@ class Generation:
     # Never a chain: a newer replace, or the removal of either end, drops the link, so a
     # generation never links to one that itself links on (see Registry._unlink).
     replaced: Generation | None = field(default=None, repr=False)
+    steering: Steering = LAYOUT
 
     @property
     def state(self) -> str:
@@ -129,6 +151,8 @@ class Generation:
         return {
             "generation": self.number, "state": self.state, "uid": self.uid,
             "alpn": list(self.alpns), "server_names": list(self.server_names),
+            "cid_mode": self.steering.mode,
+            **({"cid_len": self.steering.cid_len} if self.steering.learned else {}),
             "workers": [w.snapshot() for w in self.workers],
         }
 
@@ -324,8 +348,13 @@ class Registry:
         peer: Peer,
         owner: Hashable,
         resume: Sequence[int] | None = None,
+        steering: Steering = LAYOUT,
     ) -> Generation:
         """Start a generation of ``app``; the previous one (if any, and ``replace``) drains.
+
+        ``steering``: how its packets are steered (see :class:`Steering`). The data plane
+        looks learned CIDs up once per length in use, so at most MAX_LEARNED_LENGTHS
+        distinct lengths may be registered at once ("too_many_lengths").
 
         ``resume``: the orphaned slots (see :meth:`reserve_orphans`) an app that survived a
         daemon restart still serves; the generation takes exactly those (the caller has
@@ -390,6 +419,7 @@ class Registry:
                 "bad_request", f'"replace" must be true or false, got {render(replace)}'
             )
         pairs = [(alpn, name) for alpn in clean_alpns for name in names]
+        self._check_steering(steering)
 
         for alpn, name in pairs:
             if not self._allowed(peer, alpn, name):
@@ -468,7 +498,7 @@ class Registry:
             app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
             server_names=names,
             workers=[Worker(slot=s, server_id=server_id(self.layout, s)) for s in slots],
-            replaced=replaced,
+            replaced=replaced, steering=steering,
         )
         record.generations.append(generation)
         for pair in pairs:
@@ -698,6 +728,37 @@ class Registry:
         return w.slot
 
     # -- views ----------------------------------------------------------------------------
+
+    def learned_lengths(self) -> frozenset[int]:
+        """The CID lengths of every learned-mode generation (draining ones too: their
+        connections are still steered by what was learned)."""
+        return frozenset(g.steering.cid_len for a in self._apps.values()
+                         for g in a.generations if g.steering.learned)
+
+    def steering_of(self, slot: int) -> Steering | None:
+        """How the generation holding ``slot`` is steered (None: nobody holds it)."""
+        for a in self._apps.values():
+            for g in a.generations:
+                if any(w.slot == slot for w in g.workers):
+                    return g.steering
+        return None
+
+    def _check_steering(self, steering: Steering) -> None:
+        if steering.mode not in CID_MODES:
+            raise RegistryError("bad_request", f'"cid_mode" must be "layout" or "learned", '
+                                f"got {render(steering.mode)}")
+        if not steering.learned:
+            return
+        low, high = LEARNED_CID_LEN
+        if not low <= steering.cid_len <= high:
+            raise RegistryError("bad_request", f'"cid_len" must be {low}..{high} in learned '
+                                f"mode, got {render(steering.cid_len)}")
+        lengths = self.learned_lengths()
+        if steering.cid_len not in lengths and len(lengths) >= MAX_LEARNED_LENGTHS:
+            raise RegistryError(
+                "too_many_lengths",
+                f"learned-mode apps already use {MAX_LEARNED_LENGTHS} CID lengths "
+                f"({', '.join(map(str, sorted(lengths)))}); use one of them, or layout mode")
 
     def generations(self, app: str) -> list[Generation]:
         record = self._apps.get(app)

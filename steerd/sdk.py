@@ -111,6 +111,19 @@ class CidIssuer:
             return None
         return read_retry_token(token)
 
+    def admit_initial(self, dcid: bytes, token: bytes) -> tuple[bytes, bytes | None] | None:
+        """(original DCID, Retry SCID or None) for a connection from a new client Initial
+        with this DCID and token; None when the DCID is in the CID layout: no classifier
+        decided that Initial (see ``SteerdQuicServer``), and only a token of the server's
+        own Retry can justify it, which is the caller's to check. With a token of the
+        daemon's Retry the DCID is that Retry's SCID. The one accept rule, shared by
+        ``SteerdQuicServer`` and steerd.asgi's hypercorn protocol."""
+        if self.layout.decode(dcid) is not None:
+            return None
+        if token and (retried := self.retried_odcid(token)) is not None:
+            return retried, dcid
+        return dcid, None
+
     def new_cid(self) -> bytes:
         return self.layout.encode(self.slot, os.urandom(self.layout.nonce_len))
 
@@ -204,19 +217,16 @@ class SteerdQuicServer(QuicServer):
         """Build the connection for a new client Initial; False when the datagram is spent
         (answered with a Retry, or refused: see the class docstring)."""
         dcid: bytes = header.destination_cid
-        odcid: bytes | None = dcid
-        retry_scid: bytes | None = None
-        if self.issuer.layout.decode(dcid) is not None:
-            odcid = self._own_retry_odcid(addr, header)
-            if odcid is None:
+        admitted = self.issuer.admit_initial(dcid, header.token)
+        if admitted is None:
+            own = self._own_retry_odcid(addr, header)
+            if own is None:
                 self.refused_layout_initials += 1
                 log.debug("refused an Initial from %s naming slot %d (DCID %s): not "
                           "decided by a classifier", addr, self.issuer.slot, dcid.hex())
                 return False
-            retry_scid = dcid
-        elif header.token and (retried := self.issuer.retried_odcid(header.token)) is not None:
-            odcid, retry_scid = retried, dcid
-        elif self._retry is not None:
+            admitted = own, dcid
+        elif admitted[1] is None and self._retry is not None:
             now = self._loop.time()
             if not header.token:
                 scid = self.issuer.new_cid()
@@ -233,12 +243,12 @@ class SteerdQuicServer(QuicServer):
                 )
                 return False
             try:
-                odcid = self._retry.validate_token(
+                admitted = self._retry.validate_token(
                     address=addr, destination_cid=header.destination_cid, token=header.token,
-                    now=now)
+                    now=now), header.destination_cid
             except ValueError:
                 return True  # QuicServer answers INVALID_TOKEN for it
-            retry_scid = header.destination_cid
+        odcid, retry_scid = admitted
         connection = SteerdQuicConnection(
             issuer=self.issuer, configuration=self._configuration,
             original_destination_connection_id=odcid, retry_source_connection_id=retry_scid,

@@ -44,6 +44,7 @@ DEFAULT_PIN_DIR = "/sys/fs/bpf/steerd"
 BPFFS_MAGIC = 0xCAFE4A11
 
 # Kernel ABI numbers (include/uapi/linux/bpf.h, asm-generic/socket.h, if_link.h).
+MAP_HASH = 1
 MAP_ARRAY = 2
 MAP_PERCPU_ARRAY = 6
 MAP_LRU_HASH = 9
@@ -355,6 +356,7 @@ class DataplaneConfig:
     worker_slots: int | None = None
     route_capacity: int = 65536
     bucket_capacity: int = 65536
+    learned_capacity: int = 65536  # learned CIDs (and, apart, learned client addresses)
     pin_dir: str = DEFAULT_PIN_DIR
 
     def effective_worker_slots(self) -> int:
@@ -409,6 +411,7 @@ class Dataplane:
 
     def _map_specs(self) -> list[MapSpec]:
         c, k = self.config, self._consts
+        slots = c.effective_worker_slots()
         return [
             MapSpec("workers", MAP_REUSEPORT_SOCKARRAY, 4, 8, c.effective_worker_slots()),
             MapSpec("classifiers", MAP_REUSEPORT_SOCKARRAY, 4, 8, c.classifier_slots),
@@ -418,6 +421,16 @@ class Dataplane:
             MapSpec("guard_config", MAP_ARRAY, 4, k["STEERD_GUARD_CONFIG_SIZE"], 1),
             MapSpec("flood_buckets", MAP_LRU_HASH, k["STEERD_BUCKET_KEY_SIZE"], 8,
                     c.bucket_capacity),
+            # learned mode (bpf/learn.c, steerd/dataplane/learn.py)
+            MapSpec("learned_cids", MAP_HASH, k["STEERD_ROUTE_KEY_SIZE"],
+                    k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),
+            MapSpec("learned_peers", MAP_HASH, k["STEERD_PEER_KEY_SIZE"],
+                    k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),
+            MapSpec("learn_sockets", MAP_HASH, 8, k["STEERD_LEARN_SOCKET_SIZE"],
+                    2 * slots),
+            MapSpec("learn_config", MAP_ARRAY, 4, k["STEERD_LEARN_CONFIG_SIZE"], 1),
+            MapSpec("learn_counts", MAP_ARRAY, 4, 4, 2 * slots),
+            MapSpec("slot_stats", MAP_PERCPU_ARRAY, 4, 8, slots * k["STEERD_SLOT_STATS"]),
         ]
 
     def cflags(self) -> list[str]:
@@ -432,6 +445,7 @@ class Dataplane:
         ]
         flags += [f"-D{name}={value:#x}" for name, value in layout.defines().items()]
         flags += [f"-DSTEERD_PORT_{i}={p}" for i, p in enumerate(c.effective_guard_ports())]
+        flags.append(f"-DSTEERD_LEARN_PORT={c.port}")
         flags += [f"-DSTEERD_FD_{name.upper()}={fd}" for name, fd in self._fds.items()]
         return flags
 
@@ -536,6 +550,12 @@ class Dataplane:
         self._need_loaded()
         return self._guard_fd
 
+    @property
+    def ncpus(self) -> int:
+        """Possible CPUs: the width of a per-CPU map's value."""
+        self._need_maps()
+        return self._ncpus
+
     def map_fd(self, name: str) -> int:
         """The open fd of map ``name`` (e.g. ``counters``, which the socket jail shares)."""
         self._need_maps()
@@ -576,6 +596,9 @@ class Dataplane:
                 self.detach_tc(ifname, netns=netns)
             except DataplaneError as exc:
                 errors.append(str(exc))
+        from steerd.dataplane.learn import remove_learner
+
+        remove_learner(self.config.pin_dir)  # the egress program, if learned mode was on
         self.close()
         shutil.rmtree(self.config.pin_dir, ignore_errors=True)
         if errors:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 from steerd.dataplane import (
     BPF_DIR,
+    MAP_HASH,
     DataplaneError,
     MapSpec,
     Prerequisite,
@@ -44,7 +45,6 @@ from steerd.dataplane import (
     detach_pinned,
 )
 
-MAP_HASH = 1
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
 BPF_CGROUP_INET4_BIND = 8

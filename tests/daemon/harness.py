@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from steerd.config import Config
 from steerd.control import ControlServer, socket_cookie
 from steerd.metrics import Metrics
-from steerd.registry import Registry
+from steerd.registry import Registry, Steering
 
 T = TypeVar("T")
 NOBODY = 65534
@@ -31,6 +31,7 @@ class RecordingSink:
         self.calls: list[tuple[str, int]] = []
         self.workers: dict[int, list[tuple[int, str, int]]] = {}
         self.cookies: dict[int, list[int]] = {}
+        self.steering: dict[int, Steering] = {}
 
     def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None:
         with self.cond:
@@ -51,6 +52,13 @@ class RecordingSink:
     def worker_cookies(self, slot: int) -> list[int | None]:
         with self.cond:
             return list(self.cookies.get(slot, []))
+
+    def set_steering(self, slot: int, steering: Steering, fresh: bool) -> None:
+        with self.cond:
+            self.steering[slot] = steering
+
+    def steering_stats(self, slot: int) -> dict[str, int]:
+        return {}
 
     def wait_for(self, predicate: Callable[[], bool], timeout: float = 10.0) -> None:
         with self.cond:

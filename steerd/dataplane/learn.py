@@ -1,0 +1,270 @@
+"""Learned mode: steering servers that pick their own random CIDs (bpf/learn.c).
+
+Why: only servers that write every CID in steerd's layout can be steered without state.
+A plain aioquic, qh3 or hypercorn server picks random CIDs; the egress program learns them
+(and the client addresses it serves) from the server's own long-header packets as they
+leave, into ``learned_cids`` and ``learned_peers``, and the steering program looks them up.
+This module is the Python side of one group's learning: which worker sockets are steered
+how (``learn_sockets``), the quotas, TTL and CID lengths (``learn_config``), the sweep that
+expires entries and recounts the quotas, the per-slot statistics, and the egress program's
+attachment at the cgroup v2 root.
+
+Life cycle: like the socket jail, the egress program is pinned (``PIN_DIR/prog_learn``) and
+stays attached while the daemon is down, so apps keep learning through a restart; a new run
+attaches its own before detaching the old one. ``steerd purge`` detaches it
+(:func:`remove_learner`).
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import errno
+import os
+import struct
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from steerd.dataplane import (
+    BPF_DIR,
+    Dataplane,
+    DataplaneError,
+    _errno_of,
+    _lib,
+    _pin_fd,
+    detach_pinned,
+    header_constants,
+)
+from steerd.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root
+
+PROG_CGROUP_SKB = 8
+BPF_CGROUP_INET_EGRESS = 1
+PIN_NAME = "prog_learn"
+
+_H = header_constants()
+MODE_LAYOUT = _H["STEERD_MODE_LAYOUT"]
+MODE_LEARNED = _H["STEERD_MODE_LEARNED"]
+MAX_LENGTHS = _H["STEERD_MAX_LEARN_LENGTHS"]
+# slot_stats columns, named as steerd status shows them (bpf/steerd.h STEERD_SLOT_*)
+SLOT_STATS = {
+    value: name.removeprefix("STEERD_SLOT_").lower()
+    for name, value in _H.items()
+    if name.startswith("STEERD_SLOT_") and name != "STEERD_SLOT_STATS"
+}
+_ROUTE = struct.Struct("=IIQ")  # struct steerd_route: slot, flags, expires_ns
+
+
+@dataclass(frozen=True, slots=True)
+class LearnLimits:
+    """How much each slot may learn and how long an unused entry lives."""
+
+    cid_quota: int = 4096
+    peer_quota: int = 4096
+    ttl: float = 300.0
+
+
+class Learner:
+    """Learned-mode state of one group's data plane (its maps must be open)."""
+
+    def __init__(self, dp: Dataplane) -> None:
+        self.dp = dp
+        self._bpf: object | None = None
+        self._slots = dp.config.effective_worker_slots()
+
+    # -- configuration ----------------------------------------------------------------------
+
+    def configure(self, limits: LearnLimits, lengths: Iterable[int]) -> None:
+        """Quotas, TTL and the CID lengths learned-mode apps registered (at most
+        STEERD_MAX_LEARN_LENGTHS distinct ones: each costs the steering program a lookup
+        for every short header that is not in the layout)."""
+        lens = sorted({int(n) for n in lengths})
+        if len(lens) > MAX_LENGTHS or any(not 1 <= n <= 20 for n in lens):
+            raise DataplaneError(f"learned CID lengths {lens}: at most {MAX_LENGTHS}, each 1..20")
+        raw = struct.pack("=IIQ4sI", limits.cid_quota, limits.peer_quota,
+                          int(limits.ttl * 1e9), bytes(lens).ljust(MAX_LENGTHS, b"\0"), 0)
+        key = ct.c_uint32(0)
+        value = ct.create_string_buffer(raw, len(raw))
+        if _lib().bpf_update_elem(self.dp.map_fd("learn_config"), ct.byref(key), value, 0):
+            raise DataplaneError(f"writing learn_config failed: {os.strerror(ct.get_errno())}")
+
+    def set_socket(self, cookie: int, slot: int, mode: int, cid_len: int = 0) -> None:
+        """The worker socket with SO_COOKIE ``cookie`` serves ``slot`` in ``mode``."""
+        key = ct.c_uint64(cookie)
+        raw = struct.pack("=IBBH", slot, mode, cid_len, 0)
+        value = ct.create_string_buffer(raw, len(raw))
+        if _lib().bpf_update_elem(self.dp.map_fd("learn_sockets"), ct.byref(key), value, 0):
+            raise DataplaneError(f"learn_sockets: cannot add the socket of slot {slot}: "
+                                 f"{os.strerror(ct.get_errno())}")
+
+    def sockets(self) -> dict[int, tuple[int, int, int]]:
+        """cookie -> (slot, mode, cid_len) for every listed socket."""
+        out: dict[int, tuple[int, int, int]] = {}
+        for key, value in self._items("learn_sockets", 8, 8):
+            slot, mode, cid_len, _ = struct.unpack("=IBBH", value)
+            out[int.from_bytes(key, "little")] = (slot, mode, cid_len)
+        return out
+
+    def forget_slot(self, slot: int) -> None:
+        """The slot's worker left: its sockets and everything learned for it go (a freed
+        slot is quarantined before another app gets it, and must start clean)."""
+        for cookie, (owner, _, _) in self.sockets().items():
+            if owner == slot:
+                self._delete("learn_sockets", ct.c_uint64(cookie))
+        for name in ("learned_cids", "learned_peers"):
+            size = header_constants()[
+                "STEERD_ROUTE_KEY_SIZE" if name == "learned_cids" else "STEERD_PEER_KEY_SIZE"]
+            for key, value in self._items(name, size, _ROUTE.size):
+                if _ROUTE.unpack(value)[0] == slot:
+                    self._delete(name, ct.create_string_buffer(key, size))
+
+    # -- upkeep ---------------------------------------------------------------------------
+
+    def sweep(self, now_ns: int | None = None) -> dict[int, tuple[int, int]]:
+        """Delete expired entries and recount each slot's (the BPF side only adds: this is
+        where the quotas come back). Returns slot -> (learned CIDs, learned peers)."""
+        now = time.monotonic_ns() if now_ns is None else now_ns
+        counts = [[0, 0] for _ in range(self._slots)]
+        for column, (name, size) in enumerate((
+                ("learned_cids", _H["STEERD_ROUTE_KEY_SIZE"]),
+                ("learned_peers", _H["STEERD_PEER_KEY_SIZE"]))):
+            for key, value in self._items(name, size, _ROUTE.size):
+                slot, _, expires = _ROUTE.unpack(value)
+                if expires < now:
+                    self._delete(name, ct.create_string_buffer(key, size))
+                elif slot < self._slots:
+                    counts[slot][column] += 1
+        fd = self.dp.map_fd("learn_counts")
+        lib = _lib()
+        for slot, (cids, peers) in enumerate(counts):
+            for index, n in ((slot, cids), (self._slots + slot, peers)):
+                lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(index)),
+                                    ct.byref(ct.c_uint32(n)), 0)
+        return {slot: (c, p) for slot, (c, p) in enumerate(counts) if c or p}
+
+    def learned_cids(self) -> dict[bytes, tuple[int, int]]:
+        """server CID -> (slot, expires_ns)."""
+        size = _H["STEERD_ROUTE_KEY_SIZE"]
+        out: dict[bytes, tuple[int, int]] = {}
+        for key, value in self._items("learned_cids", size, _ROUTE.size):
+            slot, _, expires = _ROUTE.unpack(value)
+            out[key[1 : 1 + key[0]]] = (slot, expires)
+        return out
+
+    def learned_peers(self) -> dict[tuple[int, bytes, int, int], tuple[int, int]]:
+        """(family, address bytes, client port, service port) -> (slot, expires_ns)."""
+        out: dict[tuple[int, bytes, int, int], tuple[int, int]] = {}
+        for key, value in self._items("learned_peers", _H["STEERD_PEER_KEY_SIZE"], _ROUTE.size):
+            family, _, pport, lport, _, addr = struct.unpack("=BBHHH16s", key)
+            slot, _, expires = _ROUTE.unpack(value)
+            out[(family, addr[: 4 if family == 4 else 16], socket_port(pport),
+                 socket_port(lport))] = (slot, expires)
+        return out
+
+    def slot_stats(self) -> dict[int, dict[str, int]]:
+        """slot -> {statistic: value} for every slot with a nonzero one, summed over CPUs."""
+        lib, fd = _lib(), self.dp.map_fd("slot_stats")
+        ncpus = self.dp.ncpus
+        values = (ct.c_uint64 * ncpus)()
+        width = _H["STEERD_SLOT_STATS"]
+        out: dict[int, dict[str, int]] = {}
+        for slot in range(self._slots):
+            row: dict[str, int] = {}
+            for column, name in SLOT_STATS.items():
+                key = ct.c_uint32(slot * width + column)
+                if lib.bpf_lookup_elem(fd, ct.byref(key), values) == 0 and sum(values):
+                    row[name] = sum(values)
+            if row:
+                out[slot] = row
+        return out
+
+    def clear_slot_stats(self, slot: int) -> None:
+        """A slot handed to a new app starts from zero (the app sees only its own)."""
+        lib, fd = _lib(), self.dp.map_fd("slot_stats")
+        zeros = (ct.c_uint64 * self.dp.ncpus)()
+        for column in SLOT_STATS:
+            key = ct.c_uint32(slot * _H["STEERD_SLOT_STATS"] + column)
+            lib.bpf_update_elem(fd, ct.byref(key), zeros, 0)
+
+    # -- the egress program ---------------------------------------------------------------
+
+    def attach(self) -> None:
+        """Compile bpf/learn.c against this group's maps and attach it at the cgroup v2
+        root, then retire a previous run's (attached first: no packet goes unwatched)."""
+        import bcc
+
+        root = cgroup2_root()
+        if root is None:
+            raise DataplaneError("no cgroup v2 hierarchy is mounted: learned mode needs one")
+        try:
+            bpf = bcc.BPF(text=(BPF_DIR / "learn.c").read_bytes(), cflags=self.dp.cflags())
+            prog_fd = bpf.load_func(b"steerd_learn", PROG_CGROUP_SKB,
+                                    attach_type=BPF_CGROUP_INET_EGRESS).fd
+        except Exception as exc:
+            raise DataplaneError(f"compiling bpf/learn.c failed: {exc}") from exc
+        self._bpf = bpf
+        lib = _lib()
+        path = os.path.join(self.dp.config.pin_dir, PIN_NAME)
+        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            ret = lib.bpf_prog_attach(prog_fd, cg, BPF_CGROUP_INET_EGRESS, BPF_F_ALLOW_MULTI)
+            if ret != 0:
+                raise DataplaneError(f"attaching bpf/learn.c to the cgroup v2 root {root} "
+                                     f"failed: {os.strerror(_errno_of(ret))}")
+            detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
+            _pin_fd(prog_fd, path)
+        finally:
+            os.close(cg)
+
+    def close(self) -> None:
+        """Release this process's handles; the pinned program stays attached."""
+        bpf, self._bpf = self._bpf, None
+        if bpf is not None:
+            try:
+                bpf.cleanup()  # type: ignore[attr-defined]
+            except Exception:  # best effort: the pinned program keeps learning
+                pass
+
+    # -- map helpers ----------------------------------------------------------------------
+
+    def _items(self, name: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
+        """Every (key, value) of a hash map, read before anything is deleted."""
+        lib, fd = _lib(), self.dp.map_fd(name)
+        key = ct.create_string_buffer(key_size)
+        nxt = ct.create_string_buffer(key_size)
+        value = ct.create_string_buffer(value_size)
+        out: list[tuple[bytes, bytes]] = []
+        first = True
+        while lib.bpf_get_next_key(fd, None if first else key, nxt) == 0:
+            first = False
+            ct.memmove(key, nxt, key_size)
+            if lib.bpf_lookup_elem(fd, key, value) == 0:
+                out.append((key.raw, value.raw))
+        return out
+
+    def _delete(self, name: str, key: object) -> None:
+        arg = ct.byref(key) if isinstance(key, ct.c_uint64) else key  # type: ignore[arg-type]
+        if _lib().bpf_delete_elem(self.dp.map_fd(name), arg) != 0:
+            err = ct.get_errno()
+            if err != errno.ENOENT:
+                raise DataplaneError(f"deleting from {name} failed: {os.strerror(err)}")
+
+
+def socket_port(wire: int) -> int:
+    """A port as the BPF side stored it (network order in a host-order u16)."""
+    return int.from_bytes(wire.to_bytes(2, "little"), "big")
+
+
+def remove_learner(pin_dir: str) -> bool:
+    """Detach and unpin a group's egress program (``steerd purge``); True if one was."""
+    path = os.path.join(pin_dir, PIN_NAME)
+    root = cgroup2_root()
+    detached = False
+    if root is not None and os.path.exists(path):
+        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            detached = detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
+        finally:
+            os.close(cg)
+    if os.path.exists(path):
+        os.unlink(path)
+    return detached
