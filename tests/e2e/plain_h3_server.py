@@ -23,7 +23,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from deploy.apps.certs import ensure_cert  # noqa: E402
+from deploy.apps.certs import ensure_cert
 
 
 def _modules(stack: str) -> dict[str, Any]:
