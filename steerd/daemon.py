@@ -336,6 +336,7 @@ class Daemon:
         self._learn_error: str | None = None
         self._learned_counts: dict[int, tuple[int, int]] = {}  # slot -> (CIDs, peers), swept
         self._next_sweep = 0.0
+        self._slot_apps: dict[int, str] = {}  # slot -> app, for the metrics scrape
         self._saved_claims: list[dict[str, Any]] | None = None
         self._lock = -1  # the pin dir lock's fd while running
         self._loading: threading.Event | None = None  # set once the compile thread is done
@@ -420,6 +421,7 @@ class Daemon:
             if limits.classifiers > 1:
                 self._start_children()
             self.metrics.set_bpf_source(self.counters)
+            self.metrics.set_app_packets_source(self._app_packets)
             await self.control.start()
             if cfg.metrics.enabled:
                 self.metrics_address = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
@@ -526,6 +528,7 @@ class Daemon:
             # the map fds it was given; let it finish before they are closed
             await asyncio.get_running_loop().run_in_executor(None, self._loading.wait, 120)
         self.metrics.set_bpf_source(None)
+        self.metrics.set_app_packets_source(None)
         with self._maps_lock:  # a scrape thread may be reading counters right now
             for group in self.groups:
                 group.learner.close()
@@ -619,6 +622,19 @@ class Daemon:
             if fresh:
                 group.learner.clear_slot_stats(slot)
             group.learner.set_socket(cookie, slot, mode, steering.cid_len)
+
+    def _app_packets(self) -> dict[tuple[str, str], int]:
+        """steerd_app_packets_total: every slot's statistics, summed per app."""
+        slot_apps = self._slot_apps
+        total: dict[tuple[str, str], int] = {}
+        with self._maps_lock:
+            for group in self.groups:
+                for slot, row in group.learner.slot_stats().items():
+                    app = slot_apps.get(slot)
+                    if app is not None:
+                        for what, value in row.items():
+                            total[(app, what)] = total.get((app, what), 0) + value
+        return total
 
     def steering_stats(self, slot: int) -> dict[str, int]:
         total: dict[str, int] = {}
@@ -802,6 +818,9 @@ class Daemon:
             self._save_claims()
             if urgent:
                 self._configure_learning()
+                # for scrapes (other threads): a fresh dict, never one being changed
+                self._slot_apps = {w["slot"]: a["app"] for a in self.registry.status()["apps"]
+                                   for g in a["generations"] for w in g["workers"]}
         if self.pool is not None:
             self.pool.changed(urgent)
 
@@ -990,15 +1009,25 @@ def format_status(status: dict[str, Any]) -> str:
     lines.append(f"pending first flights: {status.get('pending_connections', 0)} "
                  f"({status.get('pending_bytes', 0)} bytes)")
     lines.append("")
-    lines.append(f"{'APP':<16} {'GEN':>4} {'STATE':<9} {'ALPN':<16} {'SERVER NAMES':<24} WORKERS")
+    lines.append(f"{'APP':<16} {'GEN':>4} {'STATE':<9} {'ALPN':<16} {'SERVER NAMES':<24} "
+                 f"{'CIDS':<10} WORKERS")
     for app in status.get("apps", []):
         for gen in app.get("generations", []):
             workers = " ".join(str(w.get("slot")) for w in gen.get("workers", []))
+            mode = gen.get("cid_mode", "layout")
+            if mode == "learned":
+                mode = f"learned/{gen.get('cid_len')}"
             lines.append(
                 f"{app.get('app', ''):<16} {gen.get('generation', ''):>4} "
                 f"{gen.get('state', ''):<9} {','.join(gen.get('alpn', [])):<16} "
-                f"{','.join(gen.get('server_names', [])):<24} {workers}"
+                f"{','.join(gen.get('server_names', [])):<24} {mode:<10} {workers}"
             )
+            steering: dict[str, int] = {}
+            for w in gen.get("workers", []):
+                for k, v in w.get("steering", {}).items():
+                    steering[k] = steering.get(k, 0) + v
+            if steering:
+                lines.append("    " + " ".join(f"{k}={v}" for k, v in sorted(steering.items())))
     counters = status.get("counters", {})
     if counters:
         lines.append("")

@@ -96,20 +96,16 @@ def bump(counts: dict[str, int], key: str, n: int = 1) -> None:
     counts[key] = counts.get(key, 0) + n
 
 
-class _BpfCollector(Collector):
-    """Exports the data plane's counters, read at scrape time from a callable."""
+class _ScrapeCollector(Collector):
+    """One counter family read at scrape time from a callable (label values -> value)."""
 
-    def __init__(self) -> None:
-        self.source: Callable[[], Mapping[str, int]] | None = None
+    def __init__(self, name: str, documentation: str, labels: list[str]) -> None:
+        self.name, self.documentation, self.labels = name, documentation, labels
+        self.source: Callable[[], Mapping[tuple[str, ...], int]] | None = None
         self.errors = 0
 
     def collect(self) -> Iterator[CounterMetricFamily]:
-        family = CounterMetricFamily(
-            "steerd_bpf_events",
-            "Data-plane (XDP guard and reuseport steering) counters, per branch, summed over "
-            "CPUs; names as the data plane defines them.",
-            labels=["counter"],
-        )
+        family = CounterMetricFamily(self.name, self.documentation, labels=self.labels)
         source = self.source
         if source is not None:
             try:
@@ -117,13 +113,13 @@ class _BpfCollector(Collector):
             except Exception:  # a broken map read must not break the whole scrape
                 self.errors += 1
                 values = {}
-            for name in sorted(values):
-                family.add_metric([name], float(values[name]))
+            for key in sorted(values):
+                family.add_metric(list(key), float(values[key]))
         yield family
 
     def describe(self) -> Iterator[CounterMetricFamily]:
         # Known up front, so registering the collector does not call the source.
-        yield CounterMetricFamily("steerd_bpf_events", "", labels=["counter"])
+        yield CounterMetricFamily(self.name, "", labels=self.labels)
 
 
 class Metrics:
@@ -207,14 +203,33 @@ class Metrics:
             "steerd_classifier_restarts", "Classifier processes that died and were replaced.",
             registry=r,
         )
-        self._bpf = _BpfCollector()
+        self._bpf = _ScrapeCollector(
+            "steerd_bpf_events",
+            "Data-plane (XDP guard and reuseport steering) counters, per branch, summed over "
+            "CPUs; names as the data plane defines them.",
+            ["counter"])
         r.register(self._bpf)
+        self._app_packets = _ScrapeCollector(
+            "steerd_app_packets",
+            "Per app, how its packets were steered and what its servers' packets showed "
+            "(steered_learned_cid, steered_learned_peer, egress_long, egress_learned, "
+            "egress_off_mode, egress_refused, egress_conflict, egress_full; bpf/steerd.h "
+            "STEERD_SLOT_*), summed over its workers; from zero when a slot is handed out.",
+            ["app", "what"])
+        r.register(self._app_packets)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
 
     def set_bpf_source(self, source: Callable[[], Mapping[str, int]] | None) -> None:
         """Export ``source()`` (counter name -> value) as steerd_bpf_events_total{counter}."""
-        self._bpf.source = source
+        self._bpf.source = None if source is None else (
+            lambda: {(name,): value for name, value in source().items()})
+
+    def set_app_packets_source(
+        self, source: Callable[[], Mapping[tuple[str, str], int]] | None
+    ) -> None:
+        """Export ``source()`` ((app, what) -> value) as steerd_app_packets_total."""
+        self._app_packets.source = source
 
     def absorb(self, tally: Tally) -> None:
         """Fold a classifier's tally into the metrics (main process, on the timer)."""

@@ -207,8 +207,21 @@ MALFORMED = [
     (b'{"op": "register", "app": "web"}', "bad_message", 'register: missing field "alpn"',
      "register"),
     (b'{"op": "register", "app": "web", "alpns": ["h3"]}', "bad_message",
-     'register: unknown field "alpns" (known: alpn, app, id, op, replace, resume, server_names, '
-     'workers)', "register"),
+     'register: unknown field "alpns" (known: alpn, app, cid_len, cid_mode, id, op, replace, '
+     'resume, server_names, workers)', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_mode": "random"}', "bad_request",
+     'register: "cid_mode" must be "layout" or "learned", got "random"', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_mode": 1}', "bad_request",
+     'register: "cid_mode" must be "layout" or "learned", got 1', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_mode": "learned"}', "bad_request",
+     'register: "cid_len" must be 4..20 in learned mode, got 0', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_mode": "learned", "cid_len": 21}',
+     "bad_request", 'register: "cid_len" must be 4..20 in learned mode, got 21', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_mode": "learned", "cid_len": "8"}',
+     "bad_request", 'register: "cid_len" must be an integer, got "8"', "register"),
+    (b'{"op": "register", "app": "web", "alpn": ["h3"], "cid_len": 8}', "bad_request",
+     'register: "cid_len" is only for "cid_mode": "learned" (layout mode issues the layout\'s '
+     'CIDs)', "register"),
     (b'{"op": "register", "app": "web", "alpn": "h3"}', "bad_request",
      'register: "alpn" must be a non-empty list of strings, got "h3"', "register"),
     (b'{"op": "register", "app": "web", "alpn": ["h3"], "workers": "2"}', "bad_request",

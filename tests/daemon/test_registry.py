@@ -278,7 +278,7 @@ def test_status_snapshot() -> None:
     assert s == {
         "apps": [{"app": "web", "generations": [{
             "generation": 1, "state": "active", "uid": 0, "alpn": ["h3"],
-            "server_names": ["example.com"],
+            "server_names": ["example.com"], "cid_mode": "layout",
             "workers": [
                 {"slot": 0, "server_id": "0000", "load": 4.0, "assigned": 0},
                 {"slot": 1, "server_id": "0001", "load": None, "assigned": 0},
@@ -434,3 +434,30 @@ def test_client_sni_with_trailing_dot_routes_like_without(server_name: str) -> N
     assert r.decide(server_name, ["h3"]).app == "exact"  # decide strips it on its own too
     r.deregister("exact", 1)
     assert r.decide(hello.sni, hello.alpn).app == "wild"
+
+
+def test_learned_mode_lengths_are_bounded_and_tracked() -> None:
+    """The steering program looks a short header up once per learned CID length in use, so
+    the registry keeps the set small and says which lengths are in use (draining ones too)."""
+    from steerd.registry import MAX_LEARNED_LENGTHS, Steering
+
+    r = make()
+    lengths = [4, 8, 12, 16][:MAX_LEARNED_LENGTHS]
+    for i, n in enumerate(lengths):
+        r.register(f"a{i}", [f"p{i}"], [], 1, False, ROOT, f"c{i}", steering=Steering("learned", n))
+    assert r.learned_lengths() == frozenset(lengths)
+    assert refused(r.register, "x", ["px"], [], 1, False, ROOT, "cx",
+                   steering=Steering("learned", 20)) == (
+        "too_many_lengths", f"learned-mode apps already use {MAX_LEARNED_LENGTHS} CID lengths "
+        "(4, 8, 12, 16); use one of them, or layout mode")
+    # a length already in use is fine, and layout mode is never limited
+    r.register("y", ["py"], [], 1, False, ROOT, "cy", steering=Steering("learned", 8))
+    web = reg(r, "web", ["h3"], owner="cw")
+    assert r.steering_of(web.workers[0].slot) == Steering()
+    assert r.steering_of(r.generations("y")[0].workers[0].slot) == Steering("learned", 8)
+    assert r.steering_of(15) is None
+    # a replaced learned generation drains: its length stays in use until it is gone
+    r.register("a0", ["p0"], [], 1, True, ROOT, "c0")
+    assert 4 in r.learned_lengths()
+    r.deregister("a0", "c0")
+    assert 4 not in r.learned_lengths()
