@@ -545,9 +545,14 @@ class ControlServer:
                 raise _Refused(refusal[0], f"register: {refusal[1]}")
         addresses = self.config.listen.addresses
         port = self.config.listen.port
+        steering = _steering(m)
+        if steering.learned and self.config.flood.retry == "always":
+            raise _Refused("bad_request", 'register: learned mode cannot work with [flood] '
+                           'retry = "always": a server that did not send the Retry cannot '
+                           "complete the retried handshake (docs/DATAPLANE.md, learned mode)")
         gen = self.registry.register(
             m["app"], m["alpn"], m.get("server_names", []), workers, m.get("replace", False),
-            conn.peer, conn.id, steering=_steering(m),
+            conn.peer, conn.id, steering=steering,
         )
         made: list[socket.socket] = []
         added: list[int] = []

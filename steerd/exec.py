@@ -3,7 +3,8 @@
 ::
 
     steerd exec --app NAME --alpn ALPN [--alpn ...] [--server-name N ...] [--workers N]
-                [--control PATH] [--replace] -- CMD [ARG ...]
+                [--control PATH] [--replace] [--cid-mode layout|learned] [--cid-len N]
+                -- CMD [ARG ...]
 
 registers NAME over the control socket, then runs CMD with the worker sockets passed the
 systemd way (sd_listen_fds(3)), so any server that supports socket activation can serve them.
@@ -28,10 +29,24 @@ STEERD_CID_LAYOUT     JSON {"config_id", "host_id", "host_id_len", "slot_len", "
                       "cid_len"}: every CID a worker issues must be the QUIC-LB plaintext
                       layout of quic/cid.py: first octet (config_id << 5 | cid_len - 1),
                       host_id (host_id_len bytes), the worker's slot (slot_len bytes,
-                      big-endian), nonce_len random bytes
+                      big-endian), nonce_len random bytes (layout mode)
+STEERD_CID_MODE       ``layout`` or ``learned``: the mode registered (``--cid-mode``)
 ===================== ====================================================================
 
-The stateless-reset token advertised for a CID must be HMAC-SHA256(key, cid)[:16]
+Two CID modes. ``layout`` (the default and the best): CMD issues every CID in the layout
+above, so steering is stateless, survives migration, and steerd can reset the clients of a
+worker that died. ``learned`` (``--cid-mode learned --cid-len N``): CMD picks its own random
+CIDs, all N bytes long (8 for aioquic, qh3 and hypercorn), and the kernel learns them, and
+the client addresses CMD serves, from CMD's own packets (bpf/learn.c). This runs servers
+nobody wrote for steerd unchanged, e.g. ``steerd exec --app web --alpn h3 --cid-mode
+learned --cid-len 8 -- hypercorn --quic-bind fd://3 app:app``; it gives up migration to a
+new CID, steerd's resets and steerd's Retry (docs/DATAPLANE.md, "Learned mode").
+``steerd exec`` watches its app's per-slot statistics in ``steerd status`` and says once, on
+stderr, when CMD's packets show it is not doing what it registered (``off_layout``: a
+layout-mode server with CIDs of its own; ``wrong_length``; ``refused``; ``quota``): the one
+mistake that otherwise shows only as clients that never connect.
+
+In layout mode, the stateless-reset token advertised for a CID must be HMAC-SHA256(key, cid)[:16]
 (quic/reset.py) with the ``reset_key`` of the slot the CID names, so steerd can reset the
 clients of a worker that died. Each slot has its own key (derived from a master key that
 stays in the daemon), so an app can reset only its own connections.

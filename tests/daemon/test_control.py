@@ -682,3 +682,32 @@ def test_no_sockets_before_a_steering_program_is_attached(daemon: Daemon) -> Non
         state.steering_attached = True
         c.register("early", ["h3"]).close()
         assert set(daemon.sink.workers) == {0}
+
+
+def test_learned_mode_is_recorded_and_refused_with_retry_always(daemon: Daemon) -> None:
+    """A learned-mode registration reaches the socket sink (which lists the sockets for the
+    learner) and status; with [flood] retry = "always" it is refused: a server that did not
+    send steerd's Retry cannot complete the retried handshake."""
+    from steerd.config import FloodConfig
+    from steerd.registry import Steering
+
+    with ControlClient(daemon.path) as c:
+        reg = c.register("plain", ["h3"], steering=Steering("learned", 8))
+        try:
+            slot = reg.workers[0]["slot"]
+            assert reg.steering == Steering("learned", 8)
+            assert daemon.sink.steering[slot] == Steering("learned", 8)
+            gen = c.status()["apps"][0]["generations"][0]
+            assert (gen["cid_mode"], gen["cid_len"]) == ("learned", 8)
+            assert gen["workers"][0]["steering"] == {}
+        finally:
+            reg.close()
+    daemon.server.config = dataclasses.replace(daemon.config, flood=FloodConfig(retry="always"))
+    with ControlClient(daemon.path) as c:
+        with pytest.raises(ControlError) as e:
+            c.register("plain2", ["h3x"], steering=Steering("learned", 8))
+        assert (e.value.reason, str(e.value)) == (
+            "bad_request", 'register: learned mode cannot work with [flood] retry = "always": '
+            "a server that did not send the Retry cannot complete the retried handshake "
+            "(docs/DATAPLANE.md, learned mode)")
+        c.register("layout", ["h3y"]).close()  # layout mode is unaffected
