@@ -34,7 +34,8 @@ datagram path: headers parsed with the layout's CID length, and new connections 
 by the SDK's rule (``CidIssuer.admit_initial``: refused when the DCID is in the layout,
 original DCID and Retry SCID set from a daemon Retry token) and built as the SDK's
 ``SteerdQuicConnection`` (every CID and reset token minted by ``CidIssuer``). hypercorn
-sends no Retry of its own, so every Initial naming the slot is refused.
+sends no Retry of its own, so every Initial naming the slot is refused. Layout mode only
+(``steerd exec --cid-mode layout``, the default): in learned mode run plain hypercorn.
 
 hypercorn internals relied on (hypercorn is pinned in pyproject.toml):
 ``hypercorn.protocol.quic.QuicProtocol`` (looked up by ``UDPServer.run``), its
@@ -331,6 +332,12 @@ class _Parent:
             self.done.set()
 
 
+def _close(inherited: sdk.Inherited) -> None:
+    for socks in inherited.slots.values():
+        for sock in socks:
+            sock.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m steerd.asgi", description=__doc__.split("\n\n")[0] if __doc__ else "")
@@ -351,12 +358,20 @@ def main(argv: list[str] | None = None) -> int:
               "--alpn h3 -- python -m steerd.asgi MODULE:ATTR --certfile C --keyfile K",
               file=sys.stderr)
         return 2
+    mode = os.environ.get("STEERD_CID_MODE", "layout")
+    if mode != "layout":  # its layout CIDs would never be learned: no client could reach it
+        print(f"steerd.asgi: registered with --cid-mode {mode}, but steerd.asgi issues CIDs "
+              "in steerd's layout: register with --cid-mode layout (the default)",
+              file=sys.stderr)
+        _close(inherited)
+        return 2
     try:
         app = load_app(args.app)
         # fail here, once, rather than in every worker's first socket
         QuicConfiguration(is_client=False).load_cert_chain(args.certfile, args.keyfile)
     except Exception as exc:
         print(f"steerd.asgi: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        _close(inherited)
         return 2
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
@@ -366,9 +381,7 @@ def main(argv: list[str] | None = None) -> int:
     children: list[_Child] = []
     for slot, key in sorted(inherited.reset_keys.items()):
         children.append(_fork(app, args, inherited.layout, slot, key, inherited, children))
-    for socks in inherited.slots.values():
-        for sock in socks:
-            sock.close()  # the workers own them: a worker's death must close its sockets
+    _close(inherited)  # the workers own them: a worker's death must close its sockets
     return asyncio.run(_Parent(inherited, children).run())
 
 

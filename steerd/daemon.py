@@ -565,18 +565,31 @@ class Daemon:
                         group.learner.forget_slot(slot)
                 self._registry_changed()
         now = time.monotonic()
-        if now >= self._next_sweep:
-            self._next_sweep = now + _SWEEP_INTERVAL
-            counts: dict[int, tuple[int, int]] = {}
+        if now >= self._next_sweep and self._loop is not None:
+            # In a thread (map syscalls release the GIL): a full table is 10^5 syscalls,
+            # too long to hold up the classifier on the event loop.
+            self._next_sweep = math.inf  # until this sweep is done
+            self._loop.run_in_executor(None, self._sweep)
+        if self.pool is not None:
+            self.pool.tick()
+        self._update_gauges()
+
+    def _sweep(self) -> None:
+        """Expire learned entries and recount the quotas (see Learner.sweep)."""
+        counts: dict[int, tuple[int, int]] = {}
+        try:
             with self._maps_lock:
+                if self._stopping:
+                    return
                 for group in self.groups:
                     for slot, (cids, peers) in group.learner.sweep().items():
                         have = counts.get(slot, (0, 0))
                         counts[slot] = (have[0] + cids, have[1] + peers)
             self._learned_counts = counts
-        if self.pool is not None:
-            self.pool.tick()
-        self._update_gauges()
+        except Exception:  # a failed sweep must not stop the next ones
+            log.exception("sweeping the learned tables failed")
+        finally:
+            self._next_sweep = time.monotonic() + _SWEEP_INTERVAL
 
     def _current_reports(self) -> list[ClassifierReport]:
         if self.pool is None:

@@ -20,11 +20,26 @@ hits all alike, each on a fresh socket group:
 - xdp: plain + the XDP guard natively on the server veth;
 - steer: the SK_REUSEPORT steering program picks the socket by CID;
 - steer+xdp: both, as deployed on a NIC;
-- steer+tc: steering + the same guard at TC ingress (tcx), the choice for veth.
+- steer+tc: steering + the same guard at TC ingress (tcx), the choice for veth;
+- steer-learned: learned mode (bpf/learn.c, steerd/dataplane/learn.py): the DCIDs are random
+  8-byte CIDs outside the layout, pre-inserted into learned_cids for the 4 worker slots, so
+  every packet fails the layout decode and is steered by a learned_cids lookup;
+- steer-learned-peer: DCIDs no table knows; the client's address and its 8 source ports are
+  pre-inserted into learned_peers, so every packet misses learned_cids and is steered by
+  learned_peers (the slowest path that still delivers);
+- steer+learner: steer, with the learned-mode egress program (bpf/learn.c) attached at the
+  cgroup v2 root, as it is whenever one app runs in learned mode: the sender's own egress
+  passes through it (it exits early: not from the service port), its cost on traffic that
+  is not learned.
 
-Reported: median delivered pps per mode over the rounds, and each mode's ratio to plain.
-The steering modes also check that every worker received exactly its slots' share-ish
-(each slot gets a quarter of the templates) and that the BPF counters saw the packets.
+The entries are written into the maps directly (steerd.dataplane.learn.Learner only learns,
+sweeps and reads them); the sender binds its 8 sockets to fixed source ports (SRC_PORT_BASE
++ i) in every mode so the peer entries match.
+
+Reported: median delivered pps per mode over the rounds, and each mode's ratio to plain (and
+the learned modes' to steer). The steering modes also check that every worker received its
+share (each slot gets a quarter of the templates or source ports) and that the BPF counters
+of the path the mode exercises saw every delivered packet.
 """
 
 from __future__ import annotations
@@ -36,9 +51,11 @@ import os
 import shutil
 import socket
 import statistics
+import struct
 import subprocess
 import sys
 import tempfile
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -48,6 +65,8 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from quic.cid import CidLayout  # noqa: E402
 from steerd.dataplane import XDP_FLAGS_DRV_MODE, Dataplane, DataplaneConfig  # noqa: E402
+from steerd.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E402
+from steerd.dataplane.learn import LearnLimits, Learner, remove_learner  # noqa: E402
 from steerd.dataplane.netns import run_in_netns  # noqa: E402
 from tests.netns import NetnsPair, netns_pair  # noqa: E402
 
@@ -56,7 +75,15 @@ LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_l
 WORKER_SLOTS = (0, 1, 2, 3)
 SENDER_SOCKETS = 8
 TEMPLATES = 256
-MODES = ("plain", "null-xdp", "xdp", "steer", "steer+xdp", "steer+tc")
+SRC_PORT_BASE = 40000  # the sender's socket i sends from this + i
+MODES = ("plain", "null-xdp", "xdp", "steer", "steer+xdp", "steer+tc", "steer-learned",
+         "steer-learned-peer", "steer+learner")
+LEARNED_MODES = ("steer-learned", "steer-learned-peer")
+LEARNED_CID_LEN = 8
+# The counter that must have seen every delivered packet, per steering mode.
+STEER_COUNTER = {"steer-learned": "steer_learned_cid", "steer-learned-peer": "steer_learned_peer"}
+# Modes run again with kernel BPF statistics on, to measure the programs' own run time.
+STATS_MODES = ("steer+xdp", "null-xdp", "steer-learned", "steer-learned-peer", "steer+learner")
 NULL_XDP = "int null_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 
 
@@ -79,6 +106,56 @@ def templates(path: Path, size: int) -> None:
             slot = WORKER_SLOTS[i % len(WORKER_SLOTS)]
             packet = bytes([0x43]) + LAYOUT.encode(slot, os.urandom(LAYOUT.nonce_len))
             f.write(packet.ljust(size, b"\x00"))
+
+
+def random_cids(n: int, avoid: set[bytes]) -> list[bytes]:
+    """n distinct random learned-length CIDs that are not in the layout (the steering program
+    decodes the layout's CID_LEN bytes after the first byte; the random CID is followed by
+    zero padding there) and not in ``avoid``."""
+    out: list[bytes] = []
+    while len(out) < n:
+        cid = os.urandom(LEARNED_CID_LEN)
+        wire = cid.ljust(max(LAYOUT.cid_len, LEARNED_CID_LEN), b"\x00")
+        if LAYOUT.decode(wire[: LAYOUT.cid_len]) is None and cid not in avoid and cid not in out:
+            out.append(cid)
+    return out
+
+
+def cid_templates(path: Path, size: int, cids: list[bytes]) -> None:
+    """Short-header packets with the given (not-layout) DCIDs."""
+    with path.open("wb") as f:
+        for cid in cids:
+            f.write((bytes([0x43]) + cid).ljust(size, b"\x00"))
+
+
+def _update(dp: Dataplane, name: str, key: bytes, value: bytes) -> None:
+    from steerd.dataplane import _lib
+
+    k = ctypes.create_string_buffer(key, len(key))
+    v = ctypes.create_string_buffer(value, len(value))
+    if _lib().bpf_update_elem(dp.map_fd(name), k, v, 0) != 0:
+        raise RuntimeError(f"writing {name} failed: {os.strerror(ctypes.get_errno())}")
+
+
+def learned_route(slot: int) -> bytes:
+    """struct steerd_route: slot, flags, expires_ns (CLOCK_MONOTONIC). An hour ahead: far
+    past half the TTL, so the steering program never rewrites it during the bench."""
+    return struct.pack("=IIQ", slot, 0, time.monotonic_ns() + 3600 * 10**9)
+
+
+def insert_learned(dp: Dataplane, cids: list[bytes], client_v4: str) -> None:
+    """What bpf/learn.c would have learned from 4 learned-mode workers: each CID for slot
+    i % 4 (struct steerd_route_key: len, CID zero-padded to 20, 3 pad), and the client's
+    address with source port SRC_PORT_BASE + i for slot i % 4 (struct steerd_peer_key:
+    family, pad, peer port and local port in network order, pad2, address)."""
+    for i, cid in enumerate(cids):
+        key = bytes([len(cid)]) + cid.ljust(20, b"\x00") + b"\x00" * 3
+        _update(dp, "learned_cids", key, learned_route(WORKER_SLOTS[i % len(WORKER_SLOTS)]))
+    addr = socket.inet_aton(client_v4).ljust(16, b"\x00")
+    for i in range(SENDER_SOCKETS):
+        key = (bytes([4, 0]) + (SRC_PORT_BASE + i).to_bytes(2, "big") + PORT.to_bytes(2, "big")
+               + b"\x00\x00" + addr)
+        _update(dp, "learned_peers", key, learned_route(WORKER_SLOTS[i % len(WORKER_SLOTS)]))
 
 
 def group(pair: NetnsPair) -> list[socket.socket]:
@@ -122,6 +199,16 @@ def ksoftirqd_ns(cpu: int) -> int:
     return 0
 
 
+def pinned_fd(path: str) -> int:
+    """An fd of the program pinned at ``path`` (the learner's, attached by Learner.attach)."""
+    from steerd.dataplane import _lib
+
+    fd = _lib().bpf_obj_get(path.encode())
+    if fd < 0:
+        raise RuntimeError(f"cannot open the pinned program {path}")
+    return int(fd)
+
+
 def prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(run_cnt, run_time_ns) per program, from the kernel's BPF stats (via bpftool)."""
     from steerd.dataplane import _lib
@@ -139,13 +226,18 @@ def prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
 
 
 def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: Path,
-             receiver: Path, tmpl: Path, size: int, seconds: float) -> dict[str, object]:
+             receiver: Path, tmpls: dict[str, Path], size: int,
+             seconds: float) -> dict[str, object]:
     import bcc
 
     socks = group(pair)
     xdp = mode in ("xdp", "steer+xdp")
     tc = mode == "steer+tc"
+    learned = mode in LEARNED_MODES
+    learner = Learner(dp) if mode == "steer+learner" else None
+    tmpl = tmpls.get(mode, tmpls["layout"])
     dev = pair.server_if.encode()
+    learn_fd = -1
     try:
         if mode.startswith("steer"):
             dp.attach_reuseport(socks[0])
@@ -158,8 +250,17 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
             run_in_netns(pair.server, lambda: bcc.BPF.attach_xdp(dev, null_xdp, XDP_FLAGS_DRV_MODE))
         if tc:
             dp.attach_tc(pair.server_if, netns=pair.server)
+        if learned:
+            # learned-mode apps registered 8-byte CIDs: the steering program tries that
+            # length in learned_cids when a short header's DCID is not in the layout
+            Learner(dp).configure(LearnLimits(), [LEARNED_CID_LEN])
+        if learner is not None:
+            learner.attach()
+            learn_fd = pinned_fd(os.path.join(dp.config.pin_dir, LEARN_PIN_NAME))
         before, errs_before = dp.counters(), rcvbuf_errors(pair)
         fds = {"steer": dp.steer_prog_fd, "guard": dp.guard_prog_fd, "null": null_xdp.fd}
+        if learn_fd >= 0:
+            fds["learn"] = learn_fd
         stats_before = prog_stats(fds)
         sock_fds = [s.fileno() for s in socks]
         recv = subprocess.Popen(
@@ -169,7 +270,8 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
         soft_before = ksoftirqd_ns(0)
         send = subprocess.Popen(
             ["ip", "netns", "exec", pair.client, "taskset", "-c", "0", str(sender),
-             pair.server_v4, str(PORT), str(seconds), str(SENDER_SOCKETS), str(tmpl), str(size)],
+             pair.server_v4, str(PORT), str(seconds), str(SENDER_SOCKETS), str(tmpl), str(size),
+             str(SRC_PORT_BASE)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         send_out, send_err = send.communicate(timeout=seconds + 30)
@@ -187,8 +289,10 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
         delivered = sum(per_socket)
         reached = delivered + rcvbuf_errors(pair) - errs_before
         ns_per_run = {}
+        prog_runs = {}
         for name, (cnt, ns) in stats_after.items():
             runs = cnt - stats_before[name][0]
+            prog_runs[name] = runs
             ns_per_run[name] = (ns - stats_before[name][1]) / runs if runs else None
         return {
             "mode": mode,
@@ -204,10 +308,21 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
             "per_socket": per_socket,
             "rcvbuf_errors": rcvbuf_errors(pair) - errs_before,
             "prog_ns_per_packet": ns_per_run,
-            "steer_short_worker": after["steer_short_worker"] - before["steer_short_worker"],
-            "xdp_short": after["xdp_short"] - before["xdp_short"],
+            # runs per program (0 unless kernel.bpf_stats_enabled is on)
+            "prog_runs": prog_runs,
+            **{name: after[name] - before[name]
+               for name in ("steer_short_worker", "steer_learned_cid", "steer_learned_peer",
+                            "steer_drop_short_not_ours", "steer_learned_dead_slot",
+                            "xdp_short")},
         }
     finally:
+        if learner is not None:
+            remove_learner(dp.config.pin_dir)
+            learner.close()
+        if learn_fd >= 0:
+            os.close(learn_fd)
+        if learned:
+            Learner(dp).configure(LearnLimits(), [])  # learned lookups off again
         if xdp:
             dp.detach_xdp(pair.server_if, netns=pair.server)
         if mode == "null-xdp":
@@ -226,7 +341,12 @@ def check(result: dict[str, object]) -> None:
     if str(mode).startswith("steer"):
         assert per[-1] == 0, f"{mode}: classifier got {per[-1]} packets"
         assert min(per[:-1]) > 0.2 * sum(per), f"{mode}: uneven steering {per}"
-        assert result["steer_short_worker"] >= result["delivered"], result
+        counter = STEER_COUNTER.get(str(mode), "steer_short_worker")
+        assert result[counter] >= result["delivered"], (counter, result)
+        assert result["steer_drop_short_not_ours"] == 0, result
+    if mode == "steer+learner" and result["prog_runs"]["learn"]:  # type: ignore[index]
+        # (runs are counted only with bpf_stats on) every sent datagram's egress ran it
+        assert result["prog_runs"]["learn"] >= result["sent"], result  # type: ignore[index]
     if mode in ("xdp", "steer+xdp", "steer+tc"):
         assert result["xdp_short"] >= result["delivered"], result
 
@@ -261,25 +381,32 @@ def with_namespaces(args: argparse.Namespace, results: list[dict[str, object]],
 
     with tempfile.TemporaryDirectory() as tmp, netns_pair("bench") as pair:
         sender, receiver = build(Path(tmp))
-        tmpl = Path(tmp) / "templates.bin"
-        templates(tmpl, args.size)
+        tmpls = {"layout": Path(tmp) / "templates.bin",
+                 "steer-learned": Path(tmp) / "learned.bin",
+                 "steer-learned-peer": Path(tmp) / "unknown.bin"}
+        templates(tmpls["layout"], args.size)
+        learned_cids = random_cids(TEMPLATES, set())
+        cid_templates(tmpls["steer-learned"], args.size, learned_cids)
+        cid_templates(tmpls["steer-learned-peer"], args.size,
+                      random_cids(TEMPLATES, set(learned_cids)))
         pin_dir = f"/sys/fs/bpf/steerd-bench-{uuid.uuid4().hex[:8]}"
         dp = Dataplane(DataplaneConfig(layout=LAYOUT, port=PORT, classifier_slots=1,
                                        pin_dir=pin_dir))
         try:
             dp.load()
+            insert_learned(dp, learned_cids, pair.client_v4)
             null = bcc.BPF(text=NULL_XDP.encode()).load_func(b"null_xdp", bcc.BPF.XDP)
             # Warm-up: neighbour resolution and caches, not counted.
-            run_mode("plain", pair, dp, null, sender, receiver, tmpl, args.size, 0.5)
+            run_mode("plain", pair, dp, null, sender, receiver, tmpls, args.size, 0.5)
             for rnd in range(args.rounds):
                 # Rotate the order so no mode always runs first (or after the same mode).
                 for mode in MODES[rnd % len(MODES):] + MODES[: rnd % len(MODES)]:
-                    result = run_mode(mode, pair, dp, null, sender, receiver, tmpl, args.size,
-                                      args.seconds)
+                    result = run_mode(mode, pair, dp, null, sender, receiver, tmpls,
+                                      args.size, args.seconds)
                     check(result)
                     results.append(result)
                     if not args.json:
-                        print(f"  {mode:<10} {result['pps']:>12,.0f} pps  sent {result['sent']:,}"
+                        print(f"  {mode:<18} {result['pps']:>12,.0f} pps  sent {result['sent']:,}"
                               f"  rcvbuf_errors {result['rcvbuf_errors']}"
                               f"  {result['cpu_ns_per_packet']:,.0f} CPU0 ns/pkt", file=sys.stderr)
             stats_file = Path("/proc/sys/kernel/bpf_stats_enabled")
@@ -287,9 +414,11 @@ def with_namespaces(args: argparse.Namespace, results: list[dict[str, object]],
             stats_file.write_text("1")
             try:
                 for _ in range(3):
-                    for mode in ("steer+xdp", "null-xdp"):
-                        stats.append(run_mode(mode, pair, dp, null, sender, receiver, tmpl,
-                                              args.size, args.seconds))
+                    for mode in STATS_MODES:
+                        result = run_mode(mode, pair, dp, null, sender, receiver, tmpls,
+                                          args.size, args.seconds)
+                        check(result)
+                        stats.append(result)
             finally:
                 stats_file.write_text(stats_was)
         finally:
@@ -304,13 +433,24 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
     median = {m: statistics.median(series("pps", m)) for m in MODES}
     cost = {m: statistics.median(series("cpu_ns_per_packet", m)) for m in MODES}
     reached = {m: statistics.median(series("reached_pps", m)) for m in MODES}
-    prog_medians = {
-        name: statistics.median(
-            float(r["prog_ns_per_packet"][name])  # type: ignore[index]
-            for r in stats if r["prog_ns_per_packet"][name] is not None  # type: ignore[index]
+    def prog_median(mode: str, prog: str) -> float:
+        return statistics.median(
+            float(r["prog_ns_per_packet"][prog])  # type: ignore[index]
+            for r in stats
+            if r["mode"] == mode and r["prog_ns_per_packet"].get(prog) is not None  # type: ignore[attr-defined]
         )
-        for name in ("steer", "guard", "null")
+
+    # program -> median ns per run, from the bpf_stats runs of the mode that exercises it
+    prog_medians = {
+        "steer": prog_median("steer+xdp", "steer"),
+        "guard": prog_median("steer+xdp", "guard"),
+        "null": prog_median("null-xdp", "null"),
+        "steer_learned_cid": prog_median("steer-learned", "steer"),
+        "steer_learned_peer": prog_median("steer-learned-peer", "steer"),
+        "steer_with_learner": prog_median("steer+learner", "steer"),
+        "learn": prog_median("steer+learner", "learn"),
     }
+    steering = [m for m in MODES if m.startswith("steer")]
     summary = {
         "seconds": args.seconds, "rounds": args.rounds, "payload_bytes": args.size,
         "median_pps": median,
@@ -318,6 +458,8 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
         "min_max_pps": {m: (min(series("pps", m)), max(series("pps", m))) for m in MODES},
         "median_cpu_ns_per_packet": cost,
         "cpu_normalised_ratio_to_plain": {m: cost["plain"] / cost[m] for m in MODES},
+        "ratio_to_steer": {m: median[m] / median["steer"] for m in steering},
+        "cpu_normalised_ratio_to_steer": {m: cost["steer"] / cost[m] for m in steering},
         "median_reached_pps": reached,
         "steer_xdp_vs_null_xdp": median["steer+xdp"] / median["null-xdp"],
         "steer_xdp_vs_null_xdp_cpu": cost["null-xdp"] / cost["steer+xdp"],
@@ -331,18 +473,22 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
-        print(f"{'mode':<10} {'median pps':>12} {'vs plain':>9} {'min':>10} {'max':>10}"
-              f" {'CPU0 ns/pkt':>12} {'pkts/CPU-s vs plain':>20}")
+        print(f"{'mode':<18} {'median pps':>12} {'vs plain':>9} {'min':>10} {'max':>10}"
+              f" {'CPU0 ns/pkt':>12} {'pkts/CPU-s vs plain':>20} {'vs steer':>9}"
+              f" {'pkts/CPU-s vs steer':>20}")
         for m in MODES:
             lo, hi = summary["min_max_pps"][m]  # type: ignore[index]
-            print(f"{m:<10} {median[m]:>12,.0f} {median[m] / median['plain']:>8.3f}x"
+            vs_steer = (f" {median[m] / median['steer']:>8.3f}x"
+                        f" {cost['steer'] / cost[m]:>19.3f}x" if m in steering else "")
+            print(f"{m:<18} {median[m]:>12,.0f} {median[m] / median['plain']:>8.3f}x"
                   f" {lo:>10,.0f} {hi:>10,.0f} {cost[m]:>12,.0f}"
-                  f" {cost['plain'] / cost[m]:>19.3f}x")
+                  f" {cost['plain'] / cost[m]:>19.3f}x{vs_steer}")
         print(f"socket receive-buffer drops over all runs: {summary['rcvbuf_errors_total']}")
         progs = summary["prog_ns_per_packet"]
+        print("BPF program run time per run, median (kernel bpf_stats; the null XDP program's "
+              "figure is the stats' own overhead):")
         for name, ns in progs.items():  # type: ignore[attr-defined]
-            print(f"BPF {name} program: median {ns:.1f} ns per packet (kernel bpf_stats; the "
-                  "null XDP program's figure is the stats' own overhead)")
+            print(f"  {name:<20} {ns:6.1f} ns")
         net = progs["steer"] + progs["guard"] - 2 * progs["null"]  # type: ignore[index]
         print(f"CPU 0 spends {cost['plain']:.0f} ns per packet (send + receive path) in plain "
               f"mode; the two programs' own run time, stats overhead taken out, is {net:.0f} ns "

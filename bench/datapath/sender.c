@@ -9,7 +9,11 @@
  * scheduler's precise runtime, which includes the softirq work the kernel runs in this
  * task's context, i.e. the whole receive path of the packets it sends over veth).
  *
- * usage: sender DST PORT DURATION NSOCK TEMPLATES PKT_SIZE
+ * With SRC_PORT, socket i is bound to source port SRC_PORT + i before it connects (run.py's
+ * learned-peer mode pre-inserts those client ports into learned_peers); without, or 0, the
+ * kernel picks ephemeral ports.
+ *
+ * usage: sender DST PORT DURATION NSOCK TEMPLATES PKT_SIZE [SRC_PORT]
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -37,8 +41,9 @@ static double now(void)
 
 int main(int argc, char **argv)
 {
-    if (argc != 7) {
-        fprintf(stderr, "usage: %s DST PORT DURATION NSOCK TEMPLATES PKT_SIZE\n", argv[0]);
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr, "usage: %s DST PORT DURATION NSOCK TEMPLATES PKT_SIZE [SRC_PORT]\n",
+                argv[0]);
         return 2;
     }
     const char *dst = argv[1];
@@ -46,6 +51,7 @@ int main(int argc, char **argv)
     double duration = atof(argv[3]);
     int nsock = atoi(argv[4]);
     size_t size = (size_t)atol(argv[6]);
+    int src_port = argc == 8 ? atoi(argv[7]) : 0;
     FILE *f = fopen(argv[5], "rb");
     static char templates[1 << 20];
     size_t total = f ? fread(templates, 1, sizeof(templates), f) : 0;
@@ -69,7 +75,18 @@ int main(int argc, char **argv)
         return 2;
     }
     for (int i = 0; i < nsock; i++) {
+        struct sockaddr_storage local;
+
         socks[i] = socket(addr.ss_family, SOCK_DGRAM, 0);
+        if (socks[i] >= 0 && src_port > 0) {
+            socklen_t locallen = bench_sockaddr(addr.ss_family == AF_INET6 ? "::" : "0.0.0.0",
+                                                src_port + i, &local);
+
+            if (bind(socks[i], (struct sockaddr *)&local, locallen) < 0) {
+                perror("bind");
+                return 1;
+            }
+        }
         if (socks[i] < 0 || connect(socks[i], (struct sockaddr *)&addr, addrlen) < 0) {
             perror("socket/connect");
             return 1;

@@ -1,31 +1,96 @@
 """Learned mode end to end: unmodified aioquic and qh3 servers (their own random CIDs) behind
-``steerd exec --cid-mode learned``, beside an SDK app, reached by real clients."""
+``steerd exec --cid-mode learned``, beside an SDK app, reached by real clients.
+
+One daemon and three apps for the whole module (started once, each on its own server names
+so their claims do not collide): ``plain-aioquic`` and ``plain-qh3`` (tests/e2e/
+plain_h3_server.py in learned mode, two worker slots each, served by one process: every
+socket answers with the library's own random 8-byte CIDs) and ``sdk-web`` (the SDK demo site,
+layout mode). Clients: aioquic and qh3 (steerd.quicclient.Session), ngtcp2's gtlsclient and
+headless Chromium. The mismatch tests register servers of their own and read what ``steerd
+exec`` says on stderr.
+"""
 
 from __future__ import annotations
 
+import json
 import shutil
+import socket
 import subprocess
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from quic.cid import CidLayout
+from quic.packet import is_long_header, parse_long_header
 from steerd.dataplane.netns import netns_path
-from tests.e2e.conftest import PYTHON, ROOT, STEERD, Daemon, _read_line
-from tests.sdk.harness import daemon, kill_group, pair, session  # noqa: F401
+from steerd.netns import NetnsPair
+from steerd.proclines import Lines
+from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
+from tests.sdk.harness import (  # noqa: F401 - fixtures
+    RequestFailed,
+    RunningApp,
+    Session,
+    chromium_get,
+    daemon,
+    kill_group,
+    pair,
+    session,
+    sessions,
+    start_demo_app,
+)
 
 pytestmark = pytest.mark.root
 
 PLAIN = str(Path(__file__).with_name("plain_h3_server.py"))
+CID_LEN = 8  # aioquic's and qh3's own CIDs
+# The daemon runs without a [cid] section: the default layout (9-byte CIDs).
+LAYOUT = CidLayout()
+
+# Server names: each app claims its own (h3, name) pairs. gtlsclient (ngtcp2 0.12) always
+# sends SNI "localhost", and harness.session() asks for "localhost" too: plain-aioquic's.
+AIOQUIC_NAME = "aioquic.learned.test"
+QH3_NAME = "qh3.learned.test"
+SDK_NAME = "sdk.layout.test"
+NAMES = {"aioquic": AIOQUIC_NAME, "qh3": QH3_NAME}
+APPS = {"aioquic": "plain-aioquic", "qh3": "plain-qh3"}
+WARNING_KINDS = ("off_layout", "wrong_length", "refused", "quota")
 
 
 @dataclass
 class Plain:
+    """A plain server under ``steerd exec`` (its own process group); exec's stderr is read
+    by a thread all the time (so the pipe never fills) and kept in ``stderr``."""
+
     name: str
     proc: subprocess.Popen[str]
-    workdir: Path
+    workdir: Path  # its certificate is workdir/cert/cert.pem (what chromium_get reads)
+    errors: Lines
+    stderr: list[str] = field(default_factory=list)
+
+    def stderr_line(self, pred: Callable[[str], bool], timeout: float) -> str | None:
+        """The first stderr line (seen before or arriving within ``timeout``) satisfying
+        ``pred``; None on timeout or end of stream."""
+        for line in self.stderr:
+            if pred(line):
+                return line
+        deadline = time.monotonic() + timeout
+        while (line := self.errors.get(deadline - time.monotonic())) is not None:
+            self.stderr.append(line)
+            if pred(line):
+                return line
+        return None
+
+    def stderr_now(self) -> str:
+        """Everything exec (and the server) wrote to stderr so far."""
+        while (line := self.errors.get(0)) is not None:
+            self.stderr.append(line)
+        return "".join(self.stderr)
 
     def stop(self) -> None:
         kill_group(self.proc.pid)
@@ -38,30 +103,333 @@ def start_plain(daemon: Daemon, stack: str, name: str, *exec_args: str) -> Plain
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "exec",
          "--control", daemon.control, "--app", name, *exec_args, "--",
-         PYTHON, PLAIN, "--stack", stack, "--cert-dir", str(workdir), "--name", name],
+         PYTHON, PLAIN, "--stack", stack, "--cert-dir", str(workdir / "cert"), "--name", name],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         start_new_session=True)
+    # proclines.Lines reads a process's stdout; this one reads exec's stderr the same way.
+    plain = Plain(name, proc, workdir, Lines(SimpleNamespace(stdout=proc.stderr)))  # type: ignore[arg-type]
     line = _read_line(proc, 30)
     if line is None or "ready" not in line:
-        kill_group(proc.pid)
-        proc.wait(5)
-        raise AssertionError(f"{name} did not start: {line!r} {proc.stderr.read()!r}")
-    return Plain(name, proc, workdir)
+        plain.stop()
+        raise AssertionError(f"{name} did not start: {line!r} {plain.stderr_now()!r}")
+    return plain
+
+
+def learned(daemon: Daemon, stack: str, name: str, *names: str) -> Iterator[Plain]:  # noqa: F811
+    app = start_plain(daemon, stack, name, "--alpn", "h3", "--cid-mode", "learned",
+                      "--cid-len", str(CID_LEN), "--workers", "2",
+                      *[a for n in names for a in ("--server-name", n)])
+    try:
+        yield app
+    finally:
+        app.stop()
 
 
 @pytest.fixture(scope="module")
 def plain_aioquic(daemon: Daemon) -> Iterator[Plain]:  # noqa: F811
-    app = start_plain(daemon, "aioquic", "plain-aioquic", "--alpn", "h3",
-                      "--cid-mode", "learned", "--cid-len", "8")
-    yield app
-    app.stop()
+    yield from learned(daemon, "aioquic", APPS["aioquic"], AIOQUIC_NAME, "localhost")
 
 
-def test_plain_aioquic_serves_in_learned_mode(daemon: Daemon, plain_aioquic: Plain) -> None:  # noqa: F811
-    s = session(daemon.pair, "h3")
+@pytest.fixture(scope="module")
+def plain_qh3(daemon: Daemon) -> Iterator[Plain]:  # noqa: F811
+    yield from learned(daemon, "qh3", APPS["qh3"], QH3_NAME)
+
+
+@pytest.fixture(scope="module")
+def sdk_web(daemon: Daemon) -> Iterator[RunningApp]:  # noqa: F811
+    app = start_demo_app(daemon, "h3", "--server-name", SDK_NAME, workers=2, name="sdk-web")
     try:
-        status, body = s.get("/hello")
+        yield app
     finally:
-        s.close()
-    assert (status, body) == (200, b"plain-aioquic /hello")
-    print(daemon.status()["counters"])
+        assert app.stop() == 0, "the SDK app did not exit 0 after SIGTERM (drain)"
+
+
+def plain_server(request: pytest.FixtureRequest, stack: str) -> Plain:
+    return request.getfixturevalue(f"plain_{stack}")  # type: ignore[no-any-return]
+
+
+def connect(pair: NetnsPair, stack: str, server_name: str,  # noqa: F811
+            family: int = socket.AF_INET, timeout: float = 5.0) -> Session:
+    """A Session from the client namespace asking for ``server_name`` (harness.session()
+    always asks for "localhost")."""
+    sock = pair.client_socket(family, socket.SOCK_DGRAM)
+    sock.bind((pair.client_addr(family), 0))
+    return Session(stack, sock, (pair.server_addr(family), PORT), "h3",
+                   server_name=server_name, timeout=timeout)
+
+
+def server_cid(s: Session) -> bytes:
+    """The server's first CID: the SCID of the first long-header packet it sent."""
+    for data in s.received:
+        if is_long_header(data[0]):
+            return parse_long_header(data).scid
+    raise AssertionError("no long-header packet received")
+
+
+def client_dcid(s: Session) -> bytes:
+    """The CID the client currently sends to (both stacks' QuicConnection._peer_cid)."""
+    return bytes(s.conn._peer_cid.cid)
+
+
+def counters(daemon: Daemon) -> dict[str, int]:  # noqa: F811
+    return dict(daemon.status()["counters"])
+
+
+def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
+    return after[name] - before[name]
+
+
+def generation(status: dict[str, Any], app: str) -> dict[str, Any]:
+    """The app's active generation in a ``steerd status --json``."""
+    (record,) = [a for a in status["apps"] if a["app"] == app]
+    (gen,) = [g for g in record["generations"] if g["state"] == "active"]
+    return dict(gen)
+
+
+def steering(status: dict[str, Any], app: str) -> dict[int, dict[str, int]]:
+    """slot -> the per-worker steering statistics (only nonzero ones are listed)."""
+    return {w["slot"]: dict(w["steering"]) for w in generation(status, app)["workers"]}
+
+
+# -- 1. plain servers, Python clients ------------------------------------------------------
+
+# plain_h3_server.py's qh3 stack advertises SETTINGS_H3_DATAGRAM=1 (qh3's H3Connection always
+# does) without the max_datagram_frame_size transport parameter (its QuicConfiguration leaves
+# it unset), which aioquic's H3 client refuses (H3_SETTINGS_ERROR) right after a handshake
+# that steerd steered fine: a fault of the test server, not of learned mode.
+QH3_SERVER_VS_AIOQUIC = pytest.mark.xfail(
+    strict=True, raises=RequestFailed,
+    reason="plain_h3_server.py --stack qh3: H3_DATAGRAM=1 without max_datagram_frame_size")
+
+
+def stacks() -> list[Any]:
+    """(server, client) pairs; aioquic clients of the qh3 server are expected to fail."""
+    return [pytest.param(server, client, id=f"{server}-server-{client}-client",
+                         marks=[QH3_SERVER_VS_AIOQUIC] if (server, client) == ("qh3", "aioquic")
+                         else [])
+            for server in ("qh3", "aioquic") for client in ("qh3", "aioquic")]
+
+
+@pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["v4", "v6"])
+@pytest.mark.parametrize(("server", "client"), stacks())
+def test_plain_server_serves_in_learned_mode(
+    request: pytest.FixtureRequest, daemon: Daemon, sessions: list[Session],  # noqa: F811
+    server: str, client: str, family: int,
+) -> None:
+    """Each plain server answers each client stack over IPv4 and IPv6, a small and a 100 KB
+    response on one connection: every packet after the client's first flight reaches the
+    server by the CID the kernel learned from the server's own Initial."""
+    app = plain_server(request, server)
+    before = counters(daemon)
+    s = connect(daemon.pair, client, NAMES[server], family)
+    sessions.append(s)
+    assert s.get("/hello") == (200, f"{app.name} /hello".encode())
+    status, body = s.get("/bytes/100000")
+    assert (status, len(body)) == (200, 100000)
+    cid = server_cid(s)
+    assert len(cid) == CID_LEN and LAYOUT.decode(cid) is None  # the library's own CID
+    after = counters(daemon)
+    assert delta(before, after, "learn_cid") >= 1
+    assert delta(before, after, "steer_learned_cid") >= 10  # ACKs of a 100 KB response
+    for name in ("learn_conflict", "learn_refused", "learn_full", "steer_learned_dead_slot",
+                 "steer_drop_short_not_ours"):
+        assert delta(before, after, name) == 0, name
+
+
+def test_plain_aioquic_serves_in_learned_mode(
+    daemon: Daemon, plain_aioquic: Plain, sessions: list[Session]  # noqa: F811
+) -> None:
+    """harness.session() (SNI "localhost", claimed by plain-aioquic) reaches it too."""
+    s = session(daemon.pair, "h3")
+    sessions.append(s)
+    assert s.get("/hello") == (200, b"plain-aioquic /hello")
+
+
+# -- 2. non-Python clients ------------------------------------------------------------------
+
+def test_ngtcp2_client_gets_the_plain_page(
+    pair: NetnsPair, daemon: Daemon, plain_aioquic: Plain  # noqa: F811
+) -> None:
+    """gtlsclient (18-byte client DCID, SNI "localhost") gets plain-aioquic's answer."""
+    before = counters(daemon)
+    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-"))
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
+             f"--download={download}", "--exit-on-all-streams-close", pair.server_v4,
+             str(PORT), f"https://localhost:{PORT}/"],
+            capture_output=True, text=True, timeout=60,
+        )
+        saved = download / "index.html"
+        page = saved.read_text() if saved.exists() else ""
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert page == "plain-aioquic /", out.stderr[-2000:]
+    after = counters(daemon)
+    assert delta(before, after, "learn_cid") >= 1
+    assert delta(before, after, "steer_learned_cid") + delta(before, after,
+                                                             "steer_learned_peer") >= 1
+
+
+@pytest.mark.parametrize("server", ["qh3", "aioquic"])
+def test_chromium_loads_from_a_plain_server(
+    request: pytest.FixtureRequest, daemon: Daemon, sdk_web: RunningApp,  # noqa: F811
+    server: str,
+) -> None:
+    """Headless Chromium (ClientHello over two datagrams, scrambled CRYPTO) forced onto
+    HTTP/3 for the plain server's name, with the SDK site on the same ALPN beside it."""
+    app = plain_server(request, server)
+    out = chromium_get(daemon.pair, NAMES[server], app, "/from-chromium")  # type: ignore[arg-type]
+    assert f"{app.name} /from-chromium" in out.stdout, out.stderr[-2000:]
+
+
+# -- 3. NAT rebinding -------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("server", "client"), stacks())
+def test_nat_rebinding_in_learned_mode(
+    request: pytest.FixtureRequest, pair: NetnsPair, daemon: Daemon,  # noqa: F811
+    sessions: list[Session], server: str, client: str,  # noqa: F811
+) -> None:
+    """After a request the client continues from a new source port: its first packet from
+    there carries the learned server CID (nothing knows the new address yet), so only the
+    learned CID can steer it; the server's answers to the new port teach the new address."""
+    app = plain_server(request, server)
+    s = connect(pair, client, NAMES[server])
+    sessions.append(s)
+    assert s.get("/before") == (200, f"{app.name} /before".encode())
+    cid = server_cid(s)
+    assert len(cid) == CID_LEN and LAYOUT.decode(cid) is None
+    old_port = s.sock.getsockname()[1]
+    before = counters(daemon)
+    fresh = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
+    fresh.bind((pair.client_v4, 0))
+    s.swap_socket(fresh)
+    assert fresh.getsockname()[1] != old_port
+    assert s.get("/after") == (200, f"{app.name} /after".encode())
+    assert client_dcid(s) == cid  # still the learned CID, not a NEW_CONNECTION_ID one
+    after = counters(daemon)
+    assert delta(before, after, "steer_learned_cid") >= 1
+    assert delta(before, after, "learn_peer") >= 1  # the new address:port
+    assert delta(before, after, "steer_drop_short_not_ours") == 0
+
+
+# -- 4. mixed load ------------------------------------------------------------------------------
+
+PER_APP = 30
+
+
+def test_mixed_load_across_learned_and_layout_apps(
+    daemon: Daemon, plain_aioquic: Plain, plain_qh3: Plain, sdk_web: RunningApp,  # noqa: F811
+    sessions: list[Session],  # noqa: F811
+) -> None:
+    """PER_APP connections to each of the three apps, all open at once, alternating client
+    stacks, two requests each: every answer comes from the app the connection asked for."""
+    targets = {"plain-aioquic": AIOQUIC_NAME, "plain-qh3": QH3_NAME, "sdk-web": SDK_NAME}
+    before_status = daemon.status()
+    before = before_status["counters"]
+    conns: list[tuple[str, Session]] = []
+    for i in range(PER_APP):
+        for app, name in targets.items():
+            # aioquic clients cannot speak HTTP/3 to the qh3 test server (see
+            # QH3_SERVER_VS_AIOQUIC): its clients are all qh3
+            stack = "qh3" if app == "plain-qh3" else ("aioquic", "qh3")[i % 2]
+            s = connect(daemon.pair, stack, name, timeout=10)
+            sessions.append(s)
+            conns.append((app, s))  # every first flight is out before any handshake ends
+
+    failures: list[str] = []
+    misroutes: list[str] = []
+
+    def served_by(app: str, body: bytes) -> str:
+        return str(json.loads(body)["app"]) if app == "sdk-web" else body.decode().split()[0]
+
+    for round_ in (1, 2):
+        pending: list[tuple[str, Session, str, int]] = []
+        for i, (app, s) in enumerate(conns):
+            path = "/count" if app == "sdk-web" else f"/r{round_}-{i}"
+            try:
+                pending.append((app, s, path, s.send_get(path)))
+            except (RequestFailed, OSError) as exc:
+                failures.append(f"{app} #{i}: {exc}")
+        for app, s, path, sid in pending:
+            try:
+                status, body = s.response(sid, path)
+            except (RequestFailed, OSError) as exc:
+                failures.append(f"{app} {path}: {exc}")
+                continue
+            if status != 200:
+                failures.append(f"{app} {path}: status {status}")
+            elif (who := served_by(app, body)) != app:
+                misroutes.append(f"{app} {path}: served by {who}")
+    assert failures == [] and misroutes == [], (failures[:5], misroutes[:5])
+
+    status = daemon.status()
+    after = status["counters"]
+    for name in ("steer_learned_dead_slot", "learn_conflict", "learn_refused", "learn_full",
+                 "steer_drop_short_not_ours"):
+        assert delta(before, after, name) == 0, name
+    assert delta(before, after, "learn_cid") >= 2 * PER_APP
+    for app in ("plain-aioquic", "plain-qh3", "sdk-web"):
+        gen = generation(status, app)
+        assert gen["cid_mode"] == ("layout" if app == "sdk-web" else "learned")
+        old, new = steering(before_status, app), steering(status, app)
+        assert len(new) == 2
+        for slot, stats in new.items():
+            assert stats.get("egress_off_mode", 0) == 0, (app, slot, stats)
+            assert stats.get("egress_refused", 0) == 0, (app, slot, stats)
+            steered = stats.get("steered_learned_cid", 0) - old[slot].get("steered_learned_cid", 0)
+            if app == "sdk-web":
+                assert steered == 0 and stats.get("egress_learned", 0) == 0, (slot, stats)
+            else:
+                # both workers (one process) got connections, each steered by its learned CIDs
+                assert gen["cid_len"] == CID_LEN
+                assert steered >= 1 and stats.get("egress_learned", 0) >= 1, (app, slot, stats)
+    steered_total = {
+        app: sum(st.get("steered_learned_cid", 0) - steering(before_status, app)[slot].get(
+            "steered_learned_cid", 0) for slot, st in steering(status, app).items())
+        for app in ("plain-aioquic", "plain-qh3")}
+    assert all(n >= PER_APP for n in steered_total.values()), steered_total
+    for plain in (plain_aioquic, plain_qh3):
+        text = plain.stderr_now()
+        assert not any(f": {kind}: " in text for kind in WARNING_KINDS), text
+
+
+# -- 5. steerd exec reports a mode mismatch -------------------------------------------------
+
+@pytest.mark.parametrize(("exec_args", "kind", "cid_len"), [
+    ((), "off_layout", None),
+    (("--cid-mode", "learned", "--cid-len", "12"), "wrong_length", 12),
+], ids=["layout-mode", "wrong-cid-len"])
+def test_exec_reports_a_cid_mode_mismatch(
+    daemon: Daemon, sessions: list[Session],  # noqa: F811
+    exec_args: tuple[str, ...], kind: str, cid_len: int | None,
+) -> None:
+    """A plain aioquic server registered in a mode its CIDs do not follow: its clients'
+    packets after the first flight find no worker, so the request fails; ``steerd exec``
+    sees the off-mode egress in the status and says so once, on stderr."""
+    name = f"mismatch-{kind.replace('_', '-')}"
+    server_name = f"{kind.replace('_', '-')}.mismatch.test"
+    app = start_plain(daemon, "aioquic", name, "--alpn", "h3", "--server-name", server_name,
+                      *exec_args)
+    try:
+        s = connect(daemon.pair, "aioquic", server_name, timeout=3)
+        sessions.append(s)
+        with pytest.raises(RequestFailed):
+            s.get("/never")
+        assert len(server_cid(s)) == CID_LEN  # the server did answer the first flight
+        prefix = f"steerd exec: {name}: {kind}: "
+        line = app.stderr_line(lambda text: text.startswith(prefix), 10)
+        assert line is not None, app.stderr_now()
+        status = daemon.status()
+        gen = generation(status, name)
+        assert gen["cid_mode"] == ("learned" if cid_len else "layout")
+        assert gen.get("cid_len") == cid_len
+        (stats,) = steering(status, name).values()
+        assert stats.get("egress_off_mode", 0) >= 1 and "egress_learned" not in stats, stats
+        # said once, though every poll since (one a second, for the seconds the request
+        # spent failing) found the same problem
+        text = app.stderr_now()
+        assert text.count(prefix) == 1, text
+    finally:
+        app.stop()
