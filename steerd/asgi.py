@@ -218,7 +218,7 @@ def _worker(app: Any, args: argparse.Namespace, issuer: CidIssuer,
     """One worker process: hypercorn on ``sockets`` (one slot's), CIDs from ``issuer``."""
     fds = [sock.detach() for sock in sockets]  # hypercorn's sockets own the fds from now on
     original = hypercorn_quic.QuicProtocol
-    hypercorn_quic.QuicProtocol = partial(SteerdQuicProtocol, issuer=issuer)  # type: ignore[misc]
+    hypercorn_quic.QuicProtocol = partial(SteerdQuicProtocol, issuer=issuer)  # type: ignore[misc,assignment]
     try:
         asyncio.run(_serve(app, hypercorn_config(args, fds), ready_fd))
     finally:
