@@ -332,12 +332,6 @@ class _Parent:
             self.done.set()
 
 
-def _close(inherited: sdk.Inherited) -> None:
-    for socks in inherited.slots.values():
-        for sock in socks:
-            sock.close()
-
-
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m steerd.asgi", description=__doc__.split("\n\n")[0] if __doc__ else "")
@@ -358,12 +352,10 @@ def main(argv: list[str] | None = None) -> int:
               "--alpn h3 -- python -m steerd.asgi MODULE:ATTR --certfile C --keyfile K",
               file=sys.stderr)
         return 2
-    mode = os.environ.get("STEERD_CID_MODE", "layout")
-    if mode != "layout":  # its layout CIDs would never be learned: no client could reach it
-        print(f"steerd.asgi: registered with --cid-mode {mode}, but steerd.asgi issues CIDs "
-              "in steerd's layout: register with --cid-mode layout (the default)",
-              file=sys.stderr)
-        _close(inherited)
+    refusal = inherited.layout_refusal("steerd.asgi")
+    if refusal is not None:
+        print(refusal, file=sys.stderr)
+        inherited.close()
         return 2
     try:
         app = load_app(args.app)
@@ -371,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         QuicConfiguration(is_client=False).load_cert_chain(args.certfile, args.keyfile)
     except Exception as exc:
         print(f"steerd.asgi: {exc.__class__.__name__}: {exc}", file=sys.stderr)
-        _close(inherited)
+        inherited.close()
         return 2
     for sig in _IGNORED:
         signal.signal(sig, signal.SIG_IGN)
@@ -381,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     children: list[_Child] = []
     for slot, key in sorted(inherited.reset_keys.items()):
         children.append(_fork(app, args, inherited.layout, slot, key, inherited, children))
-    _close(inherited)  # the workers own them: a worker's death must close its sockets
+    inherited.close()  # the workers own them: a worker's death must close its sockets
     return asyncio.run(_Parent(inherited, children).run())
 
 

@@ -414,6 +414,21 @@ class Inherited:
     layout: CidLayout
     reset_keys: dict[int, bytes]  # slot -> that slot's stateless-reset key
     slots: dict[int, list[socket.socket]]
+    cid_mode: str = "layout"  # steerd exec --cid-mode
+
+    def layout_refusal(self, who: str) -> str | None:
+        """Why ``who``, which issues CIDs in steerd's layout, must not serve these sockets:
+        registered in learned mode, its layout CIDs would never be learned (the kernel
+        refuses to learn layout CIDs) and no client could reach it. None: it may."""
+        if self.cid_mode == "layout":
+            return None
+        return (f"{who}: registered with --cid-mode {self.cid_mode}, but {who} issues CIDs in "
+                "steerd's layout: register with --cid-mode layout (the default)")
+
+    def close(self) -> None:
+        for socks in self.slots.values():
+            for sock in socks:
+                sock.close()
 
 
 def inherited_from_environment(env: dict[str, str] | None = None) -> Inherited | None:
@@ -434,6 +449,7 @@ def inherited_from_environment(env: dict[str, str] | None = None) -> Inherited |
     return Inherited(
         app=env["STEERD_APP"], generation=int(env.get("STEERD_GENERATION", "0")),
         layout=layout, reset_keys=keys, slots=slots,
+        cid_mode=env.get("STEERD_CID_MODE", "layout"),
     )
 
 
@@ -469,6 +485,11 @@ def run(
         slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"]), reg.reset_key_of(w["slot"]))
                  for w in reg.workers]
     else:
+        refusal = inherited.layout_refusal("steerd.sdk")
+        if refusal is not None:
+            print(refusal, file=sys.stderr)
+            inherited.close()
+            return 2
         app, generation, layout = inherited.app, inherited.generation, inherited.layout
         slots = [_Slot(s, socks, inherited.reset_keys[s])
                  for s, socks in sorted(inherited.slots.items())]

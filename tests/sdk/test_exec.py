@@ -199,3 +199,34 @@ def test_exec_replaced_generation_drains(daemon: Daemon, pair: NetnsPair) -> Non
             kill_group(proc.pid)
             proc.wait(5)
         shutil.rmtree(certdir)
+
+
+@pytest.mark.parametrize("who", ["steerd.sdk", "steerd.asgi"])
+def test_layout_servers_refuse_learned_mode(daemon: Daemon, who: str) -> None:
+    """The SDK and steerd.asgi issue layout CIDs, which the kernel never learns: registered
+    in learned mode they would serve nobody, so they refuse to start, saying why."""
+    certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
+    if who == "steerd.sdk":
+        cmd = [PYTHON, H3SITE, "--cert-dir", str(certdir / "c")]
+    else:
+        from deploy.apps.certs import ensure_cert
+
+        cert, key = ensure_cert(certdir / "c", ["localhost"])
+        cmd = [PYTHON, "-m", "steerd.asgi", "deploy.apps.asgi_site:app",
+               "--certfile", str(cert), "--keyfile", str(key)]
+    proc = subprocess.Popen(
+        ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "exec",
+         "--control", daemon.control, "--app", "wrongmode", "--alpn", "h3",
+         "--cid-mode", "learned", "--cid-len", "8", "--", *cmd],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        start_new_session=True,
+    )
+    try:
+        _, err = proc.communicate(timeout=60)
+        assert proc.returncode == 2, err
+        assert (f"{who}: registered with --cid-mode learned, but {who} issues CIDs in "
+                "steerd's layout: register with --cid-mode layout (the default)") in err
+    finally:
+        kill_group(proc.pid)
+        proc.wait(5)
+        shutil.rmtree(certdir)
