@@ -66,7 +66,7 @@ sys.path.insert(0, str(HERE.parent.parent))
 from quic.cid import CidLayout  # noqa: E402
 from steerd.dataplane import XDP_FLAGS_DRV_MODE, Dataplane, DataplaneConfig  # noqa: E402
 from steerd.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E402
-from steerd.dataplane.learn import LearnLimits, Learner, remove_learner  # noqa: E402
+from steerd.dataplane.learn import Learner, LearnLimits, remove_learner  # noqa: E402
 from steerd.dataplane.netns import run_in_netns  # noqa: E402
 from tests.netns import NetnsPair, netns_pair  # noqa: E402
 
@@ -469,6 +469,7 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
             prog_medians["steer"] + prog_medians["guard"] - 2 * prog_medians["null"]
         ),
         "runs": results,
+        "stats_runs": stats,
     }
     if args.json:
         print(json.dumps(summary, indent=2))
@@ -495,6 +496,9 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
               f"= {100 * net / cost['plain']:.1f}% of it")
         print(f"steer+tc against plain: {median['steer+tc'] / median['plain']:.3f}x pps, "
               f"{cost['plain'] / cost['steer+tc']:.3f}x packets per CPU-second")
+        for m in ("steer-learned", "steer-learned-peer", "steer+learner"):
+            print(f"{m} against steer: {median[m] / median['steer']:.3f}x pps, "
+                  f"{cost['steer'] / cost[m]:.3f}x packets per CPU-second")
         print(f"steer+xdp against null-xdp (the veth XDP-mode cost taken out): "
               f"{median['steer+xdp'] / median['null-xdp']:.3f}x pps, "
               f"{cost['null-xdp'] / cost['steer+xdp']:.3f}x packets per CPU-second")

@@ -31,9 +31,20 @@ def test_bench_datapath_smoke() -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads(proc.stdout)
     assert set(summary["median_pps"]) == {"plain", "null-xdp", "xdp", "steer", "steer+xdp",
-                                           "steer+tc"}
+                                           "steer+tc", "steer-learned", "steer-learned-peer",
+                                           "steer+learner"}
     assert all(pps > 0 for pps in summary["median_pps"].values())
     for run in summary["runs"]:
         if run["mode"].startswith("steer"):
             assert run["per_socket"][-1] == 0  # nothing reached the classifier
+        # learned mode: every delivered packet was steered by the table the mode exercises
+        if run["mode"] == "steer-learned":
+            assert run["steer_learned_cid"] >= run["delivered"] > 0
+        if run["mode"] == "steer-learned-peer":
+            assert run["steer_learned_peer"] >= run["delivered"] > 0
     assert summary["prog_ns_per_packet"]["steer"] > 0
+    assert summary["prog_ns_per_packet"]["steer_learned_cid"] > 0
+    assert summary["prog_ns_per_packet"]["steer_learned_peer"] > 0
+    # the learned-mode egress program ran for the sender's datagrams, and was detached after
+    learner = [r for r in summary["stats_runs"] if r["mode"] == "steer+learner"]
+    assert learner and all(r["prog_runs"]["learn"] >= r["sent"] for r in learner)

@@ -1,8 +1,9 @@
 """A hostile tenant: registers for real as whatever uid it runs as, then attacks the shared
 port with what the daemon handed it, on command.
 
-Run in the daemon's network namespace as ``intruder.py CONTROL APP ALPN``; it prints one JSON
-line when registered, then reads one JSON command per stdin line and answers each with one
+Run in the daemon's network namespace as ``intruder.py CONTROL APP ALPN [CID_LEN]`` (with
+CID_LEN: registered in learned-CID mode, CIDs of that length); it prints one JSON line when
+registered, then reads one JSON command per stdin line and answers each with one
 JSON line. Everything it does is what any app could do with its registration: the worker
 socket, the per-slot key, the control socket.
 """
@@ -66,6 +67,14 @@ def socket_calls(sock: socket.socket, service: tuple[str, int], client: tuple[st
     return results
 
 
+def server_long_header(scid: bytes) -> bytes:
+    """A v1 Handshake packet as a server sends it, with ``scid`` as its Source Connection ID:
+    what the learned-mode egress program learns from (the payload is junk)."""
+    dcid = os.urandom(8)
+    return (bytes([0xE3]) + (1).to_bytes(4, "big") + bytes([len(dcid)]) + dcid
+            + bytes([len(scid)]) + scid + b"\x40\x18" + os.urandom(24))
+
+
 def handle(cmd: dict[str, Any], sock: socket.socket, key: bytes, control: str,
            client: ControlClient) -> dict[str, Any]:
     op = cmd["op"]
@@ -82,6 +91,14 @@ def handle(cmd: dict[str, Any], sock: socket.socket, key: bytes, control: str,
     if op == "send":
         sock.sendto(bytes.fromhex(cmd["data"]), tuple(cmd["to"]))
         return {"sent": True}
+    if op == "long":
+        # Server long-header packets with chosen SCIDs (or ``count`` random ones of
+        # ``cid_len`` bytes), for the learner to take as this app's CIDs.
+        scids = [bytes.fromhex(c) for c in cmd.get("scids", [])]
+        scids += [os.urandom(cmd["cid_len"]) for _ in range(cmd.get("count", 0))]
+        for scid in scids:
+            sock.sendto(server_long_header(scid), tuple(cmd["to"]))
+        return {"sent": len(scids)}
     if op == "mint":
         # A Retry token minted the way a worker could when it held the daemon's key.
         token = build_retry_token(derive_token_key(key), cmd["client_ip"],
@@ -104,8 +121,11 @@ def handle(cmd: dict[str, Any], sock: socket.socket, key: bytes, control: str,
 
 def main() -> int:
     control, app, alpn = sys.argv[1:4]
+    message: dict[str, Any] = {"op": "register", "app": app, "alpn": [alpn]}
+    if len(sys.argv) > 4:
+        message.update(cid_mode="learned", cid_len=int(sys.argv[4]))
     client = ControlClient(control)
-    reply, socks = client.call({"op": "register", "app": app, "alpn": [alpn]})
+    reply, socks = client.call(message)
     key = bytes.fromhex(reply["workers"][0]["reset_key"])
     print(json.dumps({"event": "registered", "uid": os.getuid(), "reply": reply}), flush=True)
     for line in sys.stdin:
