@@ -69,7 +69,10 @@ def main() -> int:
             self.transmit()
 
     cert, key = ensure_cert(args.cert_dir, ["localhost"])
-    config = mods["config"](is_client=False, alpn_protocols=["h3"])
+    # qh3's H3Connection always announces HTTP/3 datagrams, which needs the transport
+    # parameter (clients close with H3_SETTINGS_ERROR otherwise); aioquic's does not mind
+    config = mods["config"](is_client=False, alpn_protocols=["h3"],
+                            max_datagram_frame_size=65536)
     config.load_cert_chain(str(cert), str(key))
     count = int(os.environ.get("LISTEN_FDS", "0"))
     socks = [socket.socket(fileno=3 + i) for i in range(count)]

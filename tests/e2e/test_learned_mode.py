@@ -99,32 +99,12 @@ class Plain:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-# plain_h3_server.py's qh3 stack cannot serve HTTP/3 to anyone as it stands: qh3's
-# H3Connection always sends SETTINGS_H3_DATAGRAM=1, and the server's QuicConfiguration does
-# not set max_datagram_frame_size, so every client (aioquic, qh3, Chromium) closes the
-# connection with H3_SETTINGS_ERROR right after the handshake. Until the server sets it
-# (as qh3's own HTTP/3 server example does), it runs with qh3's configuration defaulting
-# it: its code and its own random CIDs are untouched.
-QH3_DATAGRAM_SHIM = """
-import runpy, sys
-import qh3.quic.configuration as c
-class QuicConfiguration(c.QuicConfiguration):
-    def __init__(self, *args, **kwargs):
-        kwargs.setdefault("max_datagram_frame_size", 65536)
-        super().__init__(*args, **kwargs)
-c.QuicConfiguration = QuicConfiguration
-sys.argv = sys.argv[1:]
-runpy.run_path(sys.argv[0], run_name="__main__")
-"""
-
-
 def start_plain(daemon: Daemon, stack: str, name: str, *exec_args: str) -> Plain:  # noqa: F811
     workdir = Path(tempfile.mkdtemp(prefix=f"steerd-plain-{stack}-"))
-    python = [PYTHON, "-c", QH3_DATAGRAM_SHIM] if stack == "qh3" else [PYTHON]
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "exec",
          "--control", daemon.control, "--app", name, *exec_args, "--",
-         *python, PLAIN, "--stack", stack, "--cert-dir", str(workdir / "cert"), "--name", name],
+         PYTHON, PLAIN, "--stack", stack, "--cert-dir", str(workdir / "cert"), "--name", name],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
         start_new_session=True)
     # proclines.Lines reads a process's stdout; this one reads exec's stderr the same way.
@@ -169,14 +149,44 @@ def plain_server(request: pytest.FixtureRequest, stack: str) -> Plain:
     return request.getfixturevalue(f"plain_{stack}")  # type: ignore[no-any-return]
 
 
+class Recording:
+    """A client socket that keeps every datagram sent through it (Session only calls
+    sendto, recvfrom, fileno, getsockname and close)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.sent: list[bytes] = []
+
+    def sendto(self, data: bytes, address: Any) -> int:
+        self.sent.append(bytes(data))
+        return self.sock.sendto(data, address)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+def client_socket(pair: NetnsPair, family: int = socket.AF_INET) -> Recording:  # noqa: F811
+    sock = pair.client_socket(family, socket.SOCK_DGRAM)
+    sock.bind((pair.client_addr(family), 0))
+    return Recording(sock)
+
+
 def connect(pair: NetnsPair, stack: str, server_name: str,  # noqa: F811
             family: int = socket.AF_INET, timeout: float = 5.0) -> Session:
     """A Session from the client namespace asking for ``server_name`` (harness.session()
     always asks for "localhost")."""
-    sock = pair.client_socket(family, socket.SOCK_DGRAM)
-    sock.bind((pair.client_addr(family), 0))
-    return Session(stack, sock, (pair.server_addr(family), PORT), "h3",
-                   server_name=server_name, timeout=timeout)
+    return Session(stack, client_socket(pair, family),  # type: ignore[arg-type]
+                   (pair.server_addr(family), PORT), "h3", server_name=server_name,
+                   timeout=timeout)
+
+
+def last_dcid(s: Session) -> bytes:
+    """The DCID (CID_LEN bytes: the server's CIDs) of the last short-header packet the
+    client sent on its current socket."""
+    for data in reversed(s.sock.sent):  # type: ignore[attr-defined]
+        if not is_long_header(data[0]):
+            return data[1 : 1 + CID_LEN]
+    raise AssertionError("the client sent no short-header packet")
 
 
 def server_cid(s: Session) -> bytes:
@@ -305,11 +315,11 @@ def test_nat_rebinding_in_learned_mode(
     assert len(cid) == CID_LEN and LAYOUT.decode(cid) is None
     old_port = s.sock.getsockname()[1]
     before = counters(daemon)
-    fresh = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
-    fresh.bind((pair.client_v4, 0))
-    s.swap_socket(fresh)
+    fresh = client_socket(pair)
+    s.swap_socket(fresh)  # type: ignore[arg-type]
     assert fresh.getsockname()[1] != old_port
     assert s.get("/after") == (200, f"{app.name} /after".encode())
+    assert last_dcid(s) == cid  # still the learned CID, not a NEW_CONNECTION_ID one
     after = counters(daemon)
     assert delta(before, after, "steer_learned_cid") >= 1
     assert delta(before, after, "learn_peer") >= 1  # the new address:port
@@ -327,9 +337,18 @@ def test_new_connection_id_on_the_same_address_in_learned_mode(
     s = connect(daemon.pair, client, NAMES[server])
     sessions.append(s)
     assert s.get("/before") == (200, f"{app.name} /before".encode())
+    cid = server_cid(s)
+    assert last_dcid(s) == cid
     before = counters(daemon)
-    s.conn.change_connection_id()
-    assert s.get("/after") == (200, f"{app.name} /after".encode())
+    # the switch needs a spare CID from the server's NEW_CONNECTION_ID frames, which may
+    # arrive after the first answer: switch (a no-op without one) until the client has moved
+    deadline = time.monotonic() + 5
+    n = 0
+    while last_dcid(s) == cid:
+        assert time.monotonic() < deadline, "the client never got a spare CID"
+        n += 1
+        s.conn.change_connection_id()
+        assert s.get(f"/after-{n}") == (200, f"{app.name} /after-{n}".encode())
     after = counters(daemon)
     assert delta(before, after, "steer_learned_peer") >= 1
     assert delta(before, after, "steer_drop_short_not_ours") == 0
