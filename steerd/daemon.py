@@ -642,7 +642,7 @@ class Daemon:
         total: dict[tuple[str, str], int] = {}
         with self._maps_lock:
             for group in self.groups:
-                for slot, row in group.learner.slot_stats().items():
+                for slot, row in group.learner.slot_stats(slot_apps).items():
                     app = slot_apps.get(slot)
                     if app is not None:
                         for what, value in row.items():
@@ -653,7 +653,7 @@ class Daemon:
         total: dict[str, int] = {}
         with self._maps_lock:
             for group in self.groups:
-                for name, value in group.learner.slot_stats().get(slot, {}).items():
+                for name, value in group.learner.slot_stats([slot]).get(slot, {}).items():
                     total[name] = total.get(name, 0) + value
         cids, peers = self._learned_counts.get(slot, (0, 0))
         if cids or peers:

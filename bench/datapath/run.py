@@ -433,6 +433,7 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
     median = {m: statistics.median(series("pps", m)) for m in MODES}
     cost = {m: statistics.median(series("cpu_ns_per_packet", m)) for m in MODES}
     reached = {m: statistics.median(series("reached_pps", m)) for m in MODES}
+
     def prog_median(mode: str, prog: str) -> float:
         return statistics.median(
             float(r["prog_ns_per_packet"][prog])  # type: ignore[index]

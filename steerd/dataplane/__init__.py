@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import functools
 import json
 import os
 import re
@@ -77,6 +78,7 @@ class Prerequisite:
 # bpf/steerd.h: the shared numbers
 
 
+@functools.cache
 def header_constants(path: Path = HEADER) -> dict[str, int]:
     """Every ``#define NAME <integer>`` in the shared header."""
     consts: dict[str, int] = {}

@@ -41,16 +41,23 @@ PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
 PIN_NAME = "prog_learn"
 
-_H = header_constants()
-MODE_LAYOUT = _H["STEERD_MODE_LAYOUT"]
-MODE_LEARNED = _H["STEERD_MODE_LEARNED"]
-MAX_LENGTHS = _H["STEERD_MAX_LEARN_LENGTHS"]
-# slot_stats columns, named as steerd status shows them (bpf/steerd.h STEERD_SLOT_*)
-SLOT_STATS = {
-    value: name.removeprefix("STEERD_SLOT_").lower()
-    for name, value in _H.items()
-    if name.startswith("STEERD_SLOT_") and name != "STEERD_SLOT_STATS"
-}
+MODE_LAYOUT = 1  # bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
+MODE_LEARNED = 2  # STEERD_MODE_LEARNED
+
+
+def _h() -> dict[str, int]:
+    """bpf/steerd.h's numbers, read when first needed (not at import: ``steerd exec`` and
+    ``steerd status`` import this module and never touch the data plane)."""
+    return header_constants()
+
+
+def slot_stat_names() -> dict[int, str]:
+    """slot_stats columns, named as steerd status shows them (STEERD_SLOT_*)."""
+    return {value: name.removeprefix("STEERD_SLOT_").lower()
+            for name, value in _h().items()
+            if name.startswith("STEERD_SLOT_") and name != "STEERD_SLOT_STATS"}
+
+
 _ROUTE = struct.Struct("=IIQ")  # struct steerd_route: slot, flags, expires_ns
 
 
@@ -77,11 +84,15 @@ class Learner:
         """Quotas, TTL and the CID lengths learned-mode apps registered (at most
         STEERD_MAX_LEARN_LENGTHS distinct ones: each costs the steering program a lookup
         for every short header that is not in the layout)."""
-        lens = sorted({int(n) for n in lengths})
-        if len(lens) > MAX_LENGTHS or any(not 1 <= n <= 20 for n in lens):
-            raise DataplaneError(f"learned CID lengths {lens}: at most {MAX_LENGTHS}, each 1..20")
+        # Longest first: the steering program takes the first hit, and a shorter learned CID
+        # may be the prefix of a longer one (CIDs travel in clear, so an app with short CIDs
+        # could learn another's prefix on purpose); the longer, exact entry must win.
+        lens = sorted({int(n) for n in lengths}, reverse=True)
+        most = _h()["STEERD_MAX_LEARN_LENGTHS"]
+        if len(lens) > most or any(not 1 <= n <= 20 for n in lens):
+            raise DataplaneError(f"learned CID lengths {lens}: at most {most}, each 1..20")
         raw = struct.pack("=IIQ4sI", limits.cid_quota, limits.peer_quota,
-                          int(limits.ttl * 1e9), bytes(lens).ljust(MAX_LENGTHS, b"\0"), 0)
+                          int(limits.ttl * 1e9), bytes(lens).ljust(most, b"\0"), 0)
         key = ct.c_uint32(0)
         value = ct.create_string_buffer(raw, len(raw))
         if _lib().bpf_update_elem(self.dp.map_fd("learn_config"), ct.byref(key), value, 0):
@@ -105,45 +116,64 @@ class Learner:
         return out
 
     def forget_slot(self, slot: int) -> None:
-        """The slot's worker left: its sockets and everything learned for it go (a freed
-        slot is quarantined before another app gets it, and must start clean)."""
+        """The slot's worker left: its sockets, everything learned for it and its quota
+        counts go (a freed slot is quarantined before another app gets it, and must start
+        clean, with its whole quota)."""
         for cookie, (owner, _, _) in self.sockets().items():
             if owner == slot:
                 self._delete("learn_sockets", ct.c_uint64(cookie))
-        for name in ("learned_cids", "learned_peers"):
-            size = header_constants()[
-                "STEERD_ROUTE_KEY_SIZE" if name == "learned_cids" else "STEERD_PEER_KEY_SIZE"]
+        for name, size in self._tables():
             for key, value in self._items(name, size, _ROUTE.size):
                 if _ROUTE.unpack(value)[0] == slot:
                     self._delete(name, ct.create_string_buffer(key, size))
+        self._write_counts({slot: 0, self._slots + slot: 0})
 
     # -- upkeep ---------------------------------------------------------------------------
 
     def sweep(self, now_ns: int | None = None) -> dict[int, tuple[int, int]]:
         """Delete expired entries and recount each slot's (the BPF side only adds: this is
-        where the quotas come back). Returns slot -> (learned CIDs, learned peers)."""
+        where the quotas come back). Returns slot -> (learned CIDs, learned peers).
+
+        The BPF side goes on adding while the tables are read, so a slot's new count is
+        what was found alive plus what the BPF side added during the sweep: an entry added
+        then may be counted twice (the quota refuses a little early, until the next sweep),
+        never not at all (which would let a slot exceed its quota)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
-        counts = [[0, 0] for _ in range(self._slots)]
-        for column, (name, size) in enumerate((
-                ("learned_cids", _H["STEERD_ROUTE_KEY_SIZE"]),
-                ("learned_peers", _H["STEERD_PEER_KEY_SIZE"]))):
+        before = self._read_counts()
+        live = [0] * (2 * self._slots)
+        for column, (name, size) in enumerate(self._tables()):
             for key, value in self._items(name, size, _ROUTE.size):
                 slot, _, expires = _ROUTE.unpack(value)
                 if expires < now:
                     self._delete(name, ct.create_string_buffer(key, size))
                 elif slot < self._slots:
-                    counts[slot][column] += 1
-        fd = self.dp.map_fd("learn_counts")
-        lib = _lib()
-        for slot, (cids, peers) in enumerate(counts):
-            for index, n in ((slot, cids), (self._slots + slot, peers)):
-                lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(index)),
-                                    ct.byref(ct.c_uint32(n)), 0)
-        return {slot: (c, p) for slot, (c, p) in enumerate(counts) if c or p}
+                    live[column * self._slots + slot] += 1
+        after = self._read_counts()
+        self._write_counts({i: live[i] + max(0, after[i] - before[i]) for i in range(len(live))})
+        return {slot: (live[slot], live[self._slots + slot]) for slot in range(self._slots)
+                if live[slot] or live[self._slots + slot]}
+
+    def _tables(self) -> tuple[tuple[str, int], tuple[str, int]]:
+        h = _h()
+        return (("learned_cids", h["STEERD_ROUTE_KEY_SIZE"]),
+                ("learned_peers", h["STEERD_PEER_KEY_SIZE"]))
+
+    def _read_counts(self) -> list[int]:
+        lib, fd = _lib(), self.dp.map_fd("learn_counts")
+        out, value = [], ct.c_uint32()
+        for index in range(2 * self._slots):
+            ok = lib.bpf_lookup_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(value)) == 0
+            out.append(value.value if ok else 0)
+        return out
+
+    def _write_counts(self, counts: dict[int, int]) -> None:
+        lib, fd = _lib(), self.dp.map_fd("learn_counts")
+        for index, n in counts.items():
+            lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(ct.c_uint32(n)), 0)
 
     def learned_cids(self) -> dict[bytes, tuple[int, int]]:
         """server CID -> (slot, expires_ns)."""
-        size = _H["STEERD_ROUTE_KEY_SIZE"]
+        size = _h()["STEERD_ROUTE_KEY_SIZE"]
         out: dict[bytes, tuple[int, int]] = {}
         for key, value in self._items("learned_cids", size, _ROUTE.size):
             slot, _, expires = _ROUTE.unpack(value)
@@ -153,23 +183,25 @@ class Learner:
     def learned_peers(self) -> dict[tuple[int, bytes, int, int], tuple[int, int]]:
         """(family, address bytes, client port, service port) -> (slot, expires_ns)."""
         out: dict[tuple[int, bytes, int, int], tuple[int, int]] = {}
-        for key, value in self._items("learned_peers", _H["STEERD_PEER_KEY_SIZE"], _ROUTE.size):
+        for key, value in self._items("learned_peers", _h()["STEERD_PEER_KEY_SIZE"],
+                                      _ROUTE.size):
             family, _, pport, lport, _, addr = struct.unpack("=BBHHH16s", key)
             slot, _, expires = _ROUTE.unpack(value)
             out[(family, addr[: 4 if family == 4 else 16], socket_port(pport),
                  socket_port(lport))] = (slot, expires)
         return out
 
-    def slot_stats(self) -> dict[int, dict[str, int]]:
-        """slot -> {statistic: value} for every slot with a nonzero one, summed over CPUs."""
+    def slot_stats(self, slots: Iterable[int] | None = None) -> dict[int, dict[str, int]]:
+        """slot -> {statistic: value} for each of ``slots`` (default: all) with a nonzero
+        one, summed over CPUs. Ask for the slots you need: each costs 8 map reads."""
         lib, fd = _lib(), self.dp.map_fd("slot_stats")
-        ncpus = self.dp.ncpus
-        values = (ct.c_uint64 * ncpus)()
-        width = _H["STEERD_SLOT_STATS"]
+        values = (ct.c_uint64 * self.dp.ncpus)()
+        width = _h()["STEERD_SLOT_STATS"]
+        names = slot_stat_names()
         out: dict[int, dict[str, int]] = {}
-        for slot in range(self._slots):
+        for slot in range(self._slots) if slots is None else slots:
             row: dict[str, int] = {}
-            for column, name in SLOT_STATS.items():
+            for column, name in names.items():
                 key = ct.c_uint32(slot * width + column)
                 if lib.bpf_lookup_elem(fd, ct.byref(key), values) == 0 and sum(values):
                     row[name] = sum(values)
@@ -181,8 +213,9 @@ class Learner:
         """A slot handed to a new app starts from zero (the app sees only its own)."""
         lib, fd = _lib(), self.dp.map_fd("slot_stats")
         zeros = (ct.c_uint64 * self.dp.ncpus)()
-        for column in SLOT_STATS:
-            key = ct.c_uint32(slot * _H["STEERD_SLOT_STATS"] + column)
+        width = _h()["STEERD_SLOT_STATS"]
+        for column in slot_stat_names():
+            key = ct.c_uint32(slot * width + column)
             lib.bpf_update_elem(fd, ct.byref(key), zeros, 0)
 
     # -- the egress program ---------------------------------------------------------------

@@ -34,12 +34,24 @@ def test_counters_are_unique_and_in_range() -> None:
     assert names[h["STEERD_CNT_XDP_DROP_SMALL_INITIAL"]] == "xdp_drop_small_initial"
 
 
+def test_learned_mode_constants_match_python() -> None:
+    """steerd/dataplane/learn.py and the registry name the header's learned-mode numbers
+    without reading it at import (apps import them): they must be the header's."""
+    from steerd.dataplane.learn import MODE_LAYOUT, MODE_LEARNED
+    from steerd.registry import LEARNED_CID_LEN, MAX_LEARNED_LENGTHS
+
+    h = header_constants()
+    assert (MODE_LAYOUT, MODE_LEARNED) == (h["STEERD_MODE_LAYOUT"], h["STEERD_MODE_LEARNED"])
+    assert MAX_LEARNED_LENGTHS == h["STEERD_MAX_LEARN_LENGTHS"]
+    assert LEARNED_CID_LEN[1] == h["STEERD_MAX_CID_LEN"]
+
+
 def test_cid_layout_defines_are_what_the_programs_use() -> None:
     """Every STEERD_CID_* macro the C uses comes from CidLayout.defines(), and vice versa."""
     import re
 
     used = set()
-    for source in ("steer.c", "guard.c"):
+    for source in ("steer.c", "guard.c", "learn.c"):
         used |= set(re.findall(r"\bSTEERD_CID_\w+", (HEADER.parent / source).read_text()))
     given = set(cid.CidLayout().defines())
     assert used <= given, f"C uses CID macros nobody passes: {used - given}"
