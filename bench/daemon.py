@@ -62,9 +62,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 
-from steerd.control import ControlClient, ControlError, Registration  # noqa: E402
-from steerd.dataplane.netns import netns_path  # noqa: E402
-from tests.netns import NetnsPair, netns_pair  # noqa: E402
+from deploy.netns import NetnsPair, netns_pair  # noqa: E402
+from steerd.app.client import ControlClient  # noqa: E402
+from steerd.app.protocol import ControlError, Registration  # noqa: E402
+from steerd.daemon.dataplane.netns import netns_path  # noqa: E402
 
 PORT = 4433
 METRICS_PORT = 19444
@@ -428,13 +429,14 @@ def stages(path: Path, count: int) -> list[tuple[str, float]]:
     from quic.crypto import derive_initial_keys, open_packet
     from quic.flight import AssemblerConfig
     from quic.packet import parse_long_header
-    from steerd.classifier import Classifier, Flight, FlightFront, Origin
-    from steerd.config import AclRule, Config, PolicyConfig
-    from steerd.daemon import bind_classifier_socket, receive
-    from steerd.dataplane import Dataplane, DataplaneConfig
-    from steerd.metrics import Metrics
-    from steerd.registry import Peer, Registry
-    from steerd.reinject import Reinjector
+    from steerd.daemon.classifier import Classifier, Flight, FlightFront, Origin
+    from steerd.daemon.config import AclRule, Config, PolicyConfig
+    from steerd.daemon.control import bind_group_socket
+    from steerd.daemon.dataplane import Dataplane, DataplaneConfig
+    from steerd.daemon.metrics import Metrics
+    from steerd.daemon.registry import Peer, Registry
+    from steerd.daemon.reinject import Reinjector
+    from steerd.daemon.service import receive
 
     raw = path.read_bytes()[: count * RECORD]
     flights = [raw[i : i + RECORD] for i in range(0, len(raw), RECORD)]
@@ -506,7 +508,7 @@ def stages(path: Path, count: int) -> list[tuple[str, float]]:
         def setup() -> tuple[Reinjector, socket.socket]:
             injector = Reinjector()
             injector._sock(socket.AF_INET)  # the raw socket must live in this namespace
-            return injector, bind_classifier_socket(pair.server_v4, PORT)
+            return injector, bind_group_socket(pair.server_v4, PORT, classifier=True)
 
         injector, sink = pair.run_server(setup)
         try:

@@ -51,11 +51,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from deploy.netns import netns_pair  # noqa: E402
 from quic.cid import CidLayout  # noqa: E402
-from steerd.control import Registration  # noqa: E402
-from steerd.dataplane.netns import netns_path  # noqa: E402
-from steerd.exec import environment, exec_with_sockets  # noqa: E402
-from tests.netns import netns_pair  # noqa: E402
+from steerd.app.exec import environment, exec_with_sockets  # noqa: E402
+from steerd.app.protocol import Registration  # noqa: E402
+from steerd.daemon.dataplane.netns import netns_path  # noqa: E402
 
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
 STEERD = str(ROOT / ".venv" / "bin" / "steerd")
@@ -89,8 +89,7 @@ def _direct(args: argparse.Namespace) -> int:
 def _load(args: argparse.Namespace) -> int:
     """Internal (client namespace): ``parallel`` client processes doing handshakes back to back
     for ``seconds``; each connection is a fresh socket, a full handshake, then a close."""
-    sys.path.insert(0, str(ROOT / "tests" / "sdk"))
-    from quic_client import RequestFailed, Session
+    from deploy.quicclient import RequestFailed, Session
 
     end = time.monotonic() + args.seconds
     pipes = []

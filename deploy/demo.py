@@ -57,10 +57,10 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
-from steerd.dataplane.netns import netns_path, run_in_netns
-from steerd.netns import NetnsPair, netns_pair
-from steerd.proclines import Lines
-from steerd.quicclient import RequestFailed, Session, one_request
+from deploy.netns import NetnsPair, netns_pair
+from deploy.proclines import Lines
+from deploy.quicclient import RequestFailed, Session, one_request
+from steerd.daemon.dataplane.netns import netns_path, run_in_netns
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")

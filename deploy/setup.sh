@@ -1,12 +1,11 @@
 #!/usr/bin/env bash
 # Idempotent set-up of a fresh Debian 12 machine for steerd: Debian packages, kernel headers
-# for bcc (the running kernel's, else the merged-tree fallback kept in .cache/), and a venv
+# for bcc (the running kernel's, else the merged-tree fallback kept in /var/cache/steerd), and a venv
 # from /usr/bin/python3 that sees Debian's bcc. Every step checks first and skips what is done,
 # so the demo and test commands can call it on every run.
 set -euo pipefail
 
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
-cache="$top/.cache"
 venv="$top/.venv"
 log() { printf 'setup: %s\n' "$*" >&2; }
 
@@ -37,7 +36,7 @@ fi
 
 # Kernel headers for bcc. The running kernel's own headers win; when Debian has none for it
 # (custom or cloud kernels), merge Debian's generic -common and -amd64 trees into one tree of
-# symlinks under .cache/ and point BCC_KERNEL_SOURCE there (see steerd/dataplane).
+# symlinks under /var/cache/steerd, where steerd looks for it (steerd/daemon/dataplane).
 kver=$(uname -r)
 if [ ! -e "/lib/modules/$kver/build/include" ]; then
     if ! dpkg-query -W -f='${Status}' "linux-headers-$kver" 2>/dev/null | grep -q 'install ok'; then
@@ -56,7 +55,7 @@ if [ ! -e "/lib/modules/$kver/build/include" ]; then
         log "no kernel headers: neither linux-headers-$kver nor linux-headers-amd64 gave a tree"
         exit 1
     fi
-    dest="$cache/kernel-headers"
+    dest=/var/cache/steerd/kernel-headers
     stamp="$dest/.steerd-from"
     if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$common $arch" ]; then
         log "merging $common and $arch into $dest"

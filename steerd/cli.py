@@ -10,11 +10,11 @@ import importlib
 import sys
 
 COMMAND_MODULES: tuple[str, ...] = (
-    "steerd.classify",  # steerd classify FILE
-    "steerd.doctor",  # steerd doctor
-    "steerd.config",  # steerd check-config FILE
-    "steerd.daemon",  # steerd run, steerd status
-    "steerd.exec",  # steerd exec -- CMD (sockets passed systemd-style)
+    "steerd.tools.classify",  # steerd classify FILE
+    "steerd.tools.doctor",  # steerd doctor
+    "steerd.daemon.config",  # steerd check-config FILE
+    "steerd.daemon.service",  # steerd run, steerd status, steerd purge
+    "steerd.app.exec",  # steerd exec -- CMD (sockets passed systemd-style)
 )
 
 

@@ -25,8 +25,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quic.packet import parse_long_header
-from steerd.classify import classify_file
-from steerd.pcap import CaptureError, Datagram, read_datagrams
+from steerd.tools.classify import classify_file
+from steerd.tools.pcap import CaptureError, Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORT = 4433

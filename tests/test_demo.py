@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from steerd.dataplane.netns import netns_path
+from steerd.daemon.dataplane.netns import netns_path
 
 pytestmark = pytest.mark.root
 

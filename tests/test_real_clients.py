@@ -19,8 +19,8 @@ import tshark
 
 from quic.flight import FirstFlightAssembler, NeedMore, Ready, VersionNegotiationNeeded
 from quic.packet import VERSION_1, VERSION_2
-from steerd.classify import classify_file
-from steerd.pcap import Datagram, read_datagrams
+from steerd.tools.classify import classify_file
+from steerd.tools.pcap import Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
 PORT = 4433

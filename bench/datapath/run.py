@@ -63,12 +63,12 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
+from deploy.netns import NetnsPair, netns_pair  # noqa: E402
 from quic.cid import CidLayout  # noqa: E402
-from steerd.dataplane import XDP_FLAGS_DRV_MODE, Dataplane, DataplaneConfig  # noqa: E402
-from steerd.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E402
-from steerd.dataplane.learn import Learner, LearnLimits, remove_learner  # noqa: E402
-from steerd.dataplane.netns import run_in_netns  # noqa: E402
-from tests.netns import NetnsPair, netns_pair  # noqa: E402
+from steerd.daemon.dataplane import XDP_FLAGS_DRV_MODE, Dataplane, DataplaneConfig  # noqa: E402
+from steerd.daemon.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E402
+from steerd.daemon.dataplane.learn import Learner, LearnLimits, remove_learner  # noqa: E402
+from steerd.daemon.dataplane.netns import run_in_netns  # noqa: E402
 
 PORT = 4433
 LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_len=6)
@@ -129,7 +129,7 @@ def cid_templates(path: Path, size: int, cids: list[bytes]) -> None:
 
 
 def _update(dp: Dataplane, name: str, key: bytes, value: bytes) -> None:
-    from steerd.dataplane import _lib
+    from steerd.daemon.dataplane import _lib
 
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value, len(value))
@@ -201,7 +201,7 @@ def ksoftirqd_ns(cpu: int) -> int:
 
 def pinned_fd(path: str) -> int:
     """An fd of the program pinned at ``path`` (the learner's, attached by Learner.attach)."""
-    from steerd.dataplane import _lib
+    from steerd.daemon.dataplane import _lib
 
     fd = _lib().bpf_obj_get(path.encode())
     if fd < 0:
@@ -211,7 +211,7 @@ def pinned_fd(path: str) -> int:
 
 def prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(run_cnt, run_time_ns) per program, from the kernel's BPF stats (via bpftool)."""
-    from steerd.dataplane import _lib
+    from steerd.daemon.dataplane import _lib
 
     out = {}
     for name, fd in fds.items():

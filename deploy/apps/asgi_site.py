@@ -7,7 +7,7 @@ plain Starlette, no steerd import — so the demo and the tests can show that
 apps on the same port::
 
     steerd exec --app asgi --alpn h3 --workers 2 -- \\
-        python -m steerd.asgi deploy.apps.asgi_site:app --certfile cert.pem --keyfile key.pem
+        python -m steerd.app.asgi deploy.apps.asgi_site:app --certfile cert.pem --keyfile key.pem
 
 (from the repository root, so ``deploy.apps.asgi_site`` imports; make a demo certificate
 with ``deploy/apps/certs.py``'s ``ensure_cert``).

@@ -35,7 +35,7 @@ from aioquic.quic.events import QuicEvent, StreamDataReceived
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import ensure_cert
 
-from steerd import sdk
+from steerd.app import sdk
 
 ALPN = "smb"
 MAX_REQUEST = 1024

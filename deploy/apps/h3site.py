@@ -36,7 +36,7 @@ from aioquic.quic.events import ProtocolNegotiated, QuicEvent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import ensure_cert
 
-from steerd import sdk
+from steerd.app import sdk
 
 H3_NO_ERROR = 0x100
 MAX_SLOW_MS = 10_000

@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from steerd.config import AclRule, Config, ControlConfig, LimitsConfig, ListenConfig
+from steerd.daemon.config import AclRule, Config, ControlConfig, LimitsConfig, ListenConfig
 from tests.daemon.harness import NOBODY, Daemon, free_udp_port
 
 

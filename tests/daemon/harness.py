@@ -11,10 +11,11 @@ import time
 from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
-from steerd.config import Config
-from steerd.control import ControlServer, socket_cookie
-from steerd.metrics import Metrics
-from steerd.registry import Registry, Steering
+from steerd.app.protocol import Steering, socket_cookie
+from steerd.daemon.config import Config
+from steerd.daemon.control import ControlServer
+from steerd.daemon.metrics import Metrics
+from steerd.daemon.registry import Registry
 
 T = TypeVar("T")
 NOBODY = 65534

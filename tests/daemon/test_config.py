@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from quic.cid import CidLayout
-from steerd.config import (
+from steerd.daemon.config import (
     AclRule,
     Config,
     ConfigError,
@@ -243,7 +243,7 @@ def test_pending_bytes_minimum_is_what_the_assembler_needs() -> None:
     accepts as max_bytes_per_connection with its default CRYPTO cap, so the daemon can pass
     pending_bytes through as it is."""
     from quic.flight import MIN_INITIAL_DATAGRAM, AssemblerConfig
-    from steerd.config import MIN_PENDING_BYTES
+    from steerd.daemon.config import MIN_PENDING_BYTES
 
     assert MIN_PENDING_BYTES == MIN_INITIAL_DATAGRAM + AssemblerConfig().crypto_cap == 17584
     assert LimitsConfig().pending_bytes == parse("").limits.pending_bytes == MIN_PENDING_BYTES
@@ -334,7 +334,7 @@ def test_route_tables_are_sized_for_the_first_flight_rate() -> None:
     """65536 routes for 10 s evicted live handshakes above ~6.5k new connections/s: the
     tables now follow [limits] first_flight_rate x route_ttl (plus a quarter), as a power of
     two, between 4096 and 2**22."""
-    from steerd.config import LimitsConfig, first_flight_capacity
+    from steerd.daemon.config import LimitsConfig, first_flight_capacity
 
     assert first_flight_capacity(LimitsConfig()) == 131072  # 10000/s x 10 s x 1.25
     assert first_flight_capacity(LimitsConfig(first_flight_rate=20000)) == 262144

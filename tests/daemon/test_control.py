@@ -17,8 +17,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from quic.reset import slot_reset_key
-from steerd.config import AclRule, Config
-from steerd.control import ControlClient, ControlError, ControlServer
+from steerd.app.client import ControlClient
+from steerd.app.protocol import ControlError
+from steerd.daemon.config import AclRule, Config
+from steerd.daemon.control import ControlServer
 from tests.daemon.harness import NOBODY, Daemon
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -624,8 +626,8 @@ def test_no_sockets_for_another_uid_without_the_jail(daemon: Daemon,
     sockets only to its own uid, unless the config accepts the risk."""
     from types import SimpleNamespace
 
-    from steerd.config import SecurityConfig
-    from steerd.daemon import Daemon as SteerdDaemon
+    from steerd.daemon.config import SecurityConfig
+    from steerd.daemon.service import Daemon as SteerdDaemon
 
     config = dataclasses.replace(daemon.config,
                                  security=SecurityConfig(allow_unjailed=allow_unjailed))
@@ -667,7 +669,7 @@ def test_no_sockets_before_a_steering_program_is_attached(daemon: Daemon) -> Non
     hash, so even root is told to come back (the daemon's real ``socket_refusal``)."""
     from types import SimpleNamespace
 
-    from steerd.daemon import Daemon as SteerdDaemon
+    from steerd.daemon.service import Daemon as SteerdDaemon
 
     state = SimpleNamespace(jail=None, config=daemon.config, _jail_error="",
                             steering_attached=False)
@@ -688,8 +690,8 @@ def test_learned_mode_is_recorded_and_refused_with_retry_always(daemon: Daemon) 
     """A learned-mode registration reaches the socket sink (which lists the sockets for the
     learner) and status; with [flood] retry = "always" it is refused: a server that did not
     send steerd's Retry cannot complete the retried handshake."""
-    from steerd.config import FloodConfig
-    from steerd.registry import Steering
+    from steerd.app.protocol import Steering
+    from steerd.daemon.config import FloodConfig
 
     with ControlClient(daemon.path) as c:
         reg = c.register("plain", ["h3"], steering=Steering("learned", 8))

@@ -7,7 +7,7 @@ import socket
 
 import pytest
 
-from steerd.daemon import _IN6_PKTINFO, _IN_PKTINFO, IP_PKTINFO, _local_address
+from steerd.daemon.service import _IN6_PKTINFO, _IN_PKTINFO, IP_PKTINFO, _local_address
 
 FALLBACK = ("0.0.0.0", 443)
 

@@ -7,8 +7,8 @@ from collections import Counter
 import pytest
 
 from quic.cid import CidLayout
-from steerd.config import AclRule, PolicyConfig
-from steerd.registry import Decision, Peer, Registry, RegistryError, covers, server_id
+from steerd.daemon.config import AclRule, PolicyConfig
+from steerd.daemon.registry import Decision, Peer, Registry, RegistryError, covers, server_id
 
 ROOT = Peer(uid=0, gid=0)
 WWW = Peer(uid=33, gid=33, groups=frozenset({1001}), user="www-data",
@@ -339,7 +339,7 @@ def _reachable_generations(root: object) -> int:
     """How many Generation objects hang off ``root`` (a walk of gc referents)."""
     import gc
 
-    from steerd.registry import Generation
+    from steerd.daemon.registry import Generation
 
     seen: set[int] = set()
     stack = [root]
@@ -439,7 +439,8 @@ def test_client_sni_with_trailing_dot_routes_like_without(server_name: str) -> N
 def test_learned_mode_lengths_are_bounded_and_tracked() -> None:
     """The steering program looks a short header up once per learned CID length in use, so
     the registry keeps the set small and says which lengths are in use (draining ones too)."""
-    from steerd.registry import MAX_LEARNED_LENGTHS, Steering
+    from steerd.app.protocol import Steering
+    from steerd.daemon.registry import MAX_LEARNED_LENGTHS
 
     r = make()
     lengths = [4, 8, 12, 16][:MAX_LEARNED_LENGTHS]

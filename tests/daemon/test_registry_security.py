@@ -8,8 +8,8 @@ from typing import Any
 import pytest
 
 from quic.cid import CidLayout
-from steerd.config import AclRule, Config, LimitsConfig, PolicyConfig
-from steerd.registry import (
+from steerd.daemon.config import AclRule, Config, LimitsConfig, PolicyConfig
+from steerd.daemon.registry import (
     Generation,
     Peer,
     Registry,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from steerd.control import RESET_KEY_LEN
-from steerd.daemon import load_reset_key
+from steerd.daemon.control import RESET_KEY_LEN
+from steerd.daemon.service import load_reset_key
 
 NOBODY = 65534
 

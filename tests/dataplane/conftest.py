@@ -17,11 +17,11 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from deploy.netns import LIVE, NetnsPair, netns_pair
 from quic.cid import CidLayout
 from quic.packet import VERSION_1, PacketType, encode_varint_fixed, long_header_type_bits
-from steerd.dataplane import Dataplane, DataplaneConfig
-from steerd.dataplane.netns import netns_path
-from steerd.netns import LIVE, NetnsPair, netns_pair
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig
+from steerd.daemon.dataplane.netns import netns_path
 
 PORT = 4433
 OTHER_PORT = 4434

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from steerd.dataplane.jail import cgroup2_root
+from steerd.daemon.dataplane.jail import cgroup2_root
 
 pytestmark = pytest.mark.root
 

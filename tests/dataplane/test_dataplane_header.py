@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import quic.cid as cid
 import quic.packet as packet
-from steerd.dataplane import HEADER, DataplaneConfig, counter_names, header_constants
+from steerd.daemon.dataplane import HEADER, DataplaneConfig, counter_names, header_constants
 
 
 def test_cid_constants_match_quic_cid() -> None:
@@ -37,8 +37,9 @@ def test_counters_are_unique_and_in_range() -> None:
 def test_learned_mode_constants_match_python() -> None:
     """steerd/dataplane/learn.py and the registry name the header's learned-mode numbers
     without reading it at import (apps import them): they must be the header's."""
-    from steerd.dataplane.learn import MODE_LAYOUT, MODE_LEARNED
-    from steerd.registry import LEARNED_CID_LEN, MAX_LEARNED_LENGTHS
+    from steerd.app.protocol import LEARNED_CID_LEN
+    from steerd.daemon.dataplane.learn import MODE_LAYOUT, MODE_LEARNED
+    from steerd.daemon.registry import MAX_LEARNED_LENGTHS
 
     h = header_constants()
     assert (MODE_LAYOUT, MODE_LEARNED) == (h["STEERD_MODE_LAYOUT"], h["STEERD_MODE_LEARNED"])

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from quic.cid import CidLayout
-from steerd.dataplane import Dataplane, DataplaneConfig, DataplaneError, check_prerequisites
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError, check_prerequisites
 
 pytestmark = pytest.mark.root
 

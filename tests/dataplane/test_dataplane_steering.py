@@ -9,9 +9,9 @@ import struct
 
 import pytest
 
+from deploy.netns import NetnsPair, ip
 from quic.packet import VERSION_1, VERSION_2, PacketType
-from steerd.netns import NetnsPair, ip
-from steerd.reinject import udp_checksum
+from steerd.daemon.reinject import udp_checksum
 from tests.dataplane.conftest import (
     LAYOUT,
     MARKER_SLOT,

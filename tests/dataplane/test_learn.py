@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from deploy.netns import NetnsPair, netns_pair
 from quic.builders import build_retry
 from quic.cid import CidLayout
 from quic.packet import VERSION_1, VERSION_2, PacketType
-from steerd.control import socket_cookie
-from steerd.dataplane import Dataplane, DataplaneConfig
-from steerd.dataplane.learn import MODE_LAYOUT, MODE_LEARNED, PIN_NAME, Learner, LearnLimits
-from steerd.netns import NetnsPair, netns_pair
+from steerd.app.protocol import socket_cookie
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig
+from steerd.daemon.dataplane.learn import MODE_LAYOUT, MODE_LEARNED, PIN_NAME, Learner, LearnLimits
 from tests.dataplane.conftest import delta, find_tag, long_packet, new_tag, short_packet
 
 pytestmark = pytest.mark.root

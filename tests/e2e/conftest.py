@@ -28,9 +28,9 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-from steerd.dataplane.netns import netns_path, run_in_netns
-from steerd.netns import NetnsPair, netns_pair
-from steerd.proclines import Lines
+from deploy.netns import NetnsPair, netns_pair
+from deploy.proclines import Lines
+from steerd.daemon.dataplane.netns import netns_path, run_in_netns
 
 ROOT = Path(__file__).resolve().parents[2]
 STEERD = str(ROOT / ".venv" / "bin" / "steerd")

@@ -15,7 +15,8 @@ import json
 import selectors
 import sys
 
-from steerd.control import ControlClient, ControlError, Registration
+from steerd.app.client import ControlClient
+from steerd.app.protocol import ControlError, Registration
 
 
 def reset_keys(reg: Registration) -> dict[str, str]:

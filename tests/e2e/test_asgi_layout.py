@@ -1,4 +1,4 @@
-"""An unmodified ASGI app on hypercorn (``python -m steerd.asgi``) behind a real daemon.
+"""An unmodified ASGI app on hypercorn (``python -m steerd.app.asgi``) behind a real daemon.
 
 Why: steerd.asgi is the supported way to serve an ASGI app behind steerd without the SDK;
 what it must prove is that hypercorn's connections follow steerd's rules. The Starlette
@@ -50,13 +50,13 @@ from hypercorn.typing import ConnectionState
 
 from deploy.apps.asgi_site import NAME, PAGE_MARK, pattern
 from deploy.apps.certs import ensure_cert
+from deploy.netns import NetnsPair, netns_pair
 from quic.packet import PacketType, parse_long_header
 from quic.reset import reset_token
 from quic.token import build_retry_token
-from steerd.asgi import SteerdQuicProtocol
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair, netns_pair
-from steerd.sdk import CidIssuer
+from steerd.app.asgi import SteerdQuicProtocol
+from steerd.app.sdk import CidIssuer
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line, start_daemon
 from tests.sdk.harness import (  # noqa: F401 - daemon, pair, sessions: fixtures
     RunningApp,
@@ -81,7 +81,7 @@ BIG = 300_000  # /bytes?n= for the CLI clients: a body over many packets
 
 
 def start_asgi_site(daemon: Daemon, name: str, names: list[str], workers: int) -> RunningApp:  # noqa: F811
-    """``steerd exec ... -- python -m steerd.asgi deploy.apps.asgi_site:app`` in the server
+    """``steerd exec ... -- python -m steerd.app.asgi deploy.apps.asgi_site:app`` in the server
     namespace, with a demo certificate for ``names``; returns once its ready line came."""
     workdir = Path(tempfile.mkdtemp(prefix="steerd-asgi-"))
     cert_file, key_file = ensure_cert(workdir / "cert", names)
@@ -92,7 +92,7 @@ def start_asgi_site(daemon: Daemon, name: str, names: list[str], workers: int) -
              "--control", daemon.control, "--app", name, "--alpn", "h3",
              *[arg for n in names for arg in ("--server-name", n)],
              "--workers", str(workers), "--",
-             PYTHON, "-m", "steerd.asgi", "deploy.apps.asgi_site:app",
+             PYTHON, "-m", "steerd.app.asgi", "deploy.apps.asgi_site:app",
              "--certfile", str(cert_file), "--keyfile", str(key_file), "--graceful-timeout", "1"],
             stdout=subprocess.PIPE, stderr=errf, text=True, cwd=ROOT, start_new_session=True,
         )
@@ -490,7 +490,7 @@ def test_hypercorn_hook_is_where_steerd_asgi_sets_it() -> None:
 def test_refuses_to_run_outside_steerd_exec(cert: tuple[Path, Path]) -> None:  # noqa: F811
     """Without ``steerd exec``'s sockets (or with them, in learned mode) there is nothing it
     could serve correctly: a usage error, said plainly."""
-    cmd = [PYTHON, "-m", "steerd.asgi", "deploy.apps.asgi_site:app",
+    cmd = [PYTHON, "-m", "steerd.app.asgi", "deploy.apps.asgi_site:app",
            "--certfile", str(cert[0]), "--keyfile", str(cert[1])]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("LISTEN_", "STEERD_"))}
     out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=30)

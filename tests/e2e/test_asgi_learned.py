@@ -28,8 +28,8 @@ import pytest
 
 from deploy.apps.asgi_site import NAME, PAGE_MARK, pattern
 from deploy.apps.certs import ensure_cert
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from deploy.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import ROOT, STEERD, Daemon, _read_line
 from tests.e2e.test_asgi_layout import HOST, _gtlsclient, _routed
 from tests.sdk.harness import (  # noqa: F401 - daemon, pair, sessions: fixtures

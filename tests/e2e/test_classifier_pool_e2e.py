@@ -17,9 +17,9 @@ from collections.abc import Iterator
 
 import pytest
 
-from steerd.control import ControlClient
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair, netns_pair
+from deploy.netns import NetnsPair, netns_pair
+from steerd.app.client import ControlClient
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import (
     STEERD,
     Daemon,

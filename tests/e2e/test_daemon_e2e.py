@@ -19,12 +19,12 @@ import pytest
 from aioquic.quic.events import ConnectionTerminated
 from aioquic.quic.packet import QuicErrorCode
 
+from deploy.netns import NetnsPair
 from quic.cid import CidLayout
 from quic.packet import SUPPORTED_VERSIONS, VERSION_2, parse_long_header
 from quic.reset import reset_token
-from steerd.control import ControlClient
-from steerd.dataplane.netns import run_in_netns
-from steerd.netns import NetnsPair
+from steerd.app.client import ControlClient
+from steerd.daemon.dataplane.netns import run_in_netns
 from tests.e2e.conftest import (
     App,
     Client,
@@ -226,7 +226,7 @@ def test_metrics_match_what_happened(
 def test_server_alpn_preference_reverses_the_choice(pair: NetnsPair, daemon: Daemon) -> None:
     # A second daemon on the same pair cannot share port 4433's control/metrics paths with the
     # module daemon, so this test stops nothing and uses its own netns pair instead.
-    from steerd.netns import netns_pair
+    from deploy.netns import netns_pair
 
     with netns_pair("p") as other:
         gen = start_daemon(other, '[policy]\nalpn_preference = "server"\n'

@@ -15,8 +15,8 @@ import socket
 
 import pytest
 
-from steerd.netns import NetnsPair
-from steerd.quicclient import Session
+from deploy.netns import NetnsPair
+from deploy.quicclient import Session
 from tests.e2e.conftest import PORT, Daemon, await_resumed, spawn_daemon
 from tests.e2e.test_learned_mode import start_plain
 

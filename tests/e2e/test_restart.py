@@ -17,10 +17,10 @@ import time
 
 import pytest
 
+from deploy.netns import NetnsPair
 from quic.cid import CidLayout
-from steerd.daemon import group_pin_dir
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
+from steerd.daemon.service import group_pin_dir
 from tests.e2e.conftest import (
     STEERD,
     Daemon,

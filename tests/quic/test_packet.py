@@ -21,7 +21,7 @@ from quic.packet import (
     split_datagram,
 )
 from quic.varint import encode_varint
-from steerd.pcap import read_datagrams
+from steerd.tools.pcap import read_datagrams
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DCID = bytes.fromhex("0102030405060708")

@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from steerd.control import ControlClient, ControlError
+from deploy.netns import NetnsPair, netns_pair
+from steerd.app.client import ControlClient
+from steerd.app.protocol import ControlError
 from tests.e2e.conftest import Daemon, start_daemon
-from tests.netns import NetnsPair, netns_pair
 from tests.sdk.harness import sessions  # noqa: F401 - the fixture, for test_app_crash
 
 CONTROL_CONNECTIONS = 16  # the daemon's [limits] control_connections in these tests

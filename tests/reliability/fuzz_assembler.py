@@ -295,7 +295,7 @@ def encode_program(version: int, flights: Iterable[list[list[tuple[int, bytes]]]
 def fixture_flights(path: Path) -> dict[int, list[list[list[tuple[int, bytes]]]]]:
     """The client first flights of a capture, by version: per connection (original DCID),
     per datagram, the CRYPTO frames of its Initials (decrypted with the real keys)."""
-    from steerd.pcap import read_datagrams  # steerd is only needed for seeding
+    from steerd.tools.pcap import read_datagrams  # steerd is only needed for seeding
 
     conns: dict[tuple[int, bytes], list[list[tuple[int, bytes]]]] = {}
     for d in read_datagrams(path):

@@ -25,9 +25,9 @@ from typing import Any
 
 import pytest
 
-from steerd.control import ControlClient
+from deploy.netns import NetnsPair
+from steerd.app.client import ControlClient
 from tests.e2e.conftest import Daemon
-from tests.netns import NetnsPair
 from tests.sdk.harness import (
     RequestFailed,
     RunningApp,

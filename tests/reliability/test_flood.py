@@ -33,9 +33,9 @@ import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
+from deploy.netns import NetnsPair, ip, netns_pair
 from quic.packet import PacketType, parse_long_header
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair, ip, netns_pair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, ROOT, Daemon, start_daemon
 from tests.sdk.harness import Session, start_demo_app, start_loader
 

@@ -20,10 +20,11 @@ from typing import Any
 
 import pytest
 
-from steerd.control import ControlClient, ControlError
+from deploy.netns import NetnsPair
+from steerd.app.client import ControlClient
+from steerd.app.protocol import ControlError
 from tests.daemon.test_control import fork_as, read_json_line, reap
 from tests.e2e.conftest import Client, Daemon, quic_client, start_app
-from tests.netns import NetnsPair
 from tests.reliability.conftest import (
     CONTROL_BURST,
     CONTROL_CONNECTIONS,

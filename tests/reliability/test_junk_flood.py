@@ -28,8 +28,8 @@ from pathlib import Path
 
 import pytest
 
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from deploy.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, Daemon, start_daemon
 from tests.reliability.test_flood import (  # one sender, one way to build its records
     MIN_SUCCESS,

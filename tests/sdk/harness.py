@@ -28,10 +28,10 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from deploy.netns import NetnsPair, netns_pair
+from deploy.quicclient import RequestFailed, Session  # noqa: F401 - for the tests
 from quic.cid import CidLayout
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair, netns_pair
-from steerd.quicclient import RequestFailed, Session  # noqa: F401 - for the tests
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, PYTHON, ROOT, Daemon, _read_line, start_daemon
 
 H3SITE = str(ROOT / "deploy" / "apps" / "h3site.py")
@@ -211,7 +211,7 @@ def sessions() -> Iterator[list[Session]]:
 
 @dataclass
 class Loader:
-    """A load generator process in the client namespace (python -m steerd.quicclient load)."""
+    """A load generator process in the client namespace (python -m deploy.quicclient load)."""
 
     proc: subprocess.Popen[str]
 
@@ -237,7 +237,7 @@ def start_loader(pair: NetnsPair, stack: str, kind: str, path: str,
     """Requests back to back (each on a new connection) until finish(); returns once the
     first one succeeded."""
     proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(pair.client)}", PYTHON, "-m", "steerd.quicclient", "load",
+        ["nsenter", f"--net={netns_path(pair.client)}", PYTHON, "-m", "deploy.quicclient", "load",
          "--until-stdin-closes", "--stack", stack, "--kind", kind, "--path", path,
          "--host", pair.server_addr(family), "--port", str(PORT)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,

@@ -12,7 +12,7 @@ import socket
 
 import pytest
 
-from steerd.netns import NetnsPair, ip
+from deploy.netns import NetnsPair, ip
 from tests.e2e.conftest import Daemon
 from tests.sdk.harness import FILE_TEXT, RunningApp, Session, session
 
@@ -51,7 +51,7 @@ def test_both_apps_at_once(pair: NetnsPair, both_apps: tuple[RunningApp, Running
 def test_file_service_refuses_bad_requests(pair: NetnsPair,
                                            both_apps: tuple[RunningApp, RunningApp],
                                            sessions: list[Session]) -> None:
-    from steerd.quicclient import RequestFailed
+    from deploy.quicclient import RequestFailed
 
     fs = session(pair, "smb")
     sessions.append(fs)

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from deploy.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, Daemon
 from tests.sdk.harness import RunningApp, chromium_get, start_demo_app
 

@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+from deploy.netns import NetnsPair
+from deploy.quicclient import Session
 from quic.cid import CidLayout
-from steerd.control import Registration
-from steerd.dataplane.netns import netns_path
-from steerd.exec import environment
-from steerd.netns import NetnsPair
-from steerd.quicclient import Session
-from steerd.sdk import inherited_from_environment
+from steerd.app.exec import environment
+from steerd.app.protocol import Registration
+from steerd.app.sdk import inherited_from_environment
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
 from tests.sdk.harness import H3SITE, kill_group
 
@@ -212,7 +212,7 @@ def test_layout_servers_refuse_learned_mode(daemon: Daemon, who: str) -> None:
         from deploy.apps.certs import ensure_cert
 
         cert, key = ensure_cert(certdir / "c", ["localhost"])
-        cmd = [PYTHON, "-m", "steerd.asgi", "deploy.apps.asgi_site:app",
+        cmd = [PYTHON, "-m", "steerd.app.asgi", "deploy.apps.asgi_site:app",
                "--certfile", str(cert), "--keyfile", str(key)]
     proc = subprocess.Popen(
         ["nsenter", f"--net={netns_path(daemon.pair.server)}", STEERD, "exec",

@@ -30,7 +30,7 @@ from deploy.apps.certs import ensure_cert
 from quic.cid import CONFIG_ROTATION_SHIFT, CR_UNROUTABLE, CidLayout
 from quic.reset import reset_token
 from quic.token import build_retry_token
-from steerd.sdk import CidIssuer, SteerdQuicConnection, SteerdQuicServer
+from steerd.app.sdk import CidIssuer, SteerdQuicConnection, SteerdQuicServer
 
 LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_len=6)
 KEY = bytes(range(32))  # the slot's reset key

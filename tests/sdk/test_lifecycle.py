@@ -16,8 +16,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from steerd.netns import NetnsPair
-from steerd.sdk import DEAD_WORKER_LOAD
+from deploy.netns import NetnsPair
+from steerd.app.sdk import DEAD_WORKER_LOAD
 from tests.e2e.conftest import Daemon
 from tests.sdk.harness import (
     Loader,

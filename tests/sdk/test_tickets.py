@@ -20,9 +20,9 @@ from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import HandshakeCompleted
 from aioquic.tls import CipherSuite, SessionTicket
 
+from deploy.netns import NetnsPair
 from quic.packet import PacketType, split_datagram
-from steerd import sdk
-from steerd.netns import NetnsPair
+from steerd.app import sdk
 from tests.e2e.conftest import PORT, Daemon
 from tests.sdk.harness import RunningApp, start_demo_app
 

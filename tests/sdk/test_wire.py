@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from deploy.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT
 from tests.sdk.harness import RunningApp, Session, session
 from tests.tshark import require_tshark

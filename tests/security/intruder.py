@@ -22,7 +22,8 @@ from typing import Any
 
 from quic.reset import build_stateless_reset, reset_token
 from quic.token import build_retry_token, derive_token_key
-from steerd.control import ControlClient, ControlError
+from steerd.app.client import ControlClient
+from steerd.app.protocol import ControlError
 
 SO_ATTACH_REUSEPORT_CBPF = 51
 SO_ATTACH_REUSEPORT_EBPF = 52

@@ -30,10 +30,10 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import HandshakeCompleted
 
+from deploy.netns import NetnsPair
 from quic.packet import parse_long_header
 from quic.reset import build_stateless_reset, reset_token, slot_reset_key
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import (
     PORT,
     ROOT,

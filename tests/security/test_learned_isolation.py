@@ -35,10 +35,10 @@ from typing import Any
 
 import pytest
 
+from deploy.netns import NetnsPair
 from quic.cid import CidLayout
 from quic.packet import is_long_header, parse_long_header
-from steerd.dataplane.netns import netns_path
-from steerd.netns import NetnsPair
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, ROOT, Daemon, _read_line, start_daemon
 from tests.sdk.harness import (
     Loader,

@@ -19,9 +19,9 @@ from quic.flight import AssemblerConfig
 from quic.packet import PacketType, parse_long_header
 from quic.reset import reset_token, slot_reset_key
 from quic.token import build_retry_token, derive_token_key, validate_retry_token
-from steerd.classifier import MAX_STRAGGLERS, Classifier, Origin, RetryConfig
-from steerd.config import Config
-from steerd.registry import Peer, Registry
+from steerd.daemon.classifier import MAX_STRAGGLERS, Classifier, Origin, RetryConfig
+from steerd.daemon.config import Config
+from steerd.daemon.registry import Peer, Registry
 
 CLIENT = ("198.18.0.1", 40000)
 SERVICE = ("198.18.0.2", 443)

@@ -10,7 +10,7 @@ import signal
 import socket
 from typing import Any, NoReturn
 
-from steerd.pool import ClassifierPool
+from steerd.daemon.pool import ClassifierPool
 
 
 def child(index: int, channel: socket.socket) -> NoReturn:

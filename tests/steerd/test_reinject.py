@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from steerd.netns import ip, netns_pair
-from steerd.reinject import (
+from deploy.netns import ip, netns_pair
+from steerd.daemon.reinject import (
     Reinjector,
     _plain,
     build_ipv4_udp,

@@ -3,7 +3,7 @@
 ::
 
     steerd exec --app web --alpn h3 [--workers N] -- \\
-        python -m steerd.asgi MODULE:ATTR --certfile CERT.pem --keyfile KEY.pem \\
+        python -m steerd.app.asgi MODULE:ATTR --certfile CERT.pem --keyfile KEY.pem \\
             [--graceful-timeout S] [--access-log]
 
 Why this module exists: hypercorn speaks HTTP/3 (through aioquic) and can serve inherited
@@ -83,9 +83,9 @@ from hypercorn.config import Config, Sockets
 from hypercorn.events import Event, RawData
 
 from quic.cid import CidLayout
-from steerd import sdk
-from steerd.control import layout_dict
-from steerd.sdk import CidIssuer, SteerdQuicConnection
+from steerd.app import sdk
+from steerd.app.protocol import layout_dict
+from steerd.app.sdk import CidIssuer, SteerdQuicConnection
 
 log = logging.getLogger("steerd.asgi")
 
@@ -334,7 +334,7 @@ class _Parent:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m steerd.asgi", description=__doc__.split("\n\n")[0] if __doc__ else "")
+        prog="python -m steerd.app.asgi", description=__doc__.split("\n\n")[0] if __doc__ else "")
     p.add_argument("app", metavar="MODULE:ATTR", help="the ASGI app, e.g. mysite.main:app")
     p.add_argument("--certfile", required=True, help="PEM certificate chain")
     p.add_argument("--keyfile", required=True, help="PEM private key")
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
     inherited = sdk.inherited_from_environment()
     if inherited is None:
         print("steerd.asgi: no sockets from steerd exec; run it as: steerd exec --app NAME "
-              "--alpn h3 -- python -m steerd.asgi MODULE:ATTR --certfile C --keyfile K",
+              "--alpn h3 -- python -m steerd.app.asgi MODULE:ATTR --certfile C --keyfile K",
               file=sys.stderr)
         return 2
     refusal = inherited.layout_refusal("steerd.asgi")

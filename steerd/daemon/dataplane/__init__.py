@@ -36,11 +36,14 @@ from pathlib import Path
 from typing import Any
 
 from quic.cid import MAX_CID_LEN, CidLayout
-from steerd.dataplane.netns import run_in_netns
+from steerd.daemon.dataplane.netns import run_in_netns
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-BPF_DIR = REPO_ROOT / "bpf"
+# The C sources ship inside the package (package data, in the wheel too): steerd/bpf.
+BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
 HEADER = BPF_DIR / "steerd.h"
+# Where deploy/setup.sh merges Debian's generic header trees when the running kernel has
+# none of its own (a system cache: an installed steerd finds it outside any checkout).
+KERNEL_HEADERS_CACHE = Path("/var/cache/steerd/kernel-headers")
 DEFAULT_PIN_DIR = "/sys/fs/bpf/steerd"
 BPFFS_MAGIC = 0xCAFE4A11
 
@@ -105,7 +108,7 @@ def find_kernel_headers() -> tuple[Path | None, str]:
     """The kernel header tree bcc should compile against, and where the choice came from.
 
     Order: $BCC_KERNEL_SOURCE, the running kernel's /lib/modules/$(uname -r)/build, then the
-    merged Debian tree that deploy/setup.sh builds in <repo>/.cache/kernel-headers.
+    merged Debian tree that deploy/setup.sh builds in KERNEL_HEADERS_CACHE.
     """
     env = os.environ.get("BCC_KERNEL_SOURCE")
     if env:
@@ -114,7 +117,7 @@ def find_kernel_headers() -> tuple[Path | None, str]:
     build = Path("/lib/modules") / os.uname().release / "build"
     if (build / "include").is_dir():
         return build, str(build)
-    cache = REPO_ROOT / ".cache" / "kernel-headers"
+    cache = KERNEL_HEADERS_CACHE
     if (cache / "include").is_dir():
         return cache, str(cache)
     return None, f"neither {build} nor {cache}"
@@ -175,7 +178,7 @@ def check_prerequisites(pin_dir: str = DEFAULT_PIN_DIR) -> list[Prerequisite]:
             headers is not None,
             f"using {headers}" if headers else f"no header tree: {where}",
             "install linux-headers-$(uname -r), or run deploy/setup.sh (merged Debian tree in "
-            ".cache/kernel-headers), or set BCC_KERNEL_SOURCE to a header tree",
+            f"{KERNEL_HEADERS_CACHE}), or set BCC_KERNEL_SOURCE to a header tree",
         )
     )
     root_dir = _bpffs_root(pin_dir)
@@ -598,7 +601,7 @@ class Dataplane:
                 self.detach_tc(ifname, netns=netns)
             except DataplaneError as exc:
                 errors.append(str(exc))
-        from steerd.dataplane.learn import remove_learner
+        from steerd.daemon.dataplane.learn import remove_learner
 
         remove_learner(self.config.pin_dir)  # the egress program, if learned mode was on
         self.close()

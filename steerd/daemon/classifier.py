@@ -86,8 +86,9 @@ from quic.token import (
     is_retry_token,
     validate_retry_token,
 )
-from steerd.metrics import Tally, bump
-from steerd.registry import Registry
+from steerd.daemon.metrics import Tally, bump
+from steerd.daemon.ratelimit import TokenBucket
+from steerd.daemon.registry import Registry
 
 Address = tuple[str, int] | tuple[str, int, int, int]  # IPv6 link-local: with its scope
 
@@ -335,23 +336,6 @@ class _Decided:
         self.stragglers = 0
 
 
-class _SendBudget:
-    """Token bucket for what the classifier sends unasked (VN, CONNECTION_CLOSE, resets): a
-    spoofed flood must not turn the daemon into a reflector (RFC 9000 §21.5)."""
-
-    def __init__(self, rate: float, burst: int) -> None:
-        self.rate, self.burst = rate, float(burst)
-        self.tokens, self.stamp = float(burst), 0.0
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens >= 1.0:
-            self.tokens -= 1.0
-            return True
-        return False
-
-
 class Classifier:
     """The decision half: turns each event into a route and a re-injection, or a reply.
 
@@ -402,10 +386,10 @@ class Classifier:
         self._decided_ttl = decided_ttl
         self._decided_max = decided_max
         self.send_rate, self.send_burst = send_rate, send_burst
-        self._budget = _SendBudget(send_rate, send_burst)
+        self._budget = TokenBucket(send_rate, send_burst)
         self.dropped: dict[str, int] = {}
         self.retry = retry or RetryConfig()
-        self._retry_budget = _SendBudget(self.retry.rate, self.retry.burst)
+        self._retry_budget = TokenBucket(self.retry.rate, self.retry.burst)
         self._retry_until = -1.0  # auto mode: on until then
         self._window_start = 0.0  # auto mode: token-less Initials counted per second
         self._window_count = 0

@@ -38,51 +38,31 @@ from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
 from quic.token import derive_token_key
-from steerd.classifier import Address, Classifier, ClassifierReport, Origin, RetryConfig
-from steerd.config import Config, first_flight_capacity
-from steerd.control import RESET_KEY_LEN, ControlServer
-from steerd.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
-from steerd.dataplane.jail import Jail, remove_jail
-from steerd.dataplane.learn import (
+from steerd.app.protocol import Steering
+from steerd.daemon.classifier import Address, Classifier, ClassifierReport, Origin, RetryConfig
+from steerd.daemon.config import Config, first_flight_capacity
+from steerd.daemon.control import IP_PKTINFO, RESET_KEY_LEN, ControlServer, bind_group_socket
+from steerd.daemon.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
+from steerd.daemon.dataplane.jail import Jail, remove_jail
+from steerd.daemon.dataplane.learn import (
     MODE_LAYOUT,
     MODE_LEARNED,
     Learner,
     LearnLimits,
     remove_learner,
 )
-from steerd.metrics import Metrics, bump
-from steerd.pool import MESSAGE_MAX, ClassifierPool
-from steerd.registry import Registry, Steering
-from steerd.reinject import Reinjector
+from steerd.daemon.metrics import Metrics, bump
+from steerd.daemon.pool import MESSAGE_MAX, ClassifierPool
+from steerd.daemon.registry import Registry
+from steerd.daemon.reinject import Reinjector
 
 log = logging.getLogger("steerd")
 
-IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; CPython only exports it lately
 _IN_PKTINFO = struct.Struct("=I4s4s")  # ifindex, spec_dst, addr
 _IN6_PKTINFO = struct.Struct("=16sI")  # addr, ifindex
 _RECV_BUFFER = 65535
 _ANC_SPACE = socket.CMSG_SPACE(64)
 _BATCH = 64  # datagrams read per readiness event, so one busy socket cannot starve the loop
-
-
-def bind_classifier_socket(address: str, port: int) -> socket.socket:
-    """A classifier socket of the group on ``address``: the same bind as a worker's (so it
-    joins the same reuseport group), non-blocking, reporting each datagram's local address."""
-    family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
-        sock.bind((address, port))
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def _local_address(ancdata: Sequence[tuple[int, int, bytes]], fallback: tuple[str, int]
@@ -395,7 +375,7 @@ class Daemon:
             for group in self.groups:
                 address, dp = group.address, group.dataplane
                 for j in range(limits.classifiers):
-                    sock = bind_classifier_socket(address, cfg.listen.port)
+                    sock = bind_group_socket(address, cfg.listen.port, classifier=True)
                     group.sockets.append(sock)
                     dp.set_classifier(j, sock)
                     if limits.classifiers == 1:
@@ -896,8 +876,8 @@ class Daemon:
 
 
 def _run(args: Any) -> int:
-    from steerd.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-    from steerd.dataplane import DataplaneError
+    from steerd.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
+    from steerd.daemon.dataplane import DataplaneError
 
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="steerd: %(message)s")
@@ -979,7 +959,7 @@ def _purge_locked(config: Config, pin_dir: str) -> list[str]:
 
 
 def _purge(args: Any) -> int:
-    from steerd.config import ConfigError, load_config
+    from steerd.daemon.config import ConfigError, load_config
 
     try:
         config = load_config(args.config) if args.config else Config()
@@ -999,8 +979,8 @@ def _purge(args: Any) -> int:
 def _status(args: Any) -> int:
     import json
 
-    from steerd.config import DEFAULT_CONTROL_PATH
-    from steerd.control import ControlClient, ControlError
+    from steerd.app.client import ControlClient
+    from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError
 
     try:
         with ControlClient(args.control or DEFAULT_CONTROL_PATH) as client:
@@ -1057,7 +1037,7 @@ def format_status(status: dict[str, Any]) -> str:
 
 def add_command(subparsers: Any) -> None:
     """``steerd run``, ``steerd purge`` and ``steerd status``."""
-    from steerd.config import DEFAULT_CONFIG_PATH
+    from steerd.daemon.config import DEFAULT_CONFIG_PATH
 
     p = subparsers.add_parser("run", help="run the daemon (as root)")
     p.add_argument("--config", "-c", default=None,

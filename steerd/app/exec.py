@@ -84,9 +84,15 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-from steerd.config import DEFAULT_CONTROL_PATH
-from steerd.control import ControlClient, ControlError, Registration, layout_dict
-from steerd.registry import LAYOUT, Steering
+from steerd.app.client import RESUME_RETRY, ControlClient, own_generation, resume_once
+from steerd.app.protocol import (
+    DEFAULT_CONTROL_PATH,
+    LAYOUT,
+    ControlError,
+    Registration,
+    Steering,
+    layout_dict,
+)
 
 FIRST_FD = 3  # SD_LISTEN_FDS_START
 POLL_INTERVAL = 1.0  # seconds between checks that the generation was not replaced
@@ -150,7 +156,6 @@ def exec_with_sockets(cmd: Sequence[str], env: dict[str, str],
         os._exit(127)
 
 
-RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
 
 
 def _exit_status(status: int) -> int:
@@ -190,11 +195,17 @@ def run_exec(client: ControlClient, reg: Registration, cmd: Sequence[str], *,
         info = signal.sigtimedwait(_HANDLED, RESUME_RETRY if resuming else POLL_INTERVAL)
         if info is None:
             if resuming:
-                resumed = _resume(control, reg, alpn, server_names)
-                if resumed is not None:
-                    client, generation = resumed
-                    reg.generation, resuming = generation, False
-                    print(f"steerd exec: {reg.app} resumed as generation {generation}",
+                try:
+                    back = resume_once(control, reg, alpn, server_names)
+                except ControlError as exc:  # refused for good: nothing to resume into
+                    print(f"steerd exec: resume refused ({exc.reason}): {exc}",
+                          file=sys.stderr, flush=True)
+                    resuming, draining = False, True
+                    _kill(pid, signal.SIGTERM)
+                    continue
+                if back is not None:
+                    client, reg.generation, resuming = back[0], back[1].generation, False
+                    print(f"steerd exec: {reg.app} resumed as generation {reg.generation}",
                           file=sys.stderr, flush=True)
                 continue
             try:
@@ -223,41 +234,23 @@ def _kill(pid: int, sig: int) -> None:
         pass
 
 
-def _resume(
-    path: str, reg: Registration, alpn: Sequence[str], server_names: Sequence[str]
-) -> tuple[ControlClient, int] | None:
-    """One attempt to resume ``reg``'s slots with a restarted daemon (None: not yet)."""
-    client = None
-    try:
-        client = ControlClient(path, timeout=5)
-        back = client.resume(reg.app, alpn, server_names, reg)
-        return client, back.generation
-    except (ControlError, OSError):
-        if client is not None:
-            client.close()
-        return None
-
-
 def _watch(client: ControlClient, reg: Registration, warned: set[str]) -> bool:
     """One look at our generation in ``steerd status``: say (once per kind, on stderr) when
     the server's packets show it does not follow the CID mode it registered, which is the
     one thing that makes its clients' packets miss it without any error of its own. True if
     a newer generation replaced ours; OSError if the daemon is gone."""
     try:
-        apps = client.status().get("apps", [])
+        gen = own_generation(client.status(), reg.app, reg.generation)
     except ControlError:
         return False
-    for app in apps:
-        if app["app"] == reg.app:
-            for g in app["generations"]:
-                if g["generation"] == reg.generation:
-                    for line in mode_warnings(reg.app, reg.steering, g.get("workers", [])):
-                        kind = line.split(":", 2)[1]
-                        if kind not in warned:
-                            warned.add(kind)
-                            print(f"steerd exec: {line}", file=sys.stderr, flush=True)
-                    return bool(g["state"] == "draining")
-    return False
+    if gen is None:
+        return False
+    for line in mode_warnings(reg.app, reg.steering, gen.get("workers", [])):
+        kind = line.split(":", 2)[1]
+        if kind not in warned:
+            warned.add(kind)
+            print(f"steerd exec: {line}", file=sys.stderr, flush=True)
+    return bool(gen["state"] == "draining")
 
 
 def mode_warnings(app: str, steering: Steering, workers: Sequence[dict[str, Any]]) -> list[str]:
@@ -274,7 +267,7 @@ def mode_warnings(app: str, steering: Steering, workers: Sequence[dict[str, Any]
             f"{app}: off_layout: {off} of the {seen} long-header packets its server sent carry "
             "a connection ID outside steerd's CID layout for its slot, so its clients' later "
             "packets cannot be steered to it: it picks its own CIDs. Issue CIDs in the layout "
-            "(STEERD_CID_LAYOUT; steerd.sdk or python -m steerd.asgi do), or register with "
+            "(STEERD_CID_LAYOUT; steerd.sdk or python -m steerd.app.asgi do), or register with "
             "--cid-mode learned --cid-len N (N: its CID length, 8 for aioquic and qh3)")
     elif off:
         out.append(

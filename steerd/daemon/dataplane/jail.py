@@ -32,7 +32,7 @@ import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from steerd.dataplane import (
+from steerd.daemon.dataplane import (
     BPF_DIR,
     MAP_HASH,
     DataplaneError,
@@ -255,7 +255,7 @@ def _probe_jail(root: str) -> Prerequisite:
     bind once this process is listed. Everything is detached and removed afterwards."""
     import tempfile
 
-    from steerd.dataplane import MAP_PERCPU_ARRAY, find_kernel_headers
+    from steerd.daemon.dataplane import MAP_PERCPU_ARRAY, find_kernel_headers
 
     fix = ("a kernel with cgroup BPF (CONFIG_CGROUP_BPF), bpf_get_netns_cookie in cgroup "
            "hooks (5.8+) and SO_NETNS_COOKIE (5.14+)")

@@ -25,7 +25,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from steerd.dataplane import (
+from steerd.daemon.dataplane import (
     BPF_DIR,
     Dataplane,
     DataplaneError,
@@ -35,7 +35,7 @@ from steerd.dataplane import (
     detach_pinned,
     header_constants,
 )
-from steerd.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root
+from steerd.daemon.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root
 
 PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1

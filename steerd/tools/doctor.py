@@ -15,7 +15,7 @@ import os
 import sys
 import uuid
 
-from steerd.dataplane import (
+from steerd.daemon.dataplane import (
     DEFAULT_PIN_DIR,
     Dataplane,
     DataplaneConfig,
@@ -23,7 +23,7 @@ from steerd.dataplane import (
     Prerequisite,
     check_prerequisites,
 )
-from steerd.dataplane.jail import check_jail_prerequisites
+from steerd.daemon.dataplane.jail import check_jail_prerequisites
 
 
 def load_check(pin_dir: str) -> Prerequisite:

@@ -13,44 +13,8 @@ Why this shape:
 - The data plane is reached through the narrow ``SocketSink`` protocol, so this module can be
   tested end to end with real sockets without BPF (the BPF side has its own tests).
 
-Protocol (one JSON object per packet, UTF-8; every request may carry an ``"id"`` (string or
-integer) that the reply echoes; only a resuming register carries file descriptors):
-
-=========== ================================================== ================================
-op          request fields                                     reply (besides ok, op, id)
-=========== ================================================== ================================
-register    app, alpn [..], server_names [..] (default: all),  app, generation, workers [{slot,
-            workers (default 1), replace (default false)       server_id, reset_key (hex: the
-                                                               slot's key), sockets [{address,
-                                                               port, fd_index}]}], cid {...};
-                                                               FDs attached
-register    the same, plus resume [slots], carrying the app's  the same, plus resumed: true;
- (resume)   worker sockets as FDs (one per listen address per  no FDs (the app keeps its own)
-            slot): after a daemon restart
-deregister  app                                                app, slots (freed)
-drain       app                                                app, generations (now draining)
-load        app, workers [{slot, load}]                        app
-status      (none)                                             status {...}
-=========== ================================================== ================================
-
-A worker's ``reset_key`` is ``quic.reset.slot_reset_key(master, slot)``: it advertises
-``reset_token(reset_key, cid)`` for each CID, and the daemon recomputes it from its master key
-to reset a dead worker's clients. An app gets only its own slots' keys (never the master, from
-which the Retry token key also derives), so it cannot forge resets for other apps'
-connections nor mint Retry tokens.
-
-Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
-carries on, and the connection stays open (except when the daemon cannot reply at all).
-Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds, bad_resume,
-rate_limited (the message is not even parsed, so no id is echoed), acl_denied, conflict,
-unjailed (worker sockets would go to another uid while the socket jail is not attached),
-not_ready (no steering program is attached to the groups yet: the daemon is starting),
-exists, not_owner, not_registered, no_slots, socket_error, internal_error,
-too_many_connections (then the connection is closed).
-
-A zero-length message is indistinguishable from the end of the connection on SEQPACKET and is
-treated as one. A reply the app does not read (its receive queue full) disconnects the app
-rather than block the daemon.
+The protocol itself (messages, fields, errors) is documented in steerd/app/protocol.py, the
+module both sides share; this is the daemon's side of it.
 """
 
 from __future__ import annotations
@@ -71,18 +35,26 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from quic.cid import CidLayout
 from quic.reset import slot_reset_key
-from steerd.config import SCM_MAX_FD, Config, render
-from steerd.metrics import Metrics
-from steerd.registry import LAYOUT, Generation, Peer, Registry, RegistryError, Steering
+from steerd.app.protocol import (
+    FD_SIZE,
+    LAYOUT,
+    OPS,
+    SCM_MAX_FD,
+    Steering,
+    fds_from,
+    layout_dict,
+    socket_cookie,
+)
+from steerd.daemon.config import Config, render
+from steerd.daemon.metrics import Metrics
+from steerd.daemon.ratelimit import TokenBucket
+from steerd.daemon.registry import Generation, Peer, Registry, RegistryError
 
-OPS = ("deregister", "drain", "load", "register", "status")
+IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; CPython only exports it lately
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-SO_COOKIE = getattr(socket, "SO_COOKIE", 57)  # Linux >= 4.12
 RESET_KEY_LEN = 32
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after accept() failed (e.g. out of FDs)
-_FD_SIZE = array.array("i").itemsize
 
 
 class SocketSink(Protocol):
@@ -115,30 +87,28 @@ class SocketSink(Protocol):
         ...
 
 
-def socket_cookie(fd: int) -> int:
-    """The kernel's unique, never reused id of a socket (what REUSEPORT_SOCKARRAY stores)."""
-    dup = os.dup(fd)
-    try:
-        sock = socket.socket(fileno=dup)  # ENOTSOCK for a pipe or file: the dup is ours to close
-    except OSError:
-        os.close(dup)
-        raise
-    with sock:
-        return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
-
-
-def bind_worker_socket(address: str, port: int) -> socket.socket:
-    """A UDP socket of the reuseport group on ``address``:``port``, owned by the daemon.
+def bind_group_socket(address: str, port: int, *, classifier: bool = False) -> socket.socket:
+    """A UDP socket of the reuseport group on ``address``:``port``, owned by the daemon: a
+    worker's (handed to an app), or with ``classifier`` one of the daemon's own classifier
+    sockets (non-blocking, a large receive buffer, each datagram's local address reported).
+    One function, so both always join the same group.
 
     IPv6 sockets are v6-only so that "0.0.0.0" and "::" are two separate groups, each with
     its own steering, instead of one IPv6 socket silently taking IPv4-mapped traffic.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    flags = socket.SOCK_CLOEXEC | (socket.SOCK_NONBLOCK if classifier else 0)
+    sock = socket.socket(family, socket.SOCK_DGRAM | flags)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if classifier:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
+            else:
+                sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         sock.bind((address, port))
     except BaseException:
         sock.close()
@@ -179,41 +149,17 @@ def peer_credentials(sock: socket.socket) -> Peer:
                 group_names=frozenset(names))
 
 
-def layout_dict(layout: CidLayout) -> dict[str, int]:
-    return {
-        "config_id": layout.config_id, "host_id": layout.host_id,
-        "host_id_len": layout.host_id_len, "slot_len": layout.slot_len,
-        "nonce_len": layout.nonce_len, "cid_len": layout.cid_len,
-    }
-
-
 class _Refused(Exception):
     def __init__(self, reason: str, message: str) -> None:
         super().__init__(message)
         self.reason = reason
 
 
-@dataclass(slots=True)
-class _TokenBucket:
-    rate: float
-    burst: float
-    tokens: float
-    last: float
-
-    def take(self, now: float) -> bool:
-        self.tokens = min(self.burst, self.tokens + (now - self.last) * self.rate)
-        self.last = now
-        if self.tokens < 1.0:
-            return False
-        self.tokens -= 1.0
-        return True
-
-
 @dataclass(eq=False)
 class _Connection:
     sock: socket.socket
     peer: Peer
-    bucket: _TokenBucket
+    bucket: TokenBucket
     id: int
     closed: bool = field(default=False)
     request_fds: list[int] = field(default_factory=list)  # of the request being handled
@@ -234,7 +180,7 @@ class ControlServer:
         reset_key: bytes | None = None,
         clock: Callable[[], float] = time.monotonic,
         status_extra: Callable[[], Mapping[str, Any]] | None = None,
-        socket_factory: Callable[[str, int], socket.socket] = bind_worker_socket,
+        socket_factory: Callable[[str, int], socket.socket] = bind_group_socket,
         on_change: Callable[[], None] | None = None,
         socket_refusal: Callable[[int], tuple[str, str] | None] | None = None,
         on_load: Callable[[], None] | None = None,
@@ -363,8 +309,7 @@ class ControlServer:
             self._next_id += 1
             conn = _Connection(
                 sock=sock, peer=peer, id=self._next_id,
-                bucket=_TokenBucket(limits.control_rate, limits.control_burst,
-                                    limits.control_burst, now),
+                bucket=TokenBucket(limits.control_rate, limits.control_burst, now),
             )
             self._conns[conn.id] = conn
             self._loop.add_reader(sock.fileno(), self._readable, conn)
@@ -391,7 +336,7 @@ class ControlServer:
             self.sink.remove_worker(slot)
 
     def _readable(self, conn: _Connection) -> None:
-        anc_space = socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE)
+        anc_space = socket.CMSG_SPACE(SCM_MAX_FD * FD_SIZE)
         try:
             data, ancdata, flags, _ = conn.sock.recvmsg(
                 self._max_message + 1, anc_space, socket.MSG_CMSG_CLOEXEC
@@ -401,7 +346,7 @@ class ControlServer:
         except OSError:
             self._drop(conn)
             return
-        fds = _fds_from(ancdata)
+        fds = fds_from(ancdata)
         if not data and not ancdata:
             self._drop(conn)  # orderly shutdown by the app
             return
@@ -767,173 +712,3 @@ def _steering(m: Mapping[str, Any]) -> Steering:
         raise _Refused("bad_request", 'register: "cid_len" is only for "cid_mode": "learned" '
                        "(layout mode issues the layout's CIDs)")
     return Steering(mode, cid_len) if mode != "layout" else LAYOUT
-
-
-def _fds_from(ancdata: Sequence[tuple[int, int, bytes]]) -> list[int]:
-    fds: list[int] = []
-    for level, kind, payload in ancdata:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            a = array.array("i")
-            a.frombytes(payload[: len(payload) - len(payload) % _FD_SIZE])
-            fds.extend(a)
-    return fds
-
-
-# ---------------------------------------------------------------------------------------------
-# The client side, for apps, tests and the SDK.
-
-
-class ControlError(Exception):
-    """The daemon refused a request: ``reason`` is its stable token, ``str()`` its message."""
-
-    def __init__(self, reason: str, message: str, reply: Mapping[str, Any]) -> None:
-        super().__init__(message)
-        self.reason = reason
-        self.reply = dict(reply)
-
-
-@dataclass
-class Registration:
-    """A successful register: the worker sockets (one per listen address per worker, in the
-    reply's fd_index order), the CID layout to issue CIDs in, and each worker's
-    stateless-reset key (in its ``workers`` entry; see :meth:`reset_key_of`)."""
-
-    app: str
-    generation: int
-    workers: list[dict[str, Any]]
-    sockets: list[socket.socket]
-    layout: CidLayout
-    reply: dict[str, Any]
-    steering: Steering = LAYOUT
-
-    @classmethod
-    def from_reply(cls, reply: dict[str, Any], sockets: list[socket.socket]) -> Registration:
-        cid = {k: v for k, v in reply["cid"].items() if k != "cid_len"}
-        mode = reply.get("cid_mode", "layout")
-        return cls(
-            app=reply["app"], generation=reply["generation"], workers=reply["workers"],
-            sockets=sockets, layout=CidLayout(**cid), reply=reply,
-            steering=Steering(mode, reply.get("cid_len", 0)) if mode != "layout" else LAYOUT,
-        )
-
-    def reset_key_of(self, slot: int) -> bytes:
-        """The stateless-reset key of worker ``slot`` (each slot has its own, so an app can
-        reset only its own connections)."""
-        for w in self.workers:
-            if w["slot"] == slot:
-                return bytes.fromhex(w["reset_key"])
-        raise KeyError(slot)
-
-    def worker_sockets(self, slot: int) -> list[socket.socket]:
-        for w in self.workers:
-            if w["slot"] == slot:
-                return [self.sockets[s["fd_index"]] for s in w["sockets"]]
-        raise KeyError(slot)
-
-    def close(self) -> None:
-        for s in self.sockets:
-            s.close()
-
-
-class ControlClient:
-    """A blocking client: one request, one reply. Keep it open as long as the app serves:
-    closing it (or exiting) withdraws the app's routes."""
-
-    def __init__(self, path: str, timeout: float | None = 10.0) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        try:
-            self.sock.settimeout(timeout)
-            self.sock.connect(path)
-        except BaseException:
-            self.sock.close()
-            raise
-
-    def __enter__(self) -> ControlClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def send_raw(self, data: bytes, fds: Sequence[int] = ()) -> None:
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.send(data)
-
-    def receive(self) -> tuple[dict[str, Any], list[socket.socket]]:
-        """The next reply and the sockets attached to it (owned by the caller)."""
-        # recvmsg, not socket.recv_fds: in Python 3.11 recv_fds drops its flags argument, and
-        # without MSG_CMSG_CLOEXEC the worker sockets would leak into programs the app runs.
-        data, ancdata, _, _ = self.sock.recvmsg(
-            1 << 20, socket.CMSG_SPACE(SCM_MAX_FD * _FD_SIZE), socket.MSG_CMSG_CLOEXEC
-        )
-        fds = _fds_from(ancdata)
-        sockets = [socket.socket(fileno=fd) for fd in fds]
-        if not data:
-            for s in sockets:
-                s.close()
-            raise ConnectionError("steerd closed the control connection")
-        return json.loads(data), sockets
-
-    def call(
-        self, message: Mapping[str, Any], fds: Sequence[int] = ()
-    ) -> tuple[dict[str, Any], list[socket.socket]]:
-        """Send a request; return the successful reply or raise ControlError."""
-        self.send_raw(json.dumps(message).encode(), fds)
-        reply, sockets = self.receive()
-        if not reply.get("ok"):
-            for s in sockets:
-                s.close()
-            raise ControlError(reply.get("reason", ""), reply.get("error", ""), reply)
-        return reply, sockets
-
-    def register(
-        self, app: str, alpn: Sequence[str], server_names: Sequence[str] = (), workers: int = 1,
-        replace: bool = False, steering: Steering = LAYOUT,
-    ) -> Registration:
-        reply, sockets = self.call({
-            "op": "register", "app": app, "alpn": list(alpn),
-            "server_names": list(server_names), "workers": workers, "replace": replace,
-            **_steering_fields(steering),
-        })
-        return Registration.from_reply(reply, sockets)
-
-    def resume(
-        self, app: str, alpn: Sequence[str], server_names: Sequence[str],
-        previous: Registration, slots: Sequence[int] | None = None,
-    ) -> Registration:
-        """After a daemon restart: take back ``previous``'s slots (or those of ``slots``
-        still served) with the sockets it holds. The returned Registration shares
-        ``previous``'s sockets."""
-        if slots is None:
-            slots = [w["slot"] for w in previous.workers]
-        socks = [s for slot in slots for s in previous.worker_sockets(slot)]
-        reply, _ = self.call({
-            "op": "register", "app": app, "alpn": list(alpn),
-            "server_names": list(server_names), "resume": list(slots),
-            **_steering_fields(previous.steering),
-        }, [s.fileno() for s in socks])
-        return Registration.from_reply(reply, socks)
-
-    def deregister(self, app: str) -> list[int]:
-        return list(self.call({"op": "deregister", "app": app})[0]["slots"])
-
-    def drain(self, app: str) -> list[int]:
-        return list(self.call({"op": "drain", "app": app})[0]["generations"])
-
-    def load(self, app: str, loads: Mapping[int, float]) -> None:
-        self.call({"op": "load", "app": app,
-                   "workers": [{"slot": s, "load": v} for s, v in loads.items()]})
-
-    def status(self) -> dict[str, Any]:
-        return dict(self.call({"op": "status"})[0]["status"])
-
-
-def _steering_fields(steering: Steering) -> dict[str, Any]:
-    """A register message's steering fields (none for the default, layout mode)."""
-    if not steering.learned:
-        return {}
-    return {"cid_mode": steering.mode, "cid_len": steering.cid_len}

@@ -9,7 +9,7 @@ receive_datagram, next_event, get_timer, handle_timer), so one driver serves bot
 
 Also a command-line load generator, run in the client namespace by the tests and the bench::
 
-    python -m steerd.quicclient load --stack aioquic --kind h3 --host 198.18.0.2 --port 4433 \\
+    python -m deploy.quicclient load --stack aioquic --kind h3 --host 198.18.0.2 --port 4433 \\
         --path /count --duration 5   # or --until-stdin-closes
 
 It prints one JSON line: ok, failed, errors (first few), generations and slots seen.

@@ -46,7 +46,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from quic.cid import CidLayout
-from steerd.config import (
+from steerd.app.protocol import CID_MODES, LAYOUT, LEARNED_CID_LEN, Steering
+from steerd.daemon.config import (
     AclRule,
     Config,
     PolicyConfig,
@@ -57,8 +58,6 @@ from steerd.config import (
 )
 
 ANY_NAME = "*"
-CID_MODES = ("layout", "learned")
-LEARNED_CID_LEN = (4, 20)  # RFC 9000 allows 0..20; below 4 a CID is guessable by brute force
 MAX_LEARNED_LENGTHS = 4  # bpf/steerd.h STEERD_MAX_LEARN_LENGTHS: a lookup per length
 MAX_NAME_LEN = 253  # a DNS name; claims are never longer
 
@@ -106,22 +105,6 @@ class Worker:
         }
 
 
-@dataclass(frozen=True, slots=True)
-class Steering:
-    """How an app's packets find its workers: ``layout`` (every CID it issues is in steerd's
-    CID layout: stateless, survives migration, steerd can reset its connections) or
-    ``learned`` (it picks its own CIDs, all ``cid_len`` bytes long; the kernel learns them
-    from its packets, see bpf/learn.c and docs/DATAPLANE.md for what that gives up)."""
-
-    mode: str = "layout"
-    cid_len: int = 0  # learned mode only
-
-    @property
-    def learned(self) -> bool:
-        return self.mode == "learned"
-
-
-LAYOUT = Steering()
 
 
 @dataclass(slots=True)

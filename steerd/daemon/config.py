@@ -31,17 +31,14 @@ from typing import Any, TypeVar
 from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MAX_SLOT_LEN, MIN_NONCE_LEN, CidLayout
 from quic.errors import QuicError
 from quic.reassembly import DEFAULT_CRYPTO_CAP
+from steerd.app.protocol import DEFAULT_CONTROL_PATH, SCM_MAX_FD
 
 DEFAULT_CONFIG_PATH = "/etc/steerd/steerd.toml"
-DEFAULT_CONTROL_PATH = "/run/steerd/control.sock"
 # Loopback only by default: the metrics name apps and counts clients, which is nobody else's
 # business; an operator who scrapes from another host opts in. 9443 is not a well-known port
 # of anything steerd is likely to share a host with.
 DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9443
-# The kernel passes at most SCM_MAX_FD (253) descriptors in one message; a register reply
-# carries one per listen address per worker, so workers * addresses must stay within it.
-SCM_MAX_FD = 253
 # Upper bound of the worker slot pool (the BPF sockarray has one entry per slot).
 MAX_WORKER_SLOTS = 65536
 

@@ -28,7 +28,7 @@ from prometheus_client import (
 from prometheus_client.core import CounterMetricFamily
 from prometheus_client.registry import Collector
 
-from steerd.registry import Counts
+from steerd.daemon.registry import Counts
 
 # First-flight results (label ``result`` of steerd_first_flights_total):
 FLIGHT_RESULTS = (

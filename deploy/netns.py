@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TypeVar
 
-from steerd.dataplane.netns import netns_path, run_in_netns
+from steerd.daemon.dataplane.netns import netns_path, run_in_netns
 
 T = TypeVar("T")
 

@@ -13,7 +13,7 @@ then exits (ours). And it must create connections only from Initials the daemon 
 
 Use::
 
-    from steerd import sdk
+    from steerd.app import sdk
 
     config = QuicConfiguration(is_client=False, alpn_protocols=["h3"])
     config.load_cert_chain(cert, key)
@@ -77,8 +77,8 @@ from aioquic.tls import SessionTicket
 from quic.cid import CidLayout
 from quic.reset import reset_token
 from quic.token import is_retry_token, read_retry_token
-from steerd.config import DEFAULT_CONTROL_PATH
-from steerd.control import ControlClient, ControlError, Registration, layout_dict
+from steerd.app.client import RESUME_RETRY, ControlClient, own_generation, resume_once
+from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError, Registration, layout_dict
 
 log = logging.getLogger("steerd.sdk")
 
@@ -388,7 +388,6 @@ class AppSpec:
     ticket_store: TicketStore | None = None
 
 
-RESUME_RETRY = 0.1  # seconds between resume attempts while the daemon restarts
 
 
 @dataclass
@@ -741,27 +740,21 @@ class _Parent:
         """Hand our live slots to a restarted daemon, with the sockets it checks them by."""
         assert self.registration is not None
         live = [s.slot for s in self.slots if s.exit_code is None]
-        client = None
         try:
-            client = ControlClient(self.spec.control, timeout=5)
-            reg = client.resume(self.app, self.spec.alpn, self.spec.server_names,
-                                self.registration, live)
-        except (ControlError, OSError) as exc:
-            if client is not None:
-                client.close()
-            if isinstance(exc, ControlError):  # refused for good: nothing to resume into
-                log.warning("resume refused (%s): %s", exc.reason, exc)
-                self.resuming = False
-                self.drain("the restarted daemon refused the resume")
+            back = resume_once(self.spec.control, self.registration, self.spec.alpn,
+                               self.spec.server_names, live)
+        except ControlError as exc:  # refused for good: nothing to resume into
+            log.warning("resume refused (%s): %s", exc.reason, exc)
+            self.resuming = False
+            self.drain("the restarted daemon refused the resume")
             return
-        self.client, self.generation, self.resuming = client, reg.generation, False
+        if back is None:
+            return
+        self.client, reg = back
+        self.generation, self.resuming = reg.generation, False
         log.info("%s resumed slots %s as generation %d", self.app, live, reg.generation)
 
     def _replaced(self) -> bool:
         assert self.client is not None
-        for app in self.client.status().get("apps", []):
-            if app["app"] == self.app:
-                for g in app["generations"]:
-                    if g["generation"] == self.generation:
-                        return bool(g["state"] == "draining")
-        return False
+        gen = own_generation(self.client.status(), self.app, self.generation)
+        return gen is not None and gen["state"] == "draining"

@@ -33,7 +33,7 @@ from quic.flight import (
     VersionNegotiationNeeded,
 )
 from quic.packet import PacketType, parse_long_header
-from steerd.pcap import CaptureError, Datagram, read_datagrams
+from steerd.tools.pcap import CaptureError, Datagram, read_datagrams
 
 Endpoint = tuple[str, int]
 
