@@ -9,10 +9,10 @@ program -> classifier socket -> daemon: decrypt, parse, decide, route, raw re-in
 steering program -> worker), and a handshake-bound server (aioquic spends milliseconds of CPU
 per handshake) is where that cost would show. Issue 5's target: steerd at least 0.9 of direct.
 
-Set-up (root): a client and a server namespace joined by veth (tests/netns.py). In the server
+Set-up (root): a client and a server namespace joined by veth (deploy/netns.py). In the server
 namespace, in the same run:
 - steerd: ``steerd run`` owns UDP 4433 on the server address; the HTTP/3 demo site
-  (deploy/apps/h3site.py, steerd.sdk) registers with W workers and gets its sockets;
+  (deploy/apps/h3site.py, steerd.app.sdk) registers with W workers and gets its sockets;
 - direct: the same h3site with W workers, on W SO_REUSEPORT sockets bound directly to UDP 4434
   (no steerd: the kernel's 4-tuple hash spreads connections). This script binds them and
   execs h3site with them the way ``steerd exec`` does (steerd.exec.exec_with_sockets), so the

@@ -57,6 +57,8 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script: find deploy/
+
 from deploy.netns import NetnsPair, netns_pair
 from deploy.proclines import Lines
 from deploy.quicclient import RequestFailed, Session, one_request
@@ -174,7 +176,7 @@ def app_users() -> tuple[dict[str, AppUser], str]:
     except KeyError:
         return {"web": root, "files": root}, "users www-data/nobody or group nogroup missing"
     needed = [APPS / "h3site.py", APPS / "fileserve.py", APPS / "certs.py",
-              ROOT / "steerd" / "sdk.py", Path(sysconfig.get_paths()["purelib"])]
+              ROOT / "steerd" / "app" / "sdk.py", Path(sysconfig.get_paths()["purelib"])]
     for path in needed:
         for part in [*reversed(path.parents), path]:
             mode = part.stat().st_mode
@@ -312,7 +314,7 @@ def run_gtlsclient(pair: NetnsPair, work: Path) -> dict[str, Any]:
 
 def run_python_client(pair: NetnsPair, stack: str, kind: str, family: int,
                       server_name: str) -> dict[str, Any]:
-    """aioquic or qh3 (steerd.quicclient) on a socket made inside the client namespace: the
+    """aioquic or qh3 (deploy.quicclient) on a socket made inside the client namespace: the
     connection runs in a thread that entered that namespace."""
     host = pair.server_addr(family)
     what = "/count" if kind == "h3" else "INFO"

@@ -3,7 +3,7 @@ steerd's steering program and steering + XDP guard, in one run.
 
     .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--size B] [--json]
 
-Set-up (root): a client and a server network namespace joined by veth (tests/netns.py).
+Set-up (root): a client and a server network namespace joined by veth (deploy/netns.py).
 In the server namespace, a reuseport group of 4 worker sockets and 1 classifier socket on
 UDP port 4433. A C sendmmsg sender (sender.c, built with gcc at run time) in the client
 namespace sends short-header QUIC packets whose DCIDs name the 4 worker slots, round robin
@@ -21,13 +21,13 @@ hits all alike, each on a fresh socket group:
 - steer: the SK_REUSEPORT steering program picks the socket by CID;
 - steer+xdp: both, as deployed on a NIC;
 - steer+tc: steering + the same guard at TC ingress (tcx), the choice for veth;
-- steer-learned: learned mode (bpf/learn.c, steerd/dataplane/learn.py): the DCIDs are random
-  8-byte CIDs outside the layout, pre-inserted into learned_cids for the 4 worker slots, so
-  every packet fails the layout decode and is steered by a learned_cids lookup;
+- steer-learned: learned mode (steerd/bpf/learn.c, steerd/daemon/dataplane/learn.py): the
+  DCIDs are random 8-byte CIDs outside the layout, pre-inserted into learned_cids for the 4
+  worker slots, so every packet fails the layout decode and is steered by a learned_cids lookup;
 - steer-learned-peer: DCIDs no table knows; the client's address and its 8 source ports are
   pre-inserted into learned_peers, so every packet misses learned_cids and is steered by
   learned_peers (the slowest path that still delivers);
-- steer+learner: steer, with the learned-mode egress program (bpf/learn.c) attached at the
+- steer+learner: steer, with the learned-mode egress program (steerd/bpf/learn.c) attached at the
   cgroup v2 root, as it is whenever one app runs in learned mode: the sender's own egress
   passes through it (it exits early: not from the service port), its cost on traffic that
   is not learned.
@@ -144,7 +144,7 @@ def learned_route(slot: int) -> bytes:
 
 
 def insert_learned(dp: Dataplane, cids: list[bytes], client_v4: str) -> None:
-    """What bpf/learn.c would have learned from 4 learned-mode workers: each CID for slot
+    """What steerd/bpf/learn.c would have learned from 4 learned-mode workers: each CID for slot
     i % 4 (struct steerd_route_key: len, CID zero-padded to 20, 3 pad), and the client's
     address with source port SRC_PORT_BASE + i for slot i % 4 (struct steerd_peer_key:
     family, pad, peer port and local port in network order, pad2, address)."""

@@ -3,7 +3,7 @@
 Why it exists: steerd's own demo apps are written against the SDK, but most Python web apps
 are ASGI apps that know nothing of QUIC, CID layouts or steerd. This one is such an app —
 plain Starlette, no steerd import — so the demo and the tests can show that
-``steerd.asgi`` (hypercorn with steerd's CIDs) serves an unmodified ASGI app beside the SDK
+``steerd.app.asgi`` (hypercorn with steerd's CIDs) serves an unmodified ASGI app beside the SDK
 apps on the same port::
 
     steerd exec --app asgi --alpn h3 --workers 2 -- \\

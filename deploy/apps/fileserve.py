@@ -101,7 +101,7 @@ class FileService(QuicConnectionProtocol):
         self._close_if_drained()
 
     def drain(self) -> None:
-        """steerd.sdk calls this when the worker drains: close once no request is open."""
+        """steerd.app.sdk calls this when the worker drains: close once no request is open."""
         self._draining = True
         self._close_if_drained()
 

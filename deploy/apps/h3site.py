@@ -12,7 +12,7 @@ Paths:
                    see which worker and which generation served a request;
 - ``/slow?ms=N``   the same JSON after N milliseconds (N <= 10000): a request that is still
                    in flight when a restart begins.
-Anything else is 404. SIGTERM drains (see steerd.sdk): open connections get an HTTP/3 GOAWAY
+Anything else is 404. SIGTERM drains (see steerd.app.sdk): open connections get an HTTP/3 GOAWAY
 (no new requests on them), finish their requests and are then closed.
 """
 
@@ -114,7 +114,7 @@ class H3Site(QuicConnectionProtocol):
         self._close_if_drained()
 
     def drain(self) -> None:
-        """steerd.sdk calls this when the worker drains: GOAWAY now (RFC 9114 §5.2: the
+        """steerd.app.sdk calls this when the worker drains: GOAWAY now (RFC 9114 §5.2: the
         client sends no new requests here), close once the requests in flight are answered."""
         self._draining = True
         if self._http is not None:

@@ -8,14 +8,15 @@
 
 Why this module exists: hypercorn speaks HTTP/3 (through aioquic) and can serve inherited
 sockets (``quic_bind = "fd://N"``), but a server behind steerd must also follow steerd's
-rules (steerd/exec.py): every CID it issues in the daemon's layout naming its worker slot,
+rules (steerd/app/exec.py): every CID it issues in the daemon's layout naming its worker slot,
 stateless-reset tokens HMAC'd with that slot's key, and no connection from an Initial whose
 DCID is in the layout. Plain hypercorn follows none of them — and it parses every short
 header with an 8-byte CID, so with steerd's default 9-byte CIDs it could not even find its
 own connections. This is the supported way to run an unmodified ASGI app (Starlette,
 FastAPI, Quart, ...) behind steerd without writing it against the SDK.
 
-What it does: reads the sockets ``steerd exec`` passed (``steerd.sdk.inherited_from_environment``:
+What it does: reads the sockets ``steerd exec`` passed
+(``steerd.app.sdk.inherited_from_environment``:
 ``LISTEN_FDS``/``LISTEN_PID``, ``STEERD_SOCKETS`` with each slot's reset key,
 ``STEERD_CID_LAYOUT``), imports ``MODULE:ATTR`` once, then forks **one process per worker
 slot** (``steerd exec --workers N`` gives N slots) — a slot's CIDs must name that slot, and
@@ -87,7 +88,7 @@ from steerd.app import sdk
 from steerd.app.protocol import layout_dict
 from steerd.app.sdk import CidIssuer, SteerdQuicConnection
 
-log = logging.getLogger("steerd.asgi")
+log = logging.getLogger("steerd.app.asgi")
 
 _TERMINATE = (signal.SIGTERM, signal.SIGINT)
 _IGNORED = (signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
@@ -289,7 +290,7 @@ class _Parent:
     def stop(self, why: str) -> None:
         if not self.stopping:
             self.stopping = True
-            print(f"steerd.asgi: stopping the workers ({why})", file=sys.stderr, flush=True)
+            print(f"steerd.app.asgi: stopping the workers ({why})", file=sys.stderr, flush=True)
         for child in self.children:
             if child.exit_code is None:
                 with contextlib.suppress(ProcessLookupError):
@@ -324,7 +325,7 @@ class _Parent:
         os.close(child.pidfd)
         os.close(child.pipe)
         if not self.stopping:
-            print(f"steerd.asgi: worker of slot {child.slot} (pid {child.pid}) exited with "
+            print(f"steerd.app.asgi: worker of slot {child.slot} (pid {child.pid}) exited with "
                   f"{child.exit_code}", file=sys.stderr, flush=True)
             if not child.ready:  # it never served: the app cannot start, stop the rest
                 self.stop("a worker failed to start")
@@ -348,11 +349,11 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     inherited = sdk.inherited_from_environment()
     if inherited is None:
-        print("steerd.asgi: no sockets from steerd exec; run it as: steerd exec --app NAME "
+        print("steerd.app.asgi: no sockets from steerd exec; run it as: steerd exec --app NAME "
               "--alpn h3 -- python -m steerd.app.asgi MODULE:ATTR --certfile C --keyfile K",
               file=sys.stderr)
         return 2
-    refusal = inherited.layout_refusal("steerd.asgi")
+    refusal = inherited.layout_refusal("steerd.app.asgi")
     if refusal is not None:
         print(refusal, file=sys.stderr)
         inherited.close()
@@ -362,7 +363,7 @@ def main(argv: list[str] | None = None) -> int:
         # fail here, once, rather than in every worker's first socket
         QuicConfiguration(is_client=False).load_cert_chain(args.certfile, args.keyfile)
     except Exception as exc:
-        print(f"steerd.asgi: {exc.__class__.__name__}: {exc}", file=sys.stderr)
+        print(f"steerd.app.asgi: {exc.__class__.__name__}: {exc}", file=sys.stderr)
         inherited.close()
         return 2
     for sig in _IGNORED:

@@ -37,7 +37,7 @@ Two CID modes. ``layout`` (the default and the best): CMD issues every CID in th
 above, so steering is stateless, survives migration, and steerd can reset the clients of a
 worker that died. ``learned`` (``--cid-mode learned --cid-len N``): CMD picks its own random
 CIDs, all N bytes long (8 for aioquic, qh3 and hypercorn), and the kernel learns them, and
-the client addresses CMD serves, from CMD's own packets (bpf/learn.c). This runs servers
+the client addresses CMD serves, from CMD's own packets (steerd/bpf/learn.c). This runs servers
 nobody wrote for steerd unchanged, e.g. ``steerd exec --app web --alpn h3 --cid-mode
 learned --cid-len 8 -- hypercorn --quic-bind fd://3 app:app``; it gives up migration to a
 new CID, steerd's resets and steerd's Retry (docs/DATAPLANE.md, "Learned mode").
@@ -61,7 +61,7 @@ outside the layout); the one exception is an Initial echoing a token of CMD's ow
 original DCID from it (``quic.token.read_retry_token``) and needs no key.
 
 A server handling the sockets of several slots must serve each slot's sockets with CIDs of
-that slot (one process or thread per slot is simplest). steerd.sdk's ``run`` recognises this
+that slot (one process or thread per slot is simplest). steerd.app.sdk's ``run`` recognises this
 environment and serves it (so the demo apps also run under ``steerd exec``).
 
 Signals: SIGTERM/SIGINT tell the daemon to drain the app (no new connections) and are passed
@@ -267,7 +267,7 @@ def mode_warnings(app: str, steering: Steering, workers: Sequence[dict[str, Any]
             f"{app}: off_layout: {off} of the {seen} long-header packets its server sent carry "
             "a connection ID outside steerd's CID layout for its slot, so its clients' later "
             "packets cannot be steered to it: it picks its own CIDs. Issue CIDs in the layout "
-            "(STEERD_CID_LAYOUT; steerd.sdk or python -m steerd.app.asgi do), or register with "
+            "(STEERD_CID_LAYOUT; steerd.app.sdk or python -m steerd.app.asgi do), or register with "
             "--cid-mode learned --cid-len N (N: its CID length, 8 for aioquic and qh3)")
     elif off:
         out.append(

@@ -35,7 +35,7 @@ exit when they have none left (or when ``drain_timeout`` expires: then they clos
 A parent whose generation was replaced (another process registered the same app with
 ``replace=True``) notices it in the daemon's status and drains by itself.
 
-Under ``steerd exec`` (sockets passed the systemd way, see steerd/exec.py) ``run`` serves the
+Under ``steerd exec`` (sockets passed the systemd way, see steerd/app/exec.py) ``run`` serves the
 inherited sockets instead of registering; there is then no control connection in-process and
 no load reports.
 
@@ -80,7 +80,7 @@ from quic.token import is_retry_token, read_retry_token
 from steerd.app.client import RESUME_RETRY, ControlClient, own_generation, resume_once
 from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError, Registration, layout_dict
 
-log = logging.getLogger("steerd.sdk")
+log = logging.getLogger("steerd.app.sdk")
 
 DEFAULT_CONTROL = DEFAULT_CONTROL_PATH
 DEAD_WORKER_LOAD = 1e9  # reported for a slot whose worker died: the daemon's picker avoids it
@@ -117,7 +117,7 @@ class CidIssuer:
         decided that Initial (see ``SteerdQuicServer``), and only a token of the server's
         own Retry can justify it, which is the caller's to check. With a token of the
         daemon's Retry the DCID is that Retry's SCID. The one accept rule, shared by
-        ``SteerdQuicServer`` and steerd.asgi's hypercorn protocol."""
+        ``SteerdQuicServer`` and steerd.app.asgi's hypercorn protocol."""
         if self.layout.decode(dcid) is not None:
             return None
         if token and (retried := self.retried_odcid(token)) is not None:
@@ -406,7 +406,7 @@ class _Slot:
 
 @dataclass(frozen=True, slots=True)
 class Inherited:
-    """Sockets and parameters passed by ``steerd exec`` (see steerd/exec.py)."""
+    """Sockets and parameters passed by ``steerd exec`` (see steerd/app/exec.py)."""
 
     app: str
     generation: int
@@ -484,7 +484,7 @@ def run(
         slots = [_Slot(w["slot"], reg.worker_sockets(w["slot"]), reg.reset_key_of(w["slot"]))
                  for w in reg.workers]
     else:
-        refusal = inherited.layout_refusal("steerd.sdk")
+        refusal = inherited.layout_refusal("steerd.app.sdk")
         if refusal is not None:
             print(refusal, file=sys.stderr)
             inherited.close()

@@ -12,7 +12,7 @@
  * listed by tgid in `jail_pids`, which the daemon rewrites at every start). Anything else
  * passes untouched: other ports, TCP on the same port, other network namespaces.
  *
- * -D flags (steerd/dataplane/jail.py): STEERD_JAIL_PORT, STEERD_JAIL_NETNS (the daemon's
+ * -D flags (steerd/daemon/dataplane/jail.py): STEERD_JAIL_PORT, STEERD_JAIL_NETNS (the daemon's
  * network namespace cookie), STEERD_FD_JAIL_PIDS, STEERD_FD_COUNTERS.
  */
 #include <uapi/linux/bpf.h>

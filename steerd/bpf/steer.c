@@ -31,7 +31,7 @@
  * would make the daemon reply to a whole network segment's worth of spoofed senders. Read
  * from the IP header (the skb's network header) only on the way to a classifier: workers
  * only ever get datagrams whose CID or route names them. Directed broadcasts (a subnet's
- * broadcast address) need the routing table; the classifier drops those (steerd/daemon.py). */
+ * broadcast address) need the routing table; the classifier drops those (steerd/daemon/service.py). */
 static __always_inline int not_unicast(struct sk_reuseport_md *md)
 {
     __u8 first = 0;

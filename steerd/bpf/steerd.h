@@ -1,12 +1,12 @@
 /* steerd.h: the one header shared by every steerd BPF program and read by Python.
  *
- * Why one header: the steering program, the XDP guard and steerd/dataplane must agree on
+ * Why one header: the steering program, the XDP guard and steerd/daemon/dataplane must agree on
  * every number (CID layout constants, counter indexes, map key and value layouts). Python
  * parses the "#define STEERD_CNT_*" lines below to name the counters, and
  * tests/dataplane/test_header.py checks the QUIC-LB constants against quic/cid.py, so a
  * change here that is not made there fails a test instead of mis-steering packets.
  *
- * Fixed constants live here. Per-deployment values come from steerd/dataplane as -D flags:
+ * Fixed constants live here. Per-deployment values come from steerd/daemon/dataplane as -D flags:
  *   the CID layout from quic.cid.CidLayout.defines() (STEERD_CID_LEN, STEERD_CID_FIRST_OCTET,
  *   STEERD_CID_HOST_ID, STEERD_CID_HOST_ID_LEN, STEERD_CID_SLOT_OFFSET, STEERD_CID_SLOT_LEN),
  *   STEERD_WORKER_SLOTS, STEERD_CLASSIFIER_SLOTS, STEERD_PORT_0..3, STEERD_NPORTS and the map
@@ -56,7 +56,7 @@
 #define STEERD_TYPE_RETRY 3
 
 /* Per-CPU counters, one per branch: index into the `counters` PERCPU_ARRAY.
- * steerd/dataplane turns STEERD_CNT_FOO_BAR into the counter name "foo_bar". */
+ * steerd/daemon/dataplane turns STEERD_CNT_FOO_BAR into the counter name "foo_bar". */
 /* SK_REUSEPORT steering */
 #define STEERD_CNT_STEER_SHORT_WORKER 0          /* short header -> the worker its CID names */
 #define STEERD_CNT_STEER_DROP_SHORT_NOT_OURS 1   /* short header, CID not in our layout: dropped */
@@ -87,7 +87,7 @@
 #define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26
 #define STEERD_CNT_XDP_DROP_BAD_CID_LEN 27
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED 28
-/* the socket jail (cgroup hooks, bpf/jail.c): calls refused to a non-daemon process on a
+/* the socket jail (cgroup hooks, steerd/bpf/jail.c): calls refused to a non-daemon process on a
  * service-port UDP socket */
 #define STEERD_CNT_JAIL_REFUSED_SETSOCKOPT 32    /* reuseport program attach/detach, bind to device */
 #define STEERD_CNT_JAIL_REFUSED_CONNECT 33
@@ -103,7 +103,7 @@
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT 38
 /* the guard: within its prefix's budget, but over the budget of all prefixes together */
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL 39
-/* steering by learned CIDs (bpf/learn.c learns them from the servers' own packets) */
+/* steering by learned CIDs (steerd/bpf/learn.c learns them from the servers' own packets) */
 #define STEERD_CNT_STEER_LEARNED_CID 40          /* DCID is a learned server CID -> worker */
 #define STEERD_CNT_STEER_LEARNED_PEER 41         /* short header, no CID known, client address
                                                   * learned -> worker */
@@ -157,7 +157,7 @@ struct steerd_bucket_key {
     __u8 addr[16];                    /* masked to the prefix length */
 };                                    /* 20 bytes */
 
-/* Learned mode (bpf/learn.c, docs/DATAPLANE.md): servers that pick their own random CIDs
+/* Learned mode (steerd/bpf/learn.c, docs/DATAPLANE.md): servers that pick their own random CIDs
  * are steered by what their own long-header packets show on the way out.
  *
  * learn_sockets: HASH, socket cookie (u64) -> how that worker socket is steered. Written by

@@ -22,7 +22,7 @@ load is high), a new Initial without a token is answered with a Retry carrying a
 token (quic/token.py: bound to the client's address, HMAC-keyed, expiring) and nothing is
 kept; only an Initial echoing a valid token is assembled and decided, so only clients that
 own their source address cost anything. The worker accepts the retried connection from the
-same token (steerd/sdk.py), reading it without the key: the classifier is the only place a
+same token (steerd/app/sdk.py), reading it without the key: the classifier is the only place a
 token is validated. So whenever a token key is configured, even with Retry ``off``, every
 Initial carrying a token shaped like ours is validated here, and invalid or expired ones
 (e.g. minted by an app) are dropped and counted: a forged token never gets a routed

@@ -213,7 +213,7 @@ class Metrics:
             "steerd_app_packets",
             "Per app, how its packets were steered and what its servers' packets showed "
             "(steered_learned_cid, steered_learned_peer, egress_long, egress_learned, "
-            "egress_off_mode, egress_refused, egress_conflict, egress_full; bpf/steerd.h "
+            "egress_off_mode, egress_refused, egress_conflict, egress_full; steerd/bpf/steerd.h "
             "STEERD_SLOT_*), summed over its workers; from zero when a slot is handed out.",
             ["app", "what"])
         r.register(self._app_packets)

@@ -1,4 +1,4 @@
-"""bpf/steerd.h and quic/ must agree on every shared number; the C must compile as the
+"""steerd/bpf/steerd.h and quic/ must agree on every shared number; the C must compile as the
 header describes it. These run without root."""
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def test_counters_are_unique_and_in_range() -> None:
 
 
 def test_learned_mode_constants_match_python() -> None:
-    """steerd/dataplane/learn.py and the registry name the header's learned-mode numbers
+    """steerd/daemon/dataplane/learn.py and the registry name the header's learned-mode numbers
     without reading it at import (apps import them): they must be the header's."""
     from steerd.app.protocol import LEARNED_CID_LEN
     from steerd.daemon.dataplane.learn import MODE_LAYOUT, MODE_LEARNED

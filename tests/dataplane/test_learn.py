@@ -1,5 +1,6 @@
-"""Learned mode in the kernel, selftest style: bpf/learn.c (egress) and the learned lookups of
-bpf/steer.c, loaded for real, with crafted server packets leaving real worker sockets.
+"""Learned mode in the kernel, selftest style: steerd/bpf/learn.c (egress) and the learned
+lookups of steerd/bpf/steer.c, loaded for real, with crafted server packets leaving real worker
+sockets.
 
 Each test builds its own tiny world (:class:`World`): a client and a server namespace joined
 by veth, a Dataplane with its own pin dir and a CID layout of 8 bytes (the learned CID

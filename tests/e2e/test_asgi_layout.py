@@ -1,6 +1,6 @@
 """An unmodified ASGI app on hypercorn (``python -m steerd.app.asgi``) behind a real daemon.
 
-Why: steerd.asgi is the supported way to serve an ASGI app behind steerd without the SDK;
+Why: steerd.app.asgi is the supported way to serve an ASGI app behind steerd without the SDK;
 what it must prove is that hypercorn's connections follow steerd's rules. The Starlette
 site (deploy/apps/asgi_site.py) runs under ``steerd exec --workers 2`` (one hypercorn
 process per slot) beside the SDK's file service (ALPN smb) on one port. aioquic and qh3
@@ -102,7 +102,7 @@ def start_asgi_site(daemon: Daemon, name: str, names: list[str], workers: int) -
         proc.wait(5)
         log = err.read_text()
         shutil.rmtree(workdir, ignore_errors=True)
-        raise AssertionError(f"steerd.asgi did not become ready: {line!r}\n{log}")
+        raise AssertionError(f"steerd.app.asgi did not become ready: {line!r}\n{log}")
     return RunningApp(name, proc, json.loads(line), workdir, extra={"stderr": err})
 
 
@@ -251,13 +251,20 @@ def test_real_clients_get_the_asgi_site_with_layout_cids(
             h3.close()
             fs.close()
 
-    # dumpcap writes in batches: wait for the last connections (the earlier ones are in the
-    # file before them), then stop it and read the whole file
+    # dumpcap writes in batches: one more connection after all the others, as a marker; once
+    # the capture shows it, every packet of the connections before it is in the file (the
+    # marker's own may not all be yet: it is left out of the checks)
+    marker = session(pair, "smb")
+    sessions.append(marker)
+    assert json.loads(marker.fetch("INFO"))["app"] == FILES
+    marker_client = marker.sock.getsockname()[:2]
+    marker.close()
     deadline = time.monotonic() + 15
-    while not _clients_seen(capture.path) >= set(expected):
-        assert time.monotonic() < deadline, "the capture never showed every connection"
+    while marker_client not in _clients_seen(capture.path):
+        assert time.monotonic() < deadline, "the capture never showed the marker connection"
         time.sleep(0.1)
     seen = _slots_by_client(_packets(capture.stop()), layout.cid_len, layout.decode)
+    seen.pop(marker_client, None)
     assert set(expected) <= set(seen)
     h3_clients = set(seen) - smb
     assert len(h3_clients) >= len(expected) - len(smb) + 2, "Chromium's and ngtcp2's too"
@@ -273,7 +280,7 @@ def test_real_clients_get_the_asgi_site_with_layout_cids(
         assert seen[client]["short_dcid"] >= 4, (client, seen[client])
 
     # the daemon routed every first flight to the app owning its ALPN, none elsewhere
-    want = {SITE: len(h3_clients), FILES: len(smb)}
+    want = {SITE: len(h3_clients), FILES: len(smb) + 1}  # + the marker
     deadline = time.monotonic() + 5  # the daemon folds its counts in every 0.5 s
     while True:
         after = _routed(daemon)
@@ -303,7 +310,7 @@ def test_killed_asgi_worker_clients_get_the_advertised_reset(
     """A hypercorn worker's reset tokens follow steerd's rule: when the worker dies, the
     daemon (which computes HMAC(slot key, CID)) resets its clients with the very token the
     worker advertised. The dead worker's sockets close with it, so the daemon sees the slot
-    die; steerd.asgi then exits 1 (a worker failed)."""
+    die; steerd.app.asgi then exits 1 (a worker failed)."""
     reset_app = start_asgi_site(daemon, "asgi-reset", [RESET_HOST], workers=1)
     try:
         sock = pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -319,7 +326,7 @@ def test_killed_asgi_worker_clients_get_the_advertised_reset(
         pid = reset_app.pids[slot]
         os.kill(pid, signal.SIGKILL)
         assert _await_exit(pid, 5)
-        assert reset_app.proc.wait(10) == 1, "steerd exec passes on steerd.asgi's status 1"
+        assert reset_app.proc.wait(10) == 1, "steerd exec passes on steerd.app.asgi's status 1"
         s.sock.setblocking(False)  # take in what the worker sent before it died
         while select.select([s.sock], [], [], 0)[0]:
             s.conn.receive_datagram(s.sock.recv(65535), s.server, now=time.time())
@@ -474,12 +481,12 @@ def test_protocol_accepts_a_daemon_retried_initial(cert: tuple[Path, Path]) -> N
 
 
 def test_hypercorn_hook_is_where_steerd_asgi_sets_it() -> None:
-    """steerd.asgi replaces one name, ``hypercorn.protocol.quic.QuicProtocol``, which
+    """steerd.app.asgi replaces one name, ``hypercorn.protocol.quic.QuicProtocol``, which
     ``UDPServer.run`` imports when it runs, and builds hypercorn's ``_Connection``s: if a
     hypercorn upgrade moves either, its connections would silently get hypercorn's own
     8-byte random CIDs (unroutable after the first flight). Fail loudly instead."""
     assert importlib.metadata.version("hypercorn") == "0.18.0", (
-        "hypercorn changed: re-check steerd.asgi's hook (see its docstring) before moving "
+        "hypercorn changed: re-check steerd.app.asgi's hook (see its docstring) before moving "
         "the pin")
     assert "from ..protocol.quic import QuicProtocol" in inspect.getsource(UDPServer.run)
     assert set(hypercorn_quic._Connection.__dataclass_fields__) >= {"cids", "quic", "task"}

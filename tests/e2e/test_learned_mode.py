@@ -5,7 +5,7 @@ One daemon and three apps for the whole module (started once, each on its own se
 so their claims do not collide): ``plain-aioquic`` and ``plain-qh3`` (tests/e2e/
 plain_h3_server.py in learned mode, two worker slots each, served by one process: every
 socket answers with the library's own random 8-byte CIDs) and ``sdk-web`` (the SDK demo site,
-layout mode). Clients: aioquic and qh3 (steerd.quicclient.Session), ngtcp2's gtlsclient and
+layout mode). Clients: aioquic and qh3 (deploy.quicclient.Session), ngtcp2's gtlsclient and
 headless Chromium (plain-aioquic only: the qh3 server never answers Chromium's ClientHello,
 with or without steerd). The mismatch tests register servers of their own and read what
 ``steerd exec`` says on stderr.

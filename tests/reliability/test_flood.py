@@ -4,7 +4,7 @@ The daemon (``steerd run``) sits in a server namespace with the guard at TC ingr
 per-source-prefix token bucket on, Retry mode ``auto``; the real h3 demo app (the SDK) is
 registered behind it. From the client namespace a C sender (bench/flood/spoof.c, raw socket)
 sends real aioquic client Initials from random addresses of 198.19.0.0/16 as fast as it can,
-while the load generator (steerd.quicclient, real aioquic clients) makes one connection and
+while the load generator (deploy.quicclient, real aioquic clients) makes one connection and
 request after another from the client's own address. What must hold:
 
 * legitimate requests still complete (success ratio >= 0.95): the guard drops most of the

@@ -2,7 +2,7 @@
 
 The command under test runs in the server namespace against a real daemon. A small Python
 program reports what it inherited (pid, environment, every open fd and what it is bound to);
-the HTTP/3 demo site then serves the inherited sockets (steerd.sdk recognises them) and a real
+the HTTP/3 demo site then serves the inherited sockets (steerd.app.sdk recognises them) and a real
 client fetches a page through the daemon.
 """
 
@@ -201,12 +201,12 @@ def test_exec_replaced_generation_drains(daemon: Daemon, pair: NetnsPair) -> Non
         shutil.rmtree(certdir)
 
 
-@pytest.mark.parametrize("who", ["steerd.sdk", "steerd.asgi"])
+@pytest.mark.parametrize("who", ["steerd.app.sdk", "steerd.app.asgi"])
 def test_layout_servers_refuse_learned_mode(daemon: Daemon, who: str) -> None:
-    """The SDK and steerd.asgi issue layout CIDs, which the kernel never learns: registered
+    """The SDK and steerd.app.asgi issue layout CIDs, which the kernel never learns: registered
     in learned mode they would serve nobody, so they refuse to start, saying why."""
     certdir = Path(tempfile.mkdtemp(prefix="steerd-exec-cert-"))
-    if who == "steerd.sdk":
+    if who == "steerd.app.sdk":
         cmd = [PYTHON, H3SITE, "--cert-dir", str(certdir / "c")]
     else:
         from deploy.apps.certs import ensure_cert

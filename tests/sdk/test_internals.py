@@ -1,4 +1,4 @@
-"""The aioquic internals steerd.sdk relies on, checked against the pinned aioquic.
+"""The aioquic internals steerd.app.sdk relies on, checked against the pinned aioquic.
 
 Why this file fails loudly: aioquic has no public hook to choose server CIDs or reset tokens,
 so the SDK overwrites private attributes. If an aioquic upgrade renames one, or starts drawing
@@ -52,7 +52,7 @@ def server_config(cert: tuple[Path, Path]) -> QuicConfiguration:
 
 def test_pinned_version() -> None:
     assert aioquic.__version__ == "1.7.2", (
-        "aioquic changed: re-check steerd.sdk's use of QuicConnection/QuicServer internals "
+        "aioquic changed: re-check steerd.app.sdk's use of QuicConnection/QuicServer internals "
         "(see its module docstring) before moving the pin"
     )
 

@@ -1,7 +1,7 @@
 """Tenant isolation in learned-CID mode, shown by attacking for real.
 
 What a learned-mode app holds beyond a layout-mode one: every datagram its worker socket
-sends teaches the kernel (bpf/learn.c) that the long-header SCID it carries, and the address
+sends teaches the kernel (steerd/bpf/learn.c) that the long-header SCID it carries, and the address
 it goes to, are its slot's. So the attack surface is the egress path: an intruder registered
 for real as uid nobody in learned mode sends crafted server packets from its worker socket
 (tests/security/intruder.py, op "long"), trying to learn
@@ -47,7 +47,6 @@ from tests.sdk.harness import (
     kill_group,
     session,
     staged_command,
-    staged_tree,
     start_demo_app,
     start_loader,
 )
@@ -177,13 +176,6 @@ def start_plain(daemon: Daemon, uid: int, name: str) -> Plain:
     os.chown(work / "cert", uid, uid)
     log = work / "stderr.log"
     python, env = staged_command(str(ROOT / "steerd" / "__init__.py"))
-    # `steerd exec` imports steerd.daemon, whose steerd.dataplane.learn reads bpf/steerd.h at
-    # import time: the staged tree (steerd, quic, deploy) needs bpf/ beside them.
-    bpf = staged_tree() / "src" / "bpf"
-    if not bpf.exists():
-        shutil.copytree(ROOT / "bpf", bpf)
-        for path in [bpf, *bpf.iterdir()]:
-            os.chmod(path, 0o755 if path.is_dir() else 0o644)
     steerd = [python[0], "-c", "import sys; from steerd.cli import main; sys.exit(main())"]
     with open(log, "w") as err:
         proc = subprocess.Popen(

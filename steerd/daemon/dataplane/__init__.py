@@ -1,4 +1,4 @@
-"""The steerd data plane: the SK_REUSEPORT steering program and the XDP guard (bpf/), loaded
+"""The steerd data plane: the SK_REUSEPORT steering program and the XDP guard (steerd/bpf/), loaded
 with bcc, their maps pinned under a bpffs directory, driven from Python.
 
 Why this shape:
@@ -7,7 +7,7 @@ Why this shape:
   Python owns can be pinned and found again by a restarted daemon (routes, counters and the
   worker sockets apps still hold survive a daemon restart).
 - Per-deployment numbers (CID layout, slot counts, service ports, map fds) are -D flags, so
-  the programs do no config lookups on the fast path; fixed numbers live in bpf/steerd.h,
+  the programs do no config lookups on the fast path; fixed numbers live in steerd/bpf/steerd.h,
   which this module also parses for the counter names.
 - Every prerequisite failure becomes one DataplaneError whose message names what is missing
   and how to fix it; ``steerd doctor`` lists them all.
@@ -78,7 +78,7 @@ class Prerequisite:
 
 
 # ---------------------------------------------------------------------------------------
-# bpf/steerd.h: the shared numbers
+# steerd/bpf/steerd.h: the shared numbers
 
 
 @functools.cache
@@ -426,7 +426,7 @@ class Dataplane:
             MapSpec("guard_config", MAP_ARRAY, 4, k["STEERD_GUARD_CONFIG_SIZE"], 1),
             MapSpec("flood_buckets", MAP_LRU_HASH, k["STEERD_BUCKET_KEY_SIZE"], 8,
                     c.bucket_capacity),
-            # learned mode (bpf/learn.c, steerd/dataplane/learn.py)
+            # learned mode (steerd/bpf/learn.c, steerd/daemon/dataplane/learn.py)
             MapSpec("learned_cids", MAP_HASH, k["STEERD_ROUTE_KEY_SIZE"],
                     k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),
             MapSpec("learned_peers", MAP_HASH, k["STEERD_PEER_KEY_SIZE"],
@@ -439,7 +439,7 @@ class Dataplane:
         ]
 
     def cflags(self) -> list[str]:
-        """The -D flags that specialise bpf/*.c for this deployment and these maps."""
+        """The -D flags that specialise steerd/bpf/*.c for this deployment and these maps."""
         c, layout = self.config, self.config.layout
         # The CID numbers come from CidLayout itself, so BPF and quic/ cannot disagree.
         flags = [
@@ -541,7 +541,7 @@ class Dataplane:
         try:
             bpf = bcc.BPF(text=text.encode(), cflags=flags)
         except Exception as exc:
-            raise DataplaneError(f"compiling bpf/{source} failed: {exc}") from exc
+            raise DataplaneError(f"compiling steerd/bpf/{source} failed: {exc}") from exc
         self._bpf.append(bpf)
         return bpf
 
@@ -881,7 +881,7 @@ class Dataplane:
     # -- counters -------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Every counter named in bpf/steerd.h, summed over CPUs."""
+        """Every counter named in steerd/bpf/steerd.h, summed over CPUs."""
         self._need_maps()
         lib, fd = _lib(), self._fds["counters"]
         values = (ct.c_uint64 * self._ncpus)()

@@ -1,4 +1,4 @@
-"""The socket jail: cgroup BPF hooks (bpf/jail.c) that stop apps from turning the worker
+"""The socket jail: cgroup BPF hooks (steerd/bpf/jail.c) that stop apps from turning the worker
 sockets they hold into keys to the whole port.
 
 Why cgroup hooks: the kernel lets the holder of any member socket of a reuseport group
@@ -56,7 +56,7 @@ BPF_F_ALLOW_MULTI = 2
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
 MAX_DAEMON_PIDS = 64  # main process + classifier processes (limits.classifiers <= 64)
 
-# (function in bpf/jail.c, program type, cgroup attach type): one program per hook.
+# (function in steerd/bpf/jail.c, program type, cgroup attach type): one program per hook.
 HOOKS = (
     ("steerd_jail_setsockopt", PROG_CGROUP_SOCKOPT, BPF_CGROUP_SETSOCKOPT),
     ("steerd_jail_connect4", PROG_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
@@ -173,7 +173,7 @@ class Jail:
             progs = [(name, bpf.load_func(name.encode(), ptype, attach_type=atype).fd, atype)
                      for name, ptype, atype in HOOKS]
         except Exception as exc:
-            raise DataplaneError(f"compiling bpf/jail.c failed: {exc}") from exc
+            raise DataplaneError(f"compiling steerd/bpf/jail.c failed: {exc}") from exc
         self._bpf = bpf
         lib = _lib()
         cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)

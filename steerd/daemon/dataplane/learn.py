@@ -1,4 +1,4 @@
-"""Learned mode: steering servers that pick their own random CIDs (bpf/learn.c).
+"""Learned mode: steering servers that pick their own random CIDs (steerd/bpf/learn.c).
 
 Why: only servers that write every CID in steerd's layout can be steered without state.
 A plain aioquic, qh3 or hypercorn server picks random CIDs; the egress program learns them
@@ -41,12 +41,12 @@ PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
 PIN_NAME = "prog_learn"
 
-MODE_LAYOUT = 1  # bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
+MODE_LAYOUT = 1  # steerd/bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
 MODE_LEARNED = 2  # STEERD_MODE_LEARNED
 
 
 def _h() -> dict[str, int]:
-    """bpf/steerd.h's numbers, read when first needed (not at import: ``steerd exec`` and
+    """steerd/bpf/steerd.h's numbers, read when first needed (not at import: ``steerd exec`` and
     ``steerd status`` import this module and never touch the data plane)."""
     return header_constants()
 
@@ -221,7 +221,7 @@ class Learner:
     # -- the egress program ---------------------------------------------------------------
 
     def attach(self) -> None:
-        """Compile bpf/learn.c against this group's maps and attach it at the cgroup v2
+        """Compile steerd/bpf/learn.c against this group's maps and attach it at the cgroup v2
         root, then retire a previous run's (attached first: no packet goes unwatched)."""
         import bcc
 
@@ -233,7 +233,7 @@ class Learner:
             prog_fd = bpf.load_func(b"steerd_learn", PROG_CGROUP_SKB,
                                     attach_type=BPF_CGROUP_INET_EGRESS).fd
         except Exception as exc:
-            raise DataplaneError(f"compiling bpf/learn.c failed: {exc}") from exc
+            raise DataplaneError(f"compiling steerd/bpf/learn.c failed: {exc}") from exc
         self._bpf = bpf
         lib = _lib()
         path = os.path.join(self.dp.config.pin_dir, PIN_NAME)
@@ -241,7 +241,7 @@ class Learner:
         try:
             ret = lib.bpf_prog_attach(prog_fd, cg, BPF_CGROUP_INET_EGRESS, BPF_F_ALLOW_MULTI)
             if ret != 0:
-                raise DataplaneError(f"attaching bpf/learn.c to the cgroup v2 root {root} "
+                raise DataplaneError(f"attaching steerd/bpf/learn.c to the cgroup v2 root {root} "
                                      f"failed: {os.strerror(_errno_of(ret))}")
             detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
             _pin_fd(prog_fd, path)
