@@ -62,6 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script:
 from deploy.netns import NetnsPair, netns_pair
 from deploy.proclines import Lines
 from deploy.quicclient import RequestFailed, Session, one_request
+from quic.builders import NO_APPLICATION_PROTOCOL
 from steerd.daemon.dataplane.netns import netns_path, run_in_netns
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -75,7 +76,6 @@ FILES = "files.example.test"  # the name the file-service client asks for
 PREFIX = "steerd-demo-"
 CONTROL_GID = 65534  # nogroup: the control socket's group, which both app users get
 REFUSED = "(refused)"
-NO_APPLICATION_PROTOCOL = 0x100 + 120  # CRYPTO_ERROR carrying TLS alert 120 (RFC 9001 §4.8)
 APP_ALPN = {"web": "HTTP/3 site, ALPN h3", "files": "file service, ALPN smb, NOT SMB"}
 
 

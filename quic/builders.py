@@ -5,26 +5,17 @@ No randomness here (quic/ is pure): whatever should be random on the wire (VN un
 Retry unused bits, the server's SCID) is a parameter.
 """
 
-from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from quic.crypto import derive_initial_keys, seal_initial
 from quic.errors import QuicError
-from quic.packet import (
-    RETRY_INTEGRITY_TAG_LEN,
-    VERSION_1,
-    VERSION_2,
-    PacketType,
-    encode_long_header_start,
-    parse_long_header,
-)
+from quic.frames import FRAME_CONNECTION_CLOSE
+from quic.packet import MAX_CID_LEN, VERSION_1, VERSION_2, PacketType, encode_long_header_start
 from quic.varint import encode_varint
 
-CONNECTION_CLOSE_TRANSPORT = 0x1C
 CRYPTO_ERROR_BASE = 0x100
 TLS_ALERT_NO_APPLICATION_PROTOCOL = 0x78
 NO_APPLICATION_PROTOCOL = CRYPTO_ERROR_BASE + TLS_ALERT_NO_APPLICATION_PROTOCOL  # 0x178
-FRAME_PADDING = 0x00
 
 # Fixed AEAD key and nonce of the Retry Integrity Tag: RFC 9001 §5.8 (v1), RFC 9369 §3.3.3 (v2).
 _RETRY_AEAD = {
@@ -71,7 +62,7 @@ def connection_close_frame(error_code: int, frame_type: int = 0, reason: bytes =
     """A transport CONNECTION_CLOSE frame (type 0x1c, RFC 9000 §19.19)."""
     return b"".join(
         (
-            bytes((CONNECTION_CLOSE_TRANSPORT,)),
+            bytes((FRAME_CONNECTION_CLOSE,)),
             encode_varint(error_code),
             encode_varint(frame_type),
             encode_varint(len(reason)),
@@ -133,29 +124,10 @@ def build_retry(
     ``dcid`` is the client's SCID, ``scid`` the new server-chosen CID the client must use next,
     ``original_dcid`` the DCID of the client's Initial (authenticated by the tag, not sent).
     """
-    if len(dcid) > 20 or len(scid) > 20 or len(original_dcid) > 20:
-        raise QuicError("bad_cid_length", "connection IDs are at most 20 bytes")
+    if max(len(dcid), len(scid), len(original_dcid)) > MAX_CID_LEN:
+        raise QuicError("bad_cid_length", f"connection IDs are at most {MAX_CID_LEN} bytes")
     if not token:
         raise QuicError("bad_token", "a Retry must carry a non-empty token (RFC 9000 §17.2.5)")
     packet = encode_long_header_start(version, PacketType.RETRY, unused_bits, dcid, scid) + token
     return packet + _retry_tag(version, original_dcid, packet)
 
-
-def verify_retry_integrity(packet: bytes, original_dcid: bytes) -> bool:
-    """Whether a Retry's integrity tag matches ``original_dcid``; False for anything that is
-    not a well-formed v1/v2 Retry."""
-    try:
-        header = parse_long_header(packet)
-    except QuicError:
-        return False
-    if header.packet_type is not PacketType.RETRY or len(original_dcid) > 255:
-        return False
-    aead = _RETRY_AEAD[header.version]
-    cipher, nonce = aead
-    body, tag = packet[:-RETRY_INTEGRITY_TAG_LEN], packet[-RETRY_INTEGRITY_TAG_LEN:]
-    pseudo = bytes((len(original_dcid),)) + original_dcid + body
-    try:
-        cipher.decrypt(nonce, tag, pseudo)
-    except InvalidTag:
-        return False
-    return True

@@ -16,14 +16,12 @@ length check, one ``startswith`` and one ``int.from_bytes``.
 from dataclasses import dataclass, field
 
 from quic.errors import QuicError
+from quic.packet import MAX_CID_LEN
 
-CONFIG_ROTATION_BITS = 3
-LENGTH_BITS = 5
 CONFIG_ROTATION_SHIFT = 5  # first_octet >> 5 == config rotation codepoint
 LENGTH_MASK = 0x1F
 CR_UNROUTABLE = 0b111  # reserved codepoint: "not routable by server ID"
 MIN_NONCE_LEN = 4
-MAX_CID_LEN = 20
 MAX_SLOT_LEN = 4
 
 
@@ -55,18 +53,14 @@ class CidLayout:
             raise QuicError(
                 "bad_cid_layout", f"host_id {self.host_id} does not fit {self.host_id_len} bytes"
             )
-        prefix = bytes((self.first_octet_for(cid_len),)) + self.host_id.to_bytes(
-            self.host_id_len, "big"
-        )
+        first_octet = (self.config_id << CONFIG_ROTATION_SHIFT) | ((cid_len - 1) & LENGTH_MASK)
+        prefix = bytes((first_octet,)) + self.host_id.to_bytes(self.host_id_len, "big")
         object.__setattr__(self, "_prefix", prefix)
         object.__setattr__(self, "_len", cid_len)
 
-    def first_octet_for(self, cid_len: int) -> int:
-        return (self.config_id << CONFIG_ROTATION_SHIFT) | ((cid_len - 1) & LENGTH_MASK)
-
     @property
     def cid_len(self) -> int:
-        return 1 + self.host_id_len + self.slot_len + self.nonce_len
+        return self._len
 
     @property
     def first_octet(self) -> int:
@@ -100,7 +94,7 @@ class CidLayout:
     def defines(self) -> dict[str, int]:
         """The per-deployment numbers the BPF programs are compiled with (as -DNAME=VALUE)."""
         return {
-            "STEERD_CID_LEN": self._len,
+            "STEERD_CID_LEN": self.cid_len,
             "STEERD_CID_FIRST_OCTET": self.first_octet,
             "STEERD_CID_HOST_ID_LEN": self.host_id_len,
             "STEERD_CID_HOST_ID": self.host_id,

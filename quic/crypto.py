@@ -128,18 +128,6 @@ def hkdf_label_info(label: bytes, length: int, context: bytes = b"") -> bytes:
     )
 
 
-def hkdf_extract(salt: bytes, ikm: bytes) -> bytes:
-    """HKDF-Extract with SHA-256 (RFC 5869 §2.2)."""
-    return _HmacKey(salt).digest(ikm)
-
-
-def hkdf_expand_label(secret: bytes, label: bytes, length: int, context: bytes = b"") -> bytes:
-    """HKDF-Expand-Label with SHA-256 for outputs of at most one hash block (<= 32 bytes)."""
-    if not 0 < length <= 32:
-        raise QuicError("bad_length", f"HKDF-Expand-Label of {length} bytes")
-    return _HmacKey(secret).digest(hkdf_label_info(label, length, context))[:length]
-
-
 _INFO_CLIENT_IN = hkdf_label_info(b"client in", 32)
 _INFO_SERVER_IN = hkdf_label_info(b"server in", 32)
 # Per version: the salt's inner and outer pad states, then the HkdfLabel infos of the 16-byte
@@ -281,25 +269,6 @@ def _aes_keys(key: bytes, iv: bytes, hp: bytes) -> PacketKeys:
     keys._mask = _ecb_encryptor(hp)
     keys._iv_int = int.from_bytes(iv, "big")
     return keys
-
-
-def derive_packet_keys(secret: bytes, version: int, suite: str = AES_128_GCM) -> PacketKeys:
-    """Keys of one direction from a TLS traffic secret (RFC 9001 §5.1), any suite.
-
-    Not needed for Initials (``derive_initial_keys`` is the fast path); it exists so the
-    ChaCha20 vector of RFC 9001 A.5 / RFC 9369 A.5 can be reproduced from its secret.
-    """
-    prefix = LABEL_PREFIXES.get(version)
-    if prefix is None:
-        raise QuicError("unsupported_version", f"no labels for version 0x{version:08x}")
-    key_len = 32 if suite == CHACHA20_POLY1305 else 16
-    secret_key = _HmacKey(secret)
-    return PacketKeys(
-        secret_key.digest(hkdf_label_info(prefix + b"key", key_len))[:key_len],
-        secret_key.digest(hkdf_label_info(prefix + b"iv", 12))[:12],
-        secret_key.digest(hkdf_label_info(prefix + b"hp", key_len))[:key_len],
-        suite,
-    )
 
 
 def decode_packet_number(truncated: int, pn_len: int, expected: int) -> int:

@@ -394,19 +394,52 @@ class FirstFlightAssembler:
         then be hashable. Datagrams of one DCID from different peers are different
         connections.
 
-        Written for the per-datagram cost (bench/classify): header fields are unpacked from
-        the header tuple once, enum members and helpers are module constants, a datagram with
-        one packet (the usual case) skips the coalescing walk, and a connection's CRYPTO data
-        goes straight to its reassembler.
+        Written for the per-datagram cost (bench/classify): the steps pass plain values (no
+        object is made per datagram besides the headers, frames and result), enum members
+        are module constants, a datagram with one packet (the usual case) skips the
+        coalescing walk, a new connection whose ClientHello fits one CRYPTO frame never
+        enters the tables, and a connection's CRYPTO data goes straight to its reassembler.
         """
-        pending = self._pending
-        early_table = self._early
-        cfg = self.config
-        deadline = now - cfg.ttl
+        self._expire_due(now)
+        first = self._first_packet(datagram)
+        if not isinstance(first, LongHeader):
+            return first  # refused, or to be answered with Version Negotiation
+        key = (first.dcid, addr if peer is None else peer)
+        headers = _flight_packets(datagram, first)
+        has_initial = self._check_packets(headers, len(datagram), key)
+        if isinstance(has_initial, Rejected):
+            return has_initial
+        entry = self._pending.get(key) if self._pending else None
+        held = self._early.get(key) if entry is None and self._early else None
+        refused = self._check_connection(entry if entry is not None else held, first.version,
+                                         len(datagram), key)
+        if refused is not None:
+            return refused
+        if has_initial:
+            return self._feed_initials(datagram, addr, now, key, headers, entry, held)
+        if entry is None:
+            return self._feed_early(key, held, first.version, datagram, addr, now)
+        return self._feed_pending(entry, [], datagram, addr, key)
+
+    # The steps of feed, in the order it takes them. Each returns a FeedResult when the
+    # datagram is decided (refused, answered or Ready) and a plain value to go on with.
+
+    def _expire_due(self, now: float) -> None:
+        """Feed expires too, so an assembler whose owner never calls :meth:`expire` is
+        still bounded in time; it looks only at each table's oldest entry (the front), so
+        a datagram pays a lookup, not a walk, unless something is actually due."""
+        deadline = now - self.config.ttl
+        pending, early_table = self._pending, self._early
         if (pending and pending[next(iter(pending))].created <= deadline) or (
             early_table and early_table[next(iter(early_table))].created <= deadline
         ):
             self.expire(now)
+
+    def _first_packet(self, datagram: bytes) -> LongHeader | Rejected | VersionNegotiationNeeded:
+        """Only a long header can open a connection, and only its invariant fields can be
+        trusted before the version is known: a version we do not speak gets Version
+        Negotiation (when the datagram is big enough to deserve an answer, RFC 9000 §6.1,
+        §14.1) and goes no further."""
         size = len(datagram)
         if size == 0 or not datagram[0] & 0x80:
             return self._reject("not_long_header", None, "short header or empty datagram")
@@ -414,30 +447,25 @@ class FirstFlightAssembler:
             first = parse_long_header(datagram, 0)
         except QuicError as e:
             return self._reject(e.reason, None, e.detail)
-        version, ptype, dcid, scid, _token, _start, _pn_offset, pos = first
+        version = first.version
         if version != _V1 and version != _V2:
             if version == 0:
                 return self._reject("unexpected_version_negotiation", None)
             if size < MIN_INITIAL_DATAGRAM:
                 return self._reject("short_unknown_version", None, f"{size} bytes")
             self.stats.version_negotiation += 1
-            return VersionNegotiationNeeded(version, dcid, scid)
-        key = (dcid, addr if peer is None else peer)
+            return VersionNegotiationNeeded(version, first.dcid, first.scid)
+        return first
 
-        # The packets of this datagram that belong to the first flight.
-        headers: tuple[LongHeader, ...] | list[LongHeader]
-        if pos < size and datagram[pos] & 0x80:
-            headers = [first]
-            while pos < size and datagram[pos] & 0x80:
-                try:
-                    h = parse_long_header(datagram, pos)
-                except QuicError:
-                    break  # RFC 9000 §12.2: the rest of the datagram is not ours to judge
-                if h.dcid == dcid and h.version == version:
-                    headers.append(h)
-                pos = h.end
-        else:
-            headers = (first,)  # one packet (zero padding, if any, follows it)
+    def _check_packets(
+        self, headers: tuple[LongHeader, ...] | list[LongHeader], size: int, key: _Key
+    ) -> bool | Rejected:
+        """A client's first flight holds Initial and 0-RTT packets only, from a DCID of at
+        least 8 bytes (RFC 9000 §7.2), in datagrams of at least 1200 bytes when they carry
+        an Initial (§14.1, the anti-amplification floor); anything else is not a client
+        starting a connection, and takes its key's pending connection down with it.
+        Returns whether the datagram carries an Initial."""
+        dcid = key[0]
         has_initial = False
         for h in headers:
             ptype = h.packet_type
@@ -452,113 +480,197 @@ class FirstFlightAssembler:
             return self._reject("short_dcid", dcid, f"{len(dcid)}-byte DCID", key)
         if has_initial and size < MIN_INITIAL_DATAGRAM:
             return self._reject("short_initial", dcid, f"{size}-byte datagram", key)
+        return has_initial
 
-        entry = pending.get(key) if pending else None
-        held = early_table.get(key) if entry is None and early_table else None
-        known = entry if entry is not None else held
-        if known is not None:
-            if known.version != version:
-                self.stats.rejected += 1
-                detail = f"0x{version:08x} after 0x{known.version:08x}"
-                return Rejected("version_mismatch", dcid, detail)
-            if known.bytes + size > cfg.max_bytes_per_connection:
-                self.stats.rejected += 1
-                return Rejected("connection_over_budget", dcid, f"{known.bytes} bytes buffered")
-        if not has_initial and entry is None:
-            return self._feed_early(key, held, version, datagram, addr, now)
+    def _check_connection(
+        self, known: _Pending | _Early | None, version: int, size: int, key: _Key
+    ) -> Rejected | None:
+        """A connection keeps the version it started with, and its budget is checked before
+        any work (decryption) is spent on the datagram. Only the datagram is refused: the
+        connection stays, as the datagram may be a stranger's guess at its DCID."""
+        if known is None:
+            return None
+        if known.version != version:
+            detail = f"0x{version:08x} after 0x{known.version:08x}"
+            return self._reject("version_mismatch", key[0], detail)
+        if known.bytes + size > self.config.max_bytes_per_connection:
+            return self._reject("connection_over_budget", key[0], f"{known.bytes} bytes buffered")
+        return None
+
+    def _feed_initials(
+        self,
+        datagram: bytes,
+        addr: Addr,
+        now: float,
+        key: _Key,
+        headers: tuple[LongHeader, ...] | list[LongHeader],
+        entry: _Pending | None,
+        held: _Early | None,
+    ) -> FeedResult:
+        """A datagram with Initial packets: they carry the ClientHello, so they are opened
+        here, then the connection is decided at once or joins the main table."""
+        version = headers[0].version
         keys = entry.keys if entry is not None else None
+        if keys is None:
+            keys = derive_initial_keys(key[0], version, server=False)
+        opened = self._open_initials(datagram, headers, keys, key)
+        if isinstance(opened, Rejected):
+            return opened
+        crypto, scid = opened
+        if entry is None:
+            ready = self._ready_at_once(crypto, version, scid, datagram, addr, now, key, held)
+            if ready is not None:
+                return ready
+            entry = self._admit(key, held, version, now, keys, scid, len(datagram))
+        return self._feed_pending(entry, crypto, datagram, addr, key)
 
-        crypto: list[tuple[int, bytes]] = []
-        if has_initial:
-            if keys is None:
-                keys = derive_initial_keys(dcid, version, server=False)
-            opened = 0
-            for h in headers:
-                if h.packet_type is not _INITIAL:
-                    continue
-                try:
-                    payload = open_initial(datagram, h.start, h.pn_offset, h.end, keys)
-                except QuicError:
-                    continue  # undecryptable: discard this packet only
-                try:
-                    frames, closed = parse_initial_frames(payload)
-                except QuicError as e:
-                    return self._reject(e.reason, dcid, e.detail, key)
-                if closed:
-                    return self._reject("client_closed", dcid, "CONNECTION_CLOSE in Initial", key)
-                if crypto:
-                    crypto += frames
-                else:
-                    crypto = frames
-                scid = h.scid
-                opened += 1
-            if not opened:
-                self.stats.rejected += 1
-                return Rejected("decrypt_failed", dcid, "no Initial packet could be opened")
-
-        if entry is None and len(crypto) == 1 and crypto[0][0] == 0:
-            # Fast path, the common case (aioquic, ngtcp2, most stacks): a new connection whose
-            # one CRYPTO frame holds the whole ClientHello. Same checks, nothing stored.
-            data = crypto[0][1]
-            n = len(data)
+    def _open_initials(
+        self,
+        datagram: bytes,
+        headers: tuple[LongHeader, ...] | list[LongHeader],
+        keys: PacketKeys,
+        key: _Key,
+    ) -> tuple[list[tuple[int, bytes]], bytes] | Rejected:
+        """Anyone can send an Initial that does not decrypt, so such a packet is dropped
+        alone (RFC 9000 §12.2) and hurts nobody's pending connection; one that decrypts is
+        the client's own word, so a protocol violation in it drops the connection. Returns
+        the CRYPTO frames of the packets opened, in order, and the SCID of the last one."""
+        dcid = key[0]
+        crypto: list[tuple[int, bytes]] | None = None  # the first packet's list, then grown
+        scid = b""
+        for h in headers:
+            if h.packet_type is not _INITIAL:
+                continue
             try:
-                if n > cfg.crypto_cap:
-                    raise QuicError("crypto_over_cap", f"{n} CRYPTO bytes > cap")
-                if n >= 4 and n >= client_hello_length(data):
-                    hello = parse_client_hello(data)
-                    self.stats.ready += 1
-                    if held is None:
-                        return Ready(version, dcid, scid, hello, ((datagram, addr),), now)
-                    self._drop(key)  # its 0-RTT datagrams go first, in arrival order
-                    datagrams = (*held.datagrams, (datagram, addr))
-                    return Ready(version, dcid, scid, hello, datagrams, held.created)
+                payload = open_initial(datagram, h.start, h.pn_offset, h.end, keys)
+            except QuicError:
+                continue  # undecryptable: discard this packet only
+            try:
+                frames, closed = parse_initial_frames(payload)
             except QuicError as e:
                 return self._reject(e.reason, dcid, e.detail, key)
+            if closed:
+                return self._reject("client_closed", dcid, "CONNECTION_CLOSE in Initial", key)
+            if crypto:
+                crypto += frames
+            else:
+                crypto = frames
+            scid = h.scid
+        if crypto is None:
+            self.stats.rejected += 1
+            return Rejected("decrypt_failed", dcid, "no Initial packet could be opened")
+        return crypto, scid
 
-        if entry is None:
-            # A new connection, or an early one with its first Initial: into the main table,
-            # the early entry's datagrams (and their bytes) first.
-            carried = 0
-            if held is not None:
-                carried = held.bytes
-                del early_table[key]
-                self._early_bytes -= carried
-            need = size + carried
-            if len(pending) >= cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
-                self._make_room(need, True)
-            entry = _Pending(version, now, cfg)
-            entry.keys = keys
-            if held is not None:
-                entry.started = held.created
-                entry.datagrams = held.datagrams
-                entry.bytes = carried
-                self._bytes += carried
-            pending[key] = entry
-        elif entry.keys is None:
-            entry.keys = keys
-        if has_initial and entry.scid is None:
-            entry.scid = scid
+    def _ready_at_once(
+        self,
+        crypto: list[tuple[int, bytes]],
+        version: int,
+        scid: bytes,
+        datagram: bytes,
+        addr: Addr,
+        now: float,
+        key: _Key,
+        held: _Early | None,
+    ) -> Ready | Rejected | None:
+        """The common case (aioquic, ngtcp2, most stacks): a new connection whose one CRYPTO
+        frame holds the whole ClientHello. Same checks as the reassembled path, but nothing
+        is stored, so the one-datagram flight stays cheap. None: not that case."""
+        if len(crypto) != 1 or crypto[0][0] != 0:
+            return None
+        data = crypto[0][1]
+        n = len(data)
+        dcid = key[0]
+        try:
+            if n > self.config.crypto_cap:
+                raise QuicError("crypto_over_cap", f"{n} CRYPTO bytes > cap")
+            if n >= 4 and n >= client_hello_length(data):
+                hello = parse_client_hello(data)
+                self.stats.ready += 1
+                if held is None:
+                    return Ready(version, dcid, scid, hello, ((datagram, addr),), now)
+                self._drop(key)  # its 0-RTT datagrams go first, in arrival order
+                datagrams = (*held.datagrams, (datagram, addr))
+                return Ready(version, dcid, scid, hello, datagrams, held.created)
+        except QuicError as e:
+            return self._reject(e.reason, dcid, e.detail, key)
+        return None
+
+    def _admit(
+        self,
+        key: _Key,
+        held: _Early | None,
+        version: int,
+        now: float,
+        keys: PacketKeys,
+        scid: bytes,
+        size: int,
+    ) -> _Pending:
+        """A connection's first Initial data makes it a main-table entry, with its keys
+        (derived once per connection) and the client's SCID. An early entry of the key moves
+        over with it, its datagrams (and their bytes) first: the flight is forwarded in
+        arrival order. Room is made first, so the newcomer never evicts itself."""
+        pending = self._pending
+        cfg = self.config
+        carried = 0
+        if held is not None:
+            carried = held.bytes
+            del self._early[key]
+            self._early_bytes -= carried
+        need = size + carried
+        if len(pending) >= cfg.max_pending or self._bytes + need > cfg.max_bytes_total:
+            self._make_room(need, True)
+        entry = _Pending(version, now, cfg)
+        entry.keys = keys
+        if held is not None:
+            entry.started = held.created
+            entry.datagrams = held.datagrams
+            entry.bytes = carried
+            self._bytes += carried
+        pending[key] = entry
+        entry.scid = scid
+        return entry
+
+    def _feed_pending(
+        self,
+        entry: _Pending,
+        crypto: list[tuple[int, bytes]],
+        datagram: bytes,
+        addr: Addr,
+        key: _Key,
+    ) -> FeedResult:
+        """A main-table connection keeps every datagram (to forward them all once decided)
+        and its CRYPTO data, both charged to its budget and the table's: what a flood of
+        half-flights can make the assembler hold is bounded here."""
+        cfg = self.config
+        size = len(datagram)
         reasm = entry.reasm
         buf = reasm._buf
         before = len(buf)
         try:
             have = reasm.extend(crypto)
         except QuicError as e:
-            return self._reject(e.reason, dcid, e.detail, key)
+            return self._reject(e.reason, key[0], e.detail, key)
         grown = size + len(buf) - before
         if entry.bytes + grown > cfg.max_bytes_per_connection:
-            return self._reject("connection_over_budget", dcid, "CRYPTO buffer too large", key)
+            return self._reject("connection_over_budget", key[0], "CRYPTO buffer too large", key)
         entry.datagrams.append((datagram, addr))
         entry.bytes += grown
         self._bytes += grown
         if self._bytes > cfg.max_bytes_total:
             # Evict others (oldest first) rather than the connection that just made progress.
             self._make_room(0, False, keep=key)
+        return self._complete(entry, have, key)
 
+    def _complete(self, entry: _Pending, have: int, key: _Key) -> FeedResult:
+        """The flight is decided as soon as the gap-free prefix holds a whole ClientHello,
+        in whatever order its pieces came; a ClientHello announcing more than the CRYPTO cap
+        can never complete, so it is refused now rather than left to expire."""
+        dcid = key[0]
         if have < 4:
             return NeedMore(dcid)
+        reasm = entry.reasm
         try:
-            total = client_hello_length(buf)
+            total = client_hello_length(reasm._buf)
             if total > reasm.cap:
                 raise QuicError("crypto_over_cap", f"ClientHello of {total} bytes > cap")
             if have < total:
@@ -568,4 +680,29 @@ class FirstFlightAssembler:
             return self._reject(e.reason, dcid, e.detail, key)
         self._drop(key)
         self.stats.ready += 1
-        return Ready(version, dcid, entry.scid or b"", hello, tuple(entry.datagrams), entry.started)
+        return Ready(entry.version, dcid, entry.scid or b"", hello, tuple(entry.datagrams),
+                     entry.started)
+
+
+def _flight_packets(
+    datagram: bytes, first: LongHeader
+) -> tuple[LongHeader, ...] | list[LongHeader]:
+    """The packets of the datagram that belong to the first flight: coalesced packets of
+    another DCID or version are someone else's business (RFC 9000 §12.2), and so is whatever
+    follows a packet that does not parse. A datagram of one packet (zero padding, if any,
+    follows it) skips the walk."""
+    pos = first.end
+    size = len(datagram)
+    if pos >= size or not datagram[pos] & 0x80:
+        return (first,)
+    dcid, version = first.dcid, first.version
+    headers = [first]
+    while pos < size and datagram[pos] & 0x80:
+        try:
+            h = parse_long_header(datagram, pos)
+        except QuicError:
+            break  # RFC 9000 §12.2: the rest of the datagram is not ours to judge
+        if h.dcid == dcid and h.version == version:
+            headers.append(h)
+        pos = h.end
+    return headers

@@ -76,11 +76,6 @@ def encode_long_header_start(
                      bytes((len(scid),)), scid))
 
 
-def is_long_header(first_byte: int) -> bool:
-    """RFC 8999 §5.1: the most significant bit alone tells long from short headers."""
-    return bool(first_byte & LONG_HEADER_BIT)
-
-
 class LongHeader(NamedTuple):
     """One long-header packet located inside a datagram (offsets are datagram offsets).
 
@@ -175,40 +170,6 @@ def parse_long_header(datagram: bytes, pos: int = 0) -> LongHeader:
     if end > n:
         raise QuicError("bad_length", f"Length {length} exceeds the datagram by {end - n}")
     return _new_header(LongHeader, (version, ptype, dcid, scid, token, pos, p, end))
-
-
-def split_datagram(datagram: bytes) -> list[LongHeader]:
-    """Every coalesced long-header packet of a datagram, in order (RFC 9000 §12.2).
-
-    A short-header packet or trailing padding ends the walk: both start with a clear high bit
-    (zero padding after the last packet is how many clients fill 1200 bytes). Packets without
-    a Length field (Retry, Version Negotiation, unknown versions) run to the end of the datagram.
-    """
-    packets: list[LongHeader] = []
-    pos = 0
-    n = len(datagram)
-    while pos < n and datagram[pos] & LONG_HEADER_BIT:
-        header = parse_long_header(datagram, pos)
-        packets.append(header)
-        if header.end == n or header.packet_type is None or header.packet_type >= PacketType.RETRY:
-            break
-        pos = header.end
-    return packets
-
-
-def parse_version_negotiation(datagram: bytes) -> tuple[bytes, bytes, list[int]]:
-    """``(dcid, scid, supported_versions)`` of a Version Negotiation packet (RFC 9000 §17.2.1).
-
-    The version list must be whole 4-byte entries and non-empty; anything else is malformed.
-    """
-    header = parse_long_header(datagram)
-    if header.packet_type is not PacketType.VERSION_NEGOTIATION:
-        raise QuicError("not_version_negotiation", f"version 0x{header.version:08x}")
-    body = datagram[header.pn_offset :]
-    if not body or len(body) % 4:
-        raise QuicError("bad_length", f"version list of {len(body)} bytes")
-    versions = [int.from_bytes(body[i : i + 4], "big") for i in range(0, len(body), 4)]
-    return header.dcid, header.scid, versions
 
 
 @dataclass(frozen=True, slots=True)

@@ -3,9 +3,10 @@
 Why HMAC(key, CID): a worker that dies takes its connection state with it, so only something
 that survives it can end its clients' connections promptly instead of letting them idle out.
 Every worker derives the token it advertises for a CID from its slot's key, which the daemon
-derives from its per-run master secret (:func:`slot_reset_key`), so the daemon, seeing a
-short-header packet for a slot with no live worker, can compute the same token and send the
-reset. The SDK and the daemon both call :func:`reset_token`: one definition.
+derives from its master secret (:func:`slot_reset_key`; the secret outlives daemon restarts,
+not a reboot), so the daemon, seeing a short-header packet for a slot with no live worker,
+can compute the same token and send the reset. The SDK and the daemon both call
+:func:`reset_token`: one definition.
 """
 
 import hashlib
@@ -15,7 +16,6 @@ from quic.errors import QuicError
 
 TOKEN_LEN = 16
 MIN_RESET_LEN = 21  # RFC 9000 §10.3: 5 unpredictable bytes + the 16-byte token at least
-SLOT_KEY_LEN = 32
 MAX_SLOT = (1 << 32) - 1  # quic/cid.py: a slot is at most 4 bytes
 _SLOT_KEY_LABEL = b"steerd slot reset key v1\x00"
 

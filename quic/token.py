@@ -37,10 +37,10 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from quic.errors import QuicError
+from quic.packet import MAX_CID_LEN
 
 TOKEN_MAGIC = 0x5E  # first byte of a steerd Retry token (other tokens, e.g. NEW_TOKEN, differ)
 MAC_LEN = 16
-MAX_CID_LEN = 20
 DEFAULT_LIFETIME = 10.0  # seconds: a Retry round trip plus the client's retransmissions
 CLOCK_SKEW = 1.0  # seconds a token may appear to come from the future (other process' clock)
 _ISSUED = struct.Struct("!Q")

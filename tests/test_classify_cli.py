@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from quic.packet import parse_long_header
-from steerd.tools.classify import classify_file
+from steerd.tools.classify import classify_capture
 from steerd.tools.pcap import CaptureError, Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -604,7 +604,7 @@ def test_damaged_captures_raise_only_capture_error(
     path = tmp_path_factory.mktemp("damaged") / "x"
     path.write_bytes(bytes(data))
     try:
-        lines = classify_file(str(path))
+        lines = list(classify_capture(str(path)))
     except CaptureError as e:
         assert str(e) and "\n" not in str(e)
         return
@@ -621,6 +621,6 @@ def test_arbitrary_bytes_raise_only_capture_error(
     path = tmp_path_factory.mktemp("random") / "x"
     path.write_bytes(data)
     try:
-        classify_file(str(path))
+        list(classify_capture(str(path)))
     except CaptureError:
         pass

@@ -19,7 +19,7 @@ import tshark
 
 from quic.flight import FirstFlightAssembler, NeedMore, Ready, VersionNegotiationNeeded
 from quic.packet import VERSION_1, VERSION_2
-from steerd.tools.classify import classify_file
+from steerd.tools.classify import classify_capture
 from steerd.tools.pcap import Datagram, read_datagrams
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -239,7 +239,7 @@ def test_capture_script_reruns_and_fresh_flights_match_tshark(tmp_path: Path) ->
     assert fresh == {p.name for p in FIXTURES.glob("*.pcap*")}
     for name in sorted(fresh):
         path = tmp_path / name
-        lines = classify_file(str(path), port)
+        lines = list(classify_capture(str(path), port))
         conns = tshark.connections(path, port)
         if name in VERSION_NEGOTIATION:
             assert [x["verdict"] for x in lines] == ["version_negotiation"], name

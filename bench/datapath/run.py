@@ -65,9 +65,11 @@ sys.path.insert(0, str(HERE.parent.parent))
 
 from deploy.netns import NetnsPair, netns_pair  # noqa: E402
 from quic.cid import CidLayout  # noqa: E402
-from steerd.daemon.dataplane import XDP_FLAGS_DRV_MODE, Dataplane, DataplaneConfig  # noqa: E402
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig  # noqa: E402
+from steerd.daemon.dataplane.guard import XDP_FLAGS_DRV_MODE  # noqa: E402
 from steerd.daemon.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E402
 from steerd.daemon.dataplane.learn import Learner, LearnLimits, remove_learner  # noqa: E402
+from steerd.daemon.dataplane.maps import libbcc  # noqa: E402
 from steerd.daemon.dataplane.netns import run_in_netns  # noqa: E402
 
 PORT = 4433
@@ -129,11 +131,9 @@ def cid_templates(path: Path, size: int, cids: list[bytes]) -> None:
 
 
 def _update(dp: Dataplane, name: str, key: bytes, value: bytes) -> None:
-    from steerd.daemon.dataplane import _lib
-
     k = ctypes.create_string_buffer(key, len(key))
     v = ctypes.create_string_buffer(value, len(value))
-    if _lib().bpf_update_elem(dp.map_fd(name), k, v, 0) != 0:
+    if libbcc().bpf_update_elem(dp.map_fd(name), k, v, 0) != 0:
         raise RuntimeError(f"writing {name} failed: {os.strerror(ctypes.get_errno())}")
 
 
@@ -201,9 +201,7 @@ def ksoftirqd_ns(cpu: int) -> int:
 
 def pinned_fd(path: str) -> int:
     """An fd of the program pinned at ``path`` (the learner's, attached by Learner.attach)."""
-    from steerd.daemon.dataplane import _lib
-
-    fd = _lib().bpf_obj_get(path.encode())
+    fd = libbcc().bpf_obj_get(path.encode())
     if fd < 0:
         raise RuntimeError(f"cannot open the pinned program {path}")
     return int(fd)
@@ -211,13 +209,11 @@ def pinned_fd(path: str) -> int:
 
 def prog_stats(fds: dict[str, int]) -> dict[str, tuple[int, int]]:
     """(run_cnt, run_time_ns) per program, from the kernel's BPF stats (via bpftool)."""
-    from steerd.daemon.dataplane import _lib
-
     out = {}
     for name, fd in fds.items():
         buf = (ctypes.c_uint32 * 64)()
         size = ctypes.c_uint32(ctypes.sizeof(buf))
-        if _lib().bpf_obj_get_info(fd, buf, ctypes.byref(size)) != 0:
+        if libbcc().bpf_obj_get_info(fd, buf, ctypes.byref(size)) != 0:
             raise RuntimeError(f"bpf_obj_get_info({name}) failed")
         info = json.loads(subprocess.run(["bpftool", "-j", "prog", "show", "id", str(buf[1])],
                                          capture_output=True, text=True, check=True).stdout)

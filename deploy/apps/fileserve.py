@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import ensure_cert
 
 from steerd.app import sdk
+from steerd.app.protocol import DEFAULT_CONTROL_PATH
 
 ALPN = "smb"
 MAX_REQUEST = 1024
@@ -113,7 +114,7 @@ class FileService(QuicConnectionProtocol):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="A tiny file service on ALPN smb (NOT SMB)")
-    p.add_argument("--control", default=sdk.DEFAULT_CONTROL)
+    p.add_argument("--control", default=DEFAULT_CONTROL_PATH)
     p.add_argument("--app", default="files")
     p.add_argument("--root", required=True, help="the directory whose files are served")
     p.add_argument("--server-name", action="append", default=[])

@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from certs import ensure_cert
 
 from steerd.app import sdk
+from steerd.app.protocol import DEFAULT_CONTROL_PATH
 
 H3_NO_ERROR = 0x100
 MAX_SLOW_MS = 10_000
@@ -134,7 +135,7 @@ class H3Site(QuicConnectionProtocol):
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--control", default=sdk.DEFAULT_CONTROL)
+    p.add_argument("--control", default=DEFAULT_CONTROL_PATH)
     p.add_argument("--app", default="web")
     p.add_argument("--server-name", action="append", default=[],
                    help="claim only these names (default: all); also the certificate's names")

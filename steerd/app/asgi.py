@@ -60,7 +60,6 @@ import argparse
 import asyncio
 import contextlib
 import importlib
-import json
 import logging
 import os
 import signal
@@ -85,7 +84,6 @@ from hypercorn.events import Event, RawData
 
 from quic.cid import CidLayout
 from steerd.app import sdk
-from steerd.app.protocol import layout_dict
 from steerd.app.sdk import CidIssuer, SteerdQuicConnection
 
 log = logging.getLogger("steerd.app.asgi")
@@ -297,24 +295,16 @@ class _Parent:
                     os.kill(child.pid, signal.SIGTERM)
 
     def _read(self, child: _Child) -> None:
-        try:
-            chunk = os.read(child.pipe, 4096)
-        except BlockingIOError:
+        read = sdk.read_worker_lines(child.pipe, child.buffer)
+        if read is None:
             return
-        if not chunk:
-            asyncio.get_running_loop().remove_reader(child.pipe)
-            return
-        child.buffer += chunk
-        if b"ready\n" in child.buffer and not child.ready:
+        lines, child.buffer = read
+        if "ready" in lines and not child.ready:
             child.ready = True
             if all(c.ready for c in self.children):
                 i = self.inherited
-                print(json.dumps({
-                    "event": "ready", "app": i.app, "generation": i.generation,
-                    "slots": [c.slot for c in self.children],
-                    "pids": {str(c.slot): c.pid for c in self.children},
-                    "cid": layout_dict(i.layout),
-                }), flush=True)
+                sdk.print_ready_line(i.app, i.generation,
+                                     {c.slot: c.pid for c in self.children}, i.layout)
 
     def _reap(self, child: _Child) -> None:
         loop = asyncio.get_running_loop()

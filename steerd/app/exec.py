@@ -86,6 +86,7 @@ from typing import Any
 
 from steerd.app.client import RESUME_RETRY, ControlClient, own_generation, resume_once
 from steerd.app.protocol import (
+    CID_MODES,
     DEFAULT_CONTROL_PATH,
     LAYOUT,
     ControlError,
@@ -328,7 +329,7 @@ def add_command(subparsers: Any) -> None:
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--control", default=DEFAULT_CONTROL_PATH)
     p.add_argument("--replace", action="store_true", help="start a new generation")
-    p.add_argument("--cid-mode", choices=("layout", "learned"), default="layout",
+    p.add_argument("--cid-mode", choices=CID_MODES, default="layout",
                    help="layout: CMD issues CIDs in steerd's layout (stateless steering, "
                         "migration, resets); learned: CMD picks its own CIDs and the kernel "
                         "learns them from its packets")

@@ -55,6 +55,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from quic.cid import CidLayout
+from quic.packet import MAX_CID_LEN
 
 DEFAULT_CONTROL_PATH = "/run/steerd/control.sock"
 # The kernel passes at most SCM_MAX_FD (253) descriptors in one message; a register reply
@@ -64,7 +65,8 @@ OPS = ("deregister", "drain", "load", "register", "status")
 SO_COOKIE = getattr(socket, "SO_COOKIE", 57)  # Linux >= 4.12
 FD_SIZE = array.array("i").itemsize
 CID_MODES = ("layout", "learned")
-LEARNED_CID_LEN = (4, 20)  # RFC 9000 allows 0..20; below 4 a CID is guessable by brute force
+# RFC 9000 allows 0..20 bytes; below 4 a CID is guessable by brute force
+LEARNED_CID_LEN = (4, MAX_CID_LEN)
 
 
 @dataclass(frozen=True, slots=True)

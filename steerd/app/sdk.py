@@ -44,7 +44,8 @@ any of these change): ``QuicConnection._host_cids`` (``QuicConnectionId`` entrie
 ``cid``, ``sequence_number``, ``stateless_reset_token``, ``was_sent``), ``host_cid``,
 ``_local_initial_source_connection_id``, ``_replenish_connection_ids``; ``QuicServer``'s
 ``_configuration``, ``_protocols``, ``_create_protocol``, ``_stream_handler``, ``_transport``,
-``_retry``, ``_connection_id_issued``/``_retired``/``_terminated``, and the protocol's
+``_retry``, ``_session_ticket_fetcher``/``_handler``,
+``_connection_id_issued``/``_retired``/``_terminated``, and the protocol's
 ``_connection_id_issued_handler``/``_retired_handler``/``_connection_terminated_handler``.
 """
 
@@ -82,7 +83,6 @@ from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError, Registration
 
 log = logging.getLogger("steerd.app.sdk")
 
-DEFAULT_CONTROL = DEFAULT_CONTROL_PATH
 DEAD_WORKER_LOAD = 1e9  # reported for a slot whose worker died: the daemon's picker avoids it
 
 
@@ -376,7 +376,7 @@ class AppSpec:
     alpn: Sequence[str]
     server_names: Sequence[str] = ()
     workers: int = 1
-    control: str = DEFAULT_CONTROL
+    control: str = DEFAULT_CONTROL_PATH
     replace: bool = False
     drain_timeout: float = 30.0
     idle_grace: float = 0.5  # a draining worker exits after this long with no connections
@@ -508,6 +508,30 @@ def run(
     return asyncio.run(parent.run())
 
 
+def read_worker_lines(fd: int, pending: bytes) -> tuple[list[str], bytes] | None:
+    """The complete lines a worker wrote to its pipe (``fd``, non-blocking) since the last
+    call, and what is left of an unfinished one (pass it back next time); None at end of
+    file, when the pipe's reader is taken off the running loop."""
+    try:
+        chunk = os.read(fd, 4096)
+    except BlockingIOError:
+        return [], pending
+    if not chunk:
+        asyncio.get_running_loop().remove_reader(fd)
+        return None
+    *lines, pending = (pending + chunk).split(b"\n")
+    return [line.decode() for line in lines], pending
+
+
+def print_ready_line(app: str, generation: int, pids: dict[int, int], layout: CidLayout) -> None:
+    """The one JSON line on stdout once every worker serves (``pids``: slot -> pid), the same
+    from the SDK's parent and from steerd.app.asgi's."""
+    print(json.dumps({
+        "event": "ready", "app": app, "generation": generation, "slots": list(pids),
+        "pids": {str(slot): pid for slot, pid in pids.items()}, "cid": layout_dict(layout),
+    }), flush=True)
+
+
 def _fork_worker(
     me: _Slot, slots: list[_Slot], client: ControlClient | None, app: str, generation: int,
     layout: CidLayout, spec: AppSpec, configuration: QuicConfiguration,
@@ -628,7 +652,7 @@ class _Parent:
     def __init__(self, spec: AppSpec, client: ControlClient | None, app: str, generation: int,
                  slots: list[_Slot], layout: CidLayout) -> None:
         self.spec, self.client, self.app, self.generation = spec, client, app, generation
-        self.layout_dict = layout_dict(layout)
+        self.layout = layout
         self.slots = slots
         self.draining = False
         self.done = asyncio.Event()
@@ -676,28 +700,19 @@ class _Parent:
                     os.kill(s.pid, signal.SIGTERM)
 
     def _read_pipe(self, s: _Slot) -> None:
-        try:
-            chunk = os.read(s.pipe, 4096)
-        except BlockingIOError:
+        read = read_worker_lines(s.pipe, s.buffer)
+        if read is None:
             return
-        if not chunk:
-            asyncio.get_running_loop().remove_reader(s.pipe)
-            return
-        s.buffer += chunk
-        *lines, s.buffer = s.buffer.split(b"\n")
+        lines, s.buffer = read
         for line in lines:
-            word, _, value = line.decode().partition(" ")
+            word, _, value = line.partition(" ")
             if word == "load":
                 s.load = float(value)
             elif word == "ready" and not s.ready:
                 s.ready = True
                 if all(x.ready for x in self.slots) and self.spec.ready_line:
-                    print(json.dumps({
-                        "event": "ready", "app": self.app, "generation": self.generation,
-                        "slots": [x.slot for x in self.slots],
-                        "pids": {str(x.slot): x.pid for x in self.slots},
-                        "cid": self.layout_dict,
-                    }), flush=True)
+                    print_ready_line(self.app, self.generation,
+                                     {x.slot: x.pid for x in self.slots}, self.layout)
 
     def _reap(self, s: _Slot) -> None:
         loop = asyncio.get_running_loop()

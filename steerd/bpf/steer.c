@@ -5,10 +5,15 @@
  * it knows nothing of which app owns a connection. Server-chosen CIDs carry the worker slot
  * (QUIC-LB plaintext layout, decoded with the numbers in steerd.h and -D flags), so routing
  * after the first flight is stateless. Only the client-chosen DCIDs of the first flight need
- * state (initial_routes, written by the classifier). Anything undecided goes to a classifier
- * socket, chosen by hashing the DCID so every datagram of one DCID meets the same classifier
- * process. A datagram is never handed to a random socket: returning SK_PASS without a
- * selection would let the kernel hash it to any app, so failures end in SK_DROP.
+ * state (initial_routes, written by the classifier). Servers in learned mode pick their own
+ * CIDs: those are looked up in learned_cids, and a short header nothing else claims by its
+ * client address in learned_peers (both written by learn.c; an empty slot there drops).
+ * What may start a connection (Initial, 0-RTT, an unknown version) and is none of these
+ * goes to a classifier socket, chosen by hashing the DCID so every datagram of one DCID
+ * meets the same classifier process (probing on past dead ones); a short header or a
+ * Handshake/Retry that nothing claims is dropped here. A datagram is never handed to a
+ * random socket: returning SK_PASS without a selection would let the kernel hash it to any
+ * app, so failures end in SK_DROP.
  *
  * Slot numbering: worker slots index the `workers` REUSEPORT_SOCKARRAY and are the numbers
  * CIDs carry (0..STEERD_WORKER_SLOTS-1); classifier sockets live in a second sockarray,

@@ -1,17 +1,19 @@
 /* steerd.h: the one header shared by every steerd BPF program and read by Python.
  *
- * Why one header: the steering program, the XDP guard and steerd/daemon/dataplane must agree on
- * every number (CID layout constants, counter indexes, map key and value layouts). Python
- * parses the "#define STEERD_CNT_*" lines below to name the counters, and
- * tests/dataplane/test_header.py checks the QUIC-LB constants against quic/cid.py, so a
- * change here that is not made there fails a test instead of mis-steering packets.
+ * Why one header: the programs (steer.c, guard.c, jail.c, learn.c) and steerd/daemon/dataplane
+ * must agree on every number (CID layout constants, counter indexes, map key and value
+ * layouts). Python parses the "#define STEERD_*" lines below (the counter and slot_stats
+ * names, map sizes), and tests/dataplane/test_dataplane_header.py checks the QUIC-LB, version
+ * and learned-mode constants against quic/ and the Python that repeats them, so a change here
+ * that is not made there fails a test instead of mis-steering packets.
  *
  * Fixed constants live here. Per-deployment values come from steerd/daemon/dataplane as -D flags:
  *   the CID layout from quic.cid.CidLayout.defines() (STEERD_CID_LEN, STEERD_CID_FIRST_OCTET,
  *   STEERD_CID_HOST_ID, STEERD_CID_HOST_ID_LEN, STEERD_CID_SLOT_OFFSET, STEERD_CID_SLOT_LEN),
- *   STEERD_WORKER_SLOTS, STEERD_CLASSIFIER_SLOTS, STEERD_PORT_0..3, STEERD_NPORTS and the map
- *   file descriptors STEERD_FD_* (maps are created by Python, referenced with bpf_pseudo_fd,
- *   so bcc never owns them and they can be pinned and reused across daemon restarts).
+ *   STEERD_WORKER_SLOTS, STEERD_CLASSIFIER_SLOTS, STEERD_PORT_0..3, STEERD_NPORTS (the guard),
+ *   STEERD_LEARN_PORT (learn.c) and the map file descriptors STEERD_FD_* (maps are created by
+ *   Python, referenced with bpf_pseudo_fd, so bcc never owns them and they can be pinned and
+ *   reused across daemon restarts); jail.c gets its own (see there).
  */
 #ifndef STEERD_H
 #define STEERD_H
@@ -59,7 +61,8 @@
  * steerd/daemon/dataplane turns STEERD_CNT_FOO_BAR into the counter name "foo_bar". */
 /* SK_REUSEPORT steering */
 #define STEERD_CNT_STEER_SHORT_WORKER 0          /* short header -> the worker its CID names */
-#define STEERD_CNT_STEER_DROP_SHORT_NOT_OURS 1   /* short header, CID not in our layout: dropped */
+#define STEERD_CNT_STEER_DROP_SHORT_NOT_OURS 1   /* short header, CID not in our layout and
+                                                  * nothing learned for it: dropped */
 #define STEERD_CNT_STEER_SHORT_DEAD_SLOT 2       /* short header, named slot empty -> classifier */
 #define STEERD_CNT_STEER_ROUTE_HIT 3             /* long header, initial_routes hit -> worker */
 #define STEERD_CNT_STEER_ROUTE_EXPIRED 4         /* long header, route past its TTL (ignored) */
@@ -67,7 +70,7 @@
 #define STEERD_CNT_STEER_LONG_OURS_WORKER 6      /* long header, DCID is our CID -> worker */
 #define STEERD_CNT_STEER_LONG_OURS_DEAD_SLOT 7   /* our CID, slot empty -> classifier */
 #define STEERD_CNT_STEER_LONG_NEW 8              /* Initial/0-RTT/unknown version, no route, not
-                                                  * ours -> classifier */
+                                                  * ours, not learned -> classifier */
 #define STEERD_CNT_STEER_MALFORMED 9             /* header unreadable -> classifier */
 #define STEERD_CNT_STEER_TO_CLASSIFIER 10        /* total delivered to a classifier socket */
 #define STEERD_CNT_STEER_DROP_NO_CLASSIFIER 11   /* wanted a classifier, none alive: dropped */

@@ -5,16 +5,20 @@ Every datagram that reaches a classifier socket is either part of a new client's
 straggler of a flight decided a moment ago (its route was written after the datagram had
 already been queued here), a 1-RTT packet for a worker that is gone, or junk.
 
-It is split in two halves so the CPU-heavy one can run in several processes:
+It is split in two halves:
 
 * :class:`FlightFront` — header parsing, Initial decryption, CRYPTO reassembly, ClientHello
-  parsing. Pure and per process: each classifier process owns one front and the classifier
-  sockets of its index; the BPF program hashes the DCID over the classifier sockets, so every
-  datagram of one connection meets the same front. It turns datagrams into :data:`Event` s.
+  parsing: the CPU-heavy half, pure. It turns datagrams into :data:`Event` s.
 * :class:`Classifier` — the decision: registry lookup, ``initial_routes`` write, re-injection
-  with the client's own source address, Version Negotiation, CONNECTION_CLOSE and stateless
-  resets, metrics. It lives in the daemon's main process beside the registry, so there is one
-  source of truth for apps and one set of metrics.
+  with the client's own source address, Version Negotiation, CONNECTION_CLOSE, Retry and
+  stateless resets, counted in a :class:`~steerd.daemon.metrics.Tally`. It owns a front and
+  feeds it (:meth:`Classifier.on_datagram`).
+
+Each classifier process (steerd/daemon/pool.py; the main process itself with one classifier)
+runs one ``Classifier`` on the classifier sockets of its index, deciding on its own replica of
+the registry: the BPF program hashes the DCID over the classifier sockets, so every datagram of
+one connection meets the same process. The main process holds the registry the replicas are
+copied from and folds every process's tally into the one set of metrics.
 
 Retry mode (RFC 9000 §8.1): under a flood of spoofed Initials, assembling every first flight
 costs memory and CPU per spoofed address. With ``retry`` on (``always``, or ``auto`` while the
@@ -65,6 +69,7 @@ from quic.builders import build_initial_close, build_retry, build_version_negoti
 from quic.cid import CONFIG_ROTATION_SHIFT, CR_UNROUTABLE, CidLayout
 from quic.errors import QuicError
 from quic.flight import (
+    MIN_INITIAL_DATAGRAM,
     AssemblerConfig,
     FirstFlightAssembler,
     NeedMore,
@@ -89,8 +94,7 @@ from quic.token import (
 from steerd.daemon.metrics import Tally, bump
 from steerd.daemon.ratelimit import TokenBucket
 from steerd.daemon.registry import Registry
-
-Address = tuple[str, int] | tuple[str, int, int, int]  # IPv6 link-local: with its scope
+from steerd.daemon.reinject import SockAddr as Address  # IPv6 link-local: with its scope
 
 # Datagrams of one decided DCID re-injected from the classifier at most (retransmissions of
 # the first flight that raced the route write); past that the worker is presumed gone.
@@ -98,7 +102,6 @@ MAX_STRAGGLERS = 32
 
 RETRY_MODES = ("off", "auto", "always")
 RETRY_CID_LEN = 16  # the Retry's SCID (the retried Initial's DCID): random, never one of ours
-MIN_INITIAL_DATAGRAM = 1200  # RFC 9000 §14.1: smaller client Initials are discarded, never retried
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,7 +142,8 @@ class RouteWriter(Protocol):
 
 
 class Reinject(Protocol):
-    """Sends ``datagrams`` to ``service`` as if from ``client`` (see steerd.reinject)."""
+    """Sends ``datagrams`` to ``service`` as if from ``client``
+    (:meth:`steerd.daemon.reinject.Reinjector.send`)."""
 
     def __call__(self, client: Address, service: Address, datagrams: Sequence[bytes]) -> int: ...
 
@@ -270,7 +274,7 @@ class FlightFront:
         return self._drop(result.reason, rejected=True)
 
     def expire(self, now: float) -> None:
-        """Age out pending flights and handed-over DCIDs (the daemon ticks every second)."""
+        """Age out pending flights and handed-over DCIDs (at every report tick)."""
         self.assembler.expire(now)
         handed = self._handed
         while handed and next(iter(handed.values())) <= now:
@@ -339,9 +343,9 @@ class _Decided:
 class Classifier:
     """The decision half: turns each event into a route and a re-injection, or a reply.
 
-    Each classifier process has one (front and decision half together, with its own replica
-    of the registry), so capacity grows with processes; ``on_event`` is the decision half on
-    its own, for events a front made elsewhere.
+    Each classifier process has one (its front and the decision half together, with its own
+    replica of the registry), so capacity grows with processes. :meth:`on_datagram` is the
+    entry point; :meth:`on_event` is the decision half alone, on what the front made.
     """
 
     def __init__(
@@ -358,7 +362,6 @@ class Classifier:
         decided_max: int = 65536,
         send_rate: float = 1000.0,
         send_burst: int = 1000,
-        random: Callable[[int], bytes] = os.urandom,
         clock: Callable[[], float] = time.monotonic,
         hold_unowned_until: float = 0.0,
         retry: RetryConfig | None = None,
@@ -375,7 +378,6 @@ class Classifier:
         self.layout = layout
         self.reset_key = reset_key
         self.front = FlightFront(assembler, handed_ttl=decided_ttl, handed_max=decided_max)
-        self.random = random
         self.clock = clock
         # DCID -> its decision: datagrams of a decided flight that were queued here before the
         # route existed still go to the same worker, never to a second decision; only those
@@ -422,7 +424,7 @@ class Classifier:
         return f"dropped:{event.reason}"  # counted by the front that dropped it
 
     def expire(self, now: float) -> None:
-        """Age out pending flights and decided DCIDs; the daemon calls this every second."""
+        """Age out pending flights and decided DCIDs; called at every report tick."""
         self.front.expire(now)
         decided = self._decided
         while decided and next(iter(decided.values())).expires <= now:
@@ -513,7 +515,7 @@ class Classifier:
         # First octet with the unroutable config-rotation codepoint: never a CID of our
         # layout, so the data plane hands the retried Initial to a classifier, not a worker.
         first = (CR_UNROUTABLE << CONFIG_ROTATION_SHIFT) | (RETRY_CID_LEN - 1)
-        return bytes((first,)) + self.random(RETRY_CID_LEN - 1)
+        return bytes((first,)) + os.urandom(RETRY_CID_LEN - 1)
 
     # -- outcomes -----------------------------------------------------------------------------
 
@@ -575,7 +577,7 @@ class Classifier:
             bump(self.tally.suppressed, "version_negotiation")
             return "version_negotiation_suppressed"
         packet = build_version_negotiation(
-            vn.dcid, vn.scid, list(SUPPORTED_VERSIONS), self.random(1)[0]
+            vn.dcid, vn.scid, list(SUPPORTED_VERSIONS), os.urandom(1)[0]
         )
         self.reply(packet, vn.origin.client, vn.origin.service, vn.origin.group)
         bump(self.tally.sent, "version_negotiation")
@@ -603,7 +605,7 @@ class Classifier:
             bump(self.tally.suppressed, "stateless_reset")
             return "stateless_reset_suppressed"
         token = reset_token(slot_reset_key(master, slot), dcid)
-        packet = build_stateless_reset(token, self.random(size - TOKEN_LEN))
+        packet = build_stateless_reset(token, os.urandom(size - TOKEN_LEN))
         self.reply(packet, origin.client, origin.service, origin.group)
         bump(self.tally.sent, "stateless_reset")
         return "stateless_reset"
@@ -612,7 +614,7 @@ class Classifier:
 
     def _server_cid(self) -> bytes:
         # The refusing Initial's SCID is never used again: random, 8 bytes, not in our layout.
-        return self.random(8)
+        return os.urandom(8)
 
     def _drop(self, reason: str) -> str:
         bump(self.dropped, reason)

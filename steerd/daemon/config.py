@@ -402,31 +402,78 @@ _SECTIONS = ("acl", "cid", "control", "flood", "limits", "listen", "metrics", "p
 
 
 def parse_config(data: Mapping[str, Any], source: str) -> Config:
-    """Validate a parsed TOML document; ``source`` names the file in messages."""
+    """Validate a parsed TOML document; ``source`` names the file in messages.
+
+    The sections are read in this order, and the first error found is the one reported:
+    [cid] before [limits] (the CID's slot bytes bound worker_slots), [listen] before
+    [limits] (the addresses multiply workers_per_app), [xdp] before [flood] (the guard)."""
+    _check_section_names(data, source)
+    listen = _parse_listen(data, source)
+    xdp = _parse_xdp(data, source)
+    cid = _parse_cid(data, source)
+    control = _parse_control(data, source)
+    metrics = _parse_metrics(data, source)
+    acl = _parse_acl(data, source)
+    policy = _parse_policy(data, source)
+    limits = _parse_limits(data, source, cid, listen)
+    flood = _parse_flood(data, source, xdp)
+    security = _parse_security(data, source)
+    return Config(
+        listen=listen, xdp=xdp, cid=cid, control=control, metrics=metrics, acl=acl,
+        policy=policy, limits=limits, flood=flood, security=security, source=source,
+    )
+
+
+# The steps of parse_config, one per section, in the order it takes them.
+
+
+def _check_section_names(data: Mapping[str, Any], source: str) -> None:
+    """A misspelt section name would otherwise leave its whole section at the defaults
+    without a word."""
     unknown = sorted(set(data) - set(_SECTIONS))
     if unknown:
         raise ConfigError(
             f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_SECTIONS)})"
         )
 
-    def section(name: str, known: tuple[str, ...]) -> _Section:
-        return _Section(source, f"[{name}]", _table(source, f"[{name}]", data.get(name, {})), known)
 
-    s = section("listen", ("addresses", "port"))
+def _section(
+    data: Mapping[str, Any], source: str, name: str, known: tuple[str, ...]
+) -> _Section:
+    """A section may be left out (every key has a default) but, when present, it must be a
+    table of known keys: this is where a stray ``listen = 443`` or a typo in a key is
+    caught, before any value is read."""
+    return _Section(source, f"[{name}]", _table(source, f"[{name}]", data.get(name, {})), known)
+
+
+def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
+    """The port and addresses every worker socket and classifier socket is bound to: an
+    empty list would leave the daemon serving nothing, so it is refused."""
+    s = _section(data, source, "listen", ("addresses", "port"))
     d = ListenConfig()
-    listen = ListenConfig(
+    return ListenConfig(
         addresses=s.items("addresses", d.addresses, _ip, "IP addresses", nonempty=True),
         port=s.int_range("port", d.port, 1, 65535),
     )
 
-    s = section("xdp", ("interfaces", "mode"))
+
+def _parse_xdp(data: Mapping[str, Any], source: str) -> XdpConfig:
+    """The guard's interfaces are only names here (they may not exist yet at check time);
+    the mode is one of the attach modes the data plane knows."""
+    s = _section(data, source, "xdp", ("interfaces", "mode"))
     dx = XdpConfig()
-    xdp = XdpConfig(
+    return XdpConfig(
         interfaces=s.items("interfaces", dx.interfaces, _ifname, "interface names"),
         mode=s.choice("mode", dx.mode, ("auto", "native", "generic", "tc")),
     )
 
-    s = section("cid", ("config_id", "host_id", "host_id_len", "nonce_len", "slot_len"))
+
+def _parse_cid(data: Mapping[str, Any], source: str) -> CidLayout:
+    """Every app encodes its server CIDs with this layout, so it is checked as a whole
+    here too: a layout past QUIC's CID limit must stop the daemon at start-up, not fail
+    each app at its first connection."""
+    s = _section(data, source, "cid", ("config_id", "host_id", "host_id_len", "nonce_len",
+                                       "slot_len"))
     dc = CidLayout()
     config_id = s.int_range("config_id", dc.config_id, 0, CR_UNROUTABLE - 1)
     host_id_len = s.int_range("host_id_len", dc.host_id_len, 0, 4)
@@ -441,14 +488,19 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             f"{MAX_CID_LEN}, got {cid_len}"
         )
     try:
-        cid = CidLayout(
+        return CidLayout(
             config_id=config_id, host_id=host_id, host_id_len=host_id_len,
             slot_len=slot_len, nonce_len=nonce_len,
         )
     except QuicError as e:  # the layout's own checks, should they be stricter than ours
         raise ConfigError(f"{source}: [cid]: {e.detail}") from None
 
-    s = section("control", ("group", "mode", "path"))
+
+def _parse_control(data: Mapping[str, Any], source: str) -> ControlConfig:
+    """The socket's path, mode and group decide who may register apps at all, so each
+    must be exactly what the operator meant: an octal mode written in decimal, or a path
+    longer than a unix socket address holds, is refused rather than mangled."""
+    s = _section(data, source, "control", ("group", "mode", "path"))
     dk = ControlConfig()
 
     def abs_path(k: str, v: Any) -> str:
@@ -472,13 +524,17 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             raise s.fail(k, f"must be an integer 0o000..0o777 (write 0o660), got {render(v)}")
         return v
 
-    control = ControlConfig(
+    return ControlConfig(
         path=s.get("path", dk.path, abs_path),
         mode=s.get("mode", dk.mode, mode),
         group=s.get("group", dk.group, group),
     )
 
-    s = section("metrics", ("address", "enabled", "port"))
+
+def _parse_metrics(data: Mapping[str, Any], source: str) -> MetricsConfig:
+    """The metrics name apps and count clients: where they listen is the operator's
+    explicit choice, so the address must be a literal IP (no name to resolve)."""
+    s = _section(data, source, "metrics", ("address", "enabled", "port"))
     dm = MetricsConfig()
 
     def ip(k: str, v: Any) -> str:
@@ -487,12 +543,17 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         except ValueError as e:
             raise s.fail(k, str(e)) from None
 
-    metrics = MetricsConfig(
+    return MetricsConfig(
         enabled=s.boolean("enabled", dm.enabled),
         address=s.get("address", dm.address, ip),
         port=s.int_range("port", dm.port, 1, 65535),
     )
 
+
+def _parse_acl(data: Mapping[str, Any], source: str) -> tuple[AclRule, ...]:
+    """The ACL is what stops one user's app from claiming another's names, so a rule must
+    say which ALPNs it grants and to whom: a rule that named nobody or granted an
+    unstated default would read as a grant while granting nothing, or everything."""
     raw_acl = data.get("acl", [])
     if not isinstance(raw_acl, list):
         raise ConfigError(
@@ -523,8 +584,15 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
                 f"{source}: {where}: must name at least one of uids, gids, users, groups"
             )
         rules.append(rule)
+    return tuple(rules)
 
-    s = section("policy", ("alpn_order", "alpn_preference", "default_app", "no_owner"))
+
+def _parse_policy(data: Mapping[str, Any], source: str) -> PolicyConfig:
+    """``no_owner`` and ``default_app`` only make sense together: a default app without
+    ``no_owner = "default_app"`` would be silently ignored, and the reverse has nowhere to
+    send unowned connections."""
+    s = _section(data, source, "policy", ("alpn_order", "alpn_preference", "default_app",
+                                          "no_owner"))
     dp = PolicyConfig()
 
     def app_name(k: str, v: Any) -> str:
@@ -543,6 +611,17 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         raise s.fail("default_app", 'missing: no_owner = "default_app" needs an app name')
     if policy.no_owner == "close" and policy.default_app is not None:
         raise s.fail("default_app", 'is set but no_owner is "close" (set no_owner = "default_app")')
+    return policy
+
+
+def _parse_limits(
+    data: Mapping[str, Any], source: str, cid: CidLayout, listen: ListenConfig
+) -> LimitsConfig:
+    """Every bound on what clients and apps can make the daemon hold; two depend on other
+    sections: the slot pool cannot outgrow what the CID's slot bytes can name, and one
+    app's sockets (workers x listen addresses) must fit in one control message."""
+    s = _section(data, source, "limits", tuple(LimitsConfig.__dataclass_fields__))
+    dl = LimitsConfig()
 
     def pending_bytes(k: str, v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int) or not (
@@ -556,8 +635,6 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             )
         return v
 
-    s = section("limits", tuple(LimitsConfig.__dataclass_fields__))
-    dl = LimitsConfig()
     limits = LimitsConfig(
         pending_connections=s.int_range("pending_connections", dl.pending_connections, 1, 10**7),
         pending_bytes=s.get("pending_bytes", dl.pending_bytes, pending_bytes),
@@ -567,7 +644,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
                                    "new connections per second"),
         classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),
         worker_slots=s.int_range(
-            "worker_slots", dl.worker_slots, 1, min(256**slot_len, MAX_WORKER_SLOTS)
+            "worker_slots", dl.worker_slots, 1, min(256**cid.slot_len, MAX_WORKER_SLOTS)
         ),
         workers_per_app=s.int_range("workers_per_app", dl.workers_per_app, 1, SCM_MAX_FD),
         control_connections=s.int_range("control_connections", dl.control_connections, 1, 4096),
@@ -589,7 +666,14 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
             f"{len(listen.addresses)} listen addresses = {fds} sockets, more than the "
             f"{SCM_MAX_FD} one control message can carry"
         )
-    s = section("flood", tuple(FloodConfig.__dataclass_fields__))
+    return limits
+
+
+def _parse_flood(data: Mapping[str, Any], source: str, xdp: XdpConfig) -> FloodConfig:
+    """The flood defences; a rate set without what enforces it (the guard needs [xdp]
+    interfaces, the total cap the per-prefix bucket) would look like protection while
+    doing nothing, so it is refused."""
+    s = _section(data, source, "flood", tuple(FloodConfig.__dataclass_fields__))
     df = FloodConfig()
     flood = FloodConfig(
         retry=s.choice("retry", df.retry, ("off", "auto", "always")),
@@ -613,13 +697,14 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
         raise s.fail("guard_rate", "needs the guard: set [xdp] interfaces (or guard_rate = 0)")
     if flood.guard_total_rate and not flood.guard_rate:
         raise s.fail("guard_total_rate", "needs the per-prefix bucket: set guard_rate too")
-    s = section("security", tuple(SecurityConfig.__dataclass_fields__))
-    security = SecurityConfig(
+    return flood
+
+
+def _parse_security(data: Mapping[str, Any], source: str) -> SecurityConfig:
+    """Switches that weaken tenant isolation: off unless written out, as booleans only."""
+    s = _section(data, source, "security", tuple(SecurityConfig.__dataclass_fields__))
+    return SecurityConfig(
         allow_unjailed=s.boolean("allow_unjailed", SecurityConfig().allow_unjailed),
-    )
-    return Config(
-        listen=listen, xdp=xdp, cid=cid, control=control, metrics=metrics, acl=tuple(rules),
-        policy=policy, limits=limits, flood=flood, security=security, source=source,
     )
 
 

@@ -30,17 +30,6 @@ from prometheus_client.registry import Collector
 
 from steerd.daemon.registry import Counts
 
-# First-flight results (label ``result`` of steerd_first_flights_total):
-FLIGHT_RESULTS = (
-    "routed",  # an app owns an offered ALPN (or the default app took it): route + re-inject
-    "no_owner",  # nobody owns any offered ALPN: CONNECTION_CLOSE no_application_protocol
-    "version_negotiation",  # unknown QUIC version: Version Negotiation sent
-    "rejected",  # undecryptable or malformed first flight (detail in quic's reason tokens)
-    "expired",  # the first flight did not complete within pending_ttl, or was evicted
-    "early_expired",  # 0-RTT that never met its Initial: aged out or evicted (own table)
-    "held",  # nobody owns it yet just after a restart, apps still resuming: left unanswered
-)
-
 # Decision latency: first datagram seen -> route written and datagrams re-injected. The target
 # is p99 <= 1 ms, so the buckets are dense below a few ms.
 LATENCY_BUCKETS = (
@@ -125,9 +114,15 @@ class _ScrapeCollector(Collector):
 class Metrics:
     """All of the daemon's metric objects; one instance per daemon."""
 
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        # label ``result``: routed (an app owns an offered ALPN, or the default app took it:
+        # route + re-inject), no_owner (nobody does: CONNECTION_CLOSE
+        # no_application_protocol), version_negotiation (unknown QUIC version: VN sent),
+        # rejected (undecryptable or malformed; the reasons are in steerd status), expired
+        # (not complete within pending_ttl, or evicted), early_expired (0-RTT that never met
+        # its Initial: aged out or evicted), held (nobody owns it yet just after a restart,
+        # apps still resuming: left unanswered)
         self.first_flights = Counter(
             "steerd_first_flights", "Client first flights by outcome and by the app chosen "
             "(app is empty when none was).", ["result", "app"], registry=r,
@@ -205,8 +200,8 @@ class Metrics:
         )
         self._bpf = _ScrapeCollector(
             "steerd_bpf_events",
-            "Data-plane (XDP guard and reuseport steering) counters, per branch, summed over "
-            "CPUs; names as the data plane defines them.",
+            "Data-plane counters (guard, reuseport steering, socket jail, learning), per "
+            "branch, summed over CPUs; names as steerd/bpf/steerd.h defines them (STEERD_CNT_*).",
             ["counter"])
         r.register(self._bpf)
         self._app_packets = _ScrapeCollector(

@@ -72,7 +72,6 @@ class ClassifierPool:
         on_spawn: Callable[[int], None] = lambda pid: None,
         on_reaped: Callable[[int], None] = lambda pid: None,
         count_restart: Callable[[], None] = lambda: None,
-        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.size = size
         self._run_child = run_child
@@ -80,7 +79,6 @@ class ClassifierPool:
         self._on_report, self._on_lost, self._on_ready = on_report, on_lost, on_ready
         self._on_spawn, self._on_reaped = on_spawn, on_reaped
         self._count_restart = count_restart
-        self._clock = clock
         self._loop: asyncio.AbstractEventLoop | None = None
         self._members: dict[int, _Member] = {}
         self._version = 0
@@ -101,15 +99,6 @@ class ClassifierPool:
     def pids(self) -> list[int]:
         return [m.pid for m in self._members.values()]
 
-    def pid_of(self, index: int) -> int | None:
-        member = self._members.get(index)
-        return member.pid if member else None
-
-    def member_version(self, index: int) -> int:
-        """The snapshot version process ``index`` last reported holding (-1: none yet)."""
-        member = self._members.get(index)
-        return member.version if member else -1
-
     def _spawn(self, index: int) -> None:
         assert self._loop is not None
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -124,7 +113,7 @@ class ClassifierPool:
             self._run_child(index, child_end)  # never returns
         child_end.close()
         parent_end.setblocking(False)
-        member = _Member(index, pid, parent_end, self._clock())
+        member = _Member(index, pid, parent_end, time.monotonic())
         self._members[index] = member
         self._on_spawn(pid)
         self._loop.add_reader(parent_end.fileno(), self._readable, member)
@@ -223,7 +212,7 @@ class ClassifierPool:
             return
         self.restarts += 1
         self._count_restart()
-        age = self._clock() - member.started
+        age = time.monotonic() - member.started
         log.error("classifier process %d (pid %d) died after %.1f s: respawning", member.index,
                   member.pid, age)
         if age < RESPAWN_BACKOFF:

@@ -369,11 +369,58 @@ class Registry:
         the resume fail); it is exempt only from the shadowing part, as above.
         """
         app = self._check("app", app, check_app_name)
+        clean_alpns = self._clean_alpns(alpns)
+        names = self._clean_server_names(server_names)
+        self._check_workers_and_replace(workers, replace)
+        pairs = [(alpn, name) for alpn in clean_alpns for name in names]
+        self._check_steering(steering)
+        self._check_acl(pairs, peer)
+        record = self._apps.get(app)
+        self._check_app_holder(app, record, replace, peer)
+        self._check_conflicts(app, pairs)
+        self._check_resume(resume, workers)
+
+        now = self.clock()
+        self._prune(now)
+        resumed = self._resumed_reservation(app, peer.uid, resume)
+        kept = self._kept_pairs(record, resumed)
+        self._check_reservations(app, pairs, peer, resumed, kept, now)
+        self._check_shadowing(app, [p for p in pairs if p not in kept], peer)
+        chosen = self._choose_slots(app, peer.uid, workers, now) if resume is None else []
+
+        # Everything checked: now change state (nothing below can fail).
+        if record is None:
+            record = self._apps[app] = _App(app)
+        replaced = self._retire_active(record)
+        number = self._next_generation.get(app, 0) + 1
+        self._next_generation[app] = number
+        slots = self._take_slots(resume, resumed, chosen)
+        generation = Generation(
+            app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
+            server_names=names,
+            workers=[Worker(slot=s, server_id=server_id(self.layout, s)) for s in slots],
+            replaced=replaced, steering=steering,
+        )
+        record.generations.append(generation)
+        for pair in pairs:
+            self._claims[pair] = app
+        return generation
+
+    # The steps of register, in the order it takes them: checks first (their order decides
+    # which refusal a bad request gets), then the state changes, which cannot fail.
+
+    def _clean_alpns(self, alpns: Sequence[str]) -> tuple[str, ...]:
+        """The claimed ALPNs, held to the config's rules: an ACL rule can then never name
+        an ALPN a request could not claim, nor a request claim one no rule could grant."""
         if not isinstance(alpns, list | tuple) or not alpns:
             raise RegistryError(
                 "bad_request", f'"alpn" must be a non-empty list of strings, got {render(alpns)}'
             )
-        clean_alpns = self._unique("alpn", [self._check("alpn", a, check_alpn) for a in alpns])
+        return self._unique("alpn", [self._check("alpn", a, check_alpn) for a in alpns])
+
+    def _clean_server_names(self, server_names: Sequence[str]) -> tuple[str, ...]:
+        """The claimed names, lowercased as ``decide`` compares them; no names means all
+        names, spelt ``("*",)`` so that claims of "all" and of "*" are one and the same."""
         if not isinstance(server_names, list | tuple):
             raise RegistryError(
                 "bad_request",
@@ -389,6 +436,11 @@ class Registry:
                     "bad_request", '"server_names": "*" (all names) cannot be combined with names'
                 )
             names = (ANY_NAME,)
+        return names
+
+    def _check_workers_and_replace(self, workers: int, replace: bool) -> None:
+        """The request's scalars come from JSON, so their types are checked, not assumed: a
+        ``true`` for ``workers`` would otherwise count as one worker."""
         if (
             isinstance(workers, bool) or not isinstance(workers, int)
             or not 1 <= workers <= self.workers_per_app
@@ -401,9 +453,9 @@ class Registry:
             raise RegistryError(
                 "bad_request", f'"replace" must be true or false, got {render(replace)}'
             )
-        pairs = [(alpn, name) for alpn in clean_alpns for name in names]
-        self._check_steering(steering)
 
+    def _check_acl(self, pairs: Sequence[tuple[str, str]], peer: Peer) -> None:
+        """The operator decides who may serve what: every pair needs a rule granting it."""
         for alpn, name in pairs:
             if not self._allowed(peer, alpn, name):
                 raise RegistryError(
@@ -412,21 +464,30 @@ class Registry:
                     f"{_describe_name(name)}",
                 )
 
-        record = self._apps.get(app)
-        if record is not None and record.generations:
-            holder = record.generations[-1]
-            if holder.uid != peer.uid and peer.uid != 0:
-                raise RegistryError(
-                    "not_owner", f"app {render(app)} belongs to uid {holder.uid}; "
-                    f"uid {peer.uid} may not replace it",
-                )
-            if record.active is not None and not replace:
-                raise RegistryError(
-                    "exists",
-                    f"app {render(app)} is already registered (generation "
-                    f"{record.active.number}); send \"replace\": true to start a new generation",
-                )
+    def _check_app_holder(
+        self, app: str, record: _App | None, replace: bool, peer: Peer
+    ) -> None:
+        """An app name belongs to the uid that holds it, so another user cannot restart
+        someone else's app into their own; and a second register of a live app is refused
+        unless it asks to ``replace`` it, so a misconfigured duplicate cannot silently take
+        over."""
+        if record is None or not record.generations:
+            return
+        holder = record.generations[-1]
+        if holder.uid != peer.uid and peer.uid != 0:
+            raise RegistryError(
+                "not_owner", f"app {render(app)} belongs to uid {holder.uid}; "
+                f"uid {peer.uid} may not replace it",
+            )
+        if record.active is not None and not replace:
+            raise RegistryError(
+                "exists",
+                f"app {render(app)} is already registered (generation "
+                f"{record.active.number}); send \"replace\": true to start a new generation",
+            )
 
+    def _check_conflicts(self, app: str, pairs: Sequence[tuple[str, str]]) -> None:
+        """A pair has one owner, or ``decide`` could not say whose a connection is."""
         for alpn, name in pairs:
             other = self._claims.get((alpn, name))
             if other is not None and other != app:
@@ -436,57 +497,55 @@ class Registry:
                     f"app {render(other)}",
                 )
 
-        if resume is not None:
-            bad = [slot for slot in resume if slot not in self._orphans]
-            if bad or len(set(resume)) != len(resume) or len(resume) != workers:
-                raise RegistryError(
-                    "bad_resume",
-                    f"cannot resume slots {list(resume)}: only slots a previous daemon run "
-                    f"handed out and still in the data plane can be resumed, once each "
-                    f"(resumable: {sorted(self._orphans)})",
-                )
+    def _check_resume(self, resume: Sequence[int] | None, workers: int) -> None:
+        """Only orphans can be resumed: a slot that is free or held by a live generation
+        would hand the resuming app someone else's connections."""
+        if resume is None:
+            return
+        bad = [slot for slot in resume if slot not in self._orphans]
+        if bad or len(set(resume)) != len(resume) or len(resume) != workers:
+            raise RegistryError(
+                "bad_resume",
+                f"cannot resume slots {list(resume)}: only slots a previous daemon run "
+                f"handed out and still in the data plane can be resumed, once each "
+                f"(resumable: {sorted(self._orphans)})",
+            )
 
-        now = self.clock()
-        self._prune(now)
-        resumed = self._resumed_reservation(app, peer.uid, resume)
-        # Claims held before this request are not new claims: shadowing is judged when a
-        # claim is first made, not again on every graceful restart or daemon restart.
+    @staticmethod
+    def _kept_pairs(record: _App | None, resumed: Reservation | None) -> set[tuple[str, str]]:
+        """Claims held before this request are not new claims: shadowing is judged when a
+        claim is first made, not again on every graceful restart or daemon restart."""
         kept: set[tuple[str, str]] = set(resumed.pairs()) if resumed is not None else set()
         if record is not None and record.active is not None:
             kept.update((a, n) for a in record.active.alpns for n in record.active.server_names)
-        self._check_reservations(app, pairs, peer, resumed, kept, now)
-        self._check_shadowing(app, [p for p in pairs if p not in kept], peer)
-        chosen = self._choose_slots(app, peer.uid, workers, now) if resume is None else []
+        return kept
 
-        # Everything checked: now change state (nothing below can fail).
-        if record is None:
-            record = self._apps[app] = _App(app)
+    def _retire_active(self, record: _App) -> Generation | None:
+        """The app's current generation starts draining, keeping its slots for its live
+        connections; it is returned so that ``undo`` can bring it back should the new one
+        fail to get its sockets. Only the newest generation may be undone: no chains."""
         replaced = record.active
         for g in record.generations:
-            g.replaced = None  # only the newest generation may be undone: no chains
+            g.replaced = None
         if replaced is not None:
             self._set_draining(replaced)
-        number = self._next_generation.get(app, 0) + 1
-        self._next_generation[app] = number
+        return replaced
+
+    def _take_slots(
+        self, resume: Sequence[int] | None, resumed: Reservation | None,
+        chosen: list[_FreeSlot],
+    ) -> list[int]:
+        """The new generation's slots leave the pool they wait in, so nobody else gets them:
+        a resume's orphans (its reservation has done its job), or the chosen free slots."""
         if resume is not None:
             slots = list(resume)
             self._orphans.difference_update(slots)
             if resumed is not None:
                 self._reservations.remove(resumed)
-        else:
-            taken = {f.slot for f in chosen}
-            self._free = deque(f for f in self._free if f.slot not in taken)
-            slots = [f.slot for f in chosen]
-        generation = Generation(
-            app=app, number=number, owner=owner, uid=peer.uid, alpns=clean_alpns,
-            server_names=names,
-            workers=[Worker(slot=s, server_id=server_id(self.layout, s)) for s in slots],
-            replaced=replaced, steering=steering,
-        )
-        record.generations.append(generation)
-        for pair in pairs:
-            self._claims[pair] = app
-        return generation
+            return slots
+        taken = {f.slot for f in chosen}
+        self._free = deque(f for f in self._free if f.slot not in taken)
+        return [f.slot for f in chosen]
 
     def reserve_orphans(self, slots: Iterable[int]) -> None:
         """At start-up: these slots still hold a previous run's worker sockets."""

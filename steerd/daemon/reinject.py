@@ -15,7 +15,6 @@ import socket
 import struct
 from collections.abc import Sequence
 
-IPPROTO_UDP = 17
 _IPV4_HEADER = struct.Struct("!BBHHHBBH4s4s")
 _IPV6_HEADER = struct.Struct("!IHBB16s16s")
 _UDP_HEADER = struct.Struct("!HHHH")
@@ -53,9 +52,9 @@ def udp_checksum(src: bytes, dst: bytes, udp_header: bytes, payload: bytes = b""
     """
     length = len(udp_header) + len(payload)
     if len(src) == 4:
-        pseudo = src + dst + struct.pack("!BBH", 0, IPPROTO_UDP, length)
+        pseudo = src + dst + struct.pack("!BBH", 0, socket.IPPROTO_UDP, length)
     else:
-        pseudo = src + dst + struct.pack("!IxxxB", length, IPPROTO_UDP)
+        pseudo = src + dst + struct.pack("!IxxxB", length, socket.IPPROTO_UDP)
     total = (_ones_complement_sum(pseudo + udp_header) + _ones_complement_sum(payload))
     csum = 0xFFFF - _fold(total)
     return csum or 0xFFFF
@@ -72,7 +71,7 @@ def build_ipv4_udp(src: Address, dst: Address, payload: bytes) -> bytes:
     udp = _UDP_HEADER.pack(src[1], dst[1], _UDP_HEADER.size + len(payload), 0) + payload
     total = 20 + len(udp)
     # The kernel fills the IPv4 header checksum and, with id 0, the identification (raw(7)).
-    header = _IPV4_HEADER.pack(0x45, 0, total, 0, 0x4000, 64, IPPROTO_UDP, 0, s, d)
+    header = _IPV4_HEADER.pack(0x45, 0, total, 0, 0x4000, 64, socket.IPPROTO_UDP, 0, s, d)
     return header + udp
 
 
@@ -84,7 +83,7 @@ def build_ipv6_udp(src: Address, dst: Address, payload: bytes) -> bytes:
     # IPv6 has no "no checksum" (RFC 8200 §8.1): compute it.
     csum = udp_checksum(s, d, _UDP_HEADER.pack(src[1], dst[1], length, 0), payload)
     udp = _UDP_HEADER.pack(src[1], dst[1], length, csum) + payload
-    header = _IPV6_HEADER.pack(6 << 28, len(udp), IPPROTO_UDP, 64, s, d)
+    header = _IPV6_HEADER.pack(6 << 28, len(udp), socket.IPPROTO_UDP, 64, s, d)
     return header + udp
 
 
@@ -120,8 +119,8 @@ def scope_of(addr: SockAddr) -> int:
         return 0
 
 
-def destination(client: SockAddr, service: SockAddr, scope_id: int | None = None
-                ) -> tuple[int, Address, Address, tuple[str, int] | tuple[str, int, int, int]]:
+def destination(client: SockAddr, service: SockAddr
+                ) -> tuple[int, Address, Address, SockAddr]:
     """Family, header source and destination, and the raw socket's destination sockaddr for
     one re-injection.
 
@@ -129,15 +128,13 @@ def destination(client: SockAddr, service: SockAddr, scope_id: int | None = None
     no interface by itself, and the kernel resolves it to some interface holding it -- when
     several do (the same fe80::1 on many links is common), perhaps not the one the client is
     on. The datagram then arrives on the wrong interface, the worker sees the client at
-    fe80::x%wrong and its answers are lost. The scope is ``scope_id`` if given, else the
-    client's (a link-local peer is on the link the datagram came in on), else the
-    service's. The kernel ignores it for addresses that need none."""
+    fe80::x%wrong and its answers are lost. The scope is the client's (a link-local peer is
+    on the link the datagram came in on), else the service's. The kernel ignores it for
+    addresses that need none."""
     src, dst = _plain(client), _plain(service)
     if ":" not in dst[0]:
         return socket.AF_INET, src, dst, (dst[0], 0)
-    if scope_id is None:
-        scope_id = scope_of(client) or scope_of(service)
-    return socket.AF_INET6, src, dst, (dst[0], 0, 0, scope_id)
+    return socket.AF_INET6, src, dst, (dst[0], 0, 0, scope_of(client) or scope_of(service))
 
 
 class Reinjector:
@@ -156,14 +153,12 @@ class Reinjector:
             self._socks[family] = sock
         return sock
 
-    def send(self, client: SockAddr, service: SockAddr, datagrams: Sequence[bytes],
-             scope_id: int | None = None) -> int:
+    def send(self, client: SockAddr, service: SockAddr, datagrams: Sequence[bytes]) -> int:
         """Send ``datagrams`` as if from ``client`` to ``service``; returns how many went.
 
-        Pass IPv6 addresses as recvmsg() gives them, (host, port, flowinfo, scope_id), or
-        give ``scope_id``: a link-local client must be re-injected on its own interface
-        (see :func:`destination`)."""
-        family, src, dst, sockaddr = destination(client, service, scope_id)
+        Pass IPv6 addresses as recvmsg() gives them, (host, port, flowinfo, scope_id): a
+        link-local client must be re-injected on its own interface (see :func:`destination`)."""
+        family, src, dst, sockaddr = destination(client, service)
         build = build_ipv6_udp if family == socket.AF_INET6 else build_ipv4_udp
         sock = self._sock(family)
         sent = 0

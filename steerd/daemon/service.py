@@ -1,15 +1,16 @@
 """The steerd daemon: the data plane, classifier sockets, control socket and metrics, wired.
 
 One reuseport group per listen address (an IPv4 and an IPv6 wildcard are two groups), each
-with its own :class:`~steerd.dataplane.Dataplane` pinned under ``PIN_DIR/g-ADDRESS``
+with its own :class:`~steerd.daemon.dataplane.Dataplane` pinned under ``PIN_DIR/g-ADDRESS``
 (:func:`group_pin_dir`): the kernel only lets the steering program select sockets of the
 group the datagram arrived on, so worker and classifier sockarrays are per group. A worker
 slot means the same worker in every group, so a server CID routes the same whichever address
 family the client moves to.
 
 The event loop owns everything (registry, assembler): readers on the classifier sockets and on
-the control socket, and a one-second tick that ages pending flights out. The daemon never sees
-a TLS key or a 1-RTT byte.
+the control socket, and a tick (every ``_REPORT_INTERVAL``) that ages pending flights out,
+pushes registry replicas to the classifier processes and updates the gauges. The daemon never
+sees a TLS key or a 1-RTT byte.
 """
 
 import asyncio
@@ -38,11 +39,18 @@ from typing import Any, NoReturn
 
 from quic.flight import AssemblerConfig
 from quic.token import derive_token_key
-from steerd.app.protocol import Steering
+from steerd.app.client import ControlClient
+from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError, Steering
 from steerd.daemon.classifier import Address, Classifier, ClassifierReport, Origin, RetryConfig
-from steerd.daemon.config import Config, first_flight_capacity
+from steerd.daemon.config import (
+    DEFAULT_CONFIG_PATH,
+    Config,
+    ConfigError,
+    first_flight_capacity,
+    load_config,
+)
 from steerd.daemon.control import IP_PKTINFO, RESET_KEY_LEN, ControlServer, bind_group_socket
-from steerd.daemon.dataplane import DEFAULT_PIN_DIR, Dataplane, DataplaneConfig, DataplaneError
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
 from steerd.daemon.dataplane.jail import Jail, remove_jail
 from steerd.daemon.dataplane.learn import (
     MODE_LAYOUT,
@@ -51,6 +59,7 @@ from steerd.daemon.dataplane.learn import (
     LearnLimits,
     remove_learner,
 )
+from steerd.daemon.dataplane.maps import DEFAULT_PIN_DIR
 from steerd.daemon.metrics import Metrics, bump
 from steerd.daemon.pool import MESSAGE_MAX, ClassifierPool
 from steerd.daemon.registry import Registry
@@ -325,7 +334,7 @@ class Daemon:
         self.steering_attached = False
         self._tick: asyncio.Task[None] | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        # Classifier processes (when limits.classifiers > 1): pid and channel of each, and the
+        # Classifier processes (when limits.classifiers > 1): the pool that runs them, and the
         # last report of each; with one classifier the main process classifies itself.
         self.pool: ClassifierPool | None = None
         self._reports: dict[int, ClassifierReport] = {}
@@ -875,17 +884,19 @@ class Daemon:
 # -- CLI: steerd run, steerd status -----------------------------------------------------------
 
 
-def _run(args: Any) -> int:
-    from steerd.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, load_config
-    from steerd.daemon.dataplane import DataplaneError
+def _cli_config(path: str | None) -> Config:
+    """``--config``, else DEFAULT_CONFIG_PATH when it exists, else the embedded defaults: the
+    same for ``steerd run`` and ``steerd purge`` (which must find what the run used)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path) if path else Config()
 
+
+def _run(args: Any) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="steerd: %(message)s")
-    path = args.config
     try:
-        if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
-            path = DEFAULT_CONFIG_PATH
-        config = load_config(path) if path else Config()
+        config = _cli_config(args.config)
     except ConfigError as exc:
         print(f"steerd: {exc}", file=sys.stderr)
         return 2
@@ -959,10 +970,8 @@ def _purge_locked(config: Config, pin_dir: str) -> list[str]:
 
 
 def _purge(args: Any) -> int:
-    from steerd.daemon.config import ConfigError, load_config
-
     try:
-        config = load_config(args.config) if args.config else Config()
+        config = _cli_config(args.config)
     except ConfigError as exc:
         print(f"steerd: {exc}", file=sys.stderr)
         return 2
@@ -977,11 +986,6 @@ def _purge(args: Any) -> int:
 
 
 def _status(args: Any) -> int:
-    import json
-
-    from steerd.app.client import ControlClient
-    from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError
-
     try:
         with ControlClient(args.control or DEFAULT_CONTROL_PATH) as client:
             status = client.status()
@@ -1037,8 +1041,6 @@ def format_status(status: dict[str, Any]) -> str:
 
 def add_command(subparsers: Any) -> None:
     """``steerd run``, ``steerd purge`` and ``steerd status``."""
-    from steerd.daemon.config import DEFAULT_CONFIG_PATH
-
     p = subparsers.add_parser("run", help="run the daemon (as root)")
     p.add_argument("--config", "-c", default=None,
                    help=f"TOML config (default {DEFAULT_CONFIG_PATH} if it exists, "
@@ -1048,7 +1050,9 @@ def add_command(subparsers: Any) -> None:
     p.set_defaults(func=_run)
     u = subparsers.add_parser(
         "purge", help="remove the pinned data plane and guard a stopped daemon leaves behind")
-    u.add_argument("--config", "-c", default=None, help="the config the daemon ran with")
+    u.add_argument("--config", "-c", default=None,
+                   help=f"the config the daemon ran with (default {DEFAULT_CONFIG_PATH} if it "
+                        "exists, else the embedded defaults)")
     u.add_argument("--pin-dir", default=DEFAULT_PIN_DIR)
     u.set_defaults(func=_purge)
     s = subparsers.add_parser("status", help="apps, generations, workers and counters")

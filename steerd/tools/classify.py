@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -259,27 +260,21 @@ class Classifier:
         return lines
 
 
-def classify_file(path: str, port: int | None = None) -> list[dict[str, Any]]:
-    """Every line ``steerd classify`` prints for ``path`` (raises ``CaptureError``)."""
+def classify_capture(path: str, port: int | None = None) -> Iterator[dict[str, Any]]:
+    """Every line ``steerd classify`` prints for ``path``, as soon as it is known (raises
+    ``CaptureError`` where the file cannot be read on, after the lines before it)."""
     c = Classifier(port)
-    lines: list[dict[str, Any]] = []
     for d in read_datagrams(path):
-        lines.extend(c.datagram(d))
-    lines.extend(c.finish())
-    return lines
+        yield from c.datagram(d)
+    yield from c.finish()
 
 
 def run(args: argparse.Namespace) -> int:
-    c = Classifier(args.port)
     out = sys.stdout
     try:
-        for d in read_datagrams(args.file):
-            for line in c.datagram(d):
-                out.write(json.dumps(line) + "\n")
-            out.flush()
-        for line in c.finish():
+        for line in classify_capture(args.file, args.port):
             out.write(json.dumps(line) + "\n")
-        out.flush()
+            out.flush()
     except CaptureError as e:
         out.flush()
         print(f"steerd classify: {e}", file=sys.stderr)

@@ -2,10 +2,11 @@
 
 Why a command: a missing header tree or an unmounted bpffs otherwise surfaces as a compiler
 or syscall error deep in daemon start-up. The doctor names each prerequisite, says whether
-it holds and how to fix it, and finally compiles and loads both BPF programs into a
-scratch pin dir (then removes them), which is the only proof that counts; likewise it attaches
-the socket jail's cgroup hooks for a throw-away loopback port and checks that they refuse
-bind, connect and SO_BINDTODEVICE to a process they do not list.
+it holds and how to fix it, and finally compiles and loads the steering and guard programs
+(steer.c, guard.c) into a scratch pin dir (then removes them), which is the only proof that
+counts; likewise it attaches the socket jail's cgroup hooks (jail.c) for a throw-away
+loopback port and checks that they refuse bind, connect and SO_BINDTODEVICE to a process
+they do not list. Learned mode's egress program (learn.c) is not tried here.
 """
 
 from __future__ import annotations
@@ -15,19 +16,15 @@ import os
 import sys
 import uuid
 
-from steerd.daemon.dataplane import (
-    DEFAULT_PIN_DIR,
-    Dataplane,
-    DataplaneConfig,
-    DataplaneError,
-    Prerequisite,
-    check_prerequisites,
-)
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
 from steerd.daemon.dataplane.jail import check_jail_prerequisites
+from steerd.daemon.dataplane.maps import DEFAULT_PIN_DIR
+from steerd.daemon.dataplane.programs import Prerequisite, check_prerequisites
 
 
 def load_check(pin_dir: str) -> Prerequisite:
-    """Compile, load and pin both programs in a scratch dir next to ``pin_dir``."""
+    """Compile, load and pin the steering and guard programs in a scratch dir next to
+    ``pin_dir``."""
     scratch = os.path.join(os.path.dirname(pin_dir.rstrip("/")) or "/",
                            f"steerd-doctor-{uuid.uuid4().hex[:8]}")
     dp = Dataplane(DataplaneConfig(pin_dir=scratch))

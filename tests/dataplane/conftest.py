@@ -253,7 +253,8 @@ def make_group(pair: NetnsPair, loaded: Loaded) -> Iterator[GroupFactory]:
     finally:
         for group in groups:
             group.close()
-        loaded.dp.clear_routes()
+        for dcid in loaded.dp.routes():
+            loaded.dp.delete_route(dcid)
         loaded.dp.disable_flood_guard()
 
 

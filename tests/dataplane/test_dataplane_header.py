@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import quic.cid as cid
 import quic.packet as packet
-from steerd.daemon.dataplane import HEADER, DataplaneConfig, counter_names, header_constants
+from steerd.daemon.dataplane import DataplaneConfig
+from steerd.daemon.dataplane.counters import counter_names
+from steerd.daemon.dataplane.header import HEADER, header_constants
 
 
 def test_cid_constants_match_quic_cid() -> None:

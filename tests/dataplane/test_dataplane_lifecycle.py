@@ -10,15 +10,14 @@ from collections.abc import Iterator
 import pytest
 
 from quic.cid import CidLayout
-from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError, check_prerequisites
+from steerd.app.protocol import socket_cookie as protocol_socket_cookie
+from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
+from steerd.daemon.dataplane.programs import check_prerequisites
 
 pytestmark = pytest.mark.root
 
-SO_COOKIE = 57
-
-
 def socket_cookie(sock: socket.socket) -> int:
-    return int.from_bytes(sock.getsockopt(socket.SOL_SOCKET, SO_COOKIE, 8), "little")
+    return protocol_socket_cookie(sock.fileno())
 
 
 @pytest.fixture

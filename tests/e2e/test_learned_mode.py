@@ -30,9 +30,10 @@ import pytest
 from deploy.netns import NetnsPair
 from deploy.proclines import Lines
 from quic.cid import CidLayout
-from quic.packet import is_long_header, parse_long_header
+from quic.packet import parse_long_header
 from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, PYTHON, ROOT, STEERD, Daemon, _read_line
+from tests.quic.reference import is_long_header
 from tests.sdk.harness import (  # noqa: F401 - fixtures
     RequestFailed,
     RunningApp,

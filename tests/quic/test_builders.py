@@ -11,7 +11,6 @@ from quic.builders import (
     build_initial_close,
     build_retry,
     build_version_negotiation,
-    verify_retry_integrity,
 )
 from quic.crypto import derive_initial_keys, open_packet
 from quic.errors import QuicError
@@ -20,9 +19,9 @@ from quic.packet import (
     VERSION_2,
     PacketType,
     parse_long_header,
-    parse_version_negotiation,
 )
 from quic.varint import decode_varint
+from tests.quic.reference import parse_version_negotiation, verify_retry_integrity
 
 CLIENT_DCID = bytes.fromhex("c0ffee0011223344")
 CLIENT_SCID = bytes.fromhex("5c1d5c1d")

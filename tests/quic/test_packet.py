@@ -17,11 +17,10 @@ from quic.packet import (
     long_header_type_bits,
     parse_long_header,
     parse_short_header,
-    parse_version_negotiation,
-    split_datagram,
 )
 from quic.varint import encode_varint
 from steerd.tools.pcap import read_datagrams
+from tests.quic.reference import parse_version_negotiation, split_datagram
 
 FIXTURES = Path(__file__).resolve().parent.parent / "fixtures"
 DCID = bytes.fromhex("0102030405060708")

@@ -79,7 +79,7 @@ def test_private_attributes_exist(cert: tuple[Path, Path]) -> None:
     src = inspect.getsource(QuicServer)
     for name in ("self._protocols", "self._create_protocol", "self._stream_handler",
                  "self._transport", "self._retry", "self._configuration",
-                 "self._session_ticket_fetcher", "self._session_ticket_handler"):
+                 "self._session_ticket_fetcher", "self._session_ticket_handler", "self._loop"):
         assert name in src, f"QuicServer no longer has {name}"
     proto_src = inspect.getsource(QuicConnectionProtocol.__init__)
     for name in ("_connection_id_issued_handler", "_connection_id_retired_handler",

@@ -21,9 +21,10 @@ from aioquic.quic.events import HandshakeCompleted
 from aioquic.tls import CipherSuite, SessionTicket
 
 from deploy.netns import NetnsPair
-from quic.packet import PacketType, split_datagram
+from quic.packet import PacketType
 from steerd.app import sdk
 from tests.e2e.conftest import PORT, Daemon
+from tests.quic.reference import split_datagram
 from tests.sdk.harness import RunningApp, start_demo_app
 
 # -- the store ------------------------------------------------------------------------------

@@ -37,9 +37,10 @@ import pytest
 
 from deploy.netns import NetnsPair
 from quic.cid import CidLayout
-from quic.packet import is_long_header, parse_long_header
+from quic.packet import parse_long_header
 from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, ROOT, Daemon, _read_line, start_daemon
+from tests.quic.reference import is_long_header
 from tests.sdk.harness import (
     Loader,
     RunningApp,

@@ -13,7 +13,6 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import ConnectionTerminated
 
-from quic.builders import verify_retry_integrity
 from quic.cid import CidLayout
 from quic.flight import AssemblerConfig
 from quic.packet import PacketType, parse_long_header
@@ -22,6 +21,7 @@ from quic.token import build_retry_token, derive_token_key, validate_retry_token
 from steerd.daemon.classifier import MAX_STRAGGLERS, Classifier, Origin, RetryConfig
 from steerd.daemon.config import Config
 from steerd.daemon.registry import Peer, Registry
+from tests.quic.reference import verify_retry_integrity
 
 CLIENT = ("198.18.0.1", 40000)
 SERVICE = ("198.18.0.2", 443)

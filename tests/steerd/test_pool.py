@@ -42,7 +42,7 @@ class Recorder:
 
 def make(rec: Recorder) -> ClassifierPool:
     def report(index: int, tally: Any, rep: dict[str, Any]) -> None:
-        rec.reports[index] = (pool.member_version(index), rep["payload"])
+        rec.reports[index] = (pool._members[index].version, rep["payload"])
 
     pool = ClassifierPool(
         2, child, lambda: rec.state, report,
@@ -92,12 +92,12 @@ def test_a_dead_process_is_taken_out_replaced_and_brought_back() -> None:
             rec.state = "s1"
             pool.changed()
             await rec.until(lambda: all(v == 1 for v, _ in rec.reports.values()))
-            victim = pool.pid_of(1)
+            victim = pool._members[1].pid
             os.kill(victim, signal.SIGKILL)
             # young (under RESPAWN_BACKOFF): lost at once, replaced after the backoff
             await rec.until(lambda: ("lost", 1) in rec.events)
             await rec.until(lambda: rec.events.count(("ready", 1)) == 2)
-            assert pool.restarts == 1 and pool.pid_of(1) != victim
+            assert pool.restarts == 1 and pool._members[1].pid != victim
             # the replacement is brought up to date: it forked with the registry, then gets
             # the latest snapshot with its version
             await rec.until(lambda: rec.reports[1] == (1, "s1"))

@@ -32,18 +32,19 @@ import socket
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from steerd.daemon.dataplane import (
-    BPF_DIR,
+from steerd.daemon.dataplane import DataplaneError
+from steerd.daemon.dataplane.header import BPF_DIR
+from steerd.daemon.dataplane.maps import (
     MAP_HASH,
-    DataplaneError,
+    MAP_PERCPU_ARRAY,
     MapSpec,
-    Prerequisite,
-    _errno_of,
-    _lib,
-    _open_or_create_map,
-    _pin_fd,
     detach_pinned,
+    errno_of,
+    libbcc,
+    open_or_create_map,
+    pin_fd,
 )
+from steerd.daemon.dataplane.programs import Prerequisite, find_kernel_headers
 
 PROG_CGROUP_SOCK_ADDR = 18
 PROG_CGROUP_SOCKOPT = 25
@@ -117,7 +118,7 @@ class Jail:
         because a previous run's attached jail refuses binds from processes not listed."""
         jail_dir = os.path.join(self.pin_dir, "jail")
         os.makedirs(jail_dir, exist_ok=True)
-        self._pids_fd = _open_or_create_map(
+        self._pids_fd = open_or_create_map(
             MapSpec("jail_pids", MAP_HASH, 4, 4, MAX_DAEMON_PIDS), jail_dir)
         # Mode 0: a uid-0 app without CAP_DAC_OVERRIDE can neither open the pinned map (to
         # list itself) nor the programs; the daemon's capabilities pass.
@@ -134,15 +135,15 @@ class Jail:
     def add_pid(self, pid: int) -> None:
         """List ``pid`` (a classifier process the daemon just forked) as the daemon's."""
         key, one = ct.c_uint32(pid), ct.c_uint32(1)
-        if _lib().bpf_update_elem(self._need_open(), ct.byref(key), ct.byref(one), 0) != 0:
+        if libbcc().bpf_update_elem(self._need_open(), ct.byref(key), ct.byref(one), 0) != 0:
             raise DataplaneError(f"jail_pids: cannot add pid {pid}: "
                                  f"{os.strerror(ct.get_errno())}")
 
     def remove_pid(self, pid: int) -> None:
-        _lib().bpf_delete_elem(self._need_open(), ct.byref(ct.c_uint32(pid)))
+        libbcc().bpf_delete_elem(self._need_open(), ct.byref(ct.c_uint32(pid)))
 
     def daemon_pids(self) -> set[int]:
-        lib, fd = _lib(), self._need_open()
+        lib, fd = libbcc(), self._need_open()
         out: set[int] = set()
         key, nxt = ct.c_uint32(), ct.c_uint32()
         first = True
@@ -175,7 +176,7 @@ class Jail:
         except Exception as exc:
             raise DataplaneError(f"compiling steerd/bpf/jail.c failed: {exc}") from exc
         self._bpf = bpf
-        lib = _lib()
+        lib = libbcc()
         cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         attached: list[tuple[int, int]] = []
         try:
@@ -186,11 +187,11 @@ class Jail:
                         lib.bpf_prog_detach2(done_fd, cg, done_type)
                     raise DataplaneError(
                         f"attaching {name} to the cgroup v2 root {root} failed: "
-                        f"{os.strerror(_errno_of(ret))}")
+                        f"{os.strerror(errno_of(ret))}")
                 attached.append((prog_fd, atype))
             for name, prog_fd, atype in progs:
                 detach_pinned(_pin_path(self.pin_dir, name), atype, lambda: cg)
-                _pin_fd(prog_fd, _pin_path(self.pin_dir, name))
+                pin_fd(prog_fd, _pin_path(self.pin_dir, name))
         finally:
             os.close(cg)
 
@@ -255,15 +256,13 @@ def _probe_jail(root: str) -> Prerequisite:
     bind once this process is listed. Everything is detached and removed afterwards."""
     import tempfile
 
-    from steerd.daemon.dataplane import MAP_PERCPU_ARRAY, find_kernel_headers
-
     fix = ("a kernel with cgroup BPF (CONFIG_CGROUP_BPF), bpf_get_netns_cookie in cgroup "
            "hooks (5.8+) and SO_NETNS_COOKIE (5.14+)")
     headers, _ = find_kernel_headers()
     if headers is not None:
         os.environ.setdefault("BCC_KERNEL_SOURCE", str(headers))
     probe_dir = tempfile.mkdtemp(prefix="steerd-doctor-jail-", dir="/sys/fs/bpf")
-    counters = _lib().bcc_create_map(MAP_PERCPU_ARRAY, b"steerd_probe_c", 4, 8, 64, 0)
+    counters = libbcc().bcc_create_map(MAP_PERCPU_ARRAY, b"steerd_probe_c", 4, 8, 64, 0)
     jail: Jail | None = None
     member: socket.socket | None = None
     try:

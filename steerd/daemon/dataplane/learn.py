@@ -25,17 +25,10 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from steerd.daemon.dataplane import (
-    BPF_DIR,
-    Dataplane,
-    DataplaneError,
-    _errno_of,
-    _lib,
-    _pin_fd,
-    detach_pinned,
-    header_constants,
-)
+from steerd.daemon.dataplane import Dataplane, DataplaneError
+from steerd.daemon.dataplane.header import BPF_DIR, header_constants
 from steerd.daemon.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root
+from steerd.daemon.dataplane.maps import detach_pinned, errno_of, libbcc, pin_fd
 
 PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
@@ -95,7 +88,7 @@ class Learner:
                           int(limits.ttl * 1e9), bytes(lens).ljust(most, b"\0"), 0)
         key = ct.c_uint32(0)
         value = ct.create_string_buffer(raw, len(raw))
-        if _lib().bpf_update_elem(self.dp.map_fd("learn_config"), ct.byref(key), value, 0):
+        if libbcc().bpf_update_elem(self.dp.map_fd("learn_config"), ct.byref(key), value, 0):
             raise DataplaneError(f"writing learn_config failed: {os.strerror(ct.get_errno())}")
 
     def set_socket(self, cookie: int, slot: int, mode: int, cid_len: int = 0) -> None:
@@ -103,7 +96,7 @@ class Learner:
         key = ct.c_uint64(cookie)
         raw = struct.pack("=IBBH", slot, mode, cid_len, 0)
         value = ct.create_string_buffer(raw, len(raw))
-        if _lib().bpf_update_elem(self.dp.map_fd("learn_sockets"), ct.byref(key), value, 0):
+        if libbcc().bpf_update_elem(self.dp.map_fd("learn_sockets"), ct.byref(key), value, 0):
             raise DataplaneError(f"learn_sockets: cannot add the socket of slot {slot}: "
                                  f"{os.strerror(ct.get_errno())}")
 
@@ -159,7 +152,7 @@ class Learner:
                 ("learned_peers", h["STEERD_PEER_KEY_SIZE"]))
 
     def _read_counts(self) -> list[int]:
-        lib, fd = _lib(), self.dp.map_fd("learn_counts")
+        lib, fd = libbcc(), self.dp.map_fd("learn_counts")
         out, value = [], ct.c_uint32()
         for index in range(2 * self._slots):
             ok = lib.bpf_lookup_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(value)) == 0
@@ -167,7 +160,7 @@ class Learner:
         return out
 
     def _write_counts(self, counts: dict[int, int]) -> None:
-        lib, fd = _lib(), self.dp.map_fd("learn_counts")
+        lib, fd = libbcc(), self.dp.map_fd("learn_counts")
         for index, n in counts.items():
             lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(ct.c_uint32(n)), 0)
 
@@ -194,7 +187,7 @@ class Learner:
     def slot_stats(self, slots: Iterable[int] | None = None) -> dict[int, dict[str, int]]:
         """slot -> {statistic: value} for each of ``slots`` (default: all) with a nonzero
         one, summed over CPUs. Ask for the slots you need: each costs 8 map reads."""
-        lib, fd = _lib(), self.dp.map_fd("slot_stats")
+        lib, fd = libbcc(), self.dp.map_fd("slot_stats")
         values = (ct.c_uint64 * self.dp.ncpus)()
         width = _h()["STEERD_SLOT_STATS"]
         names = slot_stat_names()
@@ -211,7 +204,7 @@ class Learner:
 
     def clear_slot_stats(self, slot: int) -> None:
         """A slot handed to a new app starts from zero (the app sees only its own)."""
-        lib, fd = _lib(), self.dp.map_fd("slot_stats")
+        lib, fd = libbcc(), self.dp.map_fd("slot_stats")
         zeros = (ct.c_uint64 * self.dp.ncpus)()
         width = _h()["STEERD_SLOT_STATS"]
         for column in slot_stat_names():
@@ -235,16 +228,16 @@ class Learner:
         except Exception as exc:
             raise DataplaneError(f"compiling steerd/bpf/learn.c failed: {exc}") from exc
         self._bpf = bpf
-        lib = _lib()
+        lib = libbcc()
         path = os.path.join(self.dp.config.pin_dir, PIN_NAME)
         cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
             ret = lib.bpf_prog_attach(prog_fd, cg, BPF_CGROUP_INET_EGRESS, BPF_F_ALLOW_MULTI)
             if ret != 0:
                 raise DataplaneError(f"attaching steerd/bpf/learn.c to the cgroup v2 root {root} "
-                                     f"failed: {os.strerror(_errno_of(ret))}")
+                                     f"failed: {os.strerror(errno_of(ret))}")
             detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
-            _pin_fd(prog_fd, path)
+            pin_fd(prog_fd, path)
         finally:
             os.close(cg)
 
@@ -261,7 +254,7 @@ class Learner:
 
     def _items(self, name: str, key_size: int, value_size: int) -> list[tuple[bytes, bytes]]:
         """Every (key, value) of a hash map, read before anything is deleted."""
-        lib, fd = _lib(), self.dp.map_fd(name)
+        lib, fd = libbcc(), self.dp.map_fd(name)
         key = ct.create_string_buffer(key_size)
         nxt = ct.create_string_buffer(key_size)
         value = ct.create_string_buffer(value_size)
@@ -276,7 +269,7 @@ class Learner:
 
     def _delete(self, name: str, key: object) -> None:
         arg = ct.byref(key) if isinstance(key, ct.c_uint64) else key  # type: ignore[arg-type]
-        if _lib().bpf_delete_elem(self.dp.map_fd(name), arg) != 0:
+        if libbcc().bpf_delete_elem(self.dp.map_fd(name), arg) != 0:
             err = ct.get_errno()
             if err != errno.ENOENT:
                 raise DataplaneError(f"deleting from {name} failed: {os.strerror(err)}")
