@@ -210,6 +210,7 @@ class VersionNegotiationNeeded:
 
 
 FeedResult = NeedMore | Ready | Rejected | VersionNegotiationNeeded
+_DECIDED = (Rejected, VersionNegotiationNeeded)  # what feed's first step may answer with
 
 
 @dataclass(slots=True)
@@ -394,35 +395,49 @@ class FirstFlightAssembler:
         then be hashable. Datagrams of one DCID from different peers are different
         connections.
 
-        Written for the per-datagram cost (bench/classify): the steps pass plain values (no
-        object is made per datagram besides the headers, frames and result), enum members
-        are module constants, a datagram with one packet (the usual case) skips the
-        coalescing walk, a new connection whose ClientHello fits one CRYPTO frame never
-        enters the tables, and a connection's CRYPTO data goes straight to its reassembler.
+        Written for the per-datagram cost (bench/classify): enum members are module
+        constants, a datagram with one packet (the usual case) skips the coalescing walk, a
+        new connection whose ClientHello fits one CRYPTO frame never enters the tables, and
+        a connection's CRYPTO data goes straight to its reassembler.
         """
-        self._expire_due(now)
-        first = self._first_packet(datagram)
-        if not isinstance(first, LongHeader):
-            return first  # refused, or to be answered with Version Negotiation
-        key = (first.dcid, addr if peer is None else peer)
-        headers = _flight_packets(datagram, first)
-        has_initial = self._check_packets(headers, len(datagram), key)
-        if isinstance(has_initial, Rejected):
-            return has_initial
+        if self._pending or self._early:
+            self._expire_due(now)
+        headers = self._flight_packets(datagram)
+        if isinstance(headers, _DECIDED):
+            return headers  # refused, or to be answered with Version Negotiation
+        first = headers[0]
+        version, dcid = first.version, first.dcid
+        size = len(datagram)
+        key = (dcid, addr if peer is None else peer)
         entry = self._pending.get(key) if self._pending else None
         held = self._early.get(key) if entry is None and self._early else None
-        refused = self._check_connection(entry if entry is not None else held, first.version,
-                                         len(datagram), key)
-        if refused is not None:
-            return refused
-        if has_initial:
-            return self._feed_initials(datagram, addr, now, key, headers, entry, held)
+        has_initial = self._check_datagram(
+            headers, entry if entry is not None else held, version, size, key
+        )
+        if isinstance(has_initial, Rejected):
+            return has_initial
+        if not has_initial:  # 0-RTT only: kept with the flight it belongs to
+            if entry is None:
+                return self._feed_early(key, held, version, datagram, addr, now)
+            return self._feed_pending(entry, [], datagram, addr, key)
+        keys = entry.keys if entry is not None else None
+        if keys is None:
+            keys = derive_initial_keys(dcid, version, server=False)
+        opened = self._open_initials(datagram, headers, keys, key)
+        if isinstance(opened, Rejected):
+            return opened
+        crypto, scid = opened
         if entry is None:
-            return self._feed_early(key, held, first.version, datagram, addr, now)
-        return self._feed_pending(entry, [], datagram, addr, key)
+            ready = self._ready_at_once(crypto, version, scid, datagram, addr, now, key, held)
+            if ready is not None:
+                return ready
+            entry = self._admit(key, held, version, now, keys, scid, size)
+        return self._feed_pending(entry, crypto, datagram, addr, key)
 
-    # The steps of feed, in the order it takes them. Each returns a FeedResult when the
-    # datagram is decided (refused, answered or Ready) and a plain value to go on with.
+    # The steps of feed, in the order it takes them. A step that can decide the datagram
+    # (refuse it, answer it, or find the flight Ready) returns that result instead of its
+    # value. They take and return plain values: the only object made just to hand values
+    # from one step to the next is _open_initials' (frames, SCID) pair.
 
     def _expire_due(self, now: float) -> None:
         """Feed expires too, so an assembler whose owner never calls :meth:`expire` is
@@ -435,11 +450,16 @@ class FirstFlightAssembler:
         ):
             self.expire(now)
 
-    def _first_packet(self, datagram: bytes) -> LongHeader | Rejected | VersionNegotiationNeeded:
-        """Only a long header can open a connection, and only its invariant fields can be
-        trusted before the version is known: a version we do not speak gets Version
-        Negotiation (when the datagram is big enough to deserve an answer, RFC 9000 §6.1,
-        §14.1) and goes no further."""
+    def _flight_packets(
+        self, datagram: bytes
+    ) -> tuple[LongHeader, ...] | list[LongHeader] | Rejected | VersionNegotiationNeeded:
+        """The packets of the datagram that can belong to a client's first flight. Only a
+        long header can open a connection, and only its invariant fields mean anything
+        before the version is known: a version we do not speak gets Version Negotiation
+        (when the datagram is big enough to deserve an answer, RFC 9000 §6.1, §14.1).
+        Coalesced packets of another DCID or version are someone else's business, and so
+        is whatever follows a packet that does not parse (§12.2). A datagram of one packet
+        (the usual case; zero padding, if any, follows it) skips the walk."""
         size = len(datagram)
         if size == 0 or not datagram[0] & 0x80:
             return self._reject("not_long_header", None, "short header or empty datagram")
@@ -447,24 +467,43 @@ class FirstFlightAssembler:
             first = parse_long_header(datagram, 0)
         except QuicError as e:
             return self._reject(e.reason, None, e.detail)
-        version = first.version
+        version, _ptype, dcid, scid, _token, _start, _pn_offset, pos = first
         if version != _V1 and version != _V2:
             if version == 0:
                 return self._reject("unexpected_version_negotiation", None)
             if size < MIN_INITIAL_DATAGRAM:
                 return self._reject("short_unknown_version", None, f"{size} bytes")
             self.stats.version_negotiation += 1
-            return VersionNegotiationNeeded(version, first.dcid, first.scid)
-        return first
+            return VersionNegotiationNeeded(version, dcid, scid)
+        if pos >= size or not datagram[pos] & 0x80:
+            return (first,)
+        headers = [first]
+        while pos < size and datagram[pos] & 0x80:
+            try:
+                h = parse_long_header(datagram, pos)
+            except QuicError:
+                break  # RFC 9000 §12.2: the rest of the datagram is not ours to judge
+            if h.dcid == dcid and h.version == version:
+                headers.append(h)
+            pos = h.end
+        return headers
 
-    def _check_packets(
-        self, headers: tuple[LongHeader, ...] | list[LongHeader], size: int, key: _Key
+    def _check_datagram(
+        self,
+        headers: tuple[LongHeader, ...] | list[LongHeader],
+        known: _Pending | _Early | None,
+        version: int,
+        size: int,
+        key: _Key,
     ) -> bool | Rejected:
-        """A client's first flight holds Initial and 0-RTT packets only, from a DCID of at
-        least 8 bytes (RFC 9000 §7.2), in datagrams of at least 1200 bytes when they carry
-        an Initial (§14.1, the anti-amplification floor); anything else is not a client
-        starting a connection, and takes its key's pending connection down with it.
-        Returns whether the datagram carries an Initial."""
+        """Everything that refuses a datagram before any work (decryption) is spent on it.
+        A first flight holds Initial and 0-RTT packets only, from a DCID of at least 8
+        bytes (RFC 9000 §7.2), in datagrams of at least 1200 bytes when they carry an
+        Initial (§14.1, the anti-amplification floor): anything else is not a client
+        starting a connection and takes its key's pending connection down with it. Then
+        the key's connection, if any: it keeps the version it started with and its byte
+        budget; breaking those refuses only the datagram. Returns whether the datagram
+        carries an Initial."""
         dcid = key[0]
         has_initial = False
         for h in headers:
@@ -480,49 +519,14 @@ class FirstFlightAssembler:
             return self._reject("short_dcid", dcid, f"{len(dcid)}-byte DCID", key)
         if has_initial and size < MIN_INITIAL_DATAGRAM:
             return self._reject("short_initial", dcid, f"{size}-byte datagram", key)
+        if known is not None:
+            if known.version != version:
+                detail = f"0x{version:08x} after 0x{known.version:08x}"
+                return self._reject("version_mismatch", dcid, detail)
+            if known.bytes + size > self.config.max_bytes_per_connection:
+                return self._reject("connection_over_budget", dcid,
+                                    f"{known.bytes} bytes buffered")
         return has_initial
-
-    def _check_connection(
-        self, known: _Pending | _Early | None, version: int, size: int, key: _Key
-    ) -> Rejected | None:
-        """A connection keeps the version it started with, and its budget is checked before
-        any work (decryption) is spent on the datagram. Only the datagram is refused: the
-        connection stays, as the datagram may be a stranger's guess at its DCID."""
-        if known is None:
-            return None
-        if known.version != version:
-            detail = f"0x{version:08x} after 0x{known.version:08x}"
-            return self._reject("version_mismatch", key[0], detail)
-        if known.bytes + size > self.config.max_bytes_per_connection:
-            return self._reject("connection_over_budget", key[0], f"{known.bytes} bytes buffered")
-        return None
-
-    def _feed_initials(
-        self,
-        datagram: bytes,
-        addr: Addr,
-        now: float,
-        key: _Key,
-        headers: tuple[LongHeader, ...] | list[LongHeader],
-        entry: _Pending | None,
-        held: _Early | None,
-    ) -> FeedResult:
-        """A datagram with Initial packets: they carry the ClientHello, so they are opened
-        here, then the connection is decided at once or joins the main table."""
-        version = headers[0].version
-        keys = entry.keys if entry is not None else None
-        if keys is None:
-            keys = derive_initial_keys(key[0], version, server=False)
-        opened = self._open_initials(datagram, headers, keys, key)
-        if isinstance(opened, Rejected):
-            return opened
-        crypto, scid = opened
-        if entry is None:
-            ready = self._ready_at_once(crypto, version, scid, datagram, addr, now, key, held)
-            if ready is not None:
-                return ready
-            entry = self._admit(key, held, version, now, keys, scid, len(datagram))
-        return self._feed_pending(entry, crypto, datagram, addr, key)
 
     def _open_initials(
         self,
@@ -683,26 +687,3 @@ class FirstFlightAssembler:
         return Ready(entry.version, dcid, entry.scid or b"", hello, tuple(entry.datagrams),
                      entry.started)
 
-
-def _flight_packets(
-    datagram: bytes, first: LongHeader
-) -> tuple[LongHeader, ...] | list[LongHeader]:
-    """The packets of the datagram that belong to the first flight: coalesced packets of
-    another DCID or version are someone else's business (RFC 9000 §12.2), and so is whatever
-    follows a packet that does not parse. A datagram of one packet (zero padding, if any,
-    follows it) skips the walk."""
-    pos = first.end
-    size = len(datagram)
-    if pos >= size or not datagram[pos] & 0x80:
-        return (first,)
-    dcid, version = first.dcid, first.version
-    headers = [first]
-    while pos < size and datagram[pos] & 0x80:
-        try:
-            h = parse_long_header(datagram, pos)
-        except QuicError:
-            break  # RFC 9000 §12.2: the rest of the datagram is not ours to judge
-        if h.dcid == dcid and h.version == version:
-            headers.append(h)
-        pos = h.end
-    return headers
