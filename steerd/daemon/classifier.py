@@ -91,6 +91,7 @@ from quic.token import (
     is_retry_token,
     validate_retry_token,
 )
+from steerd.daemon.config import RETRY_MODES
 from steerd.daemon.metrics import Tally, bump
 from steerd.daemon.ratelimit import TokenBucket
 from steerd.daemon.registry import Registry
@@ -100,7 +101,6 @@ from steerd.daemon.reinject import SockAddr as Address  # IPv6 link-local: with 
 # the first flight that raced the route write); past that the worker is presumed gone.
 MAX_STRAGGLERS = 32
 
-RETRY_MODES = ("off", "auto", "always")
 RETRY_CID_LEN = 16  # the Retry's SCID (the retried Initial's DCID): random, never one of ours
 
 

@@ -30,6 +30,7 @@ from typing import Any, TypeVar
 
 from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MAX_SLOT_LEN, MIN_NONCE_LEN, CidLayout
 from quic.errors import QuicError
+from quic.flight import MIN_INITIAL_DATAGRAM
 from quic.reassembly import DEFAULT_CRYPTO_CAP
 from steerd.app.protocol import DEFAULT_CONTROL_PATH, SCM_MAX_FD
 
@@ -41,6 +42,7 @@ DEFAULT_METRICS_ADDRESS = "127.0.0.1"
 DEFAULT_METRICS_PORT = 9443
 # Upper bound of the worker slot pool (the BPF sockarray has one entry per slot).
 MAX_WORKER_SLOTS = 65536
+RETRY_MODES = ("off", "auto", "always")  # [flood] retry
 
 _LABEL = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?\Z")
 _IFNAME = re.compile(r"[^\s/:]{1,15}\Z")
@@ -179,7 +181,6 @@ class PolicyConfig:
 # What one pending connection must be allowed to buffer: a full-size client Initial datagram
 # (quic.flight.MIN_INITIAL_DATAGRAM, RFC 9000 §14.1) plus the CRYPTO bytes the assembler
 # accepts per connection (its crypto_cap). quic.flight.AssemblerConfig refuses less.
-MIN_INITIAL_DATAGRAM = 1200
 MIN_PENDING_BYTES = MIN_INITIAL_DATAGRAM + DEFAULT_CRYPTO_CAP  # 17584
 MAX_PENDING_BYTES = 2**20
 
@@ -676,7 +677,7 @@ def _parse_flood(data: Mapping[str, Any], source: str, xdp: XdpConfig) -> FloodC
     s = _section(data, source, "flood", tuple(FloodConfig.__dataclass_fields__))
     df = FloodConfig()
     flood = FloodConfig(
-        retry=s.choice("retry", df.retry, ("off", "auto", "always")),
+        retry=s.choice("retry", df.retry, RETRY_MODES),
         retry_pending_fraction=s.number(
             "retry_pending_fraction", df.retry_pending_fraction, 0.01, 1, "pending/cap"),
         retry_initial_rate=s.number(

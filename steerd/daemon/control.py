@@ -31,7 +31,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -741,8 +741,6 @@ class ControlServer:
     def connections(self) -> int:
         return len(self._conns)
 
-    def owner_ids(self) -> list[Hashable]:
-        return list(self._conns)
 
 
 def _steering(m: Mapping[str, Any]) -> Steering:

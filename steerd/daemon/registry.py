@@ -777,14 +777,6 @@ class Registry:
         return frozenset(g.steering.cid_len for a in self._apps.values()
                          for g in a.generations if g.steering.learned)
 
-    def steering_of(self, slot: int) -> Steering | None:
-        """How the generation holding ``slot`` is steered (None: nobody holds it)."""
-        for a in self._apps.values():
-            for g in a.generations:
-                if any(w.slot == slot for w in g.workers):
-                    return g.steering
-        return None
-
     def _check_steering(self, steering: Steering) -> None:
         if steering.mode not in CID_MODES:
             raise RegistryError("bad_request", f'"cid_mode" must be "layout" or "learned", '

@@ -579,7 +579,7 @@ def test_resume_takes_back_orphaned_slots_with_the_very_sockets(daemon: Daemon) 
         slots = [w["slot"] for w in reg.workers]
         # The app's control connection breaks (a daemon restart looks the same to the
         # registry): its slots are now orphans the data plane still holds.
-        daemon.in_loop(lambda: daemon.registry.disconnect(daemon.server.owner_ids()[0]))
+        daemon.in_loop(lambda: daemon.registry.disconnect(next(iter(daemon.server._conns))))
         daemon.in_loop(lambda: daemon.registry.reserve_orphans(slots))
         with ControlClient(daemon.path) as again:
             other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -454,9 +454,8 @@ def test_learned_mode_lengths_are_bounded_and_tracked() -> None:
     # a length already in use is fine, and layout mode is never limited
     r.register("y", ["py"], [], 1, False, ROOT, "cy", steering=Steering("learned", 8))
     web = reg(r, "web", ["h3"], owner="cw")
-    assert r.steering_of(web.workers[0].slot) == Steering()
-    assert r.steering_of(r.generations("y")[0].workers[0].slot) == Steering("learned", 8)
-    assert r.steering_of(15) is None
+    assert web.steering == Steering()
+    assert r.generations("y")[0].steering == Steering("learned", 8)
     # a replaced learned generation drains: its length stays in use until it is gone
     r.register("a0", ["p0"], [], 1, True, ROOT, "c0")
     assert 4 in r.learned_lengths()

@@ -49,6 +49,12 @@ def test_learned_mode_constants_match_python() -> None:
     assert LEARNED_CID_LEN[1] == h["STEERD_MAX_CID_LEN"]
 
 
+def test_config_bounds_are_the_headers() -> None:
+    from steerd.daemon.config import MAX_WORKER_SLOTS
+
+    assert MAX_WORKER_SLOTS == header_constants()["STEERD_MAX_WORKER_SLOTS"]
+
+
 def test_cid_layout_defines_are_what_the_programs_use() -> None:
     """Every STEERD_CID_* macro the C uses comes from CidLayout.defines(), and vice versa."""
     import re
