@@ -5,7 +5,7 @@ and test traffic must stay inside namespaces they made. ``netns_pair()`` (used b
 the tests and the benches) builds both namespaces with unique names (runs and parallel
 sessions never collide), IPv4 and IPv6 addresses on the veth ends (IPv6 without DAD so it
 is usable at once), and always deletes them, even when the body fails. Code and sockets run
-inside a namespace through steerd.dataplane.netns.run_in_netns (a thread that setns()es),
+inside a namespace through steerd.daemon.dataplane.netns.run_in_netns (a thread that setns()es),
 so the calling process itself owns every socket it creates; no pyroute2 and no
 ``ip netns exec`` for sockets.
 

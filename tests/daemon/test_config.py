@@ -1,4 +1,4 @@
-"""steerd.config: every setting parses, every mistake gets its exact message."""
+"""steerd.daemon.config: every setting parses, every mistake gets its exact message."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""steerd.registry: claims, ACL, decisions, generations and slots — pure logic, exact."""
+"""steerd.daemon.registry: claims, ACL, decisions, generations and slots — pure logic, exact."""
 
 from __future__ import annotations
 

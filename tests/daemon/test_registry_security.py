@@ -1,4 +1,4 @@
-"""steerd.registry, the security rules: no cross-uid shadowing, claims reserved across a
+"""steerd.daemon.registry, the security rules: no cross-uid shadowing, claims reserved across a
 daemon restart, quarantined slots, and status filtered by viewer. Exact, with a fake clock."""
 
 from __future__ import annotations
