@@ -238,17 +238,11 @@ class _Child:
 
 def _fork(app: Any, args: argparse.Namespace, layout: CidLayout, slot: int, key: bytes,
           inherited: sdk.Inherited, children: list[_Child]) -> _Child:
-    read_end, write_end = os.pipe()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    pid, pipe = sdk.fork_worker_process()
     if pid:
-        os.close(write_end)
-        os.set_blocking(read_end, False)
-        return _Child(slot, pid, read_end, os.pidfd_open(pid))
+        return _Child(slot, pid, pipe, os.pidfd_open(pid))
     code = 1
     try:  # the worker: only its own slot's sockets, no other worker's pipe
-        os.close(read_end)
         for child in children:
             os.close(child.pipe)
             os.close(child.pidfd)
@@ -256,8 +250,7 @@ def _fork(app: Any, args: argparse.Namespace, layout: CidLayout, slot: int, key:
             if other != slot:
                 for sock in socks:
                     sock.close()
-        code = _worker(app, args, CidIssuer(layout, slot, key), inherited.slots[slot],
-                       write_end)
+        code = _worker(app, args, CidIssuer(layout, slot, key), inherited.slots[slot], pipe)
     except BaseException:  # a forked child must never return into the caller
         traceback.print_exc()
     finally:

@@ -532,11 +532,11 @@ def print_ready_line(app: str, generation: int, pids: dict[int, int], layout: Ci
     }), flush=True)
 
 
-def _fork_worker(
-    me: _Slot, slots: list[_Slot], client: ControlClient | None, app: str, generation: int,
-    layout: CidLayout, spec: AppSpec, configuration: QuicConfiguration,
-    create_protocol: Callable[..., QuicConnectionProtocol], stream_handler: Any,
-) -> None:
+def fork_worker_process() -> tuple[int, int]:
+    """Fork a worker process with a pipe back to its parent (its ``load``/``ready`` lines):
+    (pid, the pipe's read end, non-blocking) in the parent, (0, the write end) in the worker.
+    Stdio is flushed first, so nothing buffered is written twice. The SDK and steerd.app.asgi
+    fork their workers this one way."""
     read_end, write_end = os.pipe()
     sys.stdout.flush()
     sys.stderr.flush()
@@ -544,12 +544,24 @@ def _fork_worker(
     if pid:
         os.close(write_end)
         os.set_blocking(read_end, False)
-        me.pid, me.pipe, me.pidfd = pid, read_end, os.pidfd_open(pid)
+        return pid, read_end
+    os.close(read_end)
+    return 0, write_end
+
+
+def _fork_worker(
+    me: _Slot, slots: list[_Slot], client: ControlClient | None, app: str, generation: int,
+    layout: CidLayout, spec: AppSpec, configuration: QuicConfiguration,
+    create_protocol: Callable[..., QuicConnectionProtocol], stream_handler: Any,
+) -> None:
+    pid, pipe = fork_worker_process()
+    if pid:
+        me.pid, me.pipe, me.pidfd = pid, pipe, os.pidfd_open(pid)
         return
     # the worker
+    write_end = pipe
     code = 1
     try:
-        os.close(read_end)
         if client is not None:
             client.close()  # the parent's control connection is the app's life, not ours
         for other in slots:
