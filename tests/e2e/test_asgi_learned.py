@@ -170,6 +170,12 @@ def test_stock_hypercorn_serves_real_clients_in_learned_mode(
     assert gained.get("steered_learned_peer", 0) > 0, gained  # the two changed CIDs
     assert after.get("egress_off_mode", 0) == 0, after
     assert after.get("egress_refused", 0) == 0 and after.get("egress_conflict", 0) == 0, after
+    # the same figures per app on /metrics (steerd_app_packets_total{app,what})
+    exported = {m[1]: float(m[2]) for m in re.finditer(
+        rf'^steerd_app_packets_total\{{app="{SITE}",what="(\w+)"\}} (\S+)$', daemon.metrics(),
+        re.M)}
+    assert exported.get("egress_learned", 0) >= after["egress_learned"] > 0, exported
+    assert exported.get("steered_learned_cid", 0) >= after["steered_learned_cid"], exported
     files_gen = _generation(daemon, FILES)
     assert files_gen["cid_mode"] == "layout"
     assert _steering(files_gen).get("egress_off_mode", 0) == 0  # the SDK writes the layout
