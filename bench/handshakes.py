@@ -261,9 +261,11 @@ server_names = ["*"]
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGKILL)
                 p.wait(5)
+        if os.path.exists(pin_dir):  # a failed run: purge detaches the jail and the learner
+            # (at the cgroup root: no namespace needed, and the pair is gone by now)
+            subprocess.run([STEERD, "purge", "-c", str(work / "steerd.toml"), "--pin-dir",
+                            pin_dir], capture_output=True, timeout=60, check=False)
         shutil.rmtree(work, ignore_errors=True)
-        if os.path.exists(pin_dir):  # a stopped daemon leaves its pins for the next run
-            shutil.rmtree(pin_dir, ignore_errors=True)
     med = {m: statistics.median(r["rate"] for r in rs) for m, rs in results.items()}
     cost = {m: statistics.median(r["server_cpu_ms"] for r in rs) for m, rs in results.items()}
     return {
