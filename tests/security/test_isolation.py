@@ -14,15 +14,11 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -33,12 +29,9 @@ from aioquic.quic.events import HandshakeCompleted
 from deploy.netns import NetnsPair
 from quic.packet import parse_long_header
 from quic.reset import build_stateless_reset, reset_token, slot_reset_key
-from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import (
     PORT,
-    ROOT,
     Daemon,
-    _read_line,
     await_resumed,
     spawn_daemon,
     start_daemon,
@@ -46,17 +39,15 @@ from tests.e2e.conftest import (
 from tests.sdk.harness import (
     Loader,
     RunningApp,
-    kill_group,
     session,
-    staged_command,
     start_demo_app,
     start_loader,
 )
+from tests.security.players import Intruder, start_intruder
 
 pytestmark = pytest.mark.root
 
 WEB_UID, FILES_UID, NOBODY = 64111, 64112, 65534
-INTRUDER = Path(__file__).with_name("intruder.py")
 ACL = f"""
 [[acl]]
 uids = [{WEB_UID}]
@@ -75,55 +66,6 @@ uids = [{NOBODY}]
 alpn = ["h3"]
 server_names = ["granted.example"]
 """
-
-
-@dataclass
-class Intruder:
-    proc: subprocess.Popen[str]
-    registered: dict[str, Any]
-    workdir: Path
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = _read_line(self.proc, 30)
-        assert line is not None, "the intruder died"
-        answer: dict[str, Any] = json.loads(line)
-        assert "error" not in answer, answer
-        return answer
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            kill_group(self.proc.pid)
-            self.proc.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
-def start_intruder(daemon: Daemon, uid: int, app: str, alpn: str) -> Intruder:
-    """intruder.py as ``uid`` (no supplementary groups) in the server namespace, registered."""
-    work = Path(tempfile.mkdtemp(prefix="steerd-intruder-"))
-    os.chmod(work, 0o755)
-    script = work / "intruder.py"
-    shutil.copy(INTRUDER, script)
-    os.chmod(script, 0o644)
-    python, env = staged_command(str(ROOT / "steerd" / "__init__.py"))  # its interpreter
-    proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(daemon.pair.server)}", "setpriv", f"--reuid={uid}",
-         f"--regid={uid}", "--clear-groups", python[0], str(script), daemon.control, app, alpn],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
-        env={**os.environ, **env}, start_new_session=True,
-    )
-    line = _read_line(proc, 30)
-    if line is None or '"registered"' not in line:
-        kill_group(proc.pid)
-        proc.wait(5)
-        raise AssertionError(f"the intruder did not register: {line!r}")
-    return Intruder(proc, json.loads(line), work)
 
 
 @dataclass

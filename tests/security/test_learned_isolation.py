@@ -51,11 +51,11 @@ from tests.sdk.harness import (
     start_demo_app,
     start_loader,
 )
+from tests.security.players import Intruder, start_intruder
 
 pytestmark = pytest.mark.root
 
 FILES_UID, VICTIM_UID, NOBODY = 64112, 64113, 65534
-INTRUDER = Path(__file__).with_name("intruder.py")
 PLAIN = ROOT / "tests" / "e2e" / "plain_h3_server.py"
 CID_LEN = 8  # aioquic's own CIDs
 QUOTA = 256  # [limits] learned_quota: each slot's learned CIDs (and, apart, addresses)
@@ -84,69 +84,12 @@ server_names = ["*"]
 # -- the players ---------------------------------------------------------------------------
 
 
-@dataclass
-class Intruder:
-    app: str
-    proc: subprocess.Popen[str]
-    registered: dict[str, Any]
-    workdir: Path
-
-    @property
-    def slot(self) -> int:
-        return int(self.registered["reply"]["workers"][0]["slot"])
-
-    def ask(self, **cmd: Any) -> dict[str, Any]:
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(cmd) + "\n")
-        self.proc.stdin.flush()
-        line = _read_line(self.proc, 30)
-        assert line is not None, "the intruder died"
-        answer: dict[str, Any] = json.loads(line)
-        assert "error" not in answer, answer
-        return answer
-
-    def long(self, to: list[Any], scids: list[bytes] = (), count: int = 0,  # type: ignore[assignment]
-             cid_len: int = CID_LEN) -> int:
-        """Send server Handshake packets with these SCIDs (then ``count`` random ones)."""
-        return int(self.ask(op="long", scids=[c.hex() for c in scids], count=count,
-                            cid_len=cid_len, to=to)["sent"])
-
-    def stop(self) -> None:
-        if self.proc.stdin is not None and not self.proc.stdin.closed:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            kill_group(self.proc.pid)
-            self.proc.wait(5)
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
-
 _alpns = iter(ALPNS)
 
 
-def start_intruder(daemon: Daemon, app: str, cid_len: int) -> Intruder:
-    """intruder.py as nobody (no supplementary groups) in the server namespace, registered
-    in learned mode with ``cid_len``-byte CIDs."""
-    work = Path(tempfile.mkdtemp(prefix="steerd-intruder-"))
-    os.chmod(work, 0o755)
-    script = work / "intruder.py"
-    shutil.copy(INTRUDER, script)
-    os.chmod(script, 0o644)
-    python, env = staged_command(str(ROOT / "steerd" / "__init__.py"))  # its interpreter
-    proc = subprocess.Popen(
-        ["nsenter", f"--net={netns_path(daemon.pair.server)}", "setpriv", f"--reuid={NOBODY}",
-         f"--regid={NOBODY}", "--clear-groups", python[0], str(script), daemon.control, app,
-         next(_alpns), str(cid_len)],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd="/",
-        env={**os.environ, **env}, start_new_session=True,
-    )
-    line = _read_line(proc, 30)
-    if line is None or '"registered"' not in line:
-        kill_group(proc.pid)
-        proc.wait(5)
-        raise AssertionError(f"the intruder did not register: {line!r}")
-    intruder = Intruder(app, proc, json.loads(line), work)
+def start_learned_intruder(daemon: Daemon, app: str, cid_len: int) -> Intruder:
+    """The intruder as nobody, registered in learned mode with ``cid_len``-byte CIDs."""
+    intruder = start_intruder(daemon, NOBODY, app, next(_alpns), cid_len)
     assert intruder.registered["reply"]["cid_mode"] == "learned"
     return intruder
 
@@ -258,7 +201,7 @@ def world(pair: NetnsPair) -> Iterator[World]:
             started.append(files)
             victim = start_plain(daemon, VICTIM_UID, "victim")
             started.append(victim)
-            intruder = start_intruder(daemon, "intruder", CID_LEN)
+            intruder = start_learned_intruder(daemon, "intruder", CID_LEN)
             started.append(intruder)
             assert daemon.status()["learned_mode"] == "available"
             yield World(pair, daemon, files, victim, intruder)
@@ -349,7 +292,7 @@ def test_layout_cids_are_never_learned(world: World, served: Served) -> None:
     a CID an SDK app's worker issued to a real client, and the layout CIDs of every slot in
     use: all refused. The same intruder learns a CID of its own (positive control)."""
     s = session(world.pair, "smb")
-    intruder = start_intruder(world.daemon, "intruder-layout", LAYOUT.cid_len)
+    intruder = start_learned_intruder(world.daemon, "intruder-layout", LAYOUT.cid_len)
     try:
         assert s.fetch("INFO")
         real = server_cid(s)
@@ -447,7 +390,7 @@ def await_sweep(daemon: Daemon, intruder: Intruder, pair: NetnsPair) -> None:
 def test_a_flood_of_cids_stops_at_the_quota(world: World, served: Served) -> None:
     """A fresh intruder sends QUOTA + 100 random SCIDs: exactly QUOTA are learned, the rest
     counted full; the victim learned app's new connections are still learned and served."""
-    intruder = start_intruder(world.daemon, "intruder-flood", CID_LEN)
+    intruder = start_learned_intruder(world.daemon, "intruder-flood", CID_LEN)
     try:
         await_sweep(world.daemon, intruder, world.pair)
         before, stats = counters(world.daemon), steering(world.daemon, intruder.app)
@@ -525,7 +468,7 @@ def test_a_shorter_cid_cannot_shadow_a_victims_cid(world: World) -> None:
     served on."""
     s = session(world.pair, "h3")
     s.timeout = 3.0
-    intruder = start_intruder(world.daemon, "intruder-prefix", 4)
+    intruder = start_learned_intruder(world.daemon, "intruder-prefix", 4)
     try:
         assert s.get("/before") == (200, b"victim /before")
         stats = steering(world.daemon, intruder.app)
