@@ -63,6 +63,7 @@ from tests.sdk.harness import (  # noqa: F401 - daemon, pair, sessions: fixtures
     Session,
     chromium_get,
     daemon,
+    gtlsclient_get,
     kill_group,
     pair,
     session,
@@ -144,18 +145,9 @@ def _whoami(site: RunningApp, body: bytes) -> int:
 
 def _gtlsclient(net: NetnsPair, paths: list[str]) -> dict[str, bytes]:
     """ngtcp2's gtlsclient GETs ``paths`` on one connection; the files it saved by name."""
-    download = Path(tempfile.mkdtemp(prefix="steerd-asgi-ngtcp2-"))
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={netns_path(net.client)}", "gtlsclient",
-             f"--download={download}", "--exit-on-all-streams-close", net.server_v4,
-             str(PORT), *[f"https://{HOST}:{PORT}{p}" for p in paths]],
-            capture_output=True, text=True, timeout=60,
-        )
-        assert out.returncode == 0, out.stderr[-2000:]
-        return {p.name: p.read_bytes() for p in download.iterdir()}
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
+    out, saved = gtlsclient_get(net, HOST, paths)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return saved
 
 
 def _hex(v: str) -> bytes:

@@ -40,6 +40,7 @@ from tests.sdk.harness import (  # noqa: F401 - fixtures
     Session,
     chromium_get,
     daemon,
+    gtlsclient_get,
     kill_group,
     pair,
     session,
@@ -268,18 +269,8 @@ def test_ngtcp2_client_gets_the_plain_page(
 ) -> None:
     """gtlsclient (18-byte client DCID, SNI "localhost") gets plain-aioquic's answer."""
     before = counters(daemon)
-    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-"))
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
-             f"--download={download}", "--exit-on-all-streams-close", pair.server_v4,
-             str(PORT), f"https://localhost:{PORT}/"],
-            capture_output=True, text=True, timeout=60,
-        )
-        saved = download / "index.html"
-        page = saved.read_text() if saved.exists() else ""
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
+    out, saved = gtlsclient_get(pair, "localhost", ["/"])
+    page = saved.get("index.html", b"").decode()
     assert out.returncode == 0, out.stderr[-2000:]
     assert page == "plain-aioquic /", out.stderr[-2000:]
     after = counters(daemon)

@@ -260,6 +260,24 @@ def loaders() -> Iterator[list[Loader]]:
             loader.kill()
 
 
+def gtlsclient_get(pair: NetnsPair, host: str, paths: list[str],
+                   *options: str) -> tuple[subprocess.CompletedProcess[str], dict[str, bytes]]:
+    """ngtcp2's gtlsclient GETs ``paths`` from ``host`` (its SNI) on one connection, from the
+    client namespace to the server's IPv4 address: its run, and the files it saved by name
+    (``/`` is saved as index.html). ``options``: more gtlsclient flags (e.g. --version=)."""
+    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-"))
+    try:
+        out = subprocess.run(
+            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
+             f"--download={download}", "--exit-on-all-streams-close", *options,
+             pair.server_v4, str(PORT), *[f"https://{host}:{PORT}{p}" for p in paths]],
+            capture_output=True, text=True, timeout=60,
+        )
+        return out, {f.name: f.read_bytes() for f in download.iterdir()}
+    finally:
+        shutil.rmtree(download, ignore_errors=True)
+
+
 def chromium_get(pair: NetnsPair, host: str, app: RunningApp, path: str = "/",
                  timeout: float = 90) -> subprocess.CompletedProcess[str]:
     """Headless Chromium in the client namespace, forced onto HTTP/3 for ``host`` (mapped to

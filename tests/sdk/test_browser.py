@@ -7,19 +7,14 @@ through the daemon and get the page: the whole chain with peers that are not our
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from deploy.netns import NetnsPair
-from steerd.daemon.dataplane.netns import netns_path
-from tests.e2e.conftest import PORT, Daemon
-from tests.sdk.harness import RunningApp, chromium_get, start_demo_app
+from tests.e2e.conftest import Daemon
+from tests.sdk.harness import RunningApp, chromium_get, gtlsclient_get, start_demo_app
 
 pytestmark = pytest.mark.root
 
@@ -44,18 +39,8 @@ def test_chromium_loads_the_page(pair: NetnsPair, site: RunningApp) -> None:
 
 
 def test_ngtcp2_client_gets_the_page(pair: NetnsPair, site: RunningApp) -> None:
-    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-"))
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
-             f"--download={download}", "--exit-on-all-streams-close", pair.server_v4,
-             str(PORT), f"https://{HOST}:{PORT}/"],
-            capture_output=True, text=True, timeout=60,
-        )
-        saved = download / "index.html"
-        page = saved.read_text() if saved.exists() else ""
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
+    out, saved = gtlsclient_get(pair, HOST, ["/"])
+    page = saved.get("index.html", b"").decode()
     assert out.returncode == 0, out.stderr[-2000:]
     assert PAGE_MARK in page, out.stderr[-2000:]
 
@@ -73,18 +58,9 @@ def test_ngtcp2_unknown_version_negotiates_then_gets_the_page(
     """gtlsclient starts in a version nobody speaks: the daemon answers Version Negotiation,
     the client retries in QUIC v1 (its preferred version) and gets the page from the site."""
     before = _vn_sent(daemon)
-    download = Path(tempfile.mkdtemp(prefix="steerd-ngtcp2-vn-"))
-    try:
-        out = subprocess.run(
-            ["nsenter", f"--net={netns_path(pair.client)}", "gtlsclient",
-             f"--download={download}", "--exit-on-all-streams-close", "--version=0x1a2a3a4a",
-             "--preferred-versions=v1", pair.server_v4, str(PORT), f"https://{HOST}:{PORT}/"],
-            capture_output=True, text=True, timeout=60,
-        )
-        saved = download / "index.html"
-        page = saved.read_text() if saved.exists() else ""
-    finally:
-        shutil.rmtree(download, ignore_errors=True)
+    out, saved = gtlsclient_get(pair, HOST, ["/"], "--version=0x1a2a3a4a",
+                                "--preferred-versions=v1")
+    page = saved.get("index.html", b"").decode()
     assert out.returncode == 0, out.stderr[-2000:]
     assert PAGE_MARK in page, out.stderr[-2000:]
     deadline = time.monotonic() + 5  # the daemon folds its counts in every 0.5 s
