@@ -27,6 +27,9 @@ hits all alike, each on a fresh socket group:
 - steer-learned-peer: DCIDs no table knows; the client's address and its 8 source ports are
   pre-inserted into learned_peers, so every packet misses learned_cids and is steered by
   learned_peers (the slowest path that still delivers);
+- steer+unicast: steer, with the non-unicast filter (steerd/bpf/unicast.c) attached at the
+  cgroup v2 root, as the daemon always has it: it runs for every datagram delivered to a
+  socket; its cost on unicast traffic (which it passes);
 - steer+learner: steer, with the learned-mode egress program (steerd/bpf/learn.c) attached at the
   cgroup v2 root, as it is whenever one app runs in learned mode: the sender's own egress
   passes through it (it exits early: not from the service port), its cost on traffic that
@@ -71,6 +74,8 @@ from steerd.daemon.dataplane.learn import PIN_NAME as LEARN_PIN_NAME  # noqa: E4
 from steerd.daemon.dataplane.learn import Learner, LearnLimits, remove_learner  # noqa: E402
 from steerd.daemon.dataplane.maps import libbcc  # noqa: E402
 from steerd.daemon.dataplane.netns import run_in_netns  # noqa: E402
+from steerd.daemon.dataplane.unicast import PROG_PIN as UNICAST_PIN_NAME  # noqa: E402
+from steerd.daemon.dataplane.unicast import UnicastFilter, remove_unicast_filter  # noqa: E402
 
 PORT = 4433
 LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_len=6)
@@ -79,13 +84,14 @@ SENDER_SOCKETS = 8
 TEMPLATES = 256
 SRC_PORT_BASE = 40000  # the sender's socket i sends from this + i
 MODES = ("plain", "null-xdp", "xdp", "steer", "steer+xdp", "steer+tc", "steer-learned",
-         "steer-learned-peer", "steer+learner")
+         "steer-learned-peer", "steer+learner", "steer+unicast")
 LEARNED_MODES = ("steer-learned", "steer-learned-peer")
 LEARNED_CID_LEN = 8
 # The counter that must have seen every delivered packet, per steering mode.
 STEER_COUNTER = {"steer-learned": "steer_learned_cid", "steer-learned-peer": "steer_learned_peer"}
 # Modes run again with kernel BPF statistics on, to measure the programs' own run time.
-STATS_MODES = ("steer+xdp", "null-xdp", "steer-learned", "steer-learned-peer", "steer+learner")
+STATS_MODES = ("steer+xdp", "null-xdp", "steer-learned", "steer-learned-peer", "steer+learner",
+               "steer+unicast")
 NULL_XDP = "int null_xdp(struct xdp_md *ctx) { return XDP_PASS; }"
 
 
@@ -231,6 +237,9 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
     tc = mode == "steer+tc"
     learned = mode in LEARNED_MODES
     learner = Learner(dp) if mode == "steer+learner" else None
+    unicast = (UnicastFilter(dp.config.pin_dir, PORT, dp.map_fd("counters"), netns=pair.server)
+               if mode == "steer+unicast" else None)
+    unicast_fd = -1
     tmpl = tmpls.get(mode, tmpls["layout"])
     dev = pair.server_if.encode()
     learn_fd = -1
@@ -253,10 +262,17 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
         if learner is not None:
             learner.attach()
             learn_fd = pinned_fd(os.path.join(dp.config.pin_dir, LEARN_PIN_NAME))
+        if unicast is not None:
+            unicast.open()
+            unicast.sync_broadcasts()
+            unicast.attach()
+            unicast_fd = pinned_fd(os.path.join(unicast.directory, UNICAST_PIN_NAME))
         before, errs_before = dp.counters(), rcvbuf_errors(pair)
         fds = {"steer": dp.steer_prog_fd, "guard": dp.guard_prog_fd, "null": null_xdp.fd}
         if learn_fd >= 0:
             fds["learn"] = learn_fd
+        if unicast_fd >= 0:
+            fds["unicast"] = unicast_fd
         stats_before = prog_stats(fds)
         sock_fds = [s.fileno() for s in socks]
         recv = subprocess.Popen(
@@ -312,6 +328,11 @@ def run_mode(mode: str, pair: NetnsPair, dp: Dataplane, null_xdp: Any, sender: P
                             "xdp_short")},
         }
     finally:
+        if unicast is not None:
+            remove_unicast_filter(dp.config.pin_dir)
+            unicast.close()
+        if unicast_fd >= 0:
+            os.close(unicast_fd)
         if learner is not None:
             remove_learner(dp.config.pin_dir)
             learner.close()
@@ -446,6 +467,8 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
         "steer_learned_peer": prog_median("steer-learned-peer", "steer"),
         "steer_with_learner": prog_median("steer+learner", "steer"),
         "learn": prog_median("steer+learner", "learn"),
+        "steer_with_unicast": prog_median("steer+unicast", "steer"),
+        "unicast": prog_median("steer+unicast", "unicast"),
     }
     steering = [m for m in MODES if m.startswith("steer")]
     summary = {
@@ -493,7 +516,7 @@ def report(args: argparse.Namespace, results: list[dict[str, object]],
               f"= {100 * net / cost['plain']:.1f}% of it")
         print(f"steer+tc against plain: {median['steer+tc'] / median['plain']:.3f}x pps, "
               f"{cost['plain'] / cost['steer+tc']:.3f}x packets per CPU-second")
-        for m in ("steer-learned", "steer-learned-peer", "steer+learner"):
+        for m in ("steer-learned", "steer-learned-peer", "steer+learner", "steer+unicast"):
             print(f"{m} against steer: {median[m] / median['steer']:.3f}x pps, "
                   f"{cost['steer'] / cost[m]:.3f}x packets per CPU-second")
         print(f"steer+xdp against null-xdp (the veth XDP-mode cost taken out): "

@@ -20,6 +20,11 @@
  * evict another slot's live entry (first writer wins, and the tables are plain hashes that
  * refuse instead of evicting); hold more than its slot's quota (learn_counts).
  *
+ * What nobody off the path can do with it: fill the tables with spoofed Initials. Every
+ * entry learned here is unproven: it expires within seconds (unproven_ttl_ns) and counts in
+ * a small per-slot unproven budget, not in the slot's quota, until steer.c sees a client
+ * datagram carrying the learned CID, which only the host at the client's address can have.
+ *
  * Layout-mode sockets are watched too: a long-header SCID that is not this slot's layout CID
  * is counted per slot (STEERD_SLOT_EGRESS_OFF_MODE), which is how `steerd exec` and `steerd
  * status` tell that an app does not write the CIDs it registered.
@@ -51,28 +56,42 @@ static __always_inline int take_quota(__u32 index, __u32 quota)
     return 1;
 }
 
-/* First writer wins: a live entry of another slot stands; an expired one is taken over. */
-static __always_inline int learn(void *map, void *key, __u32 slot, __u32 count_index,
-                                 __u32 quota, __u64 ttl_ns)
+/* First writer wins: a live entry of another slot stands; an expired one is taken over.
+ *
+ * What is written is unproven (STEERD_LEARNED_UNPROVEN): the server answered a datagram
+ * that claimed to come from this client, and a source address is free to forge. So it takes
+ * one of the slot's unproven budget (learn_counts column `unproven_index`), not its quota,
+ * and lives cfg->unproven_ttl_ns from now; only the steering program promotes it (a client
+ * datagram carrying the learned CID proves the client got the server's packet). A live
+ * unproven entry of this slot is not kept alive by further packets (a server resending its
+ * first flight to a forged address must not keep the entry); an expired one not yet swept
+ * is renewed in place (it is still counted). A proven entry of this slot is kept alive. */
+static __always_inline int learn(void *map, void *key, __u32 slot, __u32 unproven_index,
+                                 struct steerd_learn_config *cfg)
 {
     struct steerd_route *old = bpf_map_lookup_elem(map, key);
     __u64 now = bpf_ktime_get_ns();
-    struct steerd_route value = {.slot = slot, .flags = 0, .expires_ns = now + ttl_ns};
+    struct steerd_route value = {.slot = slot, .flags = STEERD_LEARNED_UNPROVEN,
+                                 .expires_ns = now + cfg->unproven_ttl_ns};
     long ret;
 
     if (old) {
         if (old->slot == slot) {
-            if (old->expires_ns < now + ttl_ns / 2)
-                old->expires_ns = now + ttl_ns;
+            if (old->flags & STEERD_LEARNED_UNPROVEN) {
+                if (old->expires_ns < now)
+                    old->expires_ns = now + cfg->unproven_ttl_ns;
+            } else if (old->expires_ns < now + cfg->ttl_ns / 2) {
+                old->expires_ns = now + cfg->ttl_ns;
+            }
             return LEARN_KNOWN;
         }
         if (old->expires_ns >= now)
             return LEARN_CONFLICT;
-        if (!take_quota(count_index, quota))
+        if (!take_quota(unproven_index, cfg->unproven_quota))
             return LEARN_FULL;
         return bpf_map_update_elem(map, key, &value, BPF_EXIST) == 0 ? LEARN_NEW : LEARN_FULL;
     }
-    if (!take_quota(count_index, quota))
+    if (!take_quota(unproven_index, cfg->unproven_quota))
         return LEARN_FULL;
     ret = bpf_map_update_elem(map, key, &value, BPF_NOEXIST);
     if (ret == 0)
@@ -148,8 +167,7 @@ int steerd_learn(struct __sk_buff *skb)
     if (sock->mode == STEERD_MODE_LEARNED) {
         peer.peer_port = ports[1];
         peer.local_port = ports[0];
-        count_result(learn(LEARNED_PEERS, &peer, slot, STEERD_WORKER_SLOTS + slot,
-                           cfg->peer_quota, cfg->ttl_ns),
+        count_result(learn(LEARNED_PEERS, &peer, slot, 3 * STEERD_WORKER_SLOTS + slot, cfg),
                      slot, STEERD_CNT_LEARN_PEER, 0);
     }
 
@@ -196,7 +214,7 @@ int steerd_learn(struct __sk_buff *skb)
         steerd_slot_count(slot, STEERD_SLOT_EGRESS_REFUSED);
         return 1;
     }
-    count_result(learn(LEARNED_CIDS, &key, slot, slot, cfg->cid_quota, cfg->ttl_ns),
+    count_result(learn(LEARNED_CIDS, &key, slot, 2 * STEERD_WORKER_SLOTS + slot, cfg),
                  slot, STEERD_CNT_LEARN_CID, 1);
     return 1;
 }

@@ -28,6 +28,7 @@
 #define LEARNED_CIDS ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARNED_CIDS))
 #define LEARNED_PEERS ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARNED_PEERS))
 #define LEARN_CONFIG ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARN_CONFIG))
+#define LEARN_COUNTS ((void *)bpf_pseudo_fd(1, STEERD_FD_LEARN_COUNTS))
 
 #define QUIC_OFF STEERD_UDP_HEADER_LEN
 
@@ -85,18 +86,65 @@ static __always_inline int to_classifier(struct sk_reuseport_md *md, const __u8 
     return SK_DROP;
 }
 
-/* A learned entry that is still alive: keep it alive while it is used (written at most once
- * per half TTL, so a busy connection does not bounce the entry's cache line on every
- * datagram). */
+/* A learned entry that is still alive: keep a proven one alive while it is used (written at
+ * most once per half TTL, so a busy connection does not bounce the entry's cache line on
+ * every datagram). An unproven one lives only until its short expiry, unless promoted. */
 static __always_inline int learned_alive(struct steerd_route *entry, __u64 ttl_ns)
 {
     __u64 now = bpf_ktime_get_ns();
 
     if (entry->expires_ns < now)
         return 0;
-    if (entry->expires_ns - now < ttl_ns / 2)
+    if (!(entry->flags & STEERD_LEARNED_UNPROVEN) && entry->expires_ns - now < ttl_ns / 2)
         entry->expires_ns = now + ttl_ns;
     return 1;
+}
+
+/* Promote an unproven learned entry of `slot` (learn.c): column 0 for a CID, 1 for a client
+ * address. It now counts against the slot's quota (proven column) instead of its unproven
+ * budget and lives the full TTL. A slot at its quota keeps it unproven: it expires, as a
+ * new entry used to be refused. Two CPUs promoting at once may count it twice; the sweep
+ * recounts. */
+static __always_inline void promote(struct steerd_route *entry, __u32 slot, __u32 column,
+                                    struct steerd_learn_config *cfg, __u32 counter)
+{
+    __u32 proven = column * STEERD_WORKER_SLOTS + slot;
+    __u32 unproven = (column + 2) * STEERD_WORKER_SLOTS + slot;
+    __u32 quota = column ? cfg->peer_quota : cfg->cid_quota;
+    __u32 *count = bpf_map_lookup_elem(LEARN_COUNTS, &proven);
+
+    if (!count || *count >= quota) {
+        steerd_count(STEERD_CNT_LEARN_PROMOTE_FULL);
+        steerd_slot_count(slot, STEERD_SLOT_EGRESS_FULL);
+        return;
+    }
+    __sync_fetch_and_add(count, 1);
+    count = bpf_map_lookup_elem(LEARN_COUNTS, &unproven);
+    if (count && *count)
+        __sync_fetch_and_add(count, -1);
+    entry->flags = 0;
+    entry->expires_ns = bpf_ktime_get_ns() + cfg->ttl_ns;
+    steerd_count(counter);
+}
+
+/* The client address:port and service port of the datagram, keyed as learned_peers. */
+static __always_inline int sender_key(struct sk_reuseport_md *md, struct steerd_peer_key *peer)
+{
+    __u16 ports[2];
+
+    if (bpf_skb_load_bytes(md, 0, ports, sizeof(ports)) < 0)
+        return -1;
+    peer->peer_port = ports[0];
+    peer->local_port = ports[1];
+    if (md->eth_protocol == bpf_htons(0x0800)) {          /* IPv4 saddr at 12 */
+        peer->family = 4;
+        return bpf_skb_load_bytes_relative(md, 12, peer->addr, 4, BPF_HDR_START_NET) < 0 ? -1 : 0;
+    }
+    if (md->eth_protocol == bpf_htons(0x86DD)) {          /* IPv6 saddr at 8 */
+        peer->family = 6;
+        return bpf_skb_load_bytes_relative(md, 8, peer->addr, 16, BPF_HDR_START_NET) < 0 ? -1 : 0;
+    }
+    return -1;
 }
 
 /* Deliver to the slot a learned entry names; an empty slot drops (a learned-mode server's
@@ -113,9 +161,39 @@ static __always_inline int to_learned(struct sk_reuseport_md *md, __u32 slot, __
     return SK_DROP;
 }
 
+/* A client datagram carrying a live learned CID: to that CID's slot. The CID went only to
+ * the client's address (in the server's long-header packet), so the datagram proves the
+ * client is there: once delivered, an unproven CID entry is promoted, and so is the
+ * sender's address entry when it is this slot's and unproven (a client's first Handshake
+ * proves both; a client that moved proves its new address with its next datagram). A dead
+ * slot's entries are not promoted: they are deleted when the slot is freed. */
+static __always_inline int steer_learned_cid(struct sk_reuseport_md *md,
+                                             struct steerd_route *entry,
+                                             struct steerd_learn_config *cfg)
+{
+    struct steerd_peer_key peer = {};
+    struct steerd_route *addr;
+    __u32 slot = entry->slot;
+    int verdict = to_learned(md, slot, STEERD_CNT_STEER_LEARNED_CID,
+                             STEERD_SLOT_STEERED_LEARNED_CID);
+
+    if (verdict != SK_PASS)
+        return verdict;
+    if (entry->flags & STEERD_LEARNED_UNPROVEN)
+        promote(entry, slot, 0, cfg, STEERD_CNT_LEARN_PROMOTED_CID);
+    if (sender_key(md, &peer) == 0) {
+        addr = bpf_map_lookup_elem(LEARNED_PEERS, &peer);
+        if (addr && addr->slot == slot && (addr->flags & STEERD_LEARNED_UNPROVEN) &&
+            addr->expires_ns >= bpf_ktime_get_ns())
+            promote(addr, slot, 1, cfg, STEERD_CNT_LEARN_PROMOTED_PEER);
+    }
+    return verdict;
+}
+
 /* A short header whose DCID is not in our layout: try it as a learned CID of each length
  * learned-mode apps registered, then the client's address:port (a client that switched to a
- * CID the server gave it in an encrypted NEW_CONNECTION_ID frame, which nothing can learn).
+ * CID the server gave it in an encrypted NEW_CONNECTION_ID frame, which nothing can learn;
+ * only a proven address: an unproven one may be a forged source the server answered).
  * Returns -1 when nothing was learned for it. */
 static __always_inline int steer_learned_short(struct sk_reuseport_md *md)
 {
@@ -125,7 +203,6 @@ static __always_inline int steer_learned_short(struct sk_reuseport_md *md)
     struct steerd_route *entry;
     __u8 buf[STEERD_MAX_CID_LEN];
     __u32 zero = 0;
-    __u16 ports[2];
 
     cfg = bpf_map_lookup_elem(LEARN_CONFIG, &zero);
     if (!cfg || !cfg->lengths[0])
@@ -147,26 +224,12 @@ static __always_inline int steer_learned_short(struct sk_reuseport_md *md)
             key.cid[i] = i < len ? buf[i] : 0;
         entry = bpf_map_lookup_elem(LEARNED_CIDS, &key);
         if (entry && learned_alive(entry, cfg->ttl_ns))
-            return to_learned(md, entry->slot, STEERD_CNT_STEER_LEARNED_CID,
-                              STEERD_SLOT_STEERED_LEARNED_CID);
+            return steer_learned_cid(md, entry, cfg);
     }
-    if (bpf_skb_load_bytes(md, 0, ports, sizeof(ports)) < 0)
+    if (sender_key(md, &peer) < 0)
         return -1;
-    peer.peer_port = ports[0];
-    peer.local_port = ports[1];
-    if (md->eth_protocol == bpf_htons(0x0800)) {          /* IPv4 saddr at 12 */
-        peer.family = 4;
-        if (bpf_skb_load_bytes_relative(md, 12, peer.addr, 4, BPF_HDR_START_NET) < 0)
-            return -1;
-    } else if (md->eth_protocol == bpf_htons(0x86DD)) {   /* IPv6 saddr at 8 */
-        peer.family = 6;
-        if (bpf_skb_load_bytes_relative(md, 8, peer.addr, 16, BPF_HDR_START_NET) < 0)
-            return -1;
-    } else {
-        return -1;
-    }
     entry = bpf_map_lookup_elem(LEARNED_PEERS, &peer);
-    if (entry && learned_alive(entry, cfg->ttl_ns))
+    if (entry && !(entry->flags & STEERD_LEARNED_UNPROVEN) && learned_alive(entry, cfg->ttl_ns))
         return to_learned(md, entry->slot, STEERD_CNT_STEER_LEARNED_PEER,
                           STEERD_SLOT_STEERED_LEARNED_PEER);
     return -1;
@@ -263,14 +326,20 @@ short_header:
         if (cfg && cfg->lengths[0]) {
             route = bpf_map_lookup_elem(LEARNED_CIDS, &key);
             if (route && learned_alive(route, cfg->ttl_ns))
-                return to_learned(md, route->slot, STEERD_CNT_STEER_LEARNED_CID,
-                                  STEERD_SLOT_STEERED_LEARNED_CID);
+                return steer_learned_cid(md, route, cfg);
         }
     }
     /* No route and not ours: only a client's first flight (Initial, 0-RTT) or an unknown
      * version (Version Negotiation) is the classifier's business. A Handshake or Retry
      * here belongs to no connection of ours. */
     version = ((__u32)lh[0] << 24) | ((__u32)lh[1] << 16) | ((__u32)lh[2] << 8) | lh[3];
+    /* The watchdog's canary (steerd.h): only here, so no routed or short-header packet
+     * pays for it. */
+    if (version == STEERD_CANARY_VERSION && len == STEERD_CANARY_DCID_LEN &&
+        steerd_canary(key.cid)) {
+        steerd_count(STEERD_CNT_STEER_CANARY);
+        return SK_DROP;
+    }
     type = (first >> 4) & 3;
     if (version == STEERD_QUIC_V2)
         type = (type + 3) & 3;   /* RFC 9369 §3.2: Initial 0b01, 0-RTT 0b10 */

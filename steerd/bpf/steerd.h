@@ -118,6 +118,27 @@
                                                   * never learned */
 #define STEERD_CNT_LEARN_CONFLICT 46             /* already another slot's (first writer wins) */
 #define STEERD_CNT_LEARN_FULL 47                 /* the slot's quota or the table is full */
+/* the socket jail's allowlist and its 32-bit hook (jail.c, compat.c) */
+#define STEERD_CNT_JAIL_NOOP_SETSOCKOPT 48       /* SO_REUSEADDR/SO_REUSEPORT set on: answered as
+                                                  * done, nothing changed */
+#define STEERD_CNT_JAIL_KILLED_COMPAT 49         /* a 32-bit setsockopt outside the allowlist on
+                                                  * a service socket: the caller killed */
+#define STEERD_CNT_JAIL_COMPAT_UNREADABLE 50     /* a 32-bit setsockopt whose descriptor could
+                                                  * not be read: let through (the watchdog
+                                                  * repairs) */
+/* non-unicast datagrams dropped on their way into a service socket, each clone of a
+ * broadcast or multicast delivery counted (cgroup_skb/ingress, steerd/bpf/unicast.c) */
+#define STEERD_CNT_UNICAST_DROP_MULTICAST 58     /* IPv4 224/4, IPv6 ff00::/8, or an L2 multicast */
+#define STEERD_CNT_UNICAST_DROP_BROADCAST 59     /* 240/4 (255.255.255.255), a local broadcast
+                                                  * address, or an L2 broadcast */
+/* learned mode's proof of address (steer.c): an entry learned from a server's packet is
+ * unproven (STEERD_LEARNED_UNPROVEN) until a client's datagram carries its CID */
+#define STEERD_CNT_LEARN_PROMOTED_CID 60         /* unproven learned CID proven: now counts
+                                                  * against the slot's learned_quota */
+#define STEERD_CNT_LEARN_PROMOTED_PEER 61        /* unproven client address proven (its datagram
+                                                  * came with a CID learned for the same slot) */
+#define STEERD_CNT_LEARN_PROMOTE_FULL 62         /* proven, but the slot's quota is full: stays
+                                                  * unproven and expires */
 #define STEERD_CNT_MAX 64
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
@@ -130,7 +151,7 @@ struct steerd_route_key {
 
 struct steerd_route {
     __u32 slot;
-    __u32 flags;                      /* reserved, 0 */
+    __u32 flags;                      /* routes: 0; learned: STEERD_LEARNED_UNPROVEN */
     __u64 expires_ns;                 /* CLOCK_MONOTONIC (bpf_ktime_get_ns); 0 = no expiry */
 };                                    /* 16 bytes */
 
@@ -196,11 +217,24 @@ struct steerd_learn_config {
     __u32 peer_quota;                 /* learned client addresses per slot */
     __u64 ttl_ns;                     /* an entry lives this long after its last use */
     __u8 lengths[STEERD_MAX_LEARN_LENGTHS]; /* CID lengths learned-mode apps use; 0 = none */
-    __u32 pad;
-};                                    /* 24 bytes */
+    __u32 unproven_quota;             /* unproven entries per slot, CIDs and peers apart */
+    __u64 unproven_ttl_ns;            /* an unproven entry lives this long after it was learned */
+};                                    /* 32 bytes */
 
-/* learn_counts: ARRAY of u32, index slot (learned CIDs) and STEERD_WORKER_SLOTS + slot
- * (learned peers): entries each slot holds. BPF adds; Python's sweep recounts. */
+/* An entry learned on egress is unproven (flags bit): the server answered a datagram that
+ * claimed to come from that client address, which anyone can forge. It lives
+ * unproven_ttl_ns (not extended by later egress), counts against the slot's
+ * unproven_quota, and is promoted by the steering program (flag cleared, ttl_ns, the
+ * slot's quota) when a client datagram carrying the learned CID arrives: only the host at
+ * that address received the CID. Promotion of the address entry needs the same datagram to
+ * come from it. */
+#define STEERD_LEARNED_UNPROVEN 1
+
+/* learn_counts: ARRAY of u32, entries each slot holds: index slot (proven CIDs),
+ * STEERD_WORKER_SLOTS + slot (proven peers), 2 * STEERD_WORKER_SLOTS + slot (unproven
+ * CIDs), 3 * STEERD_WORKER_SLOTS + slot (unproven peers). BPF adds (and moves one from
+ * unproven to proven on promotion); Python's sweep recounts. */
+#define STEERD_LEARN_COUNT_COLUMNS 4
 
 /* slot_stats: PERCPU_ARRAY of u64, index slot * STEERD_SLOT_STATS + STEERD_SLOT_*: how each
  * slot's packets are steered and what its egress shows (steerd status, per app). */
@@ -222,8 +256,17 @@ struct steerd_learn_config {
 #define STEERD_BUCKET_KEY_SIZE 20
 #define STEERD_LEARN_SOCKET_SIZE 8
 #define STEERD_PEER_KEY_SIZE 24
-#define STEERD_LEARN_CONFIG_SIZE 24
+#define STEERD_LEARN_CONFIG_SIZE 32
 
+
+/* The socket jail's allowlist (`jail_options`, shared by jail.c and compat.c): key
+ * steerd_jail_option_key(level, optname), value a verdict; an option not in it is refused. */
+#define STEERD_JAIL_ALLOW 1    /* harmless to other tenants: passes */
+#define STEERD_JAIL_ON_ONLY 2  /* SO_REUSEADDR/SO_REUSEPORT: setting it on is a no-op, off refused */
+#define STEERD_JAIL_OPTIONS_MAX 128
+#define STEERD_JAIL_OFFENCE_SIZE 16
+#define steerd_jail_option_key(level, optname) \
+    ((((__u64)(__u32)(level)) << 32) | (__u64)(__u32)(optname))
 
 /* Shared BPF-side helper: one per-CPU counter bump (only in programs given the counters fd). */
 #ifdef STEERD_FD_COUNTERS
@@ -271,6 +314,34 @@ static __always_inline void steerd_slot_count(__u32 slot, __u32 what)
 
     if (value)
         *value += 1;
+}
+#endif
+
+/* The watchdog's canary (steerd/daemon/watchdog.py): proof that a group's program is steerd's.
+ * Every watch period the daemon sends one datagram per group to the service address: a long
+ * header of version STEERD_CANARY_VERSION (no QUIC version) whose 8-byte DCID is a per-run
+ * secret the daemon writes into every CPU's copy of `counters` entry STEERD_CANARY_SECRET
+ * (past the counters: never reported as one). Only this program can compare it, so only it
+ * bumps STEERD_CNT_STEER_CANARY and drops the datagram; the daemon sees the counter advance,
+ * or re-attaches its program. A sender without the secret (2^-59: the first octet's top bits
+ * are fixed to the unroutable codepoint, never a layout CID) takes the normal path. */
+#define STEERD_CANARY_VERSION 0x57ee0c0a
+#define STEERD_CANARY_DCID_LEN 8
+#define STEERD_CNT_STEER_CANARY 56               /* a canary with the daemon's secret: dropped */
+#define STEERD_CANARY_SECRET 63                  /* `counters` index holding the secret (u64) */
+
+#ifdef STEERD_FD_COUNTERS
+/* Whether a DCID of STEERD_CANARY_DCID_LEN bytes is the daemon's canary secret (0: none set). */
+static __always_inline int steerd_canary(const __u8 *cid)
+{
+    __u32 idx = STEERD_CANARY_SECRET;
+    __u64 *secret = bpf_map_lookup_elem((void *)bpf_pseudo_fd(1, STEERD_FD_COUNTERS), &idx);
+    __u64 have = 0;
+
+    if (!secret || !*secret)
+        return 0;
+    __builtin_memcpy(&have, cid, sizeof(have));
+    return have == *secret;
 }
 #endif
 

@@ -201,6 +201,14 @@ class LimitsConfig:
     worker_slots: int = 256  # size of the worker slot pool (and of the BPF sockarray)
     workers_per_app: int = 64
     control_connections: int = 64
+    # Per tenant (uid other than 0, docs/SECURITY.md §2.6), so that one cannot take every
+    # slot or connection from the others: worker slots held by the uid's generations,
+    # draining ones included (a file with worker_slots below 64 lowers the default to it);
+    # generations one app may have at once (live plus draining); control connections of the
+    # uid at once (a file with control_connections below 16 lowers the default to it).
+    uid_worker_slots: int = 64
+    app_generations: int = 3
+    uid_control_connections: int = 16
     control_message_bytes: int = 65536
     control_rate: float = 20.0  # messages per second per control connection, sustained
     control_burst: int = 40
@@ -211,6 +219,16 @@ class LimitsConfig:
     learned_capacity: int = 65536
     learned_quota: int = 4096
     learned_ttl: float = 300.0
+    # An entry learned from a server's packet is unproven until a client datagram carrying
+    # the learned CID arrives (the client's Handshake): it lives learned_unproven_ttl seconds
+    # and counts against the slot's learned_unproven_quota (CIDs and addresses apart), not
+    # learned_quota, so spoofed Initials that make a server answer cannot fill the tables.
+    learned_unproven_ttl: float = 3.0
+    learned_unproven_quota: int = 2048
+    # Worker slots that may be in learned mode at once (registrations past it are refused):
+    # learned_capacity must hold learned_slots x (learned_quota + learned_unproven_quota).
+    # Unset: as many as it holds, at most worker_slots (10 with the defaults).
+    learned_slots: int = 10
 
 
 MAX_ROUTE_CAPACITY = 1 << 22
@@ -636,6 +654,43 @@ def _parse_limits(
             )
         return v
 
+    def at_most(key: str, default: int, bound: str, value: int) -> int:
+        """A per-uid share of a global limit: 1..the global one (``bound``, already read);
+        unset, the default or the global one, whichever is smaller."""
+        if key not in s.table:
+            return min(default, value)
+        v = s.table[key]
+        if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= value:
+            raise s.fail(key, f"must be an integer 1..{value} (at most [limits] {bound}), "
+                              f"got {render(v)}")
+        return v
+
+    worker_slots = s.int_range(
+        "worker_slots", dl.worker_slots, 1, min(256**cid.slot_len, MAX_WORKER_SLOTS)
+    )
+    control_connections = s.int_range("control_connections", dl.control_connections, 1, 4096)
+    learned_capacity = s.int_range("learned_capacity", dl.learned_capacity, 1024, 1 << 22)
+    learned_quota = s.int_range("learned_quota", dl.learned_quota, 16, 1 << 22)
+    learned_unproven_quota = s.int_range(
+        "learned_unproven_quota", dl.learned_unproven_quota, 16, 1 << 22)
+    learned_per_slot = learned_quota + learned_unproven_quota
+    learned_fit = learned_capacity // learned_per_slot
+    learned_need = (f"learned_quota {learned_quota} + learned_unproven_quota "
+                    f"{learned_unproven_quota} = {learned_per_slot} entries per learned-mode slot")
+    if "learned_slots" in s.table:
+        learned_slots = at_most("learned_slots", 0, "worker_slots", worker_slots)
+        if learned_slots > learned_fit:
+            raise s.fail("learned_capacity", (
+                f"{learned_capacity} entries cannot hold learned_slots {learned_slots} x "
+                f"({learned_need}) = {learned_slots * learned_per_slot}: raise "
+                "learned_capacity or lower learned_slots, learned_quota or "
+                "learned_unproven_quota"))
+    elif learned_fit < 1:
+        raise s.fail("learned_capacity", (
+            f"{learned_capacity} entries cannot hold one learned-mode slot ({learned_need}): "
+            "raise learned_capacity or lower learned_quota or learned_unproven_quota"))
+    else:
+        learned_slots = min(learned_fit, worker_slots)
     limits = LimitsConfig(
         pending_connections=s.int_range("pending_connections", dl.pending_connections, 1, 10**7),
         pending_bytes=s.get("pending_bytes", dl.pending_bytes, pending_bytes),
@@ -644,11 +699,15 @@ def _parse_limits(
         first_flight_rate=s.number("first_flight_rate", dl.first_flight_rate, 10, 10**6,
                                    "new connections per second"),
         classifiers=s.int_range("classifiers", dl.classifiers, 1, 64),
-        worker_slots=s.int_range(
-            "worker_slots", dl.worker_slots, 1, min(256**cid.slot_len, MAX_WORKER_SLOTS)
-        ),
+        worker_slots=worker_slots,
         workers_per_app=s.int_range("workers_per_app", dl.workers_per_app, 1, SCM_MAX_FD),
-        control_connections=s.int_range("control_connections", dl.control_connections, 1, 4096),
+        control_connections=control_connections,
+        uid_worker_slots=at_most("uid_worker_slots", dl.uid_worker_slots, "worker_slots",
+                                 worker_slots),
+        # 2 at least: a replace needs the live generation and its successor at once
+        app_generations=s.int_range("app_generations", dl.app_generations, 2, 64),
+        uid_control_connections=at_most("uid_control_connections", dl.uid_control_connections,
+                                        "control_connections", control_connections),
         control_message_bytes=s.int_range(
             "control_message_bytes", dl.control_message_bytes, 1024, 2**20
         ),
@@ -656,9 +715,12 @@ def _parse_limits(
             "control_rate", dl.control_rate, 0.1, 100000, "messages per second"
         ),
         control_burst=s.int_range("control_burst", dl.control_burst, 1, 10**6),
-        learned_capacity=s.int_range("learned_capacity", dl.learned_capacity, 1024, 1 << 22),
-        learned_quota=s.int_range("learned_quota", dl.learned_quota, 16, 1 << 22),
+        learned_capacity=learned_capacity,
+        learned_quota=learned_quota,
         learned_ttl=s.number("learned_ttl", dl.learned_ttl, 10, 86400),
+        learned_unproven_ttl=s.number("learned_unproven_ttl", dl.learned_unproven_ttl, 0.5, 60),
+        learned_unproven_quota=learned_unproven_quota,
+        learned_slots=learned_slots,
     )
     fds = limits.workers_per_app * len(listen.addresses)
     if fds > SCM_MAX_FD:
@@ -760,6 +822,9 @@ def summary(config: Config) -> list[str]:
         f"control limits: {lim.control_connections} connections, "
         f"{lim.control_message_bytes} bytes per message, {lim.control_rate:g} messages/s "
         f"(burst {lim.control_burst})",
+        f"tenant limits: per uid other than 0, {lim.uid_worker_slots} worker slots (draining "
+        f"generations included) and {lim.uid_control_connections} control connections; "
+        f"{lim.app_generations} generations per app",
     ]
     return lines
 

@@ -31,7 +31,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -46,6 +46,7 @@ from steerd.app.protocol import (
     layout_dict,
     socket_cookie,
 )
+from steerd.daemon.closer import Closer, is_socket
 from steerd.daemon.config import Config, render
 from steerd.daemon.metrics import Metrics
 from steerd.daemon.ratelimit import TokenBucket
@@ -53,8 +54,11 @@ from steerd.daemon.registry import Generation, Peer, Registry, RegistryError
 
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)  # Linux value; CPython only exports it lately
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
+IP_MULTICAST_ALL = getattr(socket, "IP_MULTICAST_ALL", 49)  # Linux >= 2.6.31
+IPV6_MULTICAST_ALL = getattr(socket, "IPV6_MULTICAST_ALL", 29)  # Linux >= 4.20
 RESET_KEY_LEN = 32
 ACCEPT_BACKOFF = 0.1  # seconds without accepting after accept() failed (e.g. out of FDs)
+CLOSER_STOP = 5.0  # seconds a stopping server waits for its closer to close what it holds
 
 
 class SocketSink(Protocol):
@@ -95,6 +99,12 @@ def bind_group_socket(address: str, port: int, *, classifier: bool = False) -> s
 
     IPv6 sockets are v6-only so that "0.0.0.0" and "::" are two separate groups, each with
     its own steering, instead of one IPv6 socket silently taking IPv4-mapped traffic.
+
+    Multicast "all" is off: by default a wildcard-bound socket gets every multicast datagram
+    to its port for any group some socket of the host joined (224.0.0.1 and ff02::1 always
+    are), one clone per socket, bypassing the steering program. Off, it gets only the groups
+    it joins itself (none). The ingress filter (steerd/bpf/unicast.c) drops what an app lets
+    in again, and broadcasts.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
     flags = socket.SOCK_CLOEXEC | (socket.SOCK_NONBLOCK if classifier else 0)
@@ -103,6 +113,9 @@ def bind_group_socket(address: str, port: int, *, classifier: bool = False) -> s
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MULTICAST_ALL, 0)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, IP_MULTICAST_ALL, 0)
         if classifier:
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_RECVPKTINFO, 1)
@@ -213,6 +226,11 @@ class ControlServer:
         limits = config.limits
         self._max_message = limits.control_message_bytes
         self._max_conns = limits.control_connections
+        self._max_uid_conns = limits.uid_control_connections
+        # Whatever a peer sent, and every control connection (a peer fills its queue), is
+        # closed by this thread, never on the loop: such a close can wait forever
+        # (steerd/daemon/closer.py).
+        self._closer = Closer(on_overflow=self._left_open)
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -269,10 +287,13 @@ class ControlServer:
         if self._listener is not None:
             assert self._loop is not None
             self._loop.remove_reader(self._listener.fileno())
-            self._listener.close()
+            # its connections not accepted yet may hold queued descriptors too
+            self._closer.close_socket(self._listener)
             self._listener = None
             with contextlib.suppress(OSError):
                 os.unlink(self.path)
+        # Let the closer finish (bounded, off the loop), so a clean stop leaves nothing open.
+        await asyncio.get_running_loop().run_in_executor(None, self._closer.stop, CLOSER_STOP)
 
     # -- connections ------------------------------------------------------------------------
 
@@ -296,13 +317,22 @@ class ControlServer:
                     sock.send(self._encode(None, None, "too_many_connections",
                                            f"too many control connections (limit "
                                            f"{self._max_conns})"))
-                sock.close()
+                self._closer.close_socket(sock)  # it may have queued descriptors
                 continue
             try:
                 peer = peer_credentials(sock)
             except OSError:
                 self._error("no_credentials")
-                sock.close()
+                self._closer.close_socket(sock)  # it may have queued descriptors
+                continue
+            if self._uid_connections_full(peer.uid):
+                self._error("uid_connections")
+                with contextlib.suppress(OSError):
+                    sock.send(self._encode(
+                        None, None, "uid_connections",
+                        f"too many control connections for uid {peer.uid} (limit "
+                        f"{self._max_uid_conns} per uid, [limits] uid_control_connections)"))
+                self._closer.close_socket(sock)  # it may have queued descriptors
                 continue
             limits = self.config.limits
             now = self.clock()
@@ -315,6 +345,16 @@ class ControlServer:
             self._loop.add_reader(sock.fileno(), self._readable, conn)
             self._update_gauges()
 
+    def _uid_connections_full(self, uid: int) -> bool:
+        """Whether ``uid`` already holds its share of the control connections
+        (SO_PEERCRED uid, as the ACL sees it): one tenant holding them all would lock every
+        other app out of registering and resuming. Root is exempt, as in the registry: a
+        uid-0 process can stop the daemon anyway, and the operator's ``steerd status`` must
+        not queue behind root's apps; the global limit still bounds it."""
+        if uid == 0:
+            return False
+        return sum(c.peer.uid == uid for c in self._conns.values()) >= self._max_uid_conns
+
     def _resume_accept(self) -> None:
         if self._listener is not None and self._loop is not None:
             self._loop.add_reader(self._listener.fileno(), self._accept)
@@ -326,10 +366,22 @@ class ControlServer:
         conn.closed = True
         assert self._loop is not None
         self._loop.remove_reader(conn.sock.fileno())
-        conn.sock.close()
+        self._closer.close_socket(conn.sock)  # its queue may hold a peer's descriptors
         del self._conns[conn.id]
         self._release(self.registry.disconnect(conn.id))
         self._update_gauges()
+
+    def evict(self, owner: Hashable, message: str) -> bool:
+        """End the registration of connection ``owner`` as if its app had died (every slot it
+        holds leaves the data plane at once), after a last message saying why (``reason``
+        ``evicted``). False if there is no such connection (any more)."""
+        conn = self._conns.get(owner) if isinstance(owner, int) else None
+        if conn is None or conn.closed:
+            return False
+        with contextlib.suppress(OSError):  # non-blocking: an app that cannot take it is
+            conn.sock.send(self._encode(None, None, "evicted", message))  # evicted anyway
+        self._drop(conn)
+        return True
 
     def _release(self, slots: Sequence[int]) -> None:
         for slot in slots:
@@ -352,11 +404,10 @@ class ControlServer:
             return
         conn.request_fds = fds  # only a resume looks at them; never kept past the request
         try:
-            reply, send_fds, cleanup = self._handle(conn, data, flags, len(fds))
+            reply, send_fds, cleanup = self._handle(conn, data, flags)
         finally:
             conn.request_fds = []
-            for fd in fds:
-                os.close(fd)
+            self._closer.close(fds)  # off the loop: a peer's descriptor may linger
         try:
             self._send(conn, reply, send_fds)
         finally:
@@ -380,7 +431,7 @@ class ControlServer:
     # -- requests ---------------------------------------------------------------------------
 
     def _handle(
-        self, conn: _Connection, data: bytes, flags: int, nfds: int
+        self, conn: _Connection, data: bytes, flags: int
     ) -> tuple[bytes, list[int], list[socket.socket]]:
         """One request -> (reply bytes, FDs to attach, sockets to close after sending).
 
@@ -395,7 +446,7 @@ class ControlServer:
             message = self._decode(data)
             rid = self._request_id(message)
             op = self._request_op(message)
-            self._check_fds(op, message, nfds)
+            self._check_fds(op, message, conn.request_fds)
             if self.metrics is not None:
                 self.metrics.control_messages.labels(op).inc()
             body, fds, cleanup = getattr(self, f"_op_{op}")(conn, message)
@@ -473,16 +524,25 @@ class ControlServer:
         return raw_op
 
     @staticmethod
-    def _check_fds(op: str, message: Mapping[str, Any], nfds: int) -> None:
-        """Sockets come in with one request only, a resume proving which slots it holds;
-        any others are refused so that an app learns its mistake instead of the daemon
-        quietly closing what it sent."""
-        if nfds and not (op == "register" and "resume" in message):
+    def _check_fds(op: str, message: Mapping[str, Any], fds: Sequence[int]) -> None:
+        """Sockets come in with one request only, a resume proving which slots it holds, and
+        nothing but sockets: any other descriptor, or any with another op, is refused so that
+        an app learns its mistake instead of the daemon quietly closing what it sent (the
+        closer does that, off the loop, whatever the verdict). Sockets are told apart by the
+        socket layer, not fstat, which on a FUSE file would wait for its server."""
+        if fds and not (op == "register" and "resume" in message):
             raise _Refused(
                 "unexpected_fds",
                 f"unexpected file descriptors: only a register with \"resume\" carries "
-                f"them, got {nfds}",
+                f"them, got {len(fds)}",
             )
+        for i, fd in enumerate(fds):
+            if not is_socket(fd):
+                raise _Refused(
+                    "unexpected_fds",
+                    f"unexpected file descriptors: a resume carries only sockets, descriptor "
+                    f"{i} is not one",
+                )
 
     def _refusal(self, op: str | None, rid: str | int | None, e: Exception) -> bytes:
         """Every failure is answered and counted, and the daemon keeps serving: a bug or a
@@ -611,6 +671,12 @@ class ControlServer:
         )
         for slot in slots:  # the mode may differ from the previous run's
             self.sink.set_steering(slot, gen.steering, fresh=False)
+        # A sink that watches worker sockets (the daemon's socket watchdog) keeps its own
+        # copies of the resumed ones: the app's are the only others.
+        watch = getattr(self.sink, "watch_worker", None)
+        if watch is not None:
+            for i, slot in enumerate(slots):
+                watch(slot, fds[i * len(addresses) : (i + 1) * len(addresses)])
         self._update_gauges()
         reply = self._register_reply(gen, addresses, self.config.listen.port)
         reply["resumed"] = True
@@ -729,6 +795,10 @@ class ControlServer:
     def _error(self, reason: str) -> None:
         if self.metrics is not None:
             self.metrics.control_errors.labels(reason).inc()
+
+    def _left_open(self, fd: int) -> None:
+        if self.metrics is not None:
+            self.metrics.descriptors_left_open.inc()
 
     def _update_gauges(self) -> None:
         if self.on_change is not None:

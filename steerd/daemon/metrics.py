@@ -198,6 +198,25 @@ class Metrics:
             "steerd_classifier_restarts", "Classifier processes that died and were replaced.",
             registry=r,
         )
+        self.loop_stalls = Counter(
+            "steerd_loop_stalls", "Times the daemon's event loop went without a tick for "
+            "LOOP_STALL_SECONDS (steerd/daemon/watchdog.py); the log names where it was.",
+            registry=r,
+        )
+        self.descriptors_left_open = Counter(
+            "steerd_descriptors_left_open", "Descriptors a peer sent that were left open "
+            "because the closer's queue was full (a close is stuck; steerd/daemon/closer.py).",
+            registry=r,
+        )
+        self.jail_repairs = Counter(
+            "steerd_jail_repairs", "What the socket watchdog found changed and set back, by "
+            "what (reuseport, reuseaddr, device, connected, program; "
+            "steerd/daemon/sockwatch.py).", ["what"], registry=r,
+        )
+        self.jail_evictions = Counter(
+            "steerd_jail_evictions", "Apps evicted for changing a worker socket or the group's "
+            "program, by what changed (steerd/daemon/sockwatch.py).", ["what"], registry=r,
+        )
         self._bpf = _ScrapeCollector(
             "steerd_bpf_events",
             "Data-plane counters (guard, reuseport steering, socket jail, learning), per "

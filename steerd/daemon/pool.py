@@ -57,9 +57,9 @@ class _Member:
 class ClassifierPool:
     """``run_child(index, channel)`` is the body of a classifier process (never returns);
     ``on_report(index, tally, report)`` takes each periodic report; ``on_lost`` and
-    ``on_ready`` take a process's sockets out of and back into the data plane; ``on_spawn``
-    and ``on_reaped`` list and unlist its pid (the socket jail); ``snapshot()`` is what to
-    push (the registry replica); ``count_restart()`` counts a replacement."""
+    ``on_ready`` take a process's sockets out of and back into the data plane;
+    ``snapshot()`` is what to push (the registry replica); ``count_restart()`` counts a
+    replacement. The processes belong to the socket jail by the cgroup they inherit."""
 
     def __init__(
         self,
@@ -69,15 +69,12 @@ class ClassifierPool:
         on_report: Callable[[int, Any, Any], None],
         on_lost: Callable[[int], None],
         on_ready: Callable[[int], None],
-        on_spawn: Callable[[int], None] = lambda pid: None,
-        on_reaped: Callable[[int], None] = lambda pid: None,
         count_restart: Callable[[], None] = lambda: None,
     ) -> None:
         self.size = size
         self._run_child = run_child
         self._snapshot = snapshot
         self._on_report, self._on_lost, self._on_ready = on_report, on_lost, on_ready
-        self._on_spawn, self._on_reaped = on_spawn, on_reaped
         self._count_restart = count_restart
         self._loop: asyncio.AbstractEventLoop | None = None
         self._members: dict[int, _Member] = {}
@@ -115,7 +112,6 @@ class ClassifierPool:
         parent_end.setblocking(False)
         member = _Member(index, pid, parent_end, time.monotonic())
         self._members[index] = member
-        self._on_spawn(pid)
         self._loop.add_reader(parent_end.fileno(), self._readable, member)
         self._send(member)  # it forked with the registry as it is; the version says which
 
@@ -131,7 +127,6 @@ class ClassifierPool:
                 os.kill(member.pid, signal.SIGTERM)
             with contextlib.suppress(ChildProcessError):
                 os.waitpid(member.pid, 0)
-            self._on_reaped(member.pid)
         self._members.clear()
 
     def _close(self, member: _Member) -> None:
@@ -207,7 +202,6 @@ class ClassifierPool:
         self._on_lost(member.index)
         with contextlib.suppress(ChildProcessError):
             os.waitpid(member.pid, 0)
-        self._on_reaped(member.pid)
         if self._frozen:
             return
         self.restarts += 1

@@ -276,6 +276,12 @@ class Registry:
     ``slot_quarantine``: seconds a freed slot stays out of reach of other apps (see the
     module docstring); 0 turns the quarantine off. ``clock``: monotonic seconds, the same
     clock the caller uses for ``reserve_claims(until=...)``.
+
+    Tenant limits (``[limits]``, docs/SECURITY.md §2.6; None: no limit):
+    ``uid_worker_slots`` bounds the slots one uid other than 0 holds, draining generations
+    and slots awaiting its resume included ("uid_slots", see :meth:`uid_slots`);
+    ``app_generations`` bounds the generations one app has at once, for every uid
+    ("generations"). Neither ever refuses a resume.
     """
 
     def __init__(
@@ -288,6 +294,9 @@ class Registry:
         *,
         slot_quarantine: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
+        uid_worker_slots: int | None = None,
+        app_generations: int | None = None,
+        learned_slots: int | None = None,
     ) -> None:
         self.layout = layout
         self.policy = policy
@@ -296,6 +305,11 @@ class Registry:
         self.workers_per_app = workers_per_app
         self.slot_quarantine = slot_quarantine
         self.clock = clock
+        self.uid_worker_slots = uid_worker_slots
+        self.app_generations = app_generations
+        # Worker slots in learned mode at once, at most: the kernel's learned tables are
+        # sized for that many slots' quotas ([limits] learned_slots, checked in config).
+        self.learned_slots = learned_slots
         # Least recently freed first. Never-used slots count as freed long ago by nobody.
         self._free: deque[_FreeSlot] = deque(
             _FreeSlot(slot, -math.inf) for slot in range(worker_slots)
@@ -304,6 +318,10 @@ class Registry:
         # plane: their apps keep serving (their CIDs name these slots) and are expected to
         # re-register with "resume". Never handed to anyone else meanwhile.
         self._orphans: set[int] = set()
+        # Whose those orphans are, as the previous run's records say (draining generations'
+        # too; no two records share a slot): they count against that uid's slot limit until
+        # resumed or closed, and are persisted again for the next run (claims_snapshot).
+        self._orphan_records: list[Reservation] = []
         self._reservations: list[Reservation] = []
         self._apps: dict[str, _App] = {}
         self._claims: dict[tuple[str, str], str] = {}  # (alpn, name pattern) -> app
@@ -315,9 +333,12 @@ class Registry:
     def from_config(
         cls, config: Config, *, clock: Callable[[], float] = time.monotonic
     ) -> Registry:
-        return cls(config.cid, config.policy, config.acl, config.limits.worker_slots,
-                   config.limits.workers_per_app, slot_quarantine=config.limits.route_ttl,
-                   clock=clock)
+        limits = config.limits
+        return cls(config.cid, config.policy, config.acl, limits.worker_slots,
+                   limits.workers_per_app, slot_quarantine=limits.route_ttl, clock=clock,
+                   uid_worker_slots=limits.uid_worker_slots,
+                   app_generations=limits.app_generations,
+                   learned_slots=limits.learned_slots)
 
     # -- registration -------------------------------------------------------------------
 
@@ -377,6 +398,8 @@ class Registry:
         self._check_acl(pairs, peer)
         record = self._apps.get(app)
         self._check_app_holder(app, record, replace, peer)
+        if resume is None:
+            self._check_generations(record)
         self._check_conflicts(app, pairs)
         self._check_resume(resume, workers)
 
@@ -386,7 +409,11 @@ class Registry:
         kept = self._kept_pairs(record, resumed)
         self._check_reservations(app, pairs, peer, resumed, kept, now)
         self._check_shadowing(app, [p for p in pairs if p not in kept], peer)
-        chosen = self._choose_slots(app, peer.uid, workers, now) if resume is None else []
+        chosen: list[_FreeSlot] = []
+        if resume is None:
+            self._check_uid_slots(peer.uid, workers)
+            self._check_learned_slots(steering, workers)
+            chosen = self._choose_slots(app, peer.uid, workers, now)
 
         # Everything checked: now change state (nothing below can fail).
         if record is None:
@@ -486,6 +513,51 @@ class Registry:
                 f"{record.active.number}); send \"replace\": true to start a new generation",
             )
 
+    def _check_generations(self, record: _App | None) -> None:
+        """A replace leaves the old generation draining with its slots until its process
+        exits, so without a bound an app that replaces and never lets the old one go keeps
+        adding generations (and slots) for ever. Root too: a legitimate app needs its live
+        generation and a draining one or two, so this stops a replace loop, not a use."""
+        limit = self.app_generations
+        if record is None or limit is None or len(record.generations) < limit:
+            return
+        draining = sum(g.draining for g in record.generations)
+        raise RegistryError(
+            "generations",
+            f"app {render(record.name)} has {len(record.generations)} generations "
+            f"({len(record.generations) - draining} active, {draining} draining): the limit is "
+            f"{limit} per app ([limits] app_generations); a draining generation must exit "
+            "(deregister or close its control connection) before another replace",
+        )
+
+    def uid_slots(self, uid: int) -> int:
+        """The worker slots ``uid`` holds: its generations' (draining ones too: their slots
+        stay taken until they exit) and, after a daemon restart, the orphans the previous
+        run's records give it (draining or not) until they are resumed or closed: its
+        processes still hold them, so a fresh register must not spend its share again."""
+        held = sum(len(g.workers) for a in self._apps.values() for g in a.generations
+                   if g.uid == uid)
+        return held + sum(len(r.slots & self._orphans) for r in self._orphan_records
+                          if r.uid == uid)
+
+    def _check_uid_slots(self, uid: int, workers: int) -> None:
+        """One tenant must not take the pool from the others (three replaces of 64 workers
+        used to hold 192 of 256 slots). Root is exempt: a uid-0 process can signal the
+        root daemon or rewrite its config without any capability, so a limit would not hold
+        it, and the global pool still bounds it. A resume is never checked (the caller
+        skips it): its slots are the uid's already, whatever the limit says now."""
+        limit = self.uid_worker_slots
+        if limit is None or uid == 0:
+            return
+        held = self.uid_slots(uid)
+        if held + workers > limit:
+            raise RegistryError(
+                "uid_slots",
+                f"uid {uid} holds {held} worker slots (draining generations and slots awaiting "
+                f"a resume included) and asks for {workers}: the limit is {limit} per uid "
+                "([limits] uid_worker_slots)",
+            )
+
     def _check_conflicts(self, app: str, pairs: Sequence[tuple[str, str]]) -> None:
         """A pair has one owner, or ``decide`` could not say whose a connection is."""
         for alpn, name in pairs:
@@ -576,13 +648,19 @@ class Registry:
         taken_pairs = {p for r in self._reservations for p in r.pairs()}
         for i, raw in enumerate(records):
             try:
-                res = self._parse_record(raw, until)
+                res, draining = self._parse_record(raw, until)
             except ValueError as e:
                 text = str(e)  # the checks quote values: keep a corrupt file's log line short
                 skipped.append(f"record {i}: {text if len(text) <= 200 else text[:197] + '...'}")
                 continue
-            if res is None:
-                continue  # draining
+            owned = res.slots & self._orphans
+            for known in self._orphan_records:
+                owned -= known.slots
+            if owned:  # whose, for the uid slot limit
+                self._orphan_records.append(Reservation(res.app, res.uid, res.alpns,
+                                                        res.server_names, owned, until))
+            if draining:
+                continue
             if until <= now:
                 skipped.append(f"record {i} (app {render(res.app)}): expired already")
                 continue
@@ -642,7 +720,9 @@ class Registry:
         """What the daemon persists so that claims survive its restart (JSON-ready): one
         record per generation with ``app``, ``uid``, ``alpn``, ``server_names``, ``slots``
         and ``draining``; plus the reservations still awaiting their resume (as active
-        records), so that a second restart before they resume does not forget them."""
+        records), so that a second restart before they resume does not forget them, and the
+        other slots still awaiting a resume (as draining records: they reserve nothing, but
+        still say whose the slots are, for the uid slot limit)."""
         out: list[dict[str, Any]] = [
             {
                 "app": g.app, "uid": g.uid, "alpn": list(g.alpns),
@@ -660,6 +740,12 @@ class Registry:
             }
             for r in self.reservations
         )
+        reserved = {s for r in self._reservations for s in r.slots}
+        for r in self._orphan_records:
+            if left := sorted((r.slots & self._orphans) - reserved):
+                out.append({"app": r.app, "uid": r.uid, "alpn": list(r.alpns),
+                            "server_names": list(r.server_names), "slots": left,
+                            "draining": True})
         return out
 
     def undo(self, gen: Generation) -> list[int]:
@@ -693,6 +779,23 @@ class Registry:
         """The owner is gone: remove every generation it held; returns the freed slots."""
         gens = [g for a in self._apps.values() for g in a.generations if g.owner == owner]
         return self._remove(gens)
+
+    def slot_holder(self, slot: int) -> Generation | None:
+        """The generation holding ``slot``, if any (the socket watchdog records whose
+        sockets it watches)."""
+        for record in self._apps.values():
+            for gen in record.generations:
+                if any(w.slot == slot for w in gen.workers):
+                    return gen
+        return None
+
+    def evictees(self, uid: int, app: str | None = None) -> set[Hashable]:
+        """The owners to disconnect to evict ``app`` of ``uid`` (every app of ``uid`` when
+        None): every generation's, draining ones too. An app that changed one of its
+        sockets, or a uid that replaced a group's program, keeps none of its slots; the
+        disconnect then frees them as an app's exit does."""
+        return {g.owner for a in self._apps.values() for g in a.generations
+                if g.uid == uid and (app is None or g.app == app)}
 
     def report_load(self, app: str, owner: Hashable, loads: Mapping[int, float]) -> None:
         """Record the load of workers (any generation of ``app`` held by ``owner``)."""
@@ -793,6 +896,25 @@ class Registry:
                 "too_many_lengths",
                 f"learned-mode apps already use {MAX_LEARNED_LENGTHS} CID lengths "
                 f"({', '.join(map(str, sorted(lengths)))}); use one of them, or layout mode")
+
+    def _check_learned_slots(self, steering: Steering, workers: int) -> None:
+        """The learned tables hold learned_slots slots' quotas and unproven budgets (the
+        config checks learned_capacity against that); more learned-mode slots would let
+        them fill, and a full table refuses every app's new entries. Draining generations
+        count (their entries live on). Root too: the tables are shared by every tenant. A
+        resume is not checked: its slots and entries are in the tables already."""
+        limit = self.learned_slots
+        if limit is None or not steering.learned:
+            return
+        held = sum(len(g.workers) for a in self._apps.values() for g in a.generations
+                   if g.steering.learned)
+        if held + workers > limit:
+            raise RegistryError(
+                "learned_slots",
+                f"{held} worker slots are in learned mode (draining generations included) and "
+                f"{workers} more were asked for: the kernel's learned tables hold {limit} "
+                "([limits] learned_slots); use layout mode (the steerd SDK) or fewer workers",
+            )
 
     def generations(self, app: str) -> list[Generation]:
         record = self._apps.get(app)
@@ -995,9 +1117,10 @@ class Registry:
             )
         raise RegistryError("no_slots", message)
 
-    def _parse_record(self, raw: Any, until: float) -> Reservation | None:
-        """A persisted record as a reservation (None: draining); ValueError when malformed
-        (its message quotes at most a little of a corrupt file)."""
+    def _parse_record(self, raw: Any, until: float) -> tuple[Reservation, bool]:
+        """A persisted record as a reservation, and whether it was draining (then it
+        reserves nothing, but says whose its slots are); ValueError when malformed (its
+        message quotes at most a little of a corrupt file)."""
         if not isinstance(raw, Mapping):
             raise ValueError(f"not an object: {_short(raw)}")
         missing = [k for k in ("app", "uid", "alpn", "server_names", "slots") if k not in raw]
@@ -1034,9 +1157,7 @@ class Registry:
             raise ValueError(
                 f'"slots" must be distinct slots 0..{self.worker_slots - 1}, got {_short(slots)}'
             )
-        if draining:
-            return None
-        return Reservation(app, uid, clean_alpns, clean_names, frozenset(slots), until)
+        return Reservation(app, uid, clean_alpns, clean_names, frozenset(slots), until), draining
 
     def _owned(self, app: str, owner: Hashable) -> list[Generation]:
         record = self._apps.get(app)

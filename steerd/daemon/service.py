@@ -18,6 +18,7 @@ import contextlib
 import ctypes
 import errno
 import fcntl
+import functools
 import ipaddress
 import json
 import logging
@@ -51,6 +52,8 @@ from steerd.daemon.config import (
 )
 from steerd.daemon.control import IP_PKTINFO, RESET_KEY_LEN, ControlServer, bind_group_socket
 from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
+from steerd.daemon.dataplane.counters import read_counter, write_every_cpu
+from steerd.daemon.dataplane.header import header_constants
 from steerd.daemon.dataplane.jail import Jail, remove_jail
 from steerd.daemon.dataplane.learn import (
     MODE_LAYOUT,
@@ -60,10 +63,19 @@ from steerd.daemon.dataplane.learn import (
     remove_learner,
 )
 from steerd.daemon.dataplane.maps import DEFAULT_PIN_DIR
+from steerd.daemon.dataplane.unicast import UnicastFilter, remove_unicast_filter
 from steerd.daemon.metrics import Metrics, bump
 from steerd.daemon.pool import MESSAGE_MAX, ClassifierPool
 from steerd.daemon.registry import Registry
 from steerd.daemon.reinject import Reinjector
+from steerd.daemon.sockwatch import (
+    PROGRAM,
+    Finding,
+    SocketWatchdog,
+    canary_secret,
+    protection,
+)
+from steerd.daemon.watchdog import LoopWatchdog, notify, watchdog_requested
 
 log = logging.getLogger("steerd")
 
@@ -121,6 +133,9 @@ def receive(
 RESUME_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
+_CANARY_SECRET_INDEX = header_constants()["STEERD_CANARY_SECRET"]
+_CANARY_COUNTER_INDEX = header_constants()["STEERD_CNT_STEER_CANARY"]
+_OFFENCE_MEMORY = 2.0  # seconds a 32-bit offence stays the suspect for a program finding
 _SWEEP_INTERVAL = 5.0  # seconds between sweeps of the learned tables (expiry, quota counts)
 
 
@@ -169,21 +184,43 @@ def load_claims(path: str) -> list[Any]:
     return records if isinstance(records, list) else []
 
 
-def _lock_path(pin_dir: str) -> str:
-    """A regular file naming ``pin_dir`` (bpffs holds no regular files)."""
-    run = "/run/lock" if os.path.isdir("/run/lock") else "/run"
-    return os.path.join(run, "steerd" + os.path.abspath(pin_dir).replace("/", "_") + ".lock")
+# Root's runtime directory: the pin dir locks always, and by default the control socket,
+# reset.key and claims.json. Never a world-writable one (/run/lock, /tmp): anyone could plant
+# a lock there and keep `steerd run` and `steerd purge` from starting.
+RUN_DIR = "/run/steerd"
 
 
-def lock_pin_dir(pin_dir: str) -> int:
+def runtime_dir(path: str = RUN_DIR) -> str:
+    """``path``, made (mode 0755, so apps can reach a control socket in it) if missing, and
+    refused unless it is a directory of the daemon's uid that group and others cannot
+    write: whoever could write in it could plant or swap the daemon's runtime files."""
+    try:
+        os.mkdir(path, 0o755)
+        os.chmod(path, 0o755)  # whatever the umask
+    except FileExistsError:
+        pass
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"runtime directory {path} is not a directory: refusing it (remove it)")
+    _check_private(st, f"runtime directory {path}")
+    return path
+
+
+def _lock_path(pin_dir: str, run_dir: str = RUN_DIR) -> str:
+    """A regular file naming ``pin_dir`` (bpffs holds no regular files), in ``run_dir``."""
+    return os.path.join(run_dir, "pin" + os.path.abspath(pin_dir).replace("/", "_") + ".lock")
+
+
+def lock_pin_dir(pin_dir: str, run_dir: str = RUN_DIR) -> int:
     """Take the one-daemon-per-pin-dir lock (held for the daemon's life: the returned fd).
 
     Why: a second daemon on the same pin dir, even one about to be refused, would rewrite
     what the running one relies on (its classifier sockets in the maps, its pids in the
     socket jail). The lock comes before anything touches them; the message names the live
-    daemon."""
-    fd = os.open(_lock_path(pin_dir), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW,
-                 0o600)
+    daemon. It lives in the root-only :data:`RUN_DIR` (checked by :func:`runtime_dir`), so
+    no other user can hold it."""
+    fd = os.open(_lock_path(pin_dir, runtime_dir(run_dir)),
+                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -322,8 +359,22 @@ class Daemon:
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"
+        # The socket watchdog (steerd/daemon/sockwatch.py): a thread that sets back what a
+        # holder changed on a worker socket or a group's program, on paths the jail misses.
+        self.sockwatch = SocketWatchdog(
+            on_finding=self._on_finding,
+            own_pids=lambda: self.pool.pids if self.pool is not None else ())
+        self._canary_secret = canary_secret()
+        self.sockwatch.set_secret(self._canary_secret)
+        self._repairs: dict[str, int] = {}  # what -> repairs (steerd status)
+        self._evictions: dict[str, int] = {}  # what -> apps evicted
+        self._offences: list[tuple[float, int, int, str]] = []  # (when, pid, uid, what)
+        # Broadcast and multicast dropped on the way into every service socket (unicast.c).
+        self.unicast: UnicastFilter | None = None
+        self._unicast_error = "not attached yet: the daemon is starting"
         self._learn_error: str | None = None
         self._learned_counts: dict[int, tuple[int, int]] = {}  # slot -> (CIDs, peers), swept
+        self._unproven_counts: dict[int, tuple[int, int]] = {}  # the same, still unproven
         self._next_sweep = 0.0
         self._slot_apps: dict[int, str] = {}  # slot -> app, for the metrics scrape
         self._saved_claims: list[dict[str, Any]] | None = None
@@ -333,6 +384,10 @@ class Daemon:
         # Every group has a steering program (a previous run's, pinned, or this run's).
         self.steering_attached = False
         self._tick: asyncio.Task[None] | None = None
+        # The loop's witnesses (steerd/daemon/watchdog.py): a thread that reports a stall,
+        # and systemd's WatchdogSec= when the unit asks for pings.
+        self._watchdog: LoopWatchdog | None = None
+        self._ping_systemd = watchdog_requested()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Classifier processes (when limits.classifiers > 1): the pool that runs them, and the
         # last report of each; with one classifier the main process classifies itself.
@@ -374,13 +429,25 @@ class Daemon:
                 group = _Group(index, address, dp)
                 self.groups.append(group)
                 dp.open_maps()
+                # The canary's secret, before any program of ours (a previous run's too) runs.
+                write_every_cpu(dp.map_fd("counters"), dp.ncpus, _CANARY_SECRET_INDEX,
+                                int.from_bytes(self._canary_secret, sys.byteorder))
+            self.sockwatch.start()  # watches nothing until the first registration
             if self.groups:
                 # Before binding: a previous run's jail is still attached and refuses binds
-                # to the port from any process it does not list.
+                # to the port from any process it does not list. The classifier processes
+                # forked later inherit the cgroup.
                 self.jail = Jail(self.pin_dir, cfg.listen.port,
                                  self.groups[0].dataplane.map_fd("counters"))
                 self.jail.open()
-                self.jail.set_daemon_pids([os.getpid()])
+                self.jail.enter_own_cgroup()
+                # A previous run's filter stays attached until this run's is; the
+                # broadcast addresses it needs are kept current from here on.
+                self.unicast = UnicastFilter(self.pin_dir, cfg.listen.port,
+                                             self.groups[0].dataplane.map_fd("counters"))
+                self.unicast.open()
+                self.unicast.sync_broadcasts()
+                self._loop.add_reader(self.unicast.watch(), self.unicast.changed)
             for group in self.groups:
                 address, dp = group.address, group.dataplane
                 for j in range(limits.classifiers):
@@ -414,6 +481,9 @@ class Daemon:
             await self.control.start()
             if cfg.metrics.enabled:
                 self.metrics_address = self.metrics.serve(cfg.metrics.address, cfg.metrics.port)
+            self._watchdog = LoopWatchdog(threading.get_ident(),
+                                          on_stall=lambda *_: self.metrics.loop_stalls.inc())
+            self._watchdog.start()
             self._tick = asyncio.create_task(self._ticker())
             log.info("classifying and accepting apps")
             print("steerd: classifying", flush=True)  # before the (slow) program compile
@@ -441,19 +511,45 @@ class Daemon:
         if self.jail is not None:
             try:
                 self.jail.attach()
-                log.info("socket jail attached (cgroup hooks for UDP port %d)",
-                         cfg.listen.port)
+                log.info("socket jail attached (cgroup hooks for UDP port %d; 32-bit "
+                         "setsockopt: %s)", cfg.listen.port,
+                         "callers killed by the compat hook" if self.jail.compat_error is None
+                         else f"not hooked: {self.jail.compat_error}")
             except DataplaneError as exc:
                 self._jail_error = str(exc)
                 log.error("socket jail: %s; worker sockets go only to uid %d%s", exc,
                           os.geteuid(), " and, as [security] allow_unjailed says, to every "
                           "other uid too (UNSAFE)" if cfg.security.allow_unjailed else "")
+        # A stop during start-up waits for this thread (it holds the maps' fds): give up
+        # between compiles rather than compile on for a daemon that is going away.
+        if self._stopping:
+            return
+        if self.unicast is not None:
+            try:
+                self.unicast.attach()
+                self._unicast_error = ""
+                log.info("non-unicast filter attached (cgroup ingress, UDP port %d, %s)",
+                         cfg.listen.port, self.unicast.scope)
+            except DataplaneError as exc:
+                self._unicast_error = str(exc)
+                log.error("non-unicast filter: %s; broadcasts can reach worker sockets", exc)
         for group in self.groups:
+            if self._stopping:
+                return
             group.dataplane.load_programs()
             # Replaces the group's program (a previous run's, or the kernel's hash).
             group.dataplane.attach_reuseport(group.sockets[0])
         self.steering_attached = True
+        for group in self.groups:  # from now on, every group's program must be this one
+            dp = group.dataplane
+            self.sockwatch.add_group(
+                group.address, cfg.listen.port,
+                functools.partial(read_counter, dp.map_fd("counters"), dp.ncpus,
+                                  _CANARY_COUNTER_INDEX),
+                functools.partial(dp.attach_reuseport, group.sockets[0]))
         for group in self.groups:
+            if self._stopping:
+                return
             try:
                 group.learner.attach()
             except DataplaneError as exc:  # layout-mode apps do not need it
@@ -485,14 +581,19 @@ class Daemon:
         """Close the daemon's sockets and leave the pinned data plane as it is: programs,
         maps and guard keep steering the apps' connections, and the next run takes over.
         ``steerd purge`` removes it all."""
+        notify("STOPPING=1")
         if self._tick is not None:
             self._tick.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._tick
             self._tick = None
+        if self._watchdog is not None:  # no ticks from here on: not a stall
+            self._watchdog.stop()
+            self._watchdog = None
         # Closing the control socket disconnects every app; that must not take their sockets
         # out of the data plane: they serve on, and resume with the next run.
         self._stopping = True
+        self.sockwatch.stop()  # before the maps and sockets it uses close
         if self.pool is not None:
             self.pool.freeze()  # the classifiers hold their last replica: hold, never refuse
         await self.control.close()
@@ -501,12 +602,14 @@ class Daemon:
             self.pool.stop()
             self.pool = None
         if self.jail is not None:
-            # While no daemon runs, no process at all may touch the port's sockets (and no
-            # process that inherits one of our pids is taken for the daemon).
+            # While no daemon runs, no process at all may touch the port's sockets.
             with contextlib.suppress(DataplaneError):
-                self.jail.set_daemon_pids([])
+                self.jail.set_daemon_cgroups([])
+            self.jail.leave_own_cgroup()
             self.jail.close()
             self.jail = None
+        if self.unicast is not None and self._loop is not None and self.unicast.watch_fd >= 0:
+            self._loop.remove_reader(self.unicast.watch_fd)
         for group in self.groups:
             for sock in group.sockets:
                 if self._loop is not None and self.config.limits.classifiers == 1:
@@ -516,6 +619,9 @@ class Daemon:
             # a stop during start-up (a signal, a failure): the compile thread still holds
             # the map fds it was given; let it finish before they are closed
             await asyncio.get_running_loop().run_in_executor(None, self._loading.wait, 120)
+        if self.unicast is not None:  # the pinned filter stays attached
+            self.unicast.close()
+            self.unicast = None
         self.metrics.set_bpf_source(None)
         self.metrics.set_app_packets_source(None)
         with self._maps_lock:  # a scrape thread may be reading counters right now
@@ -541,6 +647,14 @@ class Daemon:
                 self._tick_once()
             except Exception:  # a bug here must not stop the ticking (expiry, pushes, gauges)
                 log.exception("periodic tick failed")
+            self._beat()
+
+    def _beat(self) -> None:
+        """The loop is alive: tell both witnesses (steerd/daemon/watchdog.py)."""
+        if self._watchdog is not None:
+            self._watchdog.beat()
+        if self._ping_systemd:
+            notify("WATCHDOG=1")
 
     def _tick_once(self) -> None:
         if self.pool is None:
@@ -566,6 +680,7 @@ class Daemon:
     def _sweep(self) -> None:
         """Expire learned entries and recount the quotas (see Learner.sweep)."""
         counts: dict[int, tuple[int, int]] = {}
+        unproven: dict[int, tuple[int, int]] = {}  # not yet proven by a client: not in quota
         try:
             with self._maps_lock:
                 if self._stopping:
@@ -574,7 +689,11 @@ class Daemon:
                     for slot, (cids, peers) in group.learner.sweep().items():
                         have = counts.get(slot, (0, 0))
                         counts[slot] = (have[0] + cids, have[1] + peers)
+                    for slot, (cids, peers) in group.learner.unproven.items():
+                        have = unproven.get(slot, (0, 0))
+                        unproven[slot] = (have[0] + cids, have[1] + peers)
             self._learned_counts = counts
+            self._unproven_counts = unproven
         except Exception:  # a failed sweep must not stop the next ones
             log.exception("sweeping the learned tables failed")
         finally:
@@ -607,10 +726,23 @@ class Daemon:
     def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None:
         for group, sock in zip(self.groups, sockets, strict=True):
             group.dataplane.set_worker(slot, sock)
+        self.watch_worker(slot, [sock.fileno() for sock in sockets])
+
+    def watch_worker(self, slot: int, fds: Sequence[int]) -> None:
+        """The socket watchdog keeps its own copy of ``slot``'s sockets (one per group): the
+        control server closes the daemon's after handing them over, or a resume's after the
+        request."""
+        gen = self.registry.slot_holder(slot)
+        if gen is None:  # not registered (an undone registration): nothing to watch
+            return
+        self.sockwatch.watch(slot, gen.app, gen.uid,
+                             [(group.address, fd) for group, fd in zip(self.groups, fds,
+                                                                       strict=True)])
 
     def remove_worker(self, slot: int) -> None:
         if self._stopping:
             return
+        self.sockwatch.release(slot)  # watched on until nobody holds its sockets
         for group in self.groups:
             group.dataplane.remove_worker(slot)
             group.learner.forget_slot(slot)
@@ -647,6 +779,9 @@ class Daemon:
         cids, peers = self._learned_counts.get(slot, (0, 0))
         if cids or peers:
             total.update(learned_cids=cids, learned_peers=peers)
+        cids, peers = self._unproven_counts.get(slot, (0, 0))
+        if cids or peers:
+            total.update(unproven_cids=cids, unproven_peers=peers)
         return total
 
     def _configure_learning(self) -> None:
@@ -654,7 +789,8 @@ class Daemon:
         and the apps of a previous run still awaiting resume (their learned entries steer
         their connections meanwhile; the data plane's socket list still says how)."""
         limits = self.config.limits
-        learn = LearnLimits(limits.learned_quota, limits.learned_quota, limits.learned_ttl)
+        learn = LearnLimits(limits.learned_quota, limits.learned_quota, limits.learned_ttl,
+                            limits.learned_unproven_quota, limits.learned_unproven_ttl)
         orphans = self.registry.orphans
         for group in self.groups:
             lengths = set(self.registry.learned_lengths())
@@ -721,19 +857,9 @@ class Daemon:
             self.metrics.absorb(tally)
             self._reports[index] = rep
 
-        def listed(pid: int) -> None:
-            if self.jail is not None:
-                self.jail.add_pid(pid)
-
-        def unlisted(pid: int) -> None:  # its pid may go to any process now
-            if self.jail is not None:
-                with contextlib.suppress(DataplaneError):
-                    self.jail.remove_pid(pid)
-
         self.pool = ClassifierPool(
             self.config.limits.classifiers, self._run_child,
             lambda: (self.registry, self.classifier.hold_unowned_until), report, lost, ready,
-            on_spawn=listed, on_reaped=unlisted,
             count_restart=self.metrics.classifier_restarts.inc,
         )
         self.pool.start()
@@ -862,8 +988,68 @@ class Daemon:
                 bump(total, reason, n)
         return total
 
+    def _on_finding(self, finding: Finding) -> None:
+        """From the watchdog's thread, after its repair: count and log it now, evict on the
+        event loop (the registry and the control connections are the loop's)."""
+        what = finding.what
+        if finding.repaired:  # a new dict, never one a status request is copying
+            self._repairs = {**self._repairs, what: self._repairs.get(what, 0) + 1}
+            self.metrics.jail_repairs.labels(what).inc()
+        whose = ("the group's steering program" if finding.app is None else
+                 f"a worker socket of app {finding.app!r} (uid {finding.uid}, slot "
+                 f"{finding.slot if finding.slot is not None else 'released'})")
+        log.error("watchdog: %s changed on %s on %s: %s", what, whose, finding.address,
+                  "set back" if finding.repaired else "REPAIR FAILED (trying again)")
+        if self._loop is not None and not self._stopping:
+            self._loop.call_soon_threadsafe(self._evict, finding)
+
+    def _evict(self, finding: Finding) -> None:
+        """Evict the app whose socket changed; for a group's program (no socket says who),
+        the apps of the uids the jail's 32-bit hook saw (``Jail.drain_offences``, where the
+        jail has one); nobody known: repaired and counted only."""
+        now = time.monotonic()
+        drain = getattr(self.jail, "drain_offences", None)
+        if drain is not None:
+            try:
+                for o in drain():  # Offence(pid, uid, what, count), or a (pid, uid, what)
+                    pid, uid, what = ((o.pid, o.uid, o.what) if hasattr(o, "pid")
+                                      else tuple(o)[:3])
+                    self._offences.append((now, pid, uid, what))
+            except Exception:  # the offence record is a hint: never fatal
+                log.exception("reading the jail's offences failed")
+        own = {os.getpid(), *(self.pool.pids if self.pool is not None else ())}
+        self._offences = [o for o in self._offences if now - o[0] < _OFFENCE_MEMORY
+                          and o[1] not in own]
+        if finding.what == PROGRAM:
+            targets = {(uid, None) for _, _, uid, _ in self._offences}
+        elif finding.uid is not None:
+            targets = {(finding.uid, finding.app)}
+        else:
+            targets = set()
+        if not targets:
+            log.error("watchdog: nobody known to have changed the %s on %s: repaired only",
+                      finding.what, finding.address)
+            return
+        for uid, app in targets:
+            owners = self.registry.evictees(uid, app)
+            message = (f"evicted: {finding.what} changed on a worker socket of "
+                       f"{app or f'uid {uid}'} on {finding.address}"
+                       if finding.what != PROGRAM else
+                       f"evicted: the steering program of the group on {finding.address} was "
+                       f"replaced or removed by uid {uid}")
+            evicted = sum(self.control.evict(owner, message) for owner in owners)
+            if evicted:
+                bump(self._evictions, finding.what)
+                self.metrics.jail_evictions.labels(finding.what).inc()
+                log.error("watchdog: %s (%d control connection(s) closed, their slots "
+                          "left the data plane)", message, evicted)
+
     def _status_extra(self) -> dict[str, Any]:
         return {
+            "protection": protection(
+                getattr(self.jail, "compat_refused_by", None),
+                "a raw tracepoint" if getattr(self.jail, "compat_attached", False) else None),
+            "watchdog": {"repairs": dict(self._repairs), "evictions": dict(self._evictions)},
             "listen": [g.address for g in self.groups],
             "port": self.config.listen.port,
             "pending_connections": sum(r.pending_connections for r in self._current_reports()),
@@ -872,6 +1058,7 @@ class Daemon:
             "classifier_restarts": self.pool.restarts if self.pool is not None else 0,
             "steering_attached": self.steering_attached,
             "jail_attached": self.jail is not None and self.jail.attached,
+            "unicast_filter": self._unicast_error or "attached",
             "learned_mode": self._learn_error or "available",
             "retry_mode": sum(r.retrying for r in self._current_reports()),
             "classifier_drops": self._drops(),
@@ -909,6 +1096,7 @@ def _run(args: Any) -> int:
                  daemon.metrics_address)
         # The line tests and scripts wait for: everything is listening from here on.
         print("steerd: ready", flush=True)
+        notify("READY=1")  # systemd's Type=notify: started; WATCHDOG=1 pings follow each tick
         await daemon.serve_forever()
 
     try:
@@ -945,7 +1133,7 @@ def group_pin_dir(pin_dir: str, address: str) -> str:
 
 
 def _purge_locked(config: Config, pin_dir: str) -> list[str]:
-    done: list[str] = remove_jail(pin_dir)
+    done: list[str] = remove_jail(pin_dir) + remove_unicast_filter(pin_dir)
     # Every group this pin dir holds, also of addresses the config no longer lists (and the
     # g<N> directories of versions that keyed groups by position).
     groups = sorted(p for p in Path(pin_dir).glob("g*") if p.is_dir()) if os.path.isdir(
@@ -1005,6 +1193,13 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [f"listen: {', '.join(status.get('listen', []))} port {status.get('port')}"]
     lines.append(f"pending first flights: {status.get('pending_connections', 0)} "
                  f"({status.get('pending_bytes', 0)} bytes)")
+    if status.get("protection"):
+        watch = status.get("watchdog", {})
+        done = ", ".join(f"{k}={v}" for k, v in sorted(watch.get("repairs", {}).items()))
+        evicted = ", ".join(f"{k}={v}" for k, v in sorted(watch.get("evictions", {}).items()))
+        lines.append(f"protection: {status['protection']}"
+                     + (f"; repaired {done}" if done else "")
+                     + (f"; evicted {evicted}" if evicted else ""))
     lines.append("")
     lines.append(f"{'APP':<16} {'GEN':>4} {'STATE':<9} {'ALPN':<16} {'SERVER NAMES':<24} "
                  f"{'CIDS':<10} WORKERS")

@@ -6,7 +6,9 @@ it holds and how to fix it, and finally compiles and loads the steering and guar
 (steer.c, guard.c) into a scratch pin dir (then removes them), which is the only proof that
 counts; likewise it attaches the socket jail's cgroup hooks (jail.c) for a throw-away
 loopback port and checks that they refuse bind, connect and SO_BINDTODEVICE to a process
-they do not list. Learned mode's egress program (learn.c) is not tried here.
+they do not list, and attaches the non-unicast filter (unicast.c) and checks that it drops a
+loopback broadcast to a wildcard-bound socket and passes unicast. Learned mode's egress program
+(learn.c) is not tried here.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
 from steerd.daemon.dataplane.jail import check_jail_prerequisites
 from steerd.daemon.dataplane.maps import DEFAULT_PIN_DIR
 from steerd.daemon.dataplane.programs import Prerequisite, check_prerequisites
+from steerd.daemon.dataplane.unicast import check_unicast_prerequisites
+from steerd.daemon.sockwatch import protection
 
 
 def load_check(pin_dir: str) -> Prerequisite:
@@ -43,6 +47,17 @@ def load_check(pin_dir: str) -> Prerequisite:
     )
 
 
+def protection_check(checks: list[Prerequisite]) -> Prerequisite:
+    """Which protection against 32-bit socket calls is in force on this kernel (issue 18):
+    no hook here refuses them, so the daemon's socket watchdog (steerd/daemon/sockwatch.py)
+    undoes what they change; the "32-bit entry" probe says whether the caller is also
+    killed."""
+    entry = next((c for c in checks if c.name == "32-bit entry"), None)
+    killed = entry is not None and entry.ok and "killed" in entry.detail
+    return Prerequisite("protection", True,
+                        protection(None, "a raw tracepoint" if killed else None))
+
+
 def run(args: argparse.Namespace) -> int:
     checks = check_prerequisites(args.pin_dir)
     if not args.no_load:
@@ -52,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
             checks.append(Prerequisite("programs load", False, "not tried",
                                        "fix the failures above first"))
     checks += check_jail_prerequisites(probe=not args.no_load and all(c.ok for c in checks))
+    checks += check_unicast_prerequisites(probe=not args.no_load and all(c.ok for c in checks))
+    checks.append(protection_check(checks))
     width = max(len(c.name) for c in checks)
     for c in checks:
         line = f"{'ok  ' if c.ok else 'FAIL'}  {c.name:<{width}}  {c.detail}"

@@ -189,6 +189,21 @@ def test_full_config_parses() -> None:
         ("[limits]\nworkers_per_app = 200",
          "[limits] workers_per_app: 200 workers x 2 listen addresses = 400 sockets, more than "
          "the 253 one control message can carry"),
+        ("[limits]\nuid_worker_slots = 257", "[limits] uid_worker_slots: must be an integer "
+         "1..256 (at most [limits] worker_slots), got 257"),
+        ("[limits]\nworker_slots = 32\nuid_worker_slots = 33", "[limits] uid_worker_slots: "
+         "must be an integer 1..32 (at most [limits] worker_slots), got 33"),
+        ("[limits]\nuid_worker_slots = 0", "[limits] uid_worker_slots: must be an integer "
+         "1..256 (at most [limits] worker_slots), got 0"),
+        ('[limits]\nuid_worker_slots = "64"', "[limits] uid_worker_slots: must be an integer "
+         '1..256 (at most [limits] worker_slots), got "64"'),
+        ("[limits]\napp_generations = 1",
+         "[limits] app_generations: must be an integer 2..64, got 1"),
+        ("[limits]\ncontrol_connections = 8\nuid_control_connections = 9",
+         "[limits] uid_control_connections: must be an integer 1..8 (at most [limits] "
+         "control_connections), got 9"),
+        ("[limits]\nuid_control_connections = true", "[limits] uid_control_connections: must "
+         "be an integer 1..64 (at most [limits] control_connections), got true"),
         ("[limits]\ncontrol_rate = 0", "[limits] control_rate: must be a number of messages "
          "per second 0.1..100000, got 0"),
         ('[flood]\nretry = "on"',
@@ -342,3 +357,56 @@ def test_route_tables_are_sized_for_the_first_flight_rate() -> None:
     assert first_flight_capacity(LimitsConfig(first_flight_rate=10**6, route_ttl=3600)) == 2**22
     config = parse_config({"limits": {"first_flight_rate": 20000}}, "t.toml")
     assert config.limits.first_flight_rate == 20000
+
+
+def test_tenant_limits_parse_with_defaults_below_the_global_ones() -> None:
+    """Per-uid shares of the pool and the connections: 64 of 256 slots, 16 of 64
+    connections and 3 generations per app by default, so one tenant at its limits leaves
+    most to the others; a smaller global limit lowers an unset share to it, and a share
+    written above it is an error (above)."""
+    d = parse("").limits
+    assert (d.uid_worker_slots, d.app_generations, d.uid_control_connections) == (64, 3, 16)
+    small = parse("[limits]\nworker_slots = 8\ncontrol_connections = 4").limits
+    assert (small.uid_worker_slots, small.uid_control_connections) == (8, 4)
+    set_ = parse("[limits]\nuid_worker_slots = 256\napp_generations = 64\n"
+                 "uid_control_connections = 1").limits
+    assert (set_.uid_worker_slots, set_.app_generations, set_.uid_control_connections) == (
+        256, 64, 1)
+    from steerd.daemon.config import summary
+
+    assert ("tenant limits: per uid other than 0, 64 worker slots (draining generations "
+            "included) and 16 control connections; 3 generations per app") in summary(parse(""))
+
+
+def test_learned_tables_must_hold_every_learned_slot() -> None:
+    """Issue 18: the learned tables (65536 = 16 slots x 4096) could be filled. Now each
+    learned-mode slot needs its quota plus its unproven budget, and the tables must hold
+    that for every slot that may be in learned mode at once (learned_slots, which the
+    registry enforces): unset, it is what the tables hold; written, it is checked."""
+    d = parse("").limits
+    assert (d.learned_unproven_ttl, d.learned_unproven_quota, d.learned_slots) == (3.0, 2048, 10)
+    assert LimitsConfig().learned_slots == d.learned_slots
+    assert parse("[limits]\nlearned_quota = 1024\nlearned_unproven_quota = 1024"
+                 ).limits.learned_slots == 32
+    assert parse("[limits]\nworker_slots = 4").limits.learned_slots == 4
+    big = parse("[limits]\nlearned_slots = 16\nlearned_capacity = 98304").limits
+    assert big.learned_slots == 16
+    for text, message in [
+        ("[limits]\nlearned_slots = 16",
+         "[limits] learned_capacity: 65536 entries cannot hold learned_slots 16 x (learned_quota "
+         "4096 + learned_unproven_quota 2048 = 6144 entries per learned-mode slot) = 98304: "
+         "raise learned_capacity or lower learned_slots, learned_quota or learned_unproven_quota"),
+        ("[limits]\nlearned_capacity = 4096",
+         "[limits] learned_capacity: 4096 entries cannot hold one learned-mode slot "
+         "(learned_quota 4096 + learned_unproven_quota 2048 = 6144 entries per learned-mode "
+         "slot): raise learned_capacity or lower learned_quota or learned_unproven_quota"),
+        ("[limits]\nlearned_slots = 257", "[limits] learned_slots: must be an integer 1..256 "
+         "(at most [limits] worker_slots), got 257"),
+        ("[limits]\nlearned_slots = 0", "[limits] learned_slots: must be an integer 1..256 "
+         "(at most [limits] worker_slots), got 0"),
+        ("[limits]\nlearned_unproven_ttl = 0.1",
+         "[limits] learned_unproven_ttl: must be a number of seconds 0.5..60, got 0.1"),
+        ("[limits]\nlearned_unproven_quota = 8",
+         "[limits] learned_unproven_quota: must be an integer 16..4194304, got 8"),
+    ]:
+        assert error(text) == "steerd.toml: " + message

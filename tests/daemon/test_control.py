@@ -8,7 +8,9 @@ import dataclasses
 import grp
 import json
 import os
+import select
 import socket
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -278,7 +280,11 @@ def test_file_descriptors_in_a_request_are_refused_and_closed(daemon: Daemon) ->
             }
             os.close(r)
             r = -1
-            # nobody holds the read end any more: the daemon closed what it received
+            # nobody holds the read end any more: the daemon closed what it received (off
+            # its loop, steerd/daemon/closer.py: await it; POLLERR once no reader is left)
+            poller = select.poll()
+            poller.register(w, 0)
+            assert poller.poll(30_000), "the daemon kept the read end open"
             with pytest.raises(BrokenPipeError):
                 os.write(w, b"x")
             assert c.status()["apps"] == []
@@ -713,3 +719,128 @@ def test_learned_mode_is_recorded_and_refused_with_retry_always(daemon: Daemon) 
             "a server that did not send the Retry cannot complete the retried handshake "
             "(docs/DATAPLANE.md, learned mode)")
         c.register("layout", ["h3y"]).close()  # layout mode is unaffected
+
+
+# -- tenant limits (issue 18 item 6) ---------------------------------------------------------
+
+
+def control_errors(daemon: Daemon) -> dict[str, float]:
+    """``steerd_control_errors_total`` by reason, as scraped."""
+    return {
+        s.labels["reason"]: s.value
+        for f in text_string_to_metric_families(scrape(daemon)) for s in f.samples
+        if s.name == "steerd_control_errors_total"
+    }
+
+
+UID_CONNECTIONS = {
+    "ok": False, "op": None, "reason": "uid_connections",
+    "error": f"too many control connections for uid {NOBODY} (limit 2 per uid, [limits] "
+             "uid_control_connections)",
+}
+
+
+def test_control_connections_per_uid(make_daemon: Callable[..., Daemon]) -> None:
+    """One uid (nobody, SO_PEERCRED) may hold 2 of the 8 connections: its third is refused
+    with the exact error and closed; it gets one again once one of its own goes; other uids
+    (root, exempt) still connect meanwhile; each refusal is counted."""
+    daemon = make_daemon(control_connections=8, uid_control_connections=2)
+
+    def child(emit: Callable[[dict[str, object]], None]) -> object:
+        held = [ControlClient(daemon.path), ControlClient(daemon.path)]
+        out: dict[str, object] = {"served": [c.status()["control_connections"] for c in held]}
+        with ControlClient(daemon.path) as third:
+            out["third"], _ = third.receive()
+            try:
+                third.receive()
+                out["third_closed"] = False
+            except ConnectionError:
+                out["third_closed"] = True
+        held.pop(0).close()
+        # the daemon learns of the close on its own loop: retry until it has (deadline)
+        refusals = 1
+        deadline = time.monotonic() + 10
+        while True:
+            again = ControlClient(daemon.path)
+            try:
+                again.status()
+                break
+            except (ControlError, OSError) as e:  # refused: the reply, or ours met its close
+                again.close()
+                assert getattr(e, "reason", "uid_connections") == "uid_connections", e
+                assert time.monotonic() < deadline, "the daemon never saw the close"
+                refusals += 1
+        held.append(again)
+        out["refusals"] = refusals
+        emit(out)
+        return held  # both held until the parent says go
+
+    pid, out_fd, go_fd = fork_as(child, [])
+    try:
+        out = read_json_line(out_fd)
+        assert "error" not in out, out
+        assert out["served"] == [1, 2] or out["served"] == [2, 2]
+        assert out["third"] == UID_CONNECTIONS and out["third_closed"] is True
+        roots = [ControlClient(daemon.path) for _ in range(3)]  # root: 5 of 8, no per-uid cap
+        try:
+            assert [c.status()["control_connections"] for c in roots][-1] == 5
+        finally:
+            for c in roots:
+                c.close()
+        assert control_errors(daemon)["uid_connections"] == out["refusals"]
+    finally:
+        assert reap(pid, go_fd, out_fd) == 0
+    daemon.wait_until(lambda: daemon.server.connections == 0)
+
+
+def test_uid_slot_limit_over_the_socket(make_daemon: Callable[..., Daemon]) -> None:
+    """nobody replaces its app and keeps the old generation draining until its slots reach
+    the limit (3): the next replace is refused with the exact error, counted, and hands out
+    nothing; root still registers in the slots left."""
+    daemon = make_daemon(uid_worker_slots=3)
+
+    def child(emit: Callable[[dict[str, object]], None]) -> object:
+        c = ControlClient(daemon.path)
+        regs = [c.register("nb", ["nb"], ["nobody.example"], workers=2),
+                c.register("nb", ["nb"], ["nobody.example"], workers=1, replace=True)]
+        try:
+            c.register("nb", ["nb"], ["nobody.example"], workers=1, replace=True)
+            emit({"third": "accepted"})
+        except ControlError as e:
+            emit({"third": [e.reason, str(e)],
+                  "states": [g["state"] for g in c.status()["apps"][0]["generations"]]})
+        return c, regs
+
+    pid, out_fd, go_fd = fork_as(child, [])
+    try:
+        out = read_json_line(out_fd)
+        assert out["third"] == [
+            "uid_slots", f"register: uid {NOBODY} holds 3 worker slots (draining generations "
+            "and slots awaiting a resume included) and asks for 1: the limit is 3 per uid "
+            "([limits] uid_worker_slots)"], out
+        assert out["states"] == ["draining", "active"]
+        assert set(daemon.sink.workers) == {0, 1, 2}  # nothing made for the refused one
+        assert control_errors(daemon) == {"uid_slots": 1.0}
+        with ControlClient(daemon.path) as c:
+            reg = c.register("web", ["h3"], workers=4)
+            assert [w["slot"] for w in reg.workers] == [3, 4, 5, 6]
+            reg.close()
+    finally:
+        assert reap(pid, go_fd, out_fd) == 0
+    daemon.sink.wait_for(lambda: not daemon.sink.workers)
+
+
+def test_generations_per_app_over_the_socket(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(app_generations=2)
+    with ControlClient(daemon.path) as c:
+        regs = [c.register("web", ["h3"]), c.register("web", ["h3"], replace=True)]
+        with pytest.raises(ControlError) as e:
+            c.register("web", ["h3"], replace=True)
+        assert (e.value.reason, str(e.value)) == (
+            "generations", 'register: app "web" has 2 generations (1 active, 1 draining): the '
+            "limit is 2 per app ([limits] app_generations); a draining generation must exit "
+            "(deregister or close its control connection) before another replace")
+        assert control_errors(daemon) == {"generations": 1.0}
+        assert set(daemon.sink.workers) == {0, 1}
+        for r in regs:
+            r.close()

@@ -461,3 +461,26 @@ def test_learned_mode_lengths_are_bounded_and_tracked() -> None:
     assert 4 in r.learned_lengths()
     r.deregister("a0", "c0")
     assert 4 not in r.learned_lengths()
+
+
+def test_learned_mode_slots_are_bounded_by_the_learned_tables() -> None:
+    """Issue 18: the kernel's learned tables hold [limits] learned_slots slots' quotas, so
+    no more slots than that may be in learned mode at once (draining ones count; root too);
+    layout mode is never limited, and a slot that leaves learned mode frees its place."""
+    from steerd.app.protocol import Steering
+
+    r = Registry(CidLayout(), PolicyConfig(), [], worker_slots=16, workers_per_app=8,
+                 learned_slots=4)
+    learned = Steering("learned", 8)
+    r.register("a", ["pa"], [], 3, False, ROOT, "ca", steering=learned)
+    assert refused(r.register, "b", ["pb"], [], 2, False, ROOT, "cb", steering=learned) == (
+        "learned_slots", "3 worker slots are in learned mode (draining generations included) "
+        "and 2 more were asked for: the kernel's learned tables hold 4 ([limits] "
+        "learned_slots); use layout mode (the steerd SDK) or fewer workers")
+    r.register("b", ["pb"], [], 1, False, ROOT, "cb", steering=learned)
+    reg(r, "web", ["h3"], owner="cw", workers=8)  # layout mode: not counted
+    # a replace of a learned app while the old generation drains needs room for both
+    assert refused(r.register, "b", ["pb"], [], 1, True, ROOT, "cb", steering=learned)[0] == (
+        "learned_slots")
+    r.deregister("a", "ca")
+    r.register("b", ["pb"], [], 1, True, ROOT, "cb", steering=learned)

@@ -244,9 +244,12 @@ def test_reserve_claims_validates_records() -> None:
         Reservation("web", 33, ("h3",), ("example.com",), frozenset({1, 2}), 130.0),
         Reservation("wild", 1001, ("h3",), ("*.example.org",), frozenset({3}), 130.0),
     )
-    # a second restart before they resume must not forget them
+    # a second restart before they resume must not forget them, nor whose the draining
+    # generation's slot is (the uid slot limit counts it)
     assert r.claims_snapshot() == [record("web", 33, ["example.com"], [1, 2]),
-                                   record("wild", 1001, ["*.example.org"], [3])]
+                                   record("wild", 1001, ["*.example.org"], [3]),
+                                   record("web", 33, ["example.com"], [4], draining=True)]
+    assert (r.uid_slots(33), r.uid_slots(1001)) == (3, 1)
     assert r.status()["reserved"] == [
         {"app": "web", "uid": 33, "alpn": ["h3"], "server_names": ["example.com"],
          "slots": [1, 2], "expires_in": 30.0},
@@ -458,3 +461,124 @@ def test_status_shows_a_user_only_its_own() -> None:
         assert r.status(uid)["slots"] == full["slots"] == {
             "total": 8, "free": 4, "quarantined": 0, "awaiting_resume": [7]}
         assert r.status(uid)["policy"] == full["policy"]
+
+
+# -- tenant limits (issue 18 item 6) ------------------------------------------------------
+
+
+def limited(slots: int = 16, uid_slots: int = 6, generations: int = 3,
+            clock: Clock | None = None) -> Registry:
+    """A registry with the tenant limits on; A and B may claim anything."""
+    return Registry(CidLayout(), PolicyConfig(), (rule(33, "*", alpn=("*",)),
+                                                  rule(1000, "*", alpn=("*",))),
+                    slots, 8, clock=clock or Clock(), uid_worker_slots=uid_slots,
+                    app_generations=generations)
+
+
+def uid_slots_message(uid: int, held: int, wanted: int, limit: int) -> str:
+    return (f"uid {uid} holds {held} worker slots (draining generations and slots awaiting a "
+            f"resume included) and asks for {wanted}: the limit is {limit} per uid ([limits] "
+            "uid_worker_slots)")
+
+
+def test_draining_generations_count_against_the_uids_slots() -> None:
+    """The attack of issue 18: replace with many workers and keep the old generations
+    draining. The slots they keep count, so the uid stops at its limit, the refusal
+    changes nothing, and another uid still registers and replaces."""
+    r = limited(uid_slots=6)
+    reg(r, "big", alpns=["x"], peer=B, owner=1, workers=3)
+    reg(r, "big", alpns=["x"], peer=B, owner=2, workers=3, replace=True)  # 1st drains: 6
+    assert r.uid_slots(1000) == 6
+    before = r.status()
+    assert refused(reg, r, "big", alpns=["x"], peer=B, owner=3, workers=1, replace=True) == (
+        "uid_slots", uid_slots_message(1000, 6, 1, 6))
+    assert refused(reg, r, "other", alpns=["y"], peer=B, owner=3) == (
+        "uid_slots", uid_slots_message(1000, 6, 1, 6))
+    assert r.status() == before  # a refusal takes nothing and drains nothing
+    # another tenant is unaffected: registers, replaces, up to its own limit
+    reg(r, "web", alpns=["h3"], peer=A, owner=4, workers=3)
+    reg(r, "web", alpns=["h3"], peer=A, owner=5, workers=3, replace=True)
+    assert r.decide(None, ["h3"]).app == "web" and r.decide(None, ["x"]).app == "big"
+    # once B's draining generation exits, its slots are B's to spend again
+    r.disconnect(1)
+    assert r.uid_slots(1000) == 3
+    g = reg(r, "big", alpns=["x"], peer=B, owner=3, workers=3, replace=True)
+    assert g.number == 3 and r.uid_slots(1000) == 6
+
+
+def test_one_request_beyond_the_uids_limit_is_refused_whole() -> None:
+    r = limited(uid_slots=6)
+    assert refused(reg, r, "big", alpns=["x"], peer=B, workers=7) == (
+        "uid_slots", uid_slots_message(1000, 0, 7, 6))
+    assert r.counts().free_slots == 16
+
+
+def test_root_is_not_bound_by_the_uid_slot_limit() -> None:
+    r = limited(uid_slots=2)
+    reg(r, "a", alpns=["a"], owner=1, workers=8)
+    reg(r, "a", alpns=["a"], owner=2, workers=8, replace=True)
+    assert r.uid_slots(0) == 16
+
+
+def test_generations_per_app_bound_replace_for_everyone() -> None:
+    r = limited(uid_slots=16, generations=3)
+    for owner in (1, 2, 3):
+        reg(r, "web", alpns=["h3"], peer=A, owner=owner, replace=owner > 1)
+    message = ('app "web" has 3 generations (1 active, 2 draining): the limit is 3 per app '
+               "([limits] app_generations); a draining generation must exit (deregister or "
+               "close its control connection) before another replace")
+    assert refused(reg, r, "web", alpns=["h3"], peer=A, owner=4, replace=True) == (
+        "generations", message)
+    assert refused(reg, r, "web", alpns=["h3"], peer=ROOT, owner=4, replace=True) == (
+        "generations", message)  # root too: no legitimate app needs more
+    # an app whose generations all drain gets no new one past the limit either
+    r.drain("web", 3)
+    assert refused(reg, r, "web", alpns=["h3"], peer=A, owner=4)[1].startswith(
+        'app "web" has 3 generations (0 active, 3 draining)')
+    r.deregister("web", 1)
+    assert reg(r, "web", alpns=["h3"], peer=A, owner=4).number == 4
+    # the ownership and "exists" rules still answer first
+    assert refused(reg, r, "web", alpns=["h3"], peer=B, owner=5, replace=True)[0] == "not_owner"
+
+
+def test_resume_is_never_refused_by_the_limits() -> None:
+    """After a daemon restart a uid takes back what it held, even above a limit lowered
+    meanwhile. Until then the slots its processes still hold (the previous run's records
+    say whose, draining generations' too) count against fresh registers, so a restart does
+    not give a tenant its share a second time."""
+    clock = Clock(100.0)
+    r = limited(uid_slots=4, generations=2, clock=clock)
+    r.reserve_orphans([1, 2, 3, 4, 5, 6, 7, 8])
+    assert r.reserve_claims([record("web", 1000, ["example.com"], [1, 2, 3, 4, 5]),
+                             record("web", 1000, ["example.com"], [6, 7, 8], draining=True)],
+                            until=130.0) == []
+    assert r.uid_slots(1000) == 8
+    assert refused(reg, r, "fresh", alpns=["f"], peer=B, owner=1) == (
+        "uid_slots", uid_slots_message(1000, 8, 1, 4))
+    # three generations of "web" each resume their slots, past both limits
+    reg(r, "web", ["example.com"], peer=B, owner=2, workers=5, resume=[1, 2, 3, 4, 5])
+    reg(r, "web", ["example.com"], peer=B, owner=3, resume=[6], replace=True)
+    reg(r, "web", ["example.com"], peer=B, owner=4, resume=[7], replace=True)
+    assert r.uid_slots(1000) == 8 and len(r.generations("web")) == 3
+    assert refused(reg, r, "web", ["example.com"], peer=B, owner=5, replace=True)[0] == (
+        "generations")
+    assert refused(reg, r, "fresh", alpns=["f"], peer=B, owner=5) == (
+        "uid_slots", uid_slots_message(1000, 8, 1, 4))
+    # an orphan whose socket closed is nobody's any more
+    assert r.claims_snapshot()[-1] == record("web", 1000, ["example.com"], [8], draining=True)
+    assert r.release_orphans(lambda slot: False) == [8]
+    assert r.uid_slots(1000) == 7 and r.uid_slots(33) == 0
+    assert not any(rec["slots"] == [8] for rec in r.claims_snapshot())
+    # the next run, from this run's records, counts the same
+    again = limited(uid_slots=4, clock=clock)
+    again.reserve_orphans([1, 2, 3, 4, 5, 6, 7])
+    assert again.reserve_claims(r.claims_snapshot(), until=200.0) == []
+    assert again.uid_slots(1000) == 7
+
+
+def test_from_config_applies_the_tenant_limits() -> None:
+    r = Registry.from_config(Config(limits=LimitsConfig(
+        worker_slots=16, uid_worker_slots=5, app_generations=2)))
+    assert (r.uid_worker_slots, r.app_generations) == (5, 2)
+    default = Registry.from_config(Config())
+    assert (default.uid_worker_slots, default.app_generations) == (64, 3)

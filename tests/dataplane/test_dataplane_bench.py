@@ -32,7 +32,7 @@ def test_bench_datapath_smoke() -> None:
     summary = json.loads(proc.stdout)
     assert set(summary["median_pps"]) == {"plain", "null-xdp", "xdp", "steer", "steer+xdp",
                                            "steer+tc", "steer-learned", "steer-learned-peer",
-                                           "steer+learner"}
+                                           "steer+learner", "steer+unicast"}
     assert all(pps > 0 for pps in summary["median_pps"].values())
     for run in summary["runs"]:
         if run["mode"].startswith("steer"):

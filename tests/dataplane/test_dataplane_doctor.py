@@ -27,11 +27,20 @@ def test_doctor_passes_here_and_loads_for_real() -> None:
     proc = doctor()
     assert proc.returncode == 0, proc.stdout + proc.stderr
     names = [line.split()[1] for line in proc.stdout.splitlines() if line[:4] in ("ok  ", "FAIL")]
-    assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs", "cgroup", "socket"]
-    assert "programs load   steer (SK_REUSEPORT) and guard (XDP and TC) compiled" in proc.stdout
+    assert names == ["root", "bcc", "kernel", "bpffs", "bpf", "programs", "cgroup", "socket",
+                     "32-bit", "non-unicast"]
+    text = " ".join(proc.stdout.split())  # the name column's width follows the longest name
+    assert "programs load steer (SK_REUSEPORT) and guard (XDP and TC) compiled" in text
     # the jail probe really attached the cgroup hooks and saw them refuse and allow
-    assert (f"socket jail     hooks attached at {cgroup2_root()} refused bind, connect and "
-            "SO_BINDTODEVICE on a jailed port, and allowed the listed daemon") in proc.stdout
+    assert (f"socket jail hooks attached at {cgroup2_root()} refused bind, connect, "
+            "SO_BINDTODEVICE and SO_REUSEPORT off on a jailed port, and allowed the listed "
+            "daemon") in text
+    # the 32-bit probe really saw a forked int $0x80 caller killed and recorded
+    assert ("32-bit entry 32-bit setsockopt outside the allowlist: the caller is killed by "
+            "the compat hook") in text
+    # the non-unicast probe really saw a broadcast dropped at a wildcard socket, unicast pass
+    assert (f"non-unicast filter ingress hook attached at {cgroup2_root()} (its network "
+            "namespace only) dropped a broadcast to a wildcard socket") in text
     scratch = proc.stdout.split("scratch pin dir ")[1].split()[0]
     assert scratch.startswith("/sys/fs/bpf/steerd-doctor-")
     assert not os.path.exists(scratch)  # the scratch programs and maps are gone

@@ -43,6 +43,7 @@ LAYOUT = CidLayout(config_id=1, host_id=0x2A, host_id_len=1, slot_len=2, nonce_l
 WORKER_SLOTS = 256  # the daemon's default pool (Learner.slot_stats reads every slot's row)
 MARKER_SLOT = 200  # a layout-mode worker: its arrival proves earlier packets were handled
 TTL = 300.0
+UNPROVEN_TTL = LearnLimits().unproven_ttl  # what an entry learned on egress lives, unproven
 
 FAMILIES = [pytest.param(socket.AF_INET, id="ipv4"), pytest.param(socket.AF_INET6, id="ipv6")]
 
@@ -225,7 +226,8 @@ def counters(w: World) -> dict[str, int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_server_long_headers_teach_cids_and_the_client_address(world: World, family: int) -> None:
     """Initial, Handshake and Retry, v1 and v2, from a learned-mode worker socket: each SCID
-    is learned for the socket's slot, and the client's address:port once."""
+    is learned for the socket's slot, and the client's address:port once, all unproven (a
+    short expiry, outside the quota: nothing yet shows the client is at that address)."""
     world.worker(5)
     client = world.client(family)
     kinds = ["initial-v1", "handshake-v1", "retry-v1", "initial-v2", "handshake-v2", "retry-v2"]
@@ -238,13 +240,16 @@ def test_server_long_headers_teach_cids_and_the_client_address(world: World, fam
     world.serve(5, one_rtt(), client)  # 1-RTT: nothing to learn but the address
     learned = world.learner.learned_cids()
     assert {cid: slot for cid, (slot, _) in learned.items()} == dict.fromkeys(scids.values(), 5)
+    assert world.learner.learned_cids(unproven=True) == learned
     now = time.monotonic_ns()
-    assert all(now < expires <= now + int(TTL * 1e9) for _, expires in learned.values())
+    assert all(now < expires <= now + int(UNPROVEN_TTL * 1e9) for _, expires in learned.values())
     peers = world.learner.learned_peers()
     assert {key: slot for key, (slot, _) in peers.items()} == {World.peer(client): 5}
+    assert world.learner.learned_peers(unproven=True) == peers
     assert delta(before, counters(world)) == {"learn_cid": 6, "learn_peer": 1}
     assert world.learner.slot_stats() == {5: {"egress_long": 7, "egress_learned": 6}}
-    assert world.learner.sweep() == {5: (6, 1)}
+    assert world.learner.sweep() == {}  # nothing counts against the quota
+    assert world.learner.unproven == {5: (6, 1)}
 
 
 def test_only_listed_sockets_on_the_service_port_are_watched(world: World) -> None:
@@ -338,7 +343,7 @@ def test_first_writer_wins(world: World, family: int) -> None:
 
 
 def test_an_expired_entry_of_another_slot_is_taken_over(world: World) -> None:
-    world.learner.configure(LearnLimits(ttl=0.001), [CID_LEN])
+    world.learner.configure(LearnLimits(ttl=0.001, unproven_ttl=0.001), [CID_LEN])
     world.worker(1)
     world.worker(2)
     client = world.client(socket.AF_INET)
@@ -356,8 +361,10 @@ def test_an_expired_entry_of_another_slot_is_taken_over(world: World) -> None:
 # -- quotas and the sweep --------------------------------------------------------------------
 
 
-def test_cid_quota_stops_a_slot_and_the_sweep_frees_it(world: World) -> None:
-    world.learner.configure(LearnLimits(cid_quota=16, peer_quota=16, ttl=TTL), [CID_LEN])
+def test_unproven_budget_stops_a_slot_and_the_sweep_frees_it(world: World) -> None:
+    """What a server's egress may learn before any client proves an entry: its slot's
+    unproven budget (unproven_quota CIDs, apart from addresses)."""
+    world.learner.configure(LearnLimits(unproven_quota=16, ttl=TTL), [CID_LEN])
     world.worker(11)
     world.worker(12)
     client = world.client(socket.AF_INET)
@@ -374,14 +381,16 @@ def test_cid_quota_stops_a_slot_and_the_sweep_frees_it(world: World) -> None:
     other = random_cid()
     world.serve(12, server_packet("initial-v1", other), world.client(socket.AF_INET))
     assert world.learner.learned_cids()[other][0] == 12
-    # a sweep before the TTL keeps everything, and the quota stays spent
-    assert world.learner.sweep() == {11: (16, 1), 12: (1, 1)}
+    # a sweep before the TTL keeps everything, and the budget stays spent
+    assert world.learner.sweep() == {}
+    assert world.learner.unproven == {11: (16, 1), 12: (1, 1)}
     before = counters(world)
     world.serve(11, server_packet("initial-v1", random_cid()), client)
     assert delta(before, counters(world)) == {"learn_full": 1}
-    # a sweep past the TTL (simulated time) deletes every entry and gives the quota back
-    later = time.monotonic_ns() + int((TTL + 1) * 1e9)
-    assert world.learner.sweep(now_ns=later) == {}
+    # a sweep past the unproven TTL (simulated time) deletes every entry and gives the
+    # budget back
+    later = time.monotonic_ns() + int((UNPROVEN_TTL + 1) * 1e9)
+    assert world.learner.sweep(now_ns=later) == {} and world.learner.unproven == {}
     assert world.learner.learned_cids() == {} and world.learner.learned_peers() == {}
     fresh = [random_cid() for _ in range(16)]
     before = counters(world)
@@ -391,8 +400,8 @@ def test_cid_quota_stops_a_slot_and_the_sweep_frees_it(world: World) -> None:
     assert delta(before, counters(world)) == {"learn_cid": 16, "learn_peer": 1}
 
 
-def test_peer_quota_stops_a_slot(world: World) -> None:
-    world.learner.configure(LearnLimits(cid_quota=16, peer_quota=16, ttl=TTL), [CID_LEN])
+def test_unproven_peer_budget_stops_a_slot(world: World) -> None:
+    world.learner.configure(LearnLimits(unproven_quota=16, ttl=TTL), [CID_LEN])
     world.worker(13)
     clients = [world.client(socket.AF_INET6) for _ in range(20)]
     before = counters(world)
@@ -402,7 +411,7 @@ def test_peer_quota_stops_a_slot(world: World) -> None:
     assert set(peers) == {World.peer(c) for c in clients[:16]}
     assert delta(before, counters(world)) == {"learn_peer": 16, "learn_full": 4}
     assert world.learner.slot_stats()[13] == {"egress_full": 4}
-    assert world.learner.sweep() == {13: (0, 16)}
+    assert world.learner.sweep() == {} and world.learner.unproven == {13: (0, 16)}
 
 
 def test_sweep_deletes_only_expired_entries(world: World) -> None:
@@ -416,7 +425,8 @@ def test_sweep_deletes_only_expired_entries(world: World) -> None:
     between = (expiry[old][1] + expiry[new][1]) // 2
     assert expiry[old][1] < between < expiry[new][1]
     # old and the first client's address (learned together) expire; new and its client stay
-    assert world.learner.sweep(now_ns=between) == {1: (1, 1)}
+    assert world.learner.sweep(now_ns=between) == {}
+    assert world.learner.unproven == {1: (1, 1)}
     assert set(world.learner.learned_cids()) == {new}
     assert World.peer(client) not in world.learner.learned_peers()
 
@@ -441,7 +451,7 @@ def test_forget_slot_removes_its_entries_and_its_sockets(world: World) -> None:
 def test_a_forgotten_slot_starts_with_its_full_quota(world: World) -> None:
     """A slot is forgotten when its worker leaves; the next app given it must be able to
     learn at once, not only after the next sweep recounts the quota."""
-    world.learner.configure(LearnLimits(cid_quota=16, peer_quota=16, ttl=TTL), [CID_LEN])
+    world.learner.configure(LearnLimits(unproven_quota=16, ttl=TTL), [CID_LEN])
     world.worker(31)
     client = world.client(socket.AF_INET)
     for _ in range(16):
@@ -452,6 +462,126 @@ def test_a_forgotten_slot_starts_with_its_full_quota(world: World) -> None:
     scid = random_cid()
     world.serve(31, server_packet("initial-v1", scid), client)
     assert scid in world.learner.learned_cids()
+
+
+# -- proof of address: unproven entries, promotion ------------------------------------------
+
+
+def spoofed_answers(w: World, slot: int, n: int, client: socket.socket) -> list[bytes]:
+    """What a server does for ``n`` spoofed Initials: answers each from ``slot`` with a fresh
+    SCID to a fresh client port (the forged sources; nobody there ever answers). Returns the
+    SCIDs."""
+    host = World.dest(client)[0]
+    scids = [random_cid() for _ in range(n)]
+    for i, scid in enumerate(scids):
+        w.workers[slot].sendto(server_packet("initial-v1", scid), (host, 30000 + i))
+    return scids
+
+
+def prove(w: World, client: socket.socket, scid: bytes, slot: int) -> None:
+    """The client answers the server's packet: a Handshake carrying ``scid``, delivered."""
+    tag = new_tag()
+    got = w.deliver([(client, long_packet(PacketType.HANDSHAKE, scid, tag, size=300))])
+    assert got == {tag: f"worker{slot}"}
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_clients_datagram_proves_the_cid_and_its_address(world: World, family: int) -> None:
+    """The client's Handshake carries the CID the server sent only to its address: the CID
+    entry and the address entry (same slot) are promoted to the full TTL and the quota. The
+    server resending its packet does not keep an unproven entry alive."""
+    world.worker(61)
+    client = world.client(family)
+    scid = random_cid()
+    world.serve(61, server_packet("initial-v1", scid), client)
+    expires = world.learner.learned_cids(unproven=True)[scid][1]
+    world.serve(61, server_packet("handshake-v1", scid), client)  # a resend: not extended
+    assert world.learner.learned_cids(unproven=True)[scid][1] == expires
+    assert world.learner.learned_peers(unproven=True)[World.peer(client)][0] == 61
+    before = counters(world)
+    prove(world, client, scid, 61)
+    assert delta(before, counters(world)) == {
+        "steer_learned_cid": 1, "learn_promoted_cid": 1, "learn_promoted_peer": 1,
+        "steer_short_worker": 1}
+    now = time.monotonic_ns()
+    assert world.learner.learned_cids(unproven=True) == {}
+    assert world.learner.learned_peers(unproven=True) == {}
+    slot, proven = world.learner.learned_cids(unproven=False)[scid]
+    assert slot == 61 and now + int((TTL - 10) * 1e9) < proven <= now + int(TTL * 1e9)
+    assert world.learner.learned_peers(unproven=False)[World.peer(client)][0] == 61
+    assert world.learner.sweep() == {61: (1, 1)} and world.learner.unproven == {}
+    before = counters(world)
+    prove(world, client, scid, 61)  # proven already: steered, nothing more to promote
+    assert delta(before, counters(world)) == {"steer_learned_cid": 1, "steer_short_worker": 1}
+
+
+def test_an_address_is_proven_only_for_its_own_slot(world: World) -> None:
+    """A datagram from an address slot 61 answered, carrying a CID slot 62 issued, proves
+    that CID (it reached 62's client) but not the address for 61."""
+    world.worker(61)
+    world.worker(62)
+    a, b = world.client(socket.AF_INET), world.client(socket.AF_INET)
+    world.serve(61, one_rtt(), a)  # a's address: slot 61's, unproven
+    theirs = random_cid()
+    world.serve(62, server_packet("initial-v1", theirs), b)
+    before = counters(world)
+    prove(world, a, theirs, 62)
+    assert delta(before, counters(world)) == {
+        "steer_learned_cid": 1, "learn_promoted_cid": 1, "steer_short_worker": 1}
+    assert world.learner.learned_peers(unproven=True)[World.peer(a)][0] == 61
+
+
+def test_spoofed_answers_spend_no_quota_and_expire(world: World) -> None:
+    """Ten times a slot's quota of spoofed Initials answered: every entry unproven, in the
+    unproven budget; the slot still proves its whole quota of real clients, and a sweep past
+    the unproven TTL leaves only those."""
+    quota = 16
+    world.learner.configure(LearnLimits(cid_quota=quota, peer_quota=quota, ttl=TTL,
+                                        unproven_quota=20 * quota), [CID_LEN])
+    world.worker(63)
+    client = world.client(socket.AF_INET)
+    spoofed = spoofed_answers(world, 63, 10 * quota, client)
+    assert world.learner.sweep() == {}
+    assert world.learner.unproven == {63: (10 * quota, 10 * quota)}
+    real = [random_cid() for _ in range(quota)]
+    before = counters(world)
+    for scid in real:
+        world.serve(63, server_packet("initial-v1", scid), client)
+        prove(world, client, scid, 63)
+    assert delta(before, counters(world)) == {
+        "learn_cid": quota, "learn_peer": 1, "learn_promoted_cid": quota,
+        "learn_promoted_peer": 1, "steer_learned_cid": quota, "steer_short_worker": quota}
+    assert world.learner.sweep() == {63: (quota, 1)}
+    assert world.learner.unproven == {63: (10 * quota, 10 * quota)}
+    later = time.monotonic_ns() + int((UNPROVEN_TTL + 1) * 1e9)
+    assert world.learner.sweep(now_ns=later) == {63: (quota, 1)}
+    assert world.learner.unproven == {}
+    assert set(world.learner.learned_cids()) == set(real)
+    assert not set(spoofed) & set(world.learner.learned_cids())
+    assert set(world.learner.learned_peers()) == {World.peer(client)}
+
+
+def test_a_slot_at_its_quota_keeps_a_proven_entry_unproven(world: World) -> None:
+    """Proof at a full quota: the datagram is delivered, the entry stays unproven (counted
+    learn_promote_full, egress_full for the slot) and expires with its short TTL."""
+    quota = 4
+    world.learner.configure(LearnLimits(cid_quota=quota, peer_quota=quota, ttl=TTL), [CID_LEN])
+    world.worker(64)
+    client = world.client(socket.AF_INET6)
+    scids = [random_cid() for _ in range(quota + 1)]
+    for scid in scids[:quota]:
+        world.serve(64, server_packet("initial-v1", scid), client)
+        prove(world, client, scid, 64)
+    world.serve(64, server_packet("initial-v1", scids[-1]), client)
+    before = counters(world)
+    prove(world, client, scids[-1], 64)
+    assert delta(before, counters(world)) == {
+        "steer_learned_cid": 1, "learn_promote_full": 1, "steer_short_worker": 1}
+    assert world.learner.slot_stats()[64]["egress_full"] == 1
+    assert set(world.learner.learned_cids(unproven=True)) == {scids[-1]}
+    later = time.monotonic_ns() + int((UNPROVEN_TTL + 1) * 1e9)
+    assert world.learner.sweep(now_ns=later) == {64: (quota, 1)}
+    assert set(world.learner.learned_cids()) == set(scids[:quota])
 
 
 # -- steering by what was learned (ingress) --------------------------------------------------
@@ -472,7 +602,9 @@ def test_a_learned_cid_steers_short_and_long_headers(world: World, family: int) 
         (client, long_packet(PacketType.INITIAL, scid, tags[2], version=VERSION_2)),
     ])
     assert got == dict.fromkeys(tags, "worker42")
-    assert delta(before, counters(world)) == {"steer_learned_cid": 3, "steer_short_worker": 1}
+    # the first datagram carrying the CID proved it (not this client's address: another port)
+    assert delta(before, counters(world)) == {"steer_learned_cid": 3, "steer_short_worker": 1,
+                                              "learn_promoted_cid": 1}
     assert world.learner.slot_stats()[42]["steered_learned_cid"] == 3
 
 
@@ -481,13 +613,22 @@ def test_a_learned_client_address_steers_unknown_short_header_cids(
     world: World, family: int
 ) -> None:
     """A client that moved to a CID the server gave it encrypted (NEW_CONNECTION_ID) is
-    steered by its address:port; the same CID from another port is dropped, and the
-    address never steers long headers."""
+    steered by its address:port once the address is proven; the same CID from another port
+    is dropped, and the address never steers long headers."""
     world.worker(43)
     world.worker(44)
     known, stranger = world.client(family), world.client(family)
-    world.serve(44, one_rtt(), known)
+    scid = random_cid()
+    world.serve(44, server_packet("initial-v1", scid), known)
     unknown = random_cid()
+    # unproven, the address steers nothing (the server may have answered a forged source)
+    early = new_tag()
+    assert world.deliver([(known, short_packet(unknown, early))]) == {}
+    # the client's Handshake carries the CID the server sent it: CID and address proven
+    proof = new_tag()
+    assert world.deliver([(known, long_packet(PacketType.HANDSHAKE, scid, proof, size=300))]) == {
+        proof: "worker44"}
+    assert world.learner.learned_peers(unproven=False)[World.peer(known)][0] == 44
     tags = [new_tag() for _ in range(4)]
     before = counters(world)
     got = world.deliver([
@@ -507,7 +648,7 @@ def test_a_learned_client_address_steers_unknown_short_header_cids(
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_expired_entries_steer_nothing(world: World, family: int) -> None:
-    world.learner.configure(LearnLimits(ttl=0.001), [CID_LEN])
+    world.learner.configure(LearnLimits(ttl=0.001, unproven_ttl=0.001), [CID_LEN])
     world.worker(45)
     client = world.client(family)
     scid = random_cid()
@@ -533,6 +674,8 @@ def test_an_entry_naming_an_empty_slot_is_dropped(world: World) -> None:
     client = world.client(socket.AF_INET)
     scid = random_cid()
     world.serve(46, server_packet("initial-v1", scid), client)
+    proof = new_tag()  # the client proves CID and address (an unproven address steers nothing)
+    assert world.deliver([(client, short_packet(scid, proof))]) == {proof: "worker46"}
     world.workers.pop(46).close()  # the kernel empties its sockarray slot
     tags = [new_tag(), new_tag()]
     before = counters(world)

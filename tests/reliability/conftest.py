@@ -1,10 +1,12 @@
 """Fixtures of the reliability tests: a real daemon (``steerd run``) in a server namespace, as
 tests/e2e starts it (its helpers are reused, not copied), and a look at the daemon process's
-own resources (FDs, RSS) from /proc, so a test can prove that hostile input leaked nothing."""
+own resources (FDs, RSS) from /proc, so a test can prove that hostile input leaked nothing; and
+the flood sender of the flood tests, run until what a test needs has happened (``Flood``)."""
 
 from __future__ import annotations
 
 import os
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -15,6 +17,7 @@ import pytest
 from deploy.netns import NetnsPair, netns_pair
 from steerd.app.client import ControlClient
 from steerd.app.protocol import ControlError
+from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import Daemon, start_daemon
 from tests.sdk.harness import sessions  # noqa: F401 - the fixture, for test_app_crash
 
@@ -130,3 +133,97 @@ def no_leak(daemon: Daemon, before: Usage) -> Usage:
         f"FDs: {sorted(set(after.fd_targets) - set(before.fd_targets))}"
     )
     return after
+
+
+# ---------------------------------------------------------------------------------------
+# The flood sender (bench/flood/spoof.c), run in rounds
+
+SPOOF_BATCH = 64  # records per sendmmsg
+FLOOD_DEADLINE = 120.0  # s of flood after which what a test waits for is a hang, not slowness
+
+
+class Flood:
+    """bench/flood/spoof.c in the client namespace, sending ``records`` (fixed-size records)
+    from random addresses of ``net``/``bits``, in rounds. A round sends as fast as the sender
+    can for a given time; how fast that was is a figure (``figures()``), never a gate: a test
+    floods for its nominal time, then on in short rounds until what it must see happened
+    (``until``), and fails only if that has not happened ``FLOOD_DEADLINE`` s after the start
+    (a hang: even a sender slowed tenfold by a loaded machine gets there long before)."""
+
+    def __init__(self, pair: NetnsPair, spoof: Path, server: str, port: int, net: str,
+                 bits: int, records: Path, record: int, *mode: str) -> None:
+        self.argv = ["nsenter", f"--net={netns_path(pair.client)}", str(spoof), server,
+                     str(port), net, str(bits), str(records), str(record)]
+        self.mode = list(mode)  # e.g. "frag"
+        self.proc: subprocess.Popen[str] | None = None
+        self.started: float | None = None  # time.monotonic() of the first round's start
+        self.ended: float | None = None  # and of the last round's end
+        self.sent = self.failed = self.rounds = 0
+        self.send_seconds = 0.0
+
+    def start(self, seconds: float) -> None:
+        """Start a round of ``seconds`` (the previous one must have ended)."""
+        assert self.proc is None, "a round is running"
+        if self.started is None:
+            self.started = time.monotonic()
+        self.proc = subprocess.Popen([*self.argv, str(seconds), str(SPOOF_BATCH), *self.mode],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.rounds += 1
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Await the running round's end, at most ``timeout`` s: True once it ended (and its
+        figures are counted)."""
+        if self.proc is None:
+            return True
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        assert self.proc.returncode == 0, f"spoof exited {self.proc.returncode}: {err}"
+        sent, failed, elapsed = out.split()
+        self.sent += int(sent)
+        self.failed += int(failed)
+        self.send_seconds += float(elapsed)
+        self.proc = None
+        self.ended = time.monotonic()
+        return True
+
+    def until(self, enough: Callable[[], bool], what: str, *, round_seconds: float = 1.0,
+              sample: Callable[[], None] | None = None, every: float = 0.1) -> None:
+        """Let the running round end, then flood on in rounds of ``round_seconds``, doubling
+        up to 8 s (few checks for a slow sender, little overshoot for a fast one), until
+        ``enough()`` (checked between rounds). ``sample`` is called every ``every`` s while a
+        round runs (e.g. to sample the daemon's RSS)."""
+        assert self.started is not None, "start() first"
+        round_seconds /= 2
+        while True:
+            while not self.wait(None if sample is None else every):
+                assert sample is not None
+                sample()
+            if enough():
+                return
+            assert time.monotonic() - self.started < FLOOD_DEADLINE, (
+                f"{what}: not reached after {FLOOD_DEADLINE:.0f} s of flood: {self.figures()}")
+            round_seconds = min(8.0, 2 * round_seconds)
+            self.start(round_seconds)
+
+    def wall_seconds(self) -> float:
+        """From the first round's start to the last one's end (what a rate bound needs)."""
+        assert self.started is not None and self.ended is not None
+        return self.ended - self.started
+
+    def figures(self) -> dict[str, object]:
+        return {"sent": self.sent, "send_failed": self.failed, "rounds": self.rounds,
+                "send_seconds": round(self.send_seconds, 2),
+                "pps": round(self.sent / self.send_seconds) if self.send_seconds else None}
+
+    def stop(self) -> None:
+        """Kill a running round (cleanup after a failure)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        if self.proc is not None:
+            self.proc.communicate(timeout=10)
+            self.proc = None

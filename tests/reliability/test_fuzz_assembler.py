@@ -30,6 +30,10 @@ ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 FUZZ_SECONDS = int(os.environ.get("STEERD_FUZZ_SECONDS", "15"))
 SOAK_SECONDS = float(os.environ.get("STEERD_SOAK_SECONDS", "8"))
+# Inputs run for the verdict to mean anything. FUZZ_SECONDS gets ~900/s on an idle 2-core
+# machine, ~200/s on a shared one; a machine too loaded for this many fuzzes on, by count.
+MIN_RUNS = 50 * FUZZ_SECONDS
+MORE_RUNS_DEADLINE = 300  # s: a fuzzer short of MIN_RUNS after this hangs
 
 
 def _harness(*args: str, timeout: float) -> subprocess.CompletedProcess[str]:
@@ -52,25 +56,38 @@ def seeds(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def fuzzed(seeds: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """Run libFuzzer for FUZZ_SECONDS; return its new-corpus directory and its log."""
+    """Run libFuzzer for FUZZ_SECONDS, then (on a machine too loaded to have run MIN_RUNS
+    inputs by then) on by count from the same corpus until it has; return its new-corpus
+    directory and its log (all passes)."""
     pytest.importorskip("atheris")
     corpus = tmp_path_factory.mktemp("corpus")
     artifacts = tmp_path_factory.mktemp("artifacts")
-    proc = _harness(
-        f"-max_total_time={FUZZ_SECONDS}",
-        "-timeout=5",  # one input (a few datagrams) running 5 s would be a hang
-        "-rss_limit_mb=1024",
-        "-max_len=8192",
-        f"-artifact_prefix={artifacts}/",
-        str(corpus),
-        str(seeds),
-        timeout=FUZZ_SECONDS + 60,
-    )
-    log = proc.stdout + proc.stderr
-    crashes = sorted(p.name for p in artifacts.iterdir())
-    assert proc.returncode == 0, f"fuzzer failed ({crashes}):\n{log[-4000:]}"
-    assert not crashes
-    return corpus, log
+    log = ""
+    limit, timeout = f"-max_total_time={FUZZ_SECONDS}", FUZZ_SECONDS + 60
+    while True:
+        proc = _harness(
+            limit,
+            "-timeout=5",  # one input (a few datagrams) running 5 s would be a hang
+            "-rss_limit_mb=1024",
+            "-max_len=8192",
+            f"-artifact_prefix={artifacts}/",
+            str(corpus),
+            str(seeds),
+            timeout=timeout,
+        )
+        log += proc.stdout + proc.stderr
+        crashes = sorted(p.name for p in artifacts.iterdir())
+        assert proc.returncode == 0, f"fuzzer failed ({crashes}):\n{log[-4000:]}"
+        assert not crashes
+        runs = _runs(log)
+        if runs >= MIN_RUNS:
+            return corpus, log
+        limit, timeout = f"-runs={MIN_RUNS - runs}", MORE_RUNS_DEADLINE
+
+
+def _runs(log: str) -> int:
+    """Inputs run, over every libFuzzer pass in ``log``."""
+    return sum(int(n) for n, _s in re.findall(r"Done (\d+) runs in (\d+) second", log))
 
 
 def test_seeds_replay_real_first_flights(seeds: Path) -> None:
@@ -105,15 +122,18 @@ def test_contract_checks_can_fail() -> None:
 
 
 def test_fuzz_assembler_coverage_guided(fuzzed: tuple[Path, str]) -> None:
-    """libFuzzer ran to its time limit with no crash, hang or RSS blow-up, and coverage
-    feedback grew the corpus beyond the seeds."""
+    """libFuzzer ran to its time limit (and to MIN_RUNS inputs) with no crash, hang or RSS
+    blow-up, and coverage feedback grew the corpus beyond the seeds. How fast it ran is a
+    figure (printed), not a gate."""
     corpus, log = fuzzed
-    runs = int(re.findall(r"Done (\d+) runs in (\d+) second", log)[-1][0])
+    runs = _runs(log)
     inited = int(re.search(r"INITED cov: (\d+)", log).group(1))  # type: ignore[union-attr]
     final = int(re.findall(r"DONE\s+cov: (\d+)", log)[-1])
     rss = int(re.findall(r"rss: (\d+)Mb", log)[-1])
-    print(f"fuzz: {runs} runs in {FUZZ_SECONDS} s, cov {inited} -> {final}, rss {rss} MB")
-    assert runs >= 50 * FUZZ_SECONDS
+    passes = re.findall(r"Done (\d+) runs in (\d+) second", log)
+    print(f"fuzz: {runs} runs in {sum(int(t) for _n, t in passes)} s ({len(passes)} pass(es)),"
+          f" cov {inited} -> {final}, rss {rss} MB")
+    assert runs >= MIN_RUNS
     assert final > inited
     assert any(corpus.iterdir())
     assert rss < 512

@@ -10,14 +10,20 @@ Initials as IPv4 fragments, all three from one spoofed /24; (d) the spoofed Init
 issue 7, from a /16. For each: the legitimate rate (requests completed per second, and its
 ratio to the unflooded one), the junk sent, the share of it that reached a classifier socket
 (Python) — an upper bound: legitimate first flights are in the count too — and the daemon's
-peak RSS. Asserted: under 1% reached Python for (a)-(c), no legitimate request failed
-beyond the issue-7 floor, memory within the caps. Timings are reported, never asserted; the
-figures are printed (``-s``) and recorded in docs/RELIABILITY.md §6.
+peak RSS. Each flood lasts SECONDS and on, in short rounds, until its own counter shows
+MIN_JUNK of it stopped in the kernel (conftest.Flood): what the assertions need to mean
+anything, however slow the sender is on a loaded machine; the sender's speed and the
+legitimate rate are figures, never gates. Asserted: for (a) and (c) under 1% of what arrived
+reached Python, for (b) no more than the guard's bucket lets through (burst + rate x time: the
+share of the flood that is depends on how fast the sender was), no legitimate request failed
+beyond the issue-7 floor, Chromium served, memory within the caps. The figures are printed
+(``-s``) and recorded in docs/RELIABILITY.md §6.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import struct
@@ -31,11 +37,13 @@ import pytest
 from deploy.netns import NetnsPair
 from steerd.daemon.dataplane.netns import netns_path
 from tests.e2e.conftest import PORT, Daemon, start_daemon
+from tests.reliability.conftest import Flood
 from tests.reliability.test_flood import (  # one sender, one way to build its records
     MIN_SUCCESS,
     RECORD,
     SPOOF_C,
     SPOOF_NET,
+    metric,
     pair,  # noqa: F401 - the fixture (spoofed sources routed back into the client namespace)
     proc_status,
     spoofed_flights,
@@ -53,6 +61,7 @@ SPOOF_BITS = 20
 JUNK_RECORDS = 1024
 BROWSER_HOST = "www.example.test"  # Chromium needs a name for its forced-QUIC origin
 MAX_PYTHON_SHARE = 0.01
+MIN_JUNK = 10_000  # junk stopped in the kernel, by the flood's own counter (STOPPED_BY)
 PENDING_CONNECTIONS, PENDING_BYTES = 2048, 17584
 # Per source prefix: above what the legitimate client's /24 sends when it loads as fast as it
 # can (about 250 connections/s here, 3 Initials each), so the unflooded rate is the daemon's,
@@ -99,9 +108,37 @@ ARRIVED = {
 # unflooded run (per connection): an estimate.
 JUNK_TO_PYTHON = {"a_short_headers": "steer_short_dead_slot", "b_0rtt": "xdp_0rtt"}
 
+# What keeps each flood in the kernel, by its own counter: the steering program's drop of a
+# short header in no worker's layout, the guard's bucket (0-RTT before its Initial spends
+# the same budget), the guard's drop of a first fragment. (d) is not flooded until a count:
+# from 16 prefixes its bucket passes 16 x GUARD_RATE a second, which a sender slowed enough
+# by a loaded machine might not exceed; what (d) shows is the legitimate rate beside it.
+STOPPED_BY = {
+    "a_short_headers": "steer_drop_short_not_ours",
+    "b_0rtt": "xdp_drop_rate_limited_0rtt",
+    "c_fragments": "xdp_drop_fragment",
+}
+
 
 def counters(daemon: Daemon) -> dict[str, int]:
     return dict(daemon.status()["counters"])
+
+
+def kernel_stopped(daemon: Daemon, before: dict[str, int], counter: str | None) -> bool:
+    """The flood's own counter has moved by MIN_JUNK since ``before`` (None: none to await).
+    Read from /metrics: cheaper than a ``steerd status`` process on a loaded machine."""
+    if counter is None:
+        return True
+    now = metric(daemon, f'steerd_bpf_events_total{{counter="{counter}"}}')
+    return now - before.get(counter, 0) >= MIN_JUNK
+
+
+def reassembled(netns: NetnsPair) -> int:
+    """IPv4 datagrams the server namespace reassembled from fragments (ReasmOKs), a figure."""
+    out = subprocess.run(["nsenter", f"--net={netns_path(netns.server)}", "cat", "/proc/net/snmp"],
+                         capture_output=True, text=True, timeout=20, check=True).stdout
+    names, values = (line.split()[1:] for line in out.splitlines() if line.startswith("Ip:"))
+    return int(dict(zip(names, values, strict=True))["ReasmOKs"])
 
 
 def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
@@ -137,14 +174,12 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                 Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS
                 rss_before = proc_status(pid, "VmRSS")
                 before = counters(daemon)
-                sender = None
+                reasm_before = reassembled(pair)
+                flood = None
                 if args:
-                    record = sizes.get(name, RECORD)
-                    sender = subprocess.Popen(
-                        ["nsenter", f"--net={netns_path(pair.client)}", str(spoof),
-                         pair.server_v4, str(PORT), net, str(bits), args[0], str(record),
-                         str(SECONDS), "64", *args[1:]],
-                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                    flood = Flood(pair, spoof, pair.server_v4, PORT, net, bits, Path(args[0]),
+                                  sizes.get(name, RECORD), *args[1:])
+                    flood.start(SECONDS)
                 started = time.monotonic()
                 loader = start_loader(pair, "qh3", "h3", "/count")
                 try:
@@ -154,40 +189,55 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                     page = chromium_get(pair, BROWSER_HOST, app)
                     browser = {"served": "behind steerd" in page.stdout,
                                "seconds": round(time.monotonic() - browser_started, 2)}
-                    if sender is not None:
-                        out, err = sender.communicate(timeout=SECONDS + 30)
-                        assert sender.returncode == 0, err
-                        sent = int(out.split()[0])
+                    if flood is not None:
+                        stopped_by = STOPPED_BY.get(name)
+                        flood.until(functools.partial(kernel_stopped, daemon, before, stopped_by),
+                                    f"{name}: {MIN_JUNK} stopped by {stopped_by}")
                     else:
                         # the rest of the measuring window itself, not a wait
                         time.sleep(max(0.0, SECONDS - (time.monotonic() - started)))
-                        sent = 0
                     elapsed = time.monotonic() - started
                     totals = loader.finish()
                 finally:
                     loader.kill()
+                    if flood is not None:
+                        flood.stop()
                 after = counters(daemon)
+                reasm = reassembled(pair) - reasm_before
+                # the window in which the guard's bucket counted this flood: from before its
+                # first round to now (after every counter read)
+                bucket_window = time.monotonic() - flood.started if flood and flood.started else 0
                 delta = {k: v - before.get(k, 0) for k, v in after.items()
                          if v != before.get(k, 0)}
                 to_python = delta.get("steer_to_classifier", 0)
                 arrived = sum(delta.get(k, 0) for k in ARRIVED.get(name, ()))
                 if name == "none":
                     per_connection = delta.get("steer_long_new", 0) / max(1, totals["ok"])
-                if name in JUNK_TO_PYTHON:
-                    junk_to_python = delta.get(JUNK_TO_PYTHON[name], 0)
-                else:
-                    junk_to_python = max(0, round(delta.get("steer_long_new", 0)
-                                                  - per_connection * totals["ok"]))
+                estimate = max(0, round(delta.get("steer_long_new", 0)
+                                        - per_connection * totals["ok"]))
+                junk_to_python = (delta.get(JUNK_TO_PYTHON[name], 0) if name in JUNK_TO_PYTHON
+                                  else estimate)
+                # what the guard's bucket lets one prefix pass in that window (2%: the
+                # bucket's race across CPUs, steerd/bpf/guard.c)
+                bucket_bound = round((GUARD_BURST + 1 + GUARD_RATE * bucket_window) * 1.02)
                 figures[name] = {
-                    "junk_sent": sent,
-                    "junk_pps": round(sent / SECONDS),
+                    # the sender's speed: a figure, never a gate
+                    "junk_sent": flood.sent if flood else 0,
+                    "junk_pps": (round(flood.sent / flood.send_seconds)
+                                 if flood and flood.send_seconds else 0),
+                    "flood_rounds": flood.rounds if flood else 0,
+                    "flood_seconds": round(flood.wall_seconds(), 2) if flood else 0,
                     "junk_arrived": arrived,
+                    "bucket_bound": bucket_bound,
                     "legit_ok": totals["ok"], "legit_failed": totals["failed"],
                     "legit_errors": totals["errors"][:2],
                     "legit_rate": round(totals["ok"] / elapsed, 1),
                     "chromium": browser,
                     "to_python": to_python,  # everything a classifier got, legitimate too
                     "junk_to_python": junk_to_python,
+                    "first_flight_estimate": estimate,  # the (c)/(d) estimate, for every phase
+                    # datagrams the server namespace reassembled from fragments (reported)
+                    "reassembled": reasm,
                     "python_share": round(junk_to_python / arrived, 5) if arrived else None,
                     "rss_before_kib": rss_before, "rss_peak_kib": proc_status(pid, "VmHWM"),
                     "counters": delta,
@@ -200,13 +250,18 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                 ok, failed = fig["legit_ok"], fig["legit_failed"]
                 assert ok / max(1, ok + failed) >= MIN_SUCCESS, (name, fig)  # type: ignore[operator]
                 assert fig["chromium"]["served"], (name, fig)  # type: ignore[index]
-                if name.startswith(("a_", "b_", "c_")):
-                    assert fig["junk_arrived"] > 10000, (name, fig)  # type: ignore[operator]
+                if name in STOPPED_BY:
+                    # What kept it in the kernel, by its own counter (the flood went on until
+                    # it had: the sender's speed decides only how long that took).
+                    assert fig["counters"].get(STOPPED_BY[name], 0) >= MIN_JUNK, (name, fig)  # type: ignore[attr-defined]
+                if name in ("a_short_headers", "c_fragments"):
+                    # nothing of these needs the classifier: under 1% of what arrived (the
+                    # estimate for (c) includes the legitimate clients' extra datagrams)
                     assert fig["python_share"] < MAX_PYTHON_SHARE, (name, fig)  # type: ignore[operator]
-            # What kept each one in the kernel, by its own counter.
-            assert figures["a_short_headers"]["counters"]["steer_drop_short_not_ours"] > 10000  # type: ignore[index]
-            assert figures["b_0rtt"]["counters"]["xdp_drop_rate_limited_0rtt"] > 10000  # type: ignore[index]
-            assert figures["c_fragments"]["counters"]["xdp_drop_fragment"] > 10000  # type: ignore[index]
+            # (b): what passed the guard is the bucket's budget for one prefix, however many
+            # arrived (its share of the flood, reported, is that budget over the sender's speed)
+            zero_rtt = figures["b_0rtt"]
+            assert zero_rtt["junk_to_python"] <= zero_rtt["bucket_bound"], zero_rtt  # type: ignore[operator]
             cap_kib = (PENDING_CONNECTIONS * (PENDING_BYTES + 4096) + 131072 * 2 * 200) // 1024
             for name, fig in figures.items():
                 assert fig["rss_peak_kib"] <= fig["rss_before_kib"] + cap_kib, (name, fig)  # type: ignore[operator]

@@ -11,8 +11,10 @@ socket, the per-slot key, the control socket.
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import json
 import os
+import select
 import socket
 import struct
 import sys
@@ -76,11 +78,105 @@ def server_long_header(scid: bytes) -> bytes:
             + bytes([len(scid)]) + scid + b"\x40\x18" + os.urandom(24))
 
 
+_SOCKS: list[socket.socket] = []  # the worker's sockets, one per listen address
+TCP_CLOSE = 7  # tcpi_state: the connection is gone (here: reset by its peer)
+_PEERS: list[socket.socket] = []  # the far ends of lingering sockets handed to the daemon
+_LOCKS: dict[str, int] = {}  # planted lock files, held (flock) until release_locks
+
+
+def lingering_tcp() -> tuple[socket.socket, socket.socket]:
+    """A TCP socket whose last close waits forever, and its peer (keep it open): the peer
+    never reads, so the socket's send queue stays full behind a zero window, and its
+    SO_LINGER is {1, 2^31-1}. The descriptor that froze the daemon's loop (issue 18)."""
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # inherited by peer
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.connect(listener.getsockname())
+        peer, _ = listener.accept()
+    finally:
+        listener.close()
+    sock.setblocking(False)
+    while True:
+        try:
+            sock.send(b"x" * 65536)
+        except BlockingIOError:
+            break
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 2**31 - 1))
+    return sock, peer
+
+
+def tcp_state(sock: socket.socket) -> int:
+    """The kernel's TCP state of ``sock`` (tcpi_state, the first byte of TCP_INFO)."""
+    return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 8)[0]
+
+
+def await_reset(peers: list[socket.socket], wait: float) -> list[int]:
+    """The TCP states of ``peers`` once each was reset (the kernel reports POLLHUP/POLLERR,
+    which poll() always watches), or when ``wait`` s have passed."""
+    deadline = time.monotonic() + wait
+    for peer in peers:
+        poller = select.poll()
+        poller.register(peer, 0)  # nothing but the events always reported: ERR, HUP
+        left = deadline - time.monotonic()
+        if left > 0:
+            poller.poll(left * 1000)
+    return [tcp_state(p) for p in peers]
+
+
+def hostile_fd(kind: str) -> int:
+    """A descriptor of ``kind`` for a request: lingering_tcp (its peer kept in _PEERS),
+    pipe (a read end), file (a regular file), udp (an unbound socket)."""
+    if kind == "lingering_tcp":
+        sock, peer = lingering_tcp()
+        _PEERS.append(peer)
+        return sock.detach()
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.close(w)
+        return r
+    if kind == "file":
+        with open(__file__, "rb") as f:  # a regular file this user can read
+            return os.dup(f.fileno())
+    if kind == "udp":
+        return socket.socket(socket.AF_INET, socket.SOCK_DGRAM).detach()
+    raise ValueError(f"unknown descriptor kind {kind}")
+
+
+def plant_lock(path: str) -> int:
+    """Create and flock ``path`` as this user, writing pid 1 in it (the lock file the daemon
+    once took in the world-writable /run/lock); the errno, 0 when planted."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        return exc.errno or -1
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(fd, b"1\n")
+    _LOCKS[path] = fd
+    return 0
+
+
 def handle(cmd: dict[str, Any], sock: socket.socket, key: bytes, control: str,
            client: ControlClient) -> dict[str, Any]:
     op = cmd["op"]
     if op == "socket_calls":
         return socket_calls(sock, tuple(cmd["service"]), tuple(cmd["client"]))  # type: ignore[arg-type]
+    if op == "flags_off":
+        # Clearing SO_REUSEPORT would make the socket win every lookup on the port (the
+        # newest IPv4 socket heads the chain; a socket without the flag wins ties), on each
+        # of the worker's sockets (IPv4 and IPv6); then what the flags read afterwards.
+        out: dict[str, Any] = {}
+        for held in _SOCKS:
+            family = "v6" if held.family == socket.AF_INET6 else "v4"
+            for name, opt in (("reuseport", socket.SO_REUSEPORT),
+                              ("reuseaddr", socket.SO_REUSEADDR)):
+                out[f"{name}_off_{family}"] = errno_of(lambda h=held, o=opt: h.setsockopt(
+                    socket.SOL_SOCKET, o, 0))
+            out[f"reuseport_{family}"] = held.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)
+        return out
     if op == "status":
         return {"apps": [a["app"] for a in client.status()["apps"]]}
     if op == "reset":
@@ -106,6 +202,36 @@ def handle(cmd: dict[str, Any], sock: socket.socket, key: bytes, control: str,
                                   bytes.fromhex(cmd["odcid"]), bytes.fromhex(cmd["scid"]),
                                   time.monotonic())
         return {"token": token.hex()}
+    if op == "fd_request":
+        # A request with descriptors attached on this app's own control connection; the
+        # intruder closes its copies at once, so the daemon's close is the last one.
+        fds = [hostile_fd(kind) for kind in cmd["kinds"]]
+        try:
+            client.send_raw(json.dumps(cmd["message"]).encode(), fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+        reply, socks = client.receive()
+        for s in socks:
+            s.close()
+        return {"reply": reply}
+    if op == "peers_reset":
+        # Whether the daemon's close of each lingering socket reset it (its peer sees the
+        # connection gone) within ``wait`` s; the peers are closed afterwards.
+        states = await_reset(_PEERS, cmd["wait"])
+        for peer in _PEERS:
+            peer.close()
+        _PEERS.clear()
+        return {"states": states}
+    if op == "plant_lock":
+        return {"errno": plant_lock(cmd["path"])}
+    if op == "release_locks":
+        for path, fd in _LOCKS.items():
+            os.close(fd)
+            os.unlink(path)
+        released = sorted(_LOCKS)
+        _LOCKS.clear()
+        return {"released": released}
     if op == "register":
         try:
             with ControlClient(control) as other:
@@ -127,6 +253,7 @@ def main() -> int:
         message.update(cid_mode="learned", cid_len=int(sys.argv[4]))
     client = ControlClient(control)
     reply, socks = client.call(message)
+    _SOCKS.extend(socks)
     key = bytes.fromhex(reply["workers"][0]["reset_key"])
     print(json.dumps({"event": "registered", "uid": os.getuid(), "reply": reply}), flush=True)
     for line in sys.stdin:

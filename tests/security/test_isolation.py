@@ -131,9 +131,10 @@ CALLS = ("attach_cbpf", "attach_ebpf", "detach", "bindtodevice", "bindtoifindex"
 
 
 def test_held_worker_socket_cannot_take_the_port(world: World, served: list[Loader]) -> None:
-    """As nobody and as root: replacing or removing the group's program, binding the socket to
-    a device, connecting it, or binding a new socket to the port are all refused (EPERM, the
-    jail's answer); every refusal is counted; the other tenants' clients never notice."""
+    """As nobody and as root: replacing or removing the group's program, clearing SO_REUSEPORT
+    or SO_REUSEADDR (IPv4 and IPv6 sockets), binding the socket to a device, connecting it,
+    or binding a new socket to the port are all refused (EPERM, the jail's answer); every
+    refusal is counted; the other tenants' clients never notice."""
     root = start_intruder(world.daemon, 0, "root-intruder", "x-root")
     try:
         before = counters(world.daemon)
@@ -141,8 +142,12 @@ def test_held_worker_socket_cannot_take_the_port(world: World, served: list[Load
         for who in (world.intruder, root):
             got = who.ask(op="socket_calls", **target)
             assert got == dict.fromkeys(CALLS, errno.EPERM), (who.registered["uid"], got)
+            flags = who.ask(op="flags_off")
+            assert flags == {**{f"{flag}_off_{family}": errno.EPERM
+                                for flag in ("reuseport", "reuseaddr") for family in ("v4", "v6")},
+                             "reuseport_v4": 1, "reuseport_v6": 1}, (who.registered["uid"], flags)
         after = counters(world.daemon)
-        assert delta(before, after, "jail_refused_setsockopt") == 2 * 5
+        assert delta(before, after, "jail_refused_setsockopt") == 2 * (5 + 4)
         assert delta(before, after, "jail_refused_connect") == 2
         assert delta(before, after, "jail_refused_bind") == 2
     finally:

@@ -10,8 +10,10 @@ for real as uid nobody in learned mode sends crafted server packets from its wor
 2. the CID a victim learned-mode server (tests/e2e/plain_h3_server.py, unmodified aioquic
    with its own random CIDs, under ``steerd exec --cid-mode learned`` as its own uid) issued
    to a real client: the victim wrote it first, conflict;
-3. CIDs without end: its slot's quota stops it, and the victim still learns new ones;
-4. a victim client's address:port: the victim's server wrote it first, conflict.
+3. CIDs without end: its slot's unproven budget stops it (nothing it sends to addresses no
+   client of its own answers from is ever proven), and the victim still learns new ones;
+4. a victim client's address:port: the victim's server wrote it first, conflict; and an
+   address the intruder wrote first steers nothing to it until a client there proves it.
 
 Meanwhile real clients load the victim learned app and an SDK app (the demo file service)
 and must see 0 failures. Counter deltas are exact where only the intruder moves them
@@ -58,14 +60,17 @@ pytestmark = pytest.mark.root
 FILES_UID, VICTIM_UID, NOBODY = 64112, 64113, 65534
 PLAIN = ROOT / "tests" / "e2e" / "plain_h3_server.py"
 CID_LEN = 8  # aioquic's own CIDs
-QUOTA = 256  # [limits] learned_quota: each slot's learned CIDs (and, apart, addresses)
-TTL = 10  # [limits] learned_ttl, the smallest allowed: the victim's entries come and go
+QUOTA = 256  # [limits] learned_quota and learned_unproven_quota: each slot's learned CIDs
+# (and, apart, addresses), proven and unproven
+TTL = 10  # [limits] learned_ttl and learned_unproven_ttl: the victim's entries come and go
 LAYOUT = CidLayout()  # the daemon's (no [cid] section): 9-byte CIDs
 ALPNS = [f"x-intruder-{i}" for i in range(8)]  # one per intruder: claims must not collide
 CONFIG = f"""
 [limits]
 learned_quota = {QUOTA}
 learned_ttl = {TTL}
+learned_unproven_quota = {QUOTA}
+learned_unproven_ttl = {TTL}
 [[acl]]
 uids = [{FILES_UID}]
 alpn = ["smb"]
@@ -265,9 +270,12 @@ def slots_of(daemon: Daemon, app: str) -> list[int]:
 
 
 def moved(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
-    """Statistics that changed (learned_cids / learned_peers are the sweep's gauges)."""
+    """Statistics that changed (learned_* and unproven_* are the sweep's gauges)."""
     return {k: after.get(k, 0) - before.get(k, 0) for k in set(before) | set(after)
-            if k not in ("learned_cids", "learned_peers") and after.get(k, 0) != before.get(k, 0)}
+            if k not in SWEEP_GAUGES and after.get(k, 0) != before.get(k, 0)}
+
+
+SWEEP_GAUGES = ("learned_cids", "learned_peers", "unproven_cids", "unproven_peers")
 
 
 def server_cid(s: Session) -> bytes:
@@ -383,13 +391,14 @@ def await_sweep(daemon: Daemon, intruder: Intruder, pair: NetnsPair) -> None:
     intruder.ask(op="send", data=(b"\x43" + os.urandom(40)).hex(),
                  to=[pair.client_v4, 2000 + intruder.slot])
     deadline = time.monotonic() + 15
-    while steering(daemon, intruder.app).get("learned_peers", 0) < 1:
+    while steering(daemon, intruder.app).get("unproven_peers", 0) < 1:
         assert time.monotonic() < deadline, "no sweep within 15 s"
 
 
 def test_a_flood_of_cids_stops_at_the_quota(world: World, served: Served) -> None:
-    """A fresh intruder sends QUOTA + 100 random SCIDs: exactly QUOTA are learned, the rest
-    counted full; the victim learned app's new connections are still learned and served."""
+    """A fresh intruder sends QUOTA + 100 random SCIDs: exactly QUOTA are learned (unproven:
+    no client ever answers them), the rest counted full; the victim learned app's new
+    connections are still learned and served."""
     intruder = start_learned_intruder(world.daemon, "intruder-flood", CID_LEN)
     try:
         await_sweep(world.daemon, intruder, world.pair)
@@ -423,8 +432,9 @@ def test_a_flood_of_cids_stops_at_the_quota(world: World, served: Served) -> Non
 def test_a_victim_clients_address_cannot_be_taken(world: World, served: Served) -> None:
     """The intruder sends to the address:port of a live client of the victim, whose server
     wrote it first: conflict; a packet from that client with a CID nothing learned (as after
-    NEW_CONNECTION_ID) still reaches the victim. Positive control: an address the intruder
-    writes first is its own."""
+    NEW_CONNECTION_ID) still reaches the victim. An address the intruder writes first steers
+    nothing to it while unproven; positive control: once a client there answers with a CID
+    the intruder sent it, the address is the intruder's."""
     s = session(world.pair, "h3")
     fresh = world.pair.client_socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
@@ -443,16 +453,28 @@ def test_a_victim_clients_address_cannot_be_taken(world: World, served: Served) 
         s.sock.sendto(unknown, (world.pair.server_v4, PORT))
         assert s.get("/after") == (200, b"victim /after")
         assert moved(victim, steering(world.daemon, "victim")).get("steered_learned_peer") == 1
-        # positive control: the intruder writes an address first; it steers to the intruder
+        # the intruder writes an address first: unproven, it steers nothing to the intruder
         stats = steering(world.daemon, world.intruder.app)
-        world.intruder.ask(op="send", data=(b"\x43" + os.urandom(40)).hex(),
-                           to=[world.pair.client_v4, fresh.getsockname()[1]])
+        fresh_addr = [world.pair.client_v4, fresh.getsockname()[1]]
+        own = bytes([0xEF]) + os.urandom(CID_LEN - 1)
+        world.intruder.long(fresh_addr, [own])
+        before = counters(world.daemon)
+        fresh.sendto(unknown, (world.pair.server_v4, PORT))
+        deadline = time.monotonic() + 5
+        while delta(before, counters(world.daemon), "steer_drop_short_not_ours") < 1:
+            assert time.monotonic() < deadline, "the unproven address's datagram not dropped"
+        assert "steered_learned_peer" not in moved(stats, steering(world.daemon,
+                                                                   world.intruder.app))
+        # positive control: the client there answers with the CID the intruder sent it (as
+        # a real client of the intruder would): CID and address proven, the address steers
+        fresh.sendto(bytes([0x43]) + own + os.urandom(40), (world.pair.server_v4, PORT))
         fresh.sendto(unknown, (world.pair.server_v4, PORT))
         deadline = time.monotonic() + 5
         while "steered_learned_peer" not in moved(stats, now := steering(
                 world.daemon, world.intruder.app)):
             assert time.monotonic() < deadline, now
-        assert moved(stats, now) == {"steered_learned_peer": 1}
+        assert moved(stats, now) == {"egress_long": 1, "egress_learned": 1,
+                                     "steered_learned_cid": 1, "steered_learned_peer": 1}
     finally:
         s.close()
         fresh.close()

@@ -45,3 +45,23 @@ def read_counters(fd: int, ncpus: int, names: dict[int, str]) -> dict[str, int]:
             raise DataplaneError(f"reading counter {name}: {os.strerror(ct.get_errno())}")
         out[name] = sum(values)
     return out
+
+
+def read_counter(fd: int, ncpus: int, index: int) -> int:
+    """One entry of the per-CPU map ``fd``, summed over ``ncpus`` CPUs: one syscall, for the
+    watchdog's canary check every few milliseconds (read_counters reads them all)."""
+    values = (ct.c_uint64 * ncpus)()
+    key = ct.c_uint32(index)
+    if libbcc().bpf_lookup_elem(fd, ct.byref(key), values) != 0:
+        raise DataplaneError(f"reading counter {index}: {os.strerror(ct.get_errno())}")
+    return sum(values)
+
+
+def write_every_cpu(fd: int, ncpus: int, index: int, value: int) -> None:
+    """Set entry ``index`` of the per-CPU map ``fd`` to ``value`` on every CPU: how the
+    canary secret (STEERD_CANARY_SECRET) reaches the steering program, which reads its own
+    CPU's copy."""
+    values = (ct.c_uint64 * ncpus)(*([value] * ncpus))
+    key = ct.c_uint32(index)
+    if libbcc().bpf_update_elem(fd, ct.byref(key), values, 0) != 0:
+        raise DataplaneError(f"writing entry {index}: {os.strerror(ct.get_errno())}")

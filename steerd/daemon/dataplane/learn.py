@@ -5,9 +5,15 @@ A plain aioquic, qh3 or hypercorn server picks random CIDs; the egress program l
 (and the client addresses it serves) from the server's own long-header packets as they
 leave, into ``learned_cids`` and ``learned_peers``, and the steering program looks them up.
 This module is the Python side of one group's learning: which worker sockets are steered
-how (``learn_sockets``), the quotas, TTL and CID lengths (``learn_config``), the sweep that
+how (``learn_sockets``), the quotas, TTLs and CID lengths (``learn_config``), the sweep that
 expires entries and recounts the quotas, the per-slot statistics, and the egress program's
 attachment at the cgroup v2 root.
+
+Proof of address: every entry the egress program writes is *unproven* (the server answered
+a datagram whose source anyone can forge): it lives ``unproven_ttl`` and counts against the
+slot's small ``unproven_quota``, not its quota, until the steering program sees a client
+datagram carrying the learned CID and promotes it. So spoofed Initials that make a server
+answer cannot fill the tables nor spend its quota (docs/SECURITY.md §2.4).
 
 Life cycle: like the socket jail, the egress program is pinned (``PIN_DIR/prog_learn``) and
 stays attached while the daemon is down, so apps keep learning through a restart; a new run
@@ -52,15 +58,23 @@ def slot_stat_names() -> dict[int, str]:
 
 
 _ROUTE = struct.Struct("=IIQ")  # struct steerd_route: slot, flags, expires_ns
+# struct steerd_learn_config: cid_quota, peer_quota, ttl_ns, lengths[4], unproven_quota,
+# unproven_ttl_ns
+_CONFIG = struct.Struct("=IIQ4sIQ")
 
 
 @dataclass(frozen=True, slots=True)
 class LearnLimits:
-    """How much each slot may learn and how long an unused entry lives."""
+    """How much each slot may learn and how long an unused entry lives: proven entries
+    (``cid_quota``, ``peer_quota``, ``ttl`` after the last use) and unproven ones (at most
+    ``unproven_quota`` CIDs and as many addresses per slot, each ``unproven_ttl`` after it
+    was learned)."""
 
     cid_quota: int = 4096
     peer_quota: int = 4096
     ttl: float = 300.0
+    unproven_quota: int = 1024
+    unproven_ttl: float = 3.0
 
 
 class Learner:
@@ -70,11 +84,14 @@ class Learner:
         self.dp = dp
         self._bpf: object | None = None
         self._slots = dp.config.effective_worker_slots()
+        # learn_counts: proven CIDs, proven peers, unproven CIDs, unproven peers (per slot)
+        self._columns = _h()["STEERD_LEARN_COUNT_COLUMNS"]
+        self.unproven: dict[int, tuple[int, int]] = {}  # slot -> (CIDs, peers), last sweep
 
     # -- configuration ----------------------------------------------------------------------
 
     def configure(self, limits: LearnLimits, lengths: Iterable[int]) -> None:
-        """Quotas, TTL and the CID lengths learned-mode apps registered (at most
+        """Quotas, TTLs and the CID lengths learned-mode apps registered (at most
         STEERD_MAX_LEARN_LENGTHS distinct ones: each costs the steering program a lookup
         for every short header that is not in the layout)."""
         # Longest first: the steering program takes the first hit, and a shorter learned CID
@@ -84,8 +101,9 @@ class Learner:
         most = _h()["STEERD_MAX_LEARN_LENGTHS"]
         if len(lens) > most or any(not 1 <= n <= 20 for n in lens):
             raise DataplaneError(f"learned CID lengths {lens}: at most {most}, each 1..20")
-        raw = struct.pack("=IIQ4sI", limits.cid_quota, limits.peer_quota,
-                          int(limits.ttl * 1e9), bytes(lens).ljust(most, b"\0"), 0)
+        raw = _CONFIG.pack(limits.cid_quota, limits.peer_quota, int(limits.ttl * 1e9),
+                           bytes(lens).ljust(most, b"\0"), limits.unproven_quota,
+                           int(limits.unproven_ttl * 1e9))
         key = ct.c_uint32(0)
         value = ct.create_string_buffer(raw, len(raw))
         if libbcc().bpf_update_elem(self.dp.map_fd("learn_config"), ct.byref(key), value, 0):
@@ -119,32 +137,40 @@ class Learner:
             for key, value in self._items(name, size, _ROUTE.size):
                 if _ROUTE.unpack(value)[0] == slot:
                     self._delete(name, ct.create_string_buffer(key, size))
-        self._write_counts({slot: 0, self._slots + slot: 0})
+        self._write_counts({column * self._slots + slot: 0 for column in range(self._columns)})
 
     # -- upkeep ---------------------------------------------------------------------------
 
     def sweep(self, now_ns: int | None = None) -> dict[int, tuple[int, int]]:
-        """Delete expired entries and recount each slot's (the BPF side only adds: this is
-        where the quotas come back). Returns slot -> (learned CIDs, learned peers).
+        """Delete expired entries, proven and unproven, and recount each slot's (the BPF side
+        only adds, or moves one from unproven to proven on promotion: this is where the
+        quotas and the unproven budgets come back). Returns slot -> (proven CIDs, proven
+        peers), what counts against the quota; :attr:`unproven` holds slot -> (unproven
+        CIDs, unproven peers) as this sweep found them.
 
         The BPF side goes on adding while the tables are read, so a slot's new count is
         what was found alive plus what the BPF side added during the sweep: an entry added
         then may be counted twice (the quota refuses a little early, until the next sweep),
         never not at all (which would let a slot exceed its quota)."""
         now = time.monotonic_ns() if now_ns is None else now_ns
+        unproven_flag = _h()["STEERD_LEARNED_UNPROVEN"]
         before = self._read_counts()
-        live = [0] * (2 * self._slots)
-        for column, (name, size) in enumerate(self._tables()):
+        live = [0] * (self._columns * self._slots)
+        for table, (name, size) in enumerate(self._tables()):
             for key, value in self._items(name, size, _ROUTE.size):
-                slot, _, expires = _ROUTE.unpack(value)
+                slot, flags, expires = _ROUTE.unpack(value)
                 if expires < now:
                     self._delete(name, ct.create_string_buffer(key, size))
                 elif slot < self._slots:
+                    column = table + (2 if flags & unproven_flag else 0)
                     live[column * self._slots + slot] += 1
         after = self._read_counts()
         self._write_counts({i: live[i] + max(0, after[i] - before[i]) for i in range(len(live))})
-        return {slot: (live[slot], live[self._slots + slot]) for slot in range(self._slots)
-                if live[slot] or live[self._slots + slot]}
+        n = self._slots
+        self.unproven = {slot: (live[2 * n + slot], live[3 * n + slot]) for slot in range(n)
+                         if live[2 * n + slot] or live[3 * n + slot]}
+        return {slot: (live[slot], live[n + slot]) for slot in range(n)
+                if live[slot] or live[n + slot]}
 
     def _tables(self) -> tuple[tuple[str, int], tuple[str, int]]:
         h = _h()
@@ -154,7 +180,7 @@ class Learner:
     def _read_counts(self) -> list[int]:
         lib, fd = libbcc(), self.dp.map_fd("learn_counts")
         out, value = [], ct.c_uint32()
-        for index in range(2 * self._slots):
+        for index in range(self._columns * self._slots):
             ok = lib.bpf_lookup_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(value)) == 0
             out.append(value.value if ok else 0)
         return out
@@ -164,24 +190,29 @@ class Learner:
         for index, n in counts.items():
             lib.bpf_update_elem(fd, ct.byref(ct.c_uint32(index)), ct.byref(ct.c_uint32(n)), 0)
 
-    def learned_cids(self) -> dict[bytes, tuple[int, int]]:
-        """server CID -> (slot, expires_ns)."""
-        size = _h()["STEERD_ROUTE_KEY_SIZE"]
+    def learned_cids(self, unproven: bool | None = None) -> dict[bytes, tuple[int, int]]:
+        """server CID -> (slot, expires_ns); only the unproven (True) or proven (False) ones
+        if asked."""
+        h = _h()
         out: dict[bytes, tuple[int, int]] = {}
-        for key, value in self._items("learned_cids", size, _ROUTE.size):
-            slot, _, expires = _ROUTE.unpack(value)
-            out[key[1 : 1 + key[0]]] = (slot, expires)
+        for key, value in self._items("learned_cids", h["STEERD_ROUTE_KEY_SIZE"], _ROUTE.size):
+            slot, flags, expires = _ROUTE.unpack(value)
+            if unproven is None or unproven == bool(flags & h["STEERD_LEARNED_UNPROVEN"]):
+                out[key[1 : 1 + key[0]]] = (slot, expires)
         return out
 
-    def learned_peers(self) -> dict[tuple[int, bytes, int, int], tuple[int, int]]:
-        """(family, address bytes, client port, service port) -> (slot, expires_ns)."""
+    def learned_peers(self, unproven: bool | None = None
+                      ) -> dict[tuple[int, bytes, int, int], tuple[int, int]]:
+        """(family, address bytes, client port, service port) -> (slot, expires_ns); only
+        the unproven (True) or proven (False) ones if asked."""
+        h = _h()
         out: dict[tuple[int, bytes, int, int], tuple[int, int]] = {}
-        for key, value in self._items("learned_peers", _h()["STEERD_PEER_KEY_SIZE"],
-                                      _ROUTE.size):
+        for key, value in self._items("learned_peers", h["STEERD_PEER_KEY_SIZE"], _ROUTE.size):
             family, _, pport, lport, _, addr = struct.unpack("=BBHHH16s", key)
-            slot, _, expires = _ROUTE.unpack(value)
-            out[(family, addr[: 4 if family == 4 else 16], socket_port(pport),
-                 socket_port(lport))] = (slot, expires)
+            slot, flags, expires = _ROUTE.unpack(value)
+            if unproven is None or unproven == bool(flags & h["STEERD_LEARNED_UNPROVEN"]):
+                out[(family, addr[: 4 if family == 4 else 16], socket_port(pport),
+                     socket_port(lport))] = (slot, expires)
         return out
 
     def slot_stats(self, slots: Iterable[int] | None = None) -> dict[int, dict[str, int]]:

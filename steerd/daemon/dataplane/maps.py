@@ -108,7 +108,7 @@ def map_specs(config: DataplaneConfig) -> list[MapSpec]:
                 k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),
         MapSpec("learn_sockets", MAP_HASH, 8, k["STEERD_LEARN_SOCKET_SIZE"], 2 * slots),
         MapSpec("learn_config", MAP_ARRAY, 4, k["STEERD_LEARN_CONFIG_SIZE"], 1),
-        MapSpec("learn_counts", MAP_ARRAY, 4, 4, 2 * slots),
+        MapSpec("learn_counts", MAP_ARRAY, 4, 4, k["STEERD_LEARN_COUNT_COLUMNS"] * slots),
         MapSpec("slot_stats", MAP_PERCPU_ARRAY, 4, 8, slots * k["STEERD_SLOT_STATS"]),
     ]
 
