@@ -15,7 +15,8 @@ if [ "$(id -u)" -ne 0 ]; then
 fi
 
 debs=(python3-bpfcc bpfcc-tools bpftool python3-venv python3-pip iproute2 tshark tcpdump
-      ngtcp2-client chromium netsniff-ng ca-certificates systemd util-linux gcc libc6-dev)
+      ngtcp2-client chromium netsniff-ng ca-certificates systemd util-linux gcc libc6-dev
+      gcc-multilib)  # gcc -m32: the socket jail's tests run a real 32-bit program
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

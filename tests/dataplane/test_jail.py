@@ -11,8 +11,10 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import shutil
 import socket
 import struct
+import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -257,3 +259,41 @@ def test_a_compat_ring_skips_the_setsockopt_hook(jailed: Jailed) -> None:
                               struct.pack("i", 0))
     assert got == 0
     assert jailed.v4.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) == 0
+
+
+@pytest.fixture(scope="module")
+def setsockopt32() -> Iterator[str]:
+    """tests/dataplane/setsockopt32.c built with gcc -m32 (deploy/setup.sh installs
+    gcc-multilib): a real 32-bit program, not a 64-bit one borrowing the 32-bit entry. In a
+    directory uid nobody may enter, since it runs as nobody."""
+    workdir = tempfile.mkdtemp(prefix="steerd-m32-")
+    try:
+        os.chmod(workdir, 0o755)
+        binary = os.path.join(workdir, "setsockopt32")
+        source = os.path.join(os.path.dirname(__file__), "setsockopt32.c")
+        subprocess.run(["gcc", "-m32", "-O2", "-o", binary, source], check=True)
+        yield binary
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.mark.parametrize("entry", ["setsockopt", "socketcall"])
+def test_a_real_32_bit_program_is_killed_too(jailed: Jailed, setsockopt32: str,
+                                            entry: str) -> None:
+    def run(sock: socket.socket, optname: int, value: int) -> int:
+        args = [setsockopt32, str(sock.fileno()), str(optname), str(value)]
+        if entry == "socketcall":
+            args.append("socketcall")
+        proc = subprocess.run(args, pass_fds=(sock.fileno(),), user=NOBODY, group=NOBODY,
+                              timeout=30, check=False)
+        return proc.returncode
+
+    assert run(jailed.v4, socket.SO_RCVBUF, 1 << 16) == 0  # allowed: it lives
+    assert run(jailed.other, socket.SO_REUSEPORT, 0) == 0  # another port: untouched
+    jailed.other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    assert jailed.jail.drain_offences() == []
+    assert run(jailed.v6, socket.SO_REUSEPORT, 0) == -9
+    assert run(jailed.v4, SO_DETACH_REUSEPORT_BPF, 0) == -9
+    offences = jailed.jail.drain_offences()
+    assert sorted(o.what for o in offences) == ["SO_DETACH_REUSEPORT_BPF", "SO_REUSEPORT"]
+    assert {o.uid for o in offences} == {NOBODY}
