@@ -235,6 +235,26 @@ def test_a_32_bit_call_outside_the_allowlist_kills_its_caller(jailed: Jailed, en
     assert jailed.jail.drain_offences() == []  # drained
 
 
+@pytest.mark.parametrize("entry", ["setsockopt", "socketcall"])
+def test_every_refused_option_through_the_32_bit_entry_kills(jailed: Jailed, entry: str) -> None:
+    """Each option the native hook refuses, made through the 32-bit entry on the IPv4 and the
+    IPv6 socket: every caller is killed and recorded (the same table decides both paths)."""
+    def call(sock: socket.socket, level: int, optname: int, value: bytes) -> Callable[[], int]:
+        def body() -> int:
+            caller = I386()
+            make = caller.setsockopt if entry == "setsockopt" else caller.socketcall_setsockopt
+            make(sock.fileno(), level, optname, value)
+            return 0
+        return body
+
+    for name, (level, optname, value) in REFUSED.items():
+        for sock in (jailed.v4, jailed.v6):
+            assert in_child(call(sock, level, optname, value), uid=NOBODY) == -9, (name, sock)
+    offences = jailed.jail.drain_offences()
+    assert len(offences) == 2 * len(REFUSED)
+    assert {o.uid for o in offences} == {NOBODY}
+
+
 def test_io_uring_setsockopt_and_connect_meet_the_jail(jailed: Jailed) -> None:
     ring = Ring()
     try:
