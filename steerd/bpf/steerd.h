@@ -139,7 +139,31 @@
                                                   * came with a CID learned for the same slot) */
 #define STEERD_CNT_LEARN_PROMOTE_FULL 62         /* proven, but the slot's quota is full: stays
                                                   * unproven and expires */
-#define STEERD_CNT_MAX 64
+/* the guard's kernel Retry and token check (guard.c, docs/DATAPLANE.md "Kernel Retry"). Past
+ * STEERD_CANARY_SECRET (63), hence STEERD_CNT_MAX 96: a daemon of an older layout must purge. */
+/* (64: free. Token-less Initials are xdp_initial - xdp_token_* + xdp_retry_* + the flood
+ * guard's Initial drops: an extra counter per Initial would change every guard delta.) */
+#define STEERD_CNT_XDP_RETRY_AUTO 64             /* a token-less Initial over retry_initial_rate:
+                                                  * Retry mode on (or held on) in "auto" */
+#define STEERD_CNT_XDP_RETRY_SENT 65             /* token-less Initial answered with a Retry */
+#define STEERD_CNT_XDP_RETRY_RATE_LIMITED 66     /* over its prefix's Retry budget: dropped */
+#define STEERD_CNT_XDP_RETRY_RATE_LIMITED_TOTAL 67 /* over the Retry budget of all: dropped */
+#define STEERD_CNT_XDP_RETRY_FALLBACK 68         /* cannot be answered here (IPv4 options, IPv6
+                                                  * extension headers, no GHASH tables, packet
+                                                  * not writable): passed to the classifier */
+#define STEERD_CNT_XDP_DROP_INITIAL_MALFORMED 69 /* v1/v2 Initial whose SCID or token length runs
+                                                  * past the datagram: dropped */
+#define STEERD_CNT_XDP_TOKEN_VALID 70            /* a token of ours, MAC and age good: passed */
+#define STEERD_CNT_XDP_DROP_TOKEN_INVALID 71     /* a token of ours with a bad MAC (forged,
+                                                  * another address, another DCID): dropped */
+#define STEERD_CNT_XDP_DROP_TOKEN_EXPIRED 72     /* older than token_lifetime, or from the future */
+#define STEERD_CNT_XDP_TOKEN_OTHER 73            /* a token not of our format (an app's
+                                                  * NEW_TOKEN): passed */
+#define STEERD_CNT_XDP_TOKEN_UNCHECKED 74        /* a token of ours but no key in guard_config:
+                                                  * passed (the classifier checks it) */
+#define STEERD_CNT_XDP_DROP_RETRY_FAILED 75     /* the Retry was built but the frame could not
+                                                  * be trimmed: dropped */
+#define STEERD_CNT_MAX 96
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
  * `len` so Python and BPF build byte-identical keys. */
@@ -172,7 +196,46 @@ struct steerd_guard_config {
     __u64 total_interval_ns;
     __u64 total_burst_ns;
     __u64 total_tat_ns;               /* written by the guard */
-};                                    /* 48 bytes */
+    /* Kernel Retry (guard.c): a token-less v1/v2 Initial is answered with a Retry while
+     * bpf_ktime_get_ns() < retry_until_ns (STEERD_RETRY_ALWAYS: always; 0: never). The daemon
+     * writes it: "always", or in "auto" now + retry_hold whenever it sees a flood. */
+    __u64 retry_until_ns;
+    /* The token MAC key (SipHash-2-4, quic/token.py), the daemon's; token_check 0: no key,
+     * tokens pass unchecked to the classifier. */
+    __u64 token_k0;
+    __u64 token_k1;
+    __u64 token_lifetime_ms;
+    __u32 token_check;
+    __u32 pad2;
+    /* Retries' own GCRA budget: per source prefix (buckets in flood_buckets, key pad[0] =
+     * STEERD_BUCKET_RETRY, prefix lengths as above) and in all (0 = no total cap). */
+    __u64 retry_interval_ns;
+    __u64 retry_burst_ns;
+    __u64 retry_total_interval_ns;
+    __u64 retry_total_burst_ns;
+    __u64 retry_total_tat_ns;         /* written by the guard */
+    /* "auto": the guard turns Retry mode on by itself, with no daemon in the loop, when
+     * token-less Initials arrive faster than one per auto_interval_ns (GCRA, burst
+     * auto_burst_ns): retry_until_ns = now + auto_hold_ns, renewed while the rate lasts.
+     * auto_hold_ns 0: no automatic Retry mode. */
+    __u64 auto_interval_ns;
+    __u64 auto_burst_ns;
+    __u64 auto_hold_ns;
+    __u64 auto_tat_ns;                /* written by the guard */
+};                                    /* 160 bytes */
+#define STEERD_RETRY_ALWAYS 0xffffffffffffffff
+#define STEERD_BUCKET_INITIAL 0           /* steerd_bucket_key.pad[0]: the Initials' budget */
+#define STEERD_BUCKET_RETRY 1             /* ... the Retries' budget */
+/* The kernel Retry's SCID: the unroutable config-rotation codepoint (never a layout CID, so
+ * the retried Initial reaches a classifier), length bits, then random bytes; as long as
+ * steerd/daemon/classifier.py RETRY_CID_LEN. */
+#define STEERD_RETRY_SCID_LEN 16
+/* An IPv4 Retry's IP header checksum and the UDP checksum are computed over at most this many
+ * bytes of Retry (1 + 4 + 1 + 20 + 1 + 16 + token + 16 tag, padded). */
+#define STEERD_RETRY_BUF 128
+/* guard_scratch: PERCPU_ARRAY of one, guard.c's struct retry_scratch (the Retry, its
+ * pseudo-packet, the MAC input, the tag, the new SCID, a token read from an Initial). */
+#define STEERD_GUARD_SCRATCH_SIZE 572
 
 /* flood_buckets: LRU hash, source prefix -> GCRA state (u64 tat_ns). */
 struct steerd_bucket_key {
@@ -252,7 +315,7 @@ struct steerd_learn_config {
 
 #define STEERD_ROUTE_KEY_SIZE 24
 #define STEERD_ROUTE_VALUE_SIZE 16
-#define STEERD_GUARD_CONFIG_SIZE 48
+#define STEERD_GUARD_CONFIG_SIZE 160
 #define STEERD_BUCKET_KEY_SIZE 20
 #define STEERD_LEARN_SOCKET_SIZE 8
 #define STEERD_PEER_KEY_SIZE 24
@@ -344,5 +407,23 @@ static __always_inline int steerd_canary(const __u8 *cid)
     return have == *secret;
 }
 #endif
+
+/* Retry tokens (quic/token.py, steerd/bpf/siphash.h): one format for kernel- and
+ * daemon-minted tokens, so either side validates the other's.
+ *   token = magic u8 | issued_ms u64 big-endian | odcid_len u8 | odcid (<= 20) | MAC (8)
+ * issued_ms is CLOCK_MONOTONIC in ms (bpf_ktime_get_ns() / 1000000 = time.monotonic() * 1000).
+ * MAC = SipHash-2-4 under the daemon's 128-bit token key (k0, k1: its two halves as
+ * little-endian u64s), written as the 8 little-endian bytes of its 64-bit value, over
+ *   issued_ms u64 big-endian | odcid_len u8 | odcid | addr_len u8 (4 or 16) |
+ *   client address (network order) | scid_len u8 | Retry SCID (<= 20)
+ * (token bytes 1 .. 1 + 8 + 1 + odcid_len, then the binding). */
+#define STEERD_TOKEN_MAGIC 0x5e
+#define STEERD_TOKEN_MAC_LEN 8
+#define STEERD_TOKEN_MIN_LEN 18           /* magic + issued + odcid_len + MAC: odcid empty */
+#define STEERD_TOKEN_MAX_LEN 38           /* with a 20-byte odcid */
+#define STEERD_TOKEN_MAC_INPUT_MAX 67     /* 8 + 1 + 20 + 1 + 16 + 1 + 20 */
+#define STEERD_SIPHASH_MAX_LEN 96         /* steerd_siphash24's bound (siphash.h) */
+/* The Retry Integrity Tag (ghash.h): pseudo-packet bound, tables map value. */
+#define STEERD_RETRY_PSEUDO_MAX 192
 
 #endif /* STEERD_H */

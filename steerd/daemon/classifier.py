@@ -23,7 +23,7 @@ copied from and folds every process's tally into the one set of metrics.
 Retry mode (RFC 9000 §8.1): under a flood of spoofed Initials, assembling every first flight
 costs memory and CPU per spoofed address. With ``retry`` on (``always``, or ``auto`` while the
 load is high), a new Initial without a token is answered with a Retry carrying a stateless
-token (quic/token.py: bound to the client's address, HMAC-keyed, expiring) and nothing is
+token (quic/token.py: bound to the client's address, SipHash-keyed, expiring) and nothing is
 kept; only an Initial echoing a valid token is assembled and decided, so only clients that
 own their source address cost anything. The worker accepts the retried connection from the
 same token (steerd/app/sdk.py), reading it without the key: the classifier is the only place a

@@ -52,6 +52,7 @@ from steerd.daemon.config import (
 )
 from steerd.daemon.control import IP_PKTINFO, RESET_KEY_LEN, ControlServer, bind_group_socket
 from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
+from steerd.daemon.dataplane import guard as guard_mod
 from steerd.daemon.dataplane.counters import read_counter, write_every_cpu
 from steerd.daemon.dataplane.header import header_constants
 from steerd.daemon.dataplane.jail import Jail, remove_jail
@@ -131,6 +132,7 @@ def receive(
 # After a restart, how long (past start-up) flights for ALPNs nobody owns yet are left
 # unanswered while the previous run's apps resume (the client retransmits) rather than refused.
 RESUME_GRACE = 5.0
+RETRY_PREFIX_SHARE = 100  # kernel Retry: one source prefix gets retry_rate / this
 _PR_SET_PDEATHSIG = 1
 _REPORT_INTERVAL = 0.5  # classifier processes report tallies and sizes this often
 _CANARY_SECRET_INDEX = header_constants()["STEERD_CANARY_SECRET"]
@@ -359,6 +361,7 @@ class Daemon:
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"
+        self._kernel_retry_dp: Dataplane | None = None  # the guard's, in "auto" (see _kernel_retry)
         # The socket watchdog (steerd/daemon/sockwatch.py): a thread that sets back what a
         # holder changed on a worker socket or a group's program, on paths the jail misses.
         self.sockwatch = SocketWatchdog(
@@ -576,6 +579,43 @@ class Daemon:
                          else "no total cap")
             elif cfg.xdp.interfaces:
                 dp0.disable_flood_guard()  # a previous run's may still be configured
+            if cfg.xdp.interfaces:
+                self._kernel_retry(dp0)
+
+    def _kernel_retry(self, dp: Dataplane) -> None:
+        """The guard's Retry and token check (docs/DATAPLANE.md "Kernel Retry"): the token key
+        (the classifier's, so either side validates the other's tokens), the Retries' budget,
+        and Retry mode: on for good with ``retry = "always"``; with "auto" and "off" it stays
+        off here and the classifier's Python Retry answers under load, as it does wherever
+        no guard is attached."""
+        flood = self.config.flood
+        # One source prefix may take 1% of the Retry budget (retry_rate, retry_burst bound
+        # all prefixes together), so a few prefixes cannot make steerd reflect at its cap.
+        dp.set_retry(self.classifier.retry.key, flood.token_lifetime,
+                     rate=flood.retry_rate / RETRY_PREFIX_SHARE,
+                     burst=max(1, flood.retry_burst // 10),
+                     total_rate=flood.retry_rate, total_burst=flood.retry_burst)
+        dp.set_retry_until(guard_mod.RETRY_ALWAYS if flood.retry == "always" else 0)
+        if flood.retry == "auto":
+            # A quarter second of the rate as burst: a legitimate spike passes, a flood
+            # turns Retry mode on within milliseconds, in the kernel, before Python sees it.
+            dp.set_retry_auto(flood.retry_initial_rate,
+                              max(1, int(flood.retry_initial_rate / 4)), flood.retry_hold)
+            self._kernel_retry_dp = dp
+        log.info("kernel Retry: %s; tokens checked in the guard", flood.retry)
+
+    def _hold_kernel_retry(self, reports: Sequence[ClassifierReport]) -> None:
+        """In "auto", the classifiers falling behind (their pending first flights past
+        ``retry_pending_fraction``) also turn the guard's Retry mode on, for ``retry_hold``."""
+        dp = self._kernel_retry_dp
+        if dp is None or not any(r.retrying for r in reports):
+            return
+        until = time.monotonic_ns() + int(self.config.flood.retry_hold * 1e9)
+        try:
+            if dp.guard_config().retry_until_ns < until:
+                dp.set_retry_until(until)
+        except DataplaneError as exc:
+            log.warning("kernel Retry: cannot turn Retry mode on: %s", exc)
 
     async def stop(self) -> None:
         """Close the daemon's sockets and leave the pinned data plane as it is: programs,
@@ -706,6 +746,7 @@ class Daemon:
 
     def _update_gauges(self) -> None:
         reports = self._current_reports()
+        self._hold_kernel_retry(reports)
         self.metrics.pending_connections.set(sum(r.pending_connections for r in reports))
         self.metrics.pending_bytes.set(sum(r.pending_bytes for r in reports))
         self.metrics.routes.set(sum(r.routes for r in reports))

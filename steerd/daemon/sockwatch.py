@@ -26,16 +26,22 @@ seconds at the programs:
 Each finding is repaired at once, in the thread, then reported (``on_finding``) for the
 daemon to log, count and evict the app whose socket changed (steerd/daemon/service.py).
 
-A socket whose slot was released (its app exited, deregistered or was evicted) stays a
-member of its group for as long as anyone holds it, so it stays watched until no process but
-the daemon's holds it (a scan of /proc every :data:`HOLDER_SCAN_INTERVAL` seconds, only while
-there are such sockets); a socket in flight in an SCM_RIGHTS message is in no process's
-table, so the scan cannot see it (docs/SECURITY.md §2.7).
+The watchdog holds no socket of an app: a descriptor of its own would keep a dead worker's
+socket alive, a member of its group, and the steering program would go on sending that
+worker's clients there instead of to a classifier (which answers them with a stateless
+reset). It finds, by a scan of /proc, a process that holds each watched socket (by inode),
+keeps a pidfd of it, and borrows the socket for each look (``pidfd_getfd``: a copy that is
+closed again at once). A socket whose holders are all gone has left its group with its last
+descriptor; its record goes after :data:`GONE_AFTER` scans find no holder (the first scans
+may run while the socket is still in flight to the app, in an SCM_RIGHTS message, which no
+process table shows: docs/SECURITY.md §2.7). Scans run when a socket is new or its holder
+exited, at most every :data:`HOLDER_SCAN_INTERVAL` seconds.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -60,7 +66,11 @@ CANARY_GRACE = 0.01  # a canary not counted this long after it was sent: attach 
 # canary sent at the next canary look is judged CANARY_GRACE later, at the first canary look
 # after that.
 REPAIR_BOUND_MS = round(max(PERIOD, 2 * CANARY_PERIOD + CANARY_GRACE) * 1000)
-HOLDER_SCAN_INTERVAL = 5.0  # seconds between scans for holders of released sockets
+HOLDER_SCAN_INTERVAL = 0.5  # seconds at least between two scans of /proc for holders
+GONE_AFTER = 3  # scans finding no holder before a socket is taken for closed
+_NR_PIDFD_GETFD = 438
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.syscall.restype = ctypes.c_long
 
 SO_BINDTOIFINDEX = 62  # asm-generic/socket.h (Linux >= 5.0)
 _CANARY_DATAGRAM_LEN = 1200  # past the guard's drop of small datagrams of unknown versions
@@ -243,12 +253,22 @@ class Finding:
 
 
 @dataclass(eq=False)
+class _Handle:
+    """One watched socket, known by its inode; borrowed from a holder for each look."""
+
+    address: str
+    inode: int
+    holder: tuple[int, int] | None = None  # (pidfd, fd number) of a process holding it
+    stray: bool = False  # out of its group for good (connected to nowhere by a repair)
+    misses: int = 0  # scans in a row that found no holder
+
+
+@dataclass(eq=False)
 class _Watched:
     slot: int | None  # None once released
     app: str
     uid: int
-    sockets: list[tuple[str, socket.socket]]  # (listen address, the daemon's own dup)
-    strays: set[int] = field(default_factory=set)  # fds of those out of their group for good
+    sockets: list[_Handle]
 
 
 @dataclass
@@ -285,15 +305,16 @@ class SocketWatchdog:
     # -- what to watch (event-loop thread) -------------------------------------------------------
 
     def watch(self, slot: int, app: str, uid: int, sockets: Sequence[tuple[str, int]]) -> None:
-        """Watch ``slot``'s sockets, given as (listen address, fd): the watchdog keeps a dup
-        of each (the caller keeps or closes its own)."""
-        dups = [(address, socket.socket(fileno=os.dup(fd))) for address, fd in sockets]
+        """Watch ``slot``'s sockets, given as (listen address, fd): by inode; the watchdog
+        keeps no descriptor of them (the caller keeps or closes its own)."""
+        handles = [_Handle(address, os.fstat(fd).st_ino) for address, fd in sockets]
         with self._lock:
             old = self._live.pop(slot, None)
             if old is not None:
                 old.slot = None
                 self._released.append(old)
-            self._live[slot] = _Watched(slot, app, uid, dups)
+            self._live[slot] = _Watched(slot, app, uid, handles)
+            self._next_scan = 0.0  # find their holders at the next look
 
     def release(self, slot: int) -> None:
         """``slot`` is no longer steered to: its sockets are watched until nobody holds them."""
@@ -302,7 +323,6 @@ class SocketWatchdog:
             if watched is not None:
                 watched.slot = None
                 self._released.append(watched)
-                self._next_scan = min(self._next_scan, time.monotonic() + self.period)
 
     def add_group(self, address: str, port: int, read_canary: Callable[[], int],
                   reattach: Callable[[], None]) -> None:
@@ -349,8 +369,8 @@ class SocketWatchdog:
             self.looks += 1
             if sockets:
                 for watched in (*self._live.values(), *self._released):
-                    for address, sock in watched.sockets:
-                        findings += self._look_at(watched, address, sock)
+                    for handle in watched.sockets:
+                        findings += self._look_at(watched, handle)
             for group in self._groups:
                 if findings:  # a socket taken out of the group may have eaten its canary
                     group.canary.restart(now)
@@ -366,33 +386,57 @@ class SocketWatchdog:
                 elif verdict == LATE:
                     log.warning("watchdog: a canary through the group on %s came late; its "
                                 "program was steerd's", group.address)
-            scan = bool(self._released) and now >= self._next_scan
+            scan = now >= self._next_scan and any(
+                h.holder is None for w in (*self._live.values(), *self._released)
+                for h in w.sockets)
             if scan:
                 self._next_scan = now + HOLDER_SCAN_INTERVAL
         if scan:
             self._scan_holders()
         return findings
 
-    def _look_at(self, watched: _Watched, address: str, sock: socket.socket) -> list[Finding]:
-        stray = sock.fileno() in watched.strays
-        try:
-            wrong = inspect(sock, stray)
-        except OSError as exc:
-            log.error("watchdog: cannot inspect a worker socket of %s on %s: %s", watched.app,
-                      address, exc)
+    def _look_at(self, watched: _Watched, handle: _Handle) -> list[Finding]:
+        sock = self._borrow(handle)
+        if sock is None:
             return []
-        if not wrong:
-            return []
-        repaired = True
-        try:
-            if repair(sock, wrong):
-                watched.strays.add(sock.fileno())
-        except OSError as exc:
-            log.error("watchdog: repairing %s on a socket of %s failed: %s", wrong,
-                      watched.app, exc)
-            repaired = False
-        return [Finding(what, address, watched.slot, watched.app, watched.uid, repaired)
-                for what in wrong]
+        with sock:
+            try:
+                wrong = inspect(sock, handle.stray)
+            except OSError as exc:
+                log.error("watchdog: cannot inspect a worker socket of %s on %s: %s",
+                          watched.app, handle.address, exc)
+                return []
+            if not wrong:
+                return []
+            repaired = True
+            try:
+                if repair(sock, wrong):
+                    handle.stray = True
+            except OSError as exc:
+                log.error("watchdog: repairing %s on a socket of %s failed: %s", wrong,
+                          watched.app, exc)
+                repaired = False
+        return [Finding(what, handle.address, watched.slot, watched.app, watched.uid,
+                        repaired) for what in wrong]
+
+    def _borrow(self, handle: _Handle) -> socket.socket | None:
+        """A copy of the watched socket from its holder, or None (holder gone: the next scan
+        looks for another)."""
+        if handle.holder is None:
+            return None
+        pidfd, fd = handle.holder
+        got = int(_libc.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0))
+        if got >= 0:
+            try:
+                if os.fstat(got).st_ino == handle.inode:
+                    return socket.socket(fileno=got)
+            except OSError:
+                pass
+            os.close(got)
+        os.close(pidfd)  # the holder exited or closed it: find another
+        handle.holder = None
+        self._next_scan = min(self._next_scan, time.monotonic())
+        return None
 
     def _reattach(self, group: _Group) -> Finding | None:
         """Attach steerd's program again; a Finding only if that failed (a success is
@@ -406,20 +450,30 @@ class SocketWatchdog:
             return Finding(PROGRAM, group.address, None, None, None, repaired=False)
 
     def _scan_holders(self) -> None:
-        """Close the released sockets no other process holds (they left their groups). The
-        scan of /proc runs without the lock (it may take milliseconds); a record released
-        meanwhile waits for the next scan."""
+        """Find a holder for every socket that has none; forget the records whose sockets
+        no process has held for :data:`GONE_AFTER` scans (they left their groups). The scan
+        of /proc runs without the lock (it may take milliseconds)."""
         with self._lock:
-            records = [(w, [os.fstat(s.fileno()).st_ino for _, s in w.sockets])
-                       for w in self._released]
-        held = holders({ino for _, inos in records for ino in inos},
-                       {os.getpid(), *self.own_pids()})
+            wanted = {h.inode for w in (*self._live.values(), *self._released)
+                      for h in w.sockets if h.holder is None}
+        found = holders(wanted, set(self.own_pids()))
         with self._lock:
-            for watched, inos in records:
-                if not held.intersection(inos) and watched in self._released:
+            for watched in (*self._live.values(), *self._released):
+                for handle in watched.sockets:
+                    if handle.holder is not None:
+                        continue
+                    where = found.get(handle.inode)
+                    if where is None:
+                        handle.misses += 1
+                        continue
+                    try:
+                        handle.holder = (os.pidfd_open(where[0]), where[1])
+                        handle.misses = 0
+                    except OSError:  # it exited meanwhile
+                        handle.misses += 1
+            for watched in list(self._released):
+                if all(h.holder is None and h.misses >= GONE_AFTER for h in watched.sockets):
                     self._released.remove(watched)
-                    for _, sock in watched.sockets:
-                        sock.close()
 
     # -- the thread -----------------------------------------------------------------------------
 
@@ -455,8 +509,10 @@ class SocketWatchdog:
             self._thread = None
         with self._lock:
             for watched in (*self._live.values(), *self._released):
-                for _, sock in watched.sockets:
-                    sock.close()
+                for handle in watched.sockets:
+                    if handle.holder is not None:
+                        os.close(handle.holder[0])
+                        handle.holder = None
             self._live.clear()
             self._released.clear()
             self._groups.clear()
@@ -465,9 +521,11 @@ class SocketWatchdog:
             self._canary_socks.clear()
 
 
-def holders(inodes: set[int], exclude: set[int], proc: str = "/proc") -> set[int]:
-    """Which of the socket ``inodes`` some process outside ``exclude`` holds a descriptor of."""
-    found: set[int] = set()
+def holders(inodes: set[int], exclude: set[int], proc: str = "/proc"
+            ) -> dict[int, tuple[int, int]]:
+    """For each of the socket ``inodes`` some process outside ``exclude`` holds, one
+    (pid, fd number) holding it."""
+    found: dict[int, tuple[int, int]] = {}
     if not inodes:
         return found
     names = {f"socket:[{ino}]": ino for ino in inodes}
@@ -484,6 +542,8 @@ def holders(inodes: set[int], exclude: set[int], proc: str = "/proc") -> set[int
                     ino = names.get(os.readlink(fd.path))
                 except OSError:
                     continue
-                if ino is not None:
-                    found.add(ino)
+                if ino is not None and ino not in found:
+                    found[ino] = (int(entry.name), int(fd.name))
+        if len(found) == len(inodes):
+            break
     return found

@@ -87,16 +87,22 @@ def test_register_hands_over_real_bound_udp_sockets(daemon: Daemon) -> None:
             # The daemon kept no copy: each worker socket is open exactly once in this
             # process (the client's end), so the app's exit really closes it.
             daemon.in_loop(lambda: None)  # the reply is sent, and its callback has finished
-            now = socket_inodes()
-            for s in reg.sockets:
-                assert now[os.fstat(s.fileno()).st_ino] == 1
+            # (the daemon's copies are closed by its closer thread, off the loop: await it)
+            mine = [os.fstat(s.fileno()).st_ino for s in reg.sockets]
+            deadline = time.monotonic() + 10
+            while any(socket_inodes()[ino] != 1 for ino in mine):
+                assert time.monotonic() < deadline, socket_inodes()
+                time.sleep(0.01)
             decision = daemon.in_loop(lambda: daemon.registry.decide("example.com", ["h3"]))
             assert decision is not None and decision.slot in (0, 1)
         finally:
             reg.close()
     daemon.sink.wait_for(lambda: not daemon.sink.workers)
     assert daemon.sink.calls == [("add", 0), ("add", 1), ("remove", 0), ("remove", 1)]
-    assert socket_inodes() == before
+    deadline = time.monotonic() + 10  # the daemon's end of the connection: closed off-loop
+    while socket_inodes() != before:
+        assert time.monotonic() < deadline, (socket_inodes(), before)
+        time.sleep(0.01)
 
 
 def test_worker_sockets_receive_datagrams(daemon: Daemon) -> None:

@@ -18,6 +18,8 @@ import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -293,9 +295,11 @@ def test_look_repairs_and_reports_whose_socket(group: list[socket.socket]) -> No
         watch.stop()
 
 
-def test_released_sockets_are_closed_once_nobody_else_holds_them(
-    group: list[socket.socket],
-) -> None:
+def test_the_watchdog_keeps_no_socket_alive(group: list[socket.socket]) -> None:
+    """The watchdog finds a holder of a watched socket and borrows it for each look, but
+    holds none itself: when the last holder exits, the socket closes (it leaves its group,
+    so the steering program sends that worker's clients to a classifier), even while its
+    slot is still live; after GONE_AFTER scans without a holder a released record goes."""
     watch = SocketWatchdog(on_finding=lambda f: None)
     sock = group.pop()
     holder = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
@@ -303,16 +307,21 @@ def test_released_sockets_are_closed_once_nobody_else_holds_them(
     try:
         ino = os.fstat(sock.fileno()).st_ino
         watch.watch(3, "files", 99, [("127.0.0.1", sock.fileno())])
-        sock.close()  # this process's copy: the watchdog's dup and the holder's remain
-        watch.release(3)
-        assert sockwatch.holders({ino}, {os.getpid()}) == {ino}
+        sock.close()  # this process's copy: only the holder's remains
+        assert sockwatch.holders({ino}, {os.getpid()}) == {ino: (holder.pid, mock.ANY)}
         watch.look()
-        assert watch.watched == (0, 1)  # the holder has it: still watched
+        assert watch.watched == (1, 0)
+        assert watch._live[3].sockets[0].holder is not None  # found, and borrowed from
         assert holder.stdin is not None
         holder.stdin.close()
         holder.wait(10)
-        watch._next_scan = 0.0  # the scan is due at once (the test does not wait 5 s)
-        watch.look()
+        # nobody holds it now, the watchdog included: the kernel has closed it
+        assert not any(line.split()[9] == str(ino) for table in ("udp", "udp6")
+                       for line in Path(f"/proc/net/{table}").read_text().splitlines()[1:])
+        watch.release(3)
+        for _ in range(sockwatch.GONE_AFTER + 1):
+            watch._next_scan = 0.0  # the scan is due at once (the test does not wait)
+            watch.look()
         assert watch.watched == (0, 0)
     finally:
         if holder.poll() is None:

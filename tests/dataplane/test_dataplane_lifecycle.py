@@ -38,7 +38,8 @@ def test_load_pins_maps_and_programs(pin_dir: str) -> None:
     try:
         assert sorted(os.listdir(pin_dir)) == sorted([
             "workers", "classifiers", "initial_routes", "counters", "guard_config",
-            "flood_buckets", "prog_steer", "prog_guard", "prog_guard_tc",
+            "flood_buckets", "ghash_tables", "guard_scratch", "prog_steer", "prog_guard",
+            "prog_guard_tc",
             "learned_cids", "learned_peers", "learn_sockets", "learn_config", "learn_counts",
             "slot_stats",
         ])

@@ -440,7 +440,7 @@ def test_protocol_refuses_initials_naming_a_slot(cert: tuple[Path, Path]) -> Non
     own that could justify one. A client-chosen DCID makes a connection whose every CID
     names the slot."""
     ours, other = (LAYOUT.encode(s, os.urandom(LAYOUT.nonce_len)) for s in (SLOT, SLOT + 1))
-    forged = build_retry_token(os.urandom(32), "127.0.0.2", b"odcid", ours, 1.0)
+    forged = build_retry_token(os.urandom(16), "127.0.0.2", b"odcid", ours, 1.0)
     refused = [_client_initial(dcid, token)[1]
                for dcid, token in ((ours, b""), (other, b""), (ours, forged))]
     protocol, sent = _feed(cert, refused)
@@ -464,7 +464,7 @@ def test_protocol_accepts_a_daemon_retried_initial(cert: tuple[Path, Path]) -> N
     connection with the original DCID from the token and the Retry SCID set, as RFC 9000
     §7.3 requires of the server's transport parameters."""
     dcid, odcid = _daemon_retry_cid(), os.urandom(8)
-    token = build_retry_token(os.urandom(32), "127.0.0.2", odcid, dcid, 1.0)
+    token = build_retry_token(os.urandom(16), "127.0.0.2", odcid, dcid, 1.0)
     protocol, _ = _feed(cert, [_client_initial(dcid, token)[1]])
     assert protocol.accepted == 1 and protocol.refused_layout_initials == 0
     (connection,) = _connections(protocol)

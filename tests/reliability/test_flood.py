@@ -10,10 +10,14 @@ until it has done what the assertions need (the bucket exceeded, Retries sent, l
 connections made: counts, conftest.Flood); how fast the sender was is a figure, never a gate.
 What must hold:
 
+* the guard turns Retry mode on by itself (``retry = "auto"``: token-less Initials over
+  ``retry_initial_rate``) and answers the spoofed Initials in the kernel, each source prefix
+  within its Retry budget, so next to nothing of the flood reaches Python (the share is a
+  figure; under 1% asserted, the issue's target is 0.1%);
 * the guard's per-prefix bucket holds (what passed is within burst + rate x time, whatever the
-  sender's speed) and drops the rest before the classifier socket;
-* legitimate requests still complete (success ratio >= 0.95): Retry mode keeps the daemon
-  from holding anything per spoofed Initial, and the legitimate clients echo their tokens;
+  sender's speed);
+* legitimate requests still complete (success ratio >= 0.95): they echo the kernel's tokens,
+  which the guard and then the classifier check;
 * the daemon's peak RSS (VmHWM, reset before the flood) stays within what its caps allow.
 
 Also: a real aioquic client completes an HTTP/3 request through the daemon in ``retry =
@@ -55,9 +59,11 @@ BUCKET_PREFIXES = 2 ** (24 - SPOOF_BITS) + 1  # the spoofed /24s and the legitim
 MIN_SUCCESS = 0.95
 # What the flood must have done for the test to mean anything; it goes on (FLOOD_SECONDS,
 # then in short rounds) until it has, however slow the sender is on a loaded machine.
-MIN_DROPPED = 10_000  # spoofed Initials the guard's bucket dropped
-MIN_RETRIES = 1000  # Retries the daemon sent for what passed
+MIN_ANSWERED = 10_000  # spoofed Initials the guard answered with a Retry or dropped over budget
+MIN_RETRIES = 1000  # Retries the guard sent
 MIN_LEGIT = 5  # legitimate connections through Retry (tokens accepted)
+MAX_PYTHON_SHARE = 0.01  # of the spoofed Initials that arrived, what reached a classifier
+KERNEL_ANSWERED = ("xdp_retry_sent", "xdp_retry_rate_limited", "xdp_retry_rate_limited_total")
 FIGURES: dict[str, object] = {}
 
 
@@ -170,10 +176,14 @@ def test_initial_flood(pair: NetnsPair) -> None:
             baseline = proc_status(pid, "VmRSS")
             flood.start(FLOOD_SECONDS)
             assert flood.started is not None
-            # Legitimate clients come once the daemon has noticed the flood (it turns Retry
+            # Legitimate clients come once the guard has noticed the flood (it turns Retry
             # mode on by itself, while the flood lasts: that is part of what is tested; how
             # long it took is a figure).
-            while metric(daemon, "steerd_retry_mode") < 1:
+            def kernel(name: str) -> int:
+                return int(metric(daemon, f'steerd_bpf_events_total{{counter="{name}"}}')
+                           - before.get(name, 0))
+
+            while kernel("xdp_retry_sent") < 1:
                 if flood.wait(0.05):  # the round ended first: the flood goes on
                     assert time.monotonic() - flood.started < FLOOD_DEADLINE, (
                         f"Retry mode did not turn on in {FLOOD_DEADLINE:.0f} s of flood: "
@@ -187,13 +197,12 @@ def test_initial_flood(pair: NetnsPair) -> None:
                 peak[0] = max(peak[0], proc_status(pid, "VmRSS"))
 
             def enough() -> bool:
-                """What the assertions below need to mean anything: the bucket exceeded by
-                MIN_DROPPED (the flood was one), MIN_RETRIES Retries sent for what passed, and
-                MIN_LEGIT legitimate connections through Retry (their tokens accepted)."""
-                dropped = metric(daemon, 'steerd_bpf_events_total{counter="xdp_drop_rate_limited"}')
-                dropped -= before.get("xdp_drop_rate_limited", 0)
-                return (dropped >= MIN_DROPPED
-                        and metric(daemon, "steerd_retries_sent_total") >= MIN_RETRIES
+                """What the assertions below need to mean anything: MIN_ANSWERED spoofed
+                Initials answered or dropped in the kernel (the flood was one), MIN_RETRIES
+                Retries sent, and MIN_LEGIT legitimate connections through Retry (their
+                tokens accepted)."""
+                return (sum(kernel(k) for k in KERNEL_ANSWERED) >= MIN_ANSWERED
+                        and kernel("xdp_retry_sent") >= MIN_RETRIES
                         and _labels(daemon, "steerd_retry_tokens_total").get("accepted", 0)
                         >= MIN_LEGIT)
 
@@ -212,25 +221,32 @@ def test_initial_flood(pair: NetnsPair) -> None:
                 time.sleep(0.05)  # polling the daemon's metrics
             status = daemon.status()
             guard = {k: counters.get(k, 0) - before.get(k, 0)
-                     for k in ("xdp_drop_rate_limited", "xdp_initial")}
+                     for k in ("xdp_drop_rate_limited", "xdp_initial", "xdp_token_valid",
+                               *KERNEL_ANSWERED)}
             # The guard's promise (GCRA per /24, steerd/bpf/guard.c): in any window, at most
             # burst + rate x window new Initials per prefix; the spoofed /16 has 256 prefixes,
             # the legitimate client one more. The 2% is the bucket's race across CPUs.
             bucket_bound = round(BUCKET_PREFIXES * (GUARD_BURST + 1 + GUARD_RATE * bucket_seconds)
                                  * 1.02)
+            answered = sum(guard[k] for k in KERNEL_ANSWERED)
+            # What of the flood reached Python: the Initials the guard passed, less those
+            # echoing a valid token (the legitimate clients' retried Initials).
+            spoofed_to_python = max(0, guard["xdp_initial"] - guard["xdp_token_valid"])
             FIGURES.update(
                 flood=flood.figures(),  # the sender's speed: a figure, never a gate
                 flood_seconds=round(flood.wall_seconds(), 2),
                 spoofed_sent=flood.sent,
                 spoofed_pps=round(flood.sent / flood.send_seconds),
                 send_failed=flood.failed,
+                kernel_retries=guard["xdp_retry_sent"],
+                kernel_retries_over_budget=(guard["xdp_retry_rate_limited"]
+                                            + guard["xdp_retry_rate_limited_total"]),
                 guard_dropped=guard["xdp_drop_rate_limited"],
                 guard_passed=guard["xdp_initial"],
                 guard_passed_bound=bucket_bound,
-                guard_dropped_share=round(guard["xdp_drop_rate_limited"]
-                                          / max(1, sum(guard.values())), 3),
-                retries_sent=metric(daemon, "steerd_retries_sent_total"),
-                retries_suppressed=metric(daemon, 'steerd_send_suppressed_total{kind="retry"}'),
+                spoofed_to_python=spoofed_to_python,
+                python_share=round(spoofed_to_python / max(1, answered + spoofed_to_python), 5),
+                python_retries_sent=metric(daemon, "steerd_retries_sent_total"),
                 tokens=_labels(daemon, "steerd_retry_tokens_total"),
                 legit_ok=totals["ok"], legit_failed=totals["failed"],
                 legit_errors=totals["errors"][:3],
@@ -239,13 +255,14 @@ def test_initial_flood(pair: NetnsPair) -> None:
                 classifier_drops=status.get("classifier_drops", {}),
             )
             print("\nflood figures:", json.dumps(FIGURES, indent=1))
-            # The flood really was one (the guard's bucket was exceeded, by as much as the
-            # flood went on for), the bucket held (what passed is within its budget, however
-            # fast the sender was), and what passed the guard was answered with Retries;
-            # every legitimate connection echoed a token.
-            assert FIGURES["guard_dropped"] >= MIN_DROPPED, FIGURES  # type: ignore[operator]
+            # The flood really was one and the guard answered it (by as much as the flood
+            # went on for), the bucket held (what passed is within its budget, however fast
+            # the sender was), next to nothing reached Python, and every legitimate
+            # connection echoed a token.
+            assert answered >= MIN_ANSWERED, FIGURES
+            assert FIGURES["kernel_retries"] >= MIN_RETRIES, FIGURES  # type: ignore[operator]
             assert 0 < FIGURES["guard_passed"] <= bucket_bound, FIGURES  # type: ignore[operator]
-            assert FIGURES["retries_sent"] >= MIN_RETRIES, FIGURES  # type: ignore[operator]
+            assert FIGURES["python_share"] <= MAX_PYTHON_SHARE, FIGURES  # type: ignore[operator]
             assert totals["ok"] >= MIN_LEGIT, totals
             assert FIGURES["success_ratio"] >= MIN_SUCCESS, FIGURES  # type: ignore[operator]
             # Memory: what the caps allow (every pending flight at its byte cap, plus the

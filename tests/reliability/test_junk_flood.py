@@ -97,7 +97,8 @@ ARRIVED = {
     "a_short_headers": ("steer_drop_short_not_ours", "steer_short_dead_slot"),
     "b_0rtt": ("xdp_0rtt", "xdp_drop_rate_limited_0rtt"),
     "c_fragments": ("xdp_drop_fragment",),
-    "d_spoofed_initials": ("xdp_initial", "xdp_drop_rate_limited"),
+    "d_spoofed_initials": ("xdp_initial", "xdp_drop_rate_limited", "xdp_retry_sent",
+                           "xdp_retry_rate_limited", "xdp_retry_rate_limited_total"),
 }
 
 

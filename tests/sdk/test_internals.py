@@ -250,7 +250,7 @@ def test_initials_naming_a_slot_create_no_connection(cert: tuple[Path, Path],
             refused = 0
             ours, other_slot = (LAYOUT.encode(s, os.urandom(LAYOUT.nonce_len))
                                 for s in (SLOT, SLOT + 1))
-            forged = build_retry_token(os.urandom(32), CLIENT_ADDR[0], b"odcid", ours, 1.0)
+            forged = build_retry_token(os.urandom(16), CLIENT_ADDR[0], b"odcid", ours, 1.0)
             for dcid, token in ((ours, b""), (other_slot, b""), (ours, forged)):
                 _, datagrams = _client_initial(dcid, token)
                 for data in datagrams:
@@ -293,7 +293,7 @@ def test_daemon_retried_initial_is_accepted_from_its_token(cert: tuple[Path, Pat
         server.connection_made(transport)  # type: ignore[arg-type]
         try:
             dcid, odcid = _daemon_retry_cid(), os.urandom(8)
-            token = build_retry_token(os.urandom(32), CLIENT_ADDR[0], odcid, dcid, 1.0)
+            token = build_retry_token(os.urandom(16), CLIENT_ADDR[0], odcid, dcid, 1.0)
             _, datagrams = _client_initial(dcid, token)
             for data in datagrams:
                 server.datagram_received(data, CLIENT_ADDR)

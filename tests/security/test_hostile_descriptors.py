@@ -22,8 +22,9 @@ import errno
 import os
 import socket
 import subprocess
+import threading
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,8 @@ from tests.e2e.conftest import STEERD, Daemon, spawn_daemon
 from tests.sdk.harness import Loader
 from tests.security import test_isolation
 from tests.security.intruder import TCP_CLOSE
-from tests.security.test_isolation import World, assert_served, first_flight
+from tests.security.tenants import assert_served
+from tests.security.test_isolation import World, first_flight
 
 pytestmark = pytest.mark.root
 
@@ -208,19 +210,43 @@ def test_ready_and_watchdog_pings_reach_the_service_manager(
     WATCHDOG=1 from its loop's tick, and STOPPING=1 when it stops."""
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     receiver.bind(str(tmp_path / "notify"))
-    receiver.settimeout(WAIT)  # a message that never comes fails the test
     monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify"))
     monkeypatch.setenv("WATCHDOG_USEC", "2000000")
     seen: list[str] = []
+    arrived = threading.Condition()
+    stop = threading.Event()
+    receiver.settimeout(0.2)
+
+    def collect() -> None:
+        # Read from the start, as systemd does: pings sent while the daemon compiles must
+        # not fill the socket's queue (10 datagrams) and push READY=1 out.
+        while not stop.is_set():
+            try:
+                message = receiver.recv(256).decode()
+            except TimeoutError:
+                continue
+            with arrived:
+                seen.append(message)
+                arrived.notify_all()
+
+    def await_seen(done: Callable[[], bool], what: str) -> None:
+        with arrived:
+            assert arrived.wait_for(done, WAIT), f"no {what} within {WAIT} s: {seen}"
+
+    reader = threading.Thread(target=collect, daemon=True)
+    reader.start()
     try:
         pin_dir = f"/sys/fs/bpf/steerd-t-{uuid.uuid4().hex[:8]}"
         with spare_daemon(world, tmp_path / "spare", pin_dir, until="ready"):
-            while ("READY=1" not in seen
-                   or seen[seen.index("READY=1"):].count("WATCHDOG=1") < 2):
-                seen.append(receiver.recv(256).decode())
-            assert set(seen) == {"READY=1", "WATCHDOG=1"} and seen.count("READY=1") == 1, seen
-        while "STOPPING=1" not in seen:
-            seen.append(receiver.recv(256).decode())
+            await_seen(lambda: "READY=1" in seen
+                       and seen[seen.index("READY=1"):].count("WATCHDOG=1") >= 2,
+                       "READY=1 and two WATCHDOG=1 after it")
+            with arrived:
+                assert set(seen) == {"READY=1", "WATCHDOG=1"}, seen
+                assert seen.count("READY=1") == 1, seen
+        await_seen(lambda: "STOPPING=1" in seen, "STOPPING=1")
     finally:
+        stop.set()
+        reader.join(5)
         receiver.close()
     assert_served(served)

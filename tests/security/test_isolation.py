@@ -19,7 +19,6 @@ import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
@@ -29,98 +28,39 @@ from aioquic.quic.events import HandshakeCompleted
 from deploy.netns import NetnsPair
 from quic.packet import parse_long_header
 from quic.reset import build_stateless_reset, reset_token, slot_reset_key
-from tests.e2e.conftest import (
-    PORT,
-    Daemon,
-    await_resumed,
-    spawn_daemon,
-    start_daemon,
-)
-from tests.sdk.harness import (
-    Loader,
-    RunningApp,
-    session,
-    start_demo_app,
-    start_loader,
-)
+from tests.e2e.conftest import PORT, await_resumed, spawn_daemon
+from tests.sdk.harness import Loader, session
 from tests.security.players import Intruder, start_intruder
+from tests.security.tenants import (
+    ACL,
+    NOBODY,
+    Tenants,
+    assert_served,
+    counters,
+    delta,
+    served_fixture,
+    start_tenants,
+)
 
 pytestmark = pytest.mark.root
 
-WEB_UID, FILES_UID, NOBODY = 64111, 64112, 65534
-ACL = f"""
-[[acl]]
-uids = [{WEB_UID}]
-alpn = ["h3"]
-server_names = ["*"]
-[[acl]]
-uids = [{FILES_UID}]
-alpn = ["smb"]
-server_names = ["*"]
-[[acl]]
-uids = [{NOBODY}]
-alpn = ["doq", "h3"]
-server_names = ["*"]
-[[acl]]
-uids = [{NOBODY}]
-alpn = ["h3"]
-server_names = ["granted.example"]
-"""
-
 
 @dataclass
-class World:
-    pair: NetnsPair
-    daemon: Daemon
-    web: RunningApp
-    files: RunningApp
+class World(Tenants):
     intruder: Intruder
 
 
 @pytest.fixture(scope="module")
 def world(pair: NetnsPair) -> Iterator[World]:
-    for daemon in start_daemon(pair, ACL):
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
-        started: list[Any] = []
+    with start_tenants(pair, ACL) as tenants:
+        intruder = start_intruder(tenants.daemon, NOBODY, "intruder", "doq")
         try:
-            web = start_demo_app(daemon, "h3", uid=WEB_UID, workers=2)
-            started.append(web)
-            files = start_demo_app(daemon, "file", uid=FILES_UID)
-            started.append(files)
-            intruder = start_intruder(daemon, NOBODY, "intruder", "doq")
-            started.append(intruder)
-            yield World(pair, daemon, web, files, intruder)
+            yield World(pair, tenants.daemon, tenants.web, tenants.files, intruder)
         finally:
-            for thing in reversed(started):
-                thing.stop()
+            intruder.stop()
 
 
-@pytest.fixture
-def served(world: World) -> Iterator[list[Loader]]:
-    """Real clients of both other tenants, loading them for the whole test; the test's last
-    step is :func:`assert_served`."""
-    made = [start_loader(world.pair, "aioquic", "h3", "/count"),
-            start_loader(world.pair, "aioquic", "file", "INFO")]
-    try:
-        yield made
-    finally:
-        for loader in made:
-            loader.kill()
-
-
-def assert_served(loaders: list[Loader]) -> None:
-    for loader in loaders:
-        totals = loader.finish()
-        assert totals["failed"] == 0 and totals["ok"] >= 2, totals
-
-
-def counters(daemon: Daemon) -> dict[str, int]:
-    return dict(daemon.status()["counters"])
-
-
-def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
-    return after.get(name, 0) - before.get(name, 0)
+served = served_fixture(ipv6=False)  # the test's last step is assert_served(served)
 
 
 # -- 1. the socket jail ------------------------------------------------------------------------

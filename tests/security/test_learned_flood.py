@@ -37,20 +37,15 @@ from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
 from deploy.netns import NetnsPair, ip, netns_pair
-from tests.e2e.conftest import PORT, Daemon, start_daemon
+from tests.e2e.conftest import PORT, Daemon
 from tests.linkframes import LinkSender, mac_of
 from tests.sdk.harness import session, start_demo_app, start_loader
-from tests.security.test_learned_isolation import (
-    PlainLoader,
-    counters,
-    delta,
-    start_plain,
-    steering,
-)
+from tests.security.tenants import FILES_UID, acl_entry, counters, delta, tenant_daemon
+from tests.security.test_learned_isolation import PlainLoader, start_plain, steering
 
 pytestmark = pytest.mark.root
 
-FILES_UID, VICTIM_UID = 64122, 64123
+VICTIM_UID = 64123
 QUOTA = 128  # [limits] learned_quota: the learned app's slot's proven CIDs (and addresses)
 # [limits] learned_ttl, the smallest allowed: the real clients' proven entries (one CID and
 # one address per connection, a few connections a second) stay far below QUOTA
@@ -67,15 +62,7 @@ learned_ttl = {TTL}
 learned_unproven_quota = {UNPROVEN_QUOTA}
 [flood]
 retry = "off"  # learned mode cannot complete a Retry steerd sent (docs/DATAPLANE.md)
-[[acl]]
-uids = [{FILES_UID}]
-alpn = ["smb"]
-server_names = ["*"]
-[[acl]]
-uids = [{VICTIM_UID}]
-alpn = ["h3"]
-server_names = ["*"]
-"""
+{acl_entry(FILES_UID, "smb")}{acl_entry(VICTIM_UID, "h3")}"""
 
 
 @pytest.fixture(scope="module")
@@ -121,11 +108,7 @@ def victim_figures(daemon: Daemon) -> dict[str, int]:
 
 
 def test_spoofed_initials_cannot_fill_the_learned_tables(pair: NetnsPair) -> None:
-    daemons = start_daemon(pair, CONFIG)
-    daemon = next(daemons)
-    try:
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
+    with tenant_daemon(pair, CONFIG) as daemon:
         started: list[Any] = []
         sender: LinkSender | None = None
         victim: PlainLoader | None = None
@@ -200,5 +183,3 @@ def test_spoofed_initials_cannot_fill_the_learned_tables(pair: NetnsPair) -> Non
                     thing.kill()
                 else:
                     thing.stop()
-    finally:
-        daemons.close()  # stops the daemon and purges its data plane

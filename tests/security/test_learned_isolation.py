@@ -22,7 +22,6 @@ and must see 0 failures. Counter deltas are exact where only the intruder moves 
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -41,7 +40,7 @@ from deploy.netns import NetnsPair
 from quic.cid import CidLayout
 from quic.packet import parse_long_header
 from steerd.daemon.dataplane.netns import netns_path
-from tests.e2e.conftest import PORT, ROOT, Daemon, _read_line, start_daemon
+from tests.e2e.conftest import PORT, ROOT, Daemon, _read_line
 from tests.quic.reference import is_long_header
 from tests.sdk.harness import (
     Loader,
@@ -54,10 +53,18 @@ from tests.sdk.harness import (
     start_loader,
 )
 from tests.security.players import Intruder, start_intruder
+from tests.security.tenants import (
+    FILES_UID,
+    NOBODY,
+    acl_entry,
+    counters,
+    delta,
+    tenant_daemon,
+)
 
 pytestmark = pytest.mark.root
 
-FILES_UID, VICTIM_UID, NOBODY = 64112, 64113, 65534
+VICTIM_UID = 64113
 PLAIN = ROOT / "tests" / "e2e" / "plain_h3_server.py"
 CID_LEN = 8  # aioquic's own CIDs
 QUOTA = 256  # [limits] learned_quota and learned_unproven_quota: each slot's learned CIDs
@@ -71,19 +78,7 @@ learned_quota = {QUOTA}
 learned_ttl = {TTL}
 learned_unproven_quota = {QUOTA}
 learned_unproven_ttl = {TTL}
-[[acl]]
-uids = [{FILES_UID}]
-alpn = ["smb"]
-server_names = ["*"]
-[[acl]]
-uids = [{VICTIM_UID}]
-alpn = ["h3"]
-server_names = ["*"]
-[[acl]]
-uids = [{NOBODY}]
-alpn = {json.dumps(ALPNS)}
-server_names = ["*"]
-"""
+{acl_entry(FILES_UID, "smb")}{acl_entry(VICTIM_UID, "h3")}{acl_entry(NOBODY, *ALPNS)}"""
 
 
 # -- the players ---------------------------------------------------------------------------
@@ -197,9 +192,7 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(pair: NetnsPair) -> Iterator[World]:
-    for daemon in start_daemon(pair, CONFIG):
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
+    with tenant_daemon(pair, CONFIG) as daemon:
         started: list[Any] = []
         try:
             files = start_demo_app(daemon, "file", uid=FILES_UID)
@@ -239,14 +232,6 @@ def served(world: World) -> Iterator[Served]:
 
 
 # -- what to look at -------------------------------------------------------------------------
-
-
-def counters(daemon: Daemon) -> dict[str, int]:
-    return dict(daemon.status()["counters"])
-
-
-def delta(before: dict[str, int], after: dict[str, int], name: str) -> int:
-    return after.get(name, 0) - before.get(name, 0)
 
 
 def steering(daemon: Daemon, app: str) -> dict[str, int]:

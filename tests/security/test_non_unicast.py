@@ -17,25 +17,27 @@ seen an answer.
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
 import socket
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Callable
 
 import pytest
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
-import tests.e2e.conftest as e2e
-from deploy.netns import NetnsPair
-from tests.e2e.conftest import PORT, Daemon, start_daemon
+from tests.e2e.conftest import PORT
 from tests.linkframes import BROADCAST_MAC, LinkCapture, LinkSender, mac_of, multicast_mac
-from tests.sdk.harness import Loader, RunningApp, start_demo_app, start_loader
-from tests.security.test_isolation import ACL, FILES_UID, WEB_UID, assert_served, counters, delta
+from tests.sdk.harness import Loader
+from tests.security.tenants import (
+    ACL,
+    Tenants,
+    assert_served,
+    counters,
+    delta,
+    served_fixture,
+    tenants_world,
+)
 
 pytestmark = pytest.mark.root
 
@@ -45,59 +47,10 @@ DEADLINE = 30.0
 ROUNDS = 3  # Initials per kind (each its own connection)
 
 
-def wildcard_config(path: Path, pair: NetnsPair, extra: str = "") -> None:
-    """tests/e2e's daemon config, listening on the wildcard addresses instead of the
-    server's own: the case where the kernel clones non-unicast datagrams to every socket."""
-    ORIGINAL_WRITE_CONFIG(path, pair, extra)
-    text = path.read_text()
-    listen = f'addresses = ["{pair.server_v4}", "{pair.server_v6}"]'
-    assert listen in text
-    path.write_text(text.replace(listen, 'addresses = ["0.0.0.0", "::"]'))
-
-
-ORIGINAL_WRITE_CONFIG = e2e.write_config
-
-
-@dataclass
-class World:
-    pair: NetnsPair
-    daemon: Daemon
-    web: RunningApp
-    files: RunningApp
-
-
-@pytest.fixture(scope="module")
-def world(pair: NetnsPair) -> Iterator[World]:
-    daemons = start_daemon(pair, ACL)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(e2e, "write_config", wildcard_config)
-        daemon = next(daemons)
-    started: list[RunningApp] = []
-    try:
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
-        web = start_demo_app(daemon, "h3", uid=WEB_UID, workers=2)
-        started.append(web)
-        files = start_demo_app(daemon, "file", uid=FILES_UID)
-        started.append(files)
-        yield World(pair, daemon, web, files)
-    finally:
-        for app in reversed(started):
-            app.stop()
-        with contextlib.suppress(StopIteration):
-            next(daemons)  # stops the daemon and purges its data plane
-
-
-@pytest.fixture
-def served(world: World) -> Iterator[list[Loader]]:
-    made = [start_loader(world.pair, "aioquic", "h3", "/count"),
-            start_loader(world.pair, "aioquic", "file", "INFO"),
-            start_loader(world.pair, "aioquic", "h3", "/count", family=socket.AF_INET6)]
-    try:
-        yield made
-    finally:
-        for loader in made:
-            loader.kill()
+# The daemon listens on the wildcard addresses instead of the server's own: the case where the
+# kernel clones non-unicast datagrams to every socket.
+world = tenants_world(ACL, listen=["0.0.0.0", "::"])
+served = served_fixture()
 
 
 def client_initial(alpn: str, server: tuple[str, int]) -> bytes:
@@ -118,7 +71,7 @@ def await_condition(what: str, done: Callable[[], bool], state: Callable[[], obj
         time.sleep(0.05)
 
 
-def test_broadcast_and_multicast_initials_get_no_answer(world: World,
+def test_broadcast_and_multicast_initials_get_no_answer(world: Tenants,
                                                         served: list[Loader]) -> None:
     pair = world.pair
     status = world.daemon.status()

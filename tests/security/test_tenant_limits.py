@@ -24,7 +24,7 @@ import select
 import signal
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,67 +36,29 @@ from deploy.quicclient import Session
 from steerd.app.client import ControlClient, Registration
 from steerd.app.protocol import ControlError
 from tests.daemon.test_control import fork_as, read_json_line, reap
-from tests.e2e.conftest import PORT, Daemon, _read_line, spawn_daemon, start_daemon
-from tests.sdk.harness import Loader, RunningApp, start_demo_app, start_loader
+from tests.e2e.conftest import PORT, Daemon, _read_line, spawn_daemon
+from tests.sdk.harness import Loader, RunningApp, start_demo_app
+from tests.security.tenants import (
+    NOBODY,
+    WEB_UID,
+    Tenants,
+    acl_entry,
+    assert_served,
+    served_fixture,
+    tenants_world,
+)
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
 
-WEB_UID, FILES_UID, LATE_UID, NOBODY = 64121, 64122, 64123, 65534
+LATE_UID = 64123
 UID_SLOTS, UID_CONNECTIONS = 64, 16  # the defaults: the config below sets no [limits]
-ACL = f"""
-[[acl]]
-uids = [{WEB_UID}]
-alpn = ["h3"]
-server_names = ["*"]
-[[acl]]
-uids = [{FILES_UID}]
-alpn = ["smb"]
-server_names = ["*"]
-[[acl]]
-uids = [{LATE_UID}]
-alpn = ["h3"]
-server_names = ["late.example"]
-[[acl]]
-uids = [{NOBODY}]
-alpn = ["hog", "hog2"]
-server_names = ["*"]
-"""
+ACL = acl_entry(LATE_UID, "h3", names=["late.example"]) + acl_entry(NOBODY, "hog", "hog2")
 
 Emit = Callable[[dict[str, Any]], None]
 
 
-@dataclass
-class World:
-    pair: NetnsPair
-    daemon: Daemon
-    apps: list[RunningApp]
-
-
-@pytest.fixture(scope="module")
-def world(pair: NetnsPair) -> Iterator[World]:
-    for daemon in start_daemon(pair, ACL):
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
-        apps: list[RunningApp] = []
-        try:
-            apps.append(start_demo_app(daemon, "h3", uid=WEB_UID, workers=2))
-            apps.append(start_demo_app(daemon, "file", uid=FILES_UID))
-            yield World(pair, daemon, apps)
-        finally:
-            for app in reversed(apps):
-                app.stop()
-
-
-@pytest.fixture
-def served(world: World) -> Iterator[list[Loader]]:
-    """Real clients of both other tenants, loading them for the whole test."""
-    made = [start_loader(world.pair, "aioquic", "h3", "/count"),
-            start_loader(world.pair, "aioquic", "file", "INFO")]
-    try:
-        yield made
-    finally:
-        for loader in made:
-            loader.kill()
+world = tenants_world(ACL)
+served = served_fixture(ipv6=False)
 
 
 # -- the attacker ------------------------------------------------------------------------------
@@ -247,7 +209,7 @@ def uid_slots_error(held: int, wanted: int) -> str:
 
 
 def test_one_tenant_at_its_limits_leaves_the_others_serving(
-    world: World, served: list[Loader]
+    world: Tenants, served: list[Loader]
 ) -> None:
     daemon, pair = world.daemon, world.pair
     late: RunningApp | None = None
@@ -284,9 +246,9 @@ def test_one_tenant_at_its_limits_leaves_the_others_serving(
         late = start_demo_app(daemon, "h3", "--server-name", "late.example", uid=LATE_UID,
                               name="late")
         assert app_of(pair, "late.example") == "late"
-        old_web = world.apps[0]
+        old_web = world.web
         new_web = start_demo_app(daemon, "h3", "--replace", uid=WEB_UID, workers=2, name="web")
-        world.apps[0] = new_web  # the fixture stops this one
+        world.web = new_web  # the fixture stops this one
         assert new_web.ready["generation"] == old_web.ready["generation"] + 1
         assert old_web.proc.wait(60) == 0  # replaced: it drained and left by itself
         old_web.stop()
@@ -317,6 +279,4 @@ def test_one_tenant_at_its_limits_leaves_the_others_serving(
         if late is not None:
             late.stop()
     assert code == 0
-    for loader in served:
-        totals = loader.finish()
-        assert totals["failed"] == 0 and totals["ok"] >= 2, totals
+    assert_served(served)

@@ -22,24 +22,24 @@ import socket
 import struct
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import pytest
 
-from deploy.netns import NetnsPair
 from steerd.daemon.dataplane.jail import Jail
 from steerd.daemon.sockwatch import inspect
-from tests.e2e.conftest import PORT, Daemon, start_daemon
-from tests.sdk.harness import Loader, RunningApp, start_demo_app, start_loader
-from tests.security.compat32 import (
-    NOBODY,
-    SO_DETACH_REUSEPORT_BPF,
-    held_socket,
-    setsockopt32,
-)
+from tests.e2e.conftest import PORT, Daemon
+from tests.sdk.harness import Loader
+from tests.security.compat32 import SO_DETACH_REUSEPORT_BPF, held_socket, setsockopt32
 from tests.security.players import Intruder, start_intruder
-from tests.security.test_isolation import ACL, FILES_UID, WEB_UID, assert_served
+from tests.security.tenants import (
+    ACL,
+    NOBODY,
+    Tenants,
+    assert_served,
+    served_fixture,
+    tenants_world,
+)
 
 pytestmark = pytest.mark.root
 
@@ -48,45 +48,12 @@ _INTRUDERS = itertools.count(1)
 SAY_WHO_DETACHED = hasattr(Jail, "drain_offences")  # the jail's 32-bit hook names the uid
 
 
-@dataclass
-class World:
-    pair: NetnsPair
-    daemon: Daemon
-    web: RunningApp
-    files: RunningApp
-
-
-@pytest.fixture(scope="module")
-def world(pair: NetnsPair) -> Iterator[World]:
-    for daemon in start_daemon(pair, ACL):
-        os.chmod(daemon.workdir, 0o711)  # the tenants reach the control socket
-        os.chmod(daemon.control, 0o666)
-        started: list[RunningApp] = []
-        try:
-            started.append(start_demo_app(daemon, "h3", uid=WEB_UID, workers=2))
-            started.append(start_demo_app(daemon, "file", uid=FILES_UID))
-            yield World(pair, daemon, *started)
-        finally:
-            for app in reversed(started):
-                app.stop()
+world = tenants_world(ACL)
+served = served_fixture()  # web's clients over IPv4 and IPv6, files' over IPv4
 
 
 @pytest.fixture
-def served(world: World) -> Iterator[list[Loader]]:
-    """Real clients of both other tenants, over both address families, for the whole test."""
-    made: list[Loader] = []
-    try:
-        made.append(start_loader(world.pair, "aioquic", "h3", "/count"))
-        made.append(start_loader(world.pair, "aioquic", "h3", "/count", family=socket.AF_INET6))
-        made.append(start_loader(world.pair, "aioquic", "file", "INFO"))
-        yield made
-    finally:
-        for loader in made:
-            loader.kill()
-
-
-@pytest.fixture
-def intruder(world: World) -> Iterator[Intruder]:
+def intruder(world: Tenants) -> Iterator[Intruder]:
     """A fresh registration as nobody for each attack (each one ends evicted)."""
     made = start_intruder(world.daemon, NOBODY, f"intruder-{next(_INTRUDERS)}", "doq")
     try:
@@ -113,7 +80,7 @@ def registered(daemon: Daemon) -> set[str]:
     return {a["app"] for a in daemon.status()["apps"]}
 
 
-def attack(world: World, intruder: Intruder, family: int, optname: int, value: bytes
+def attack(world: Tenants, intruder: Intruder, family: int, optname: int, value: bytes
            ) -> tuple[socket.socket, float]:
     """The 32-bit setsockopt on the intruder's worker socket of ``family``, made by a helper
     as nobody; returns the test's own copy of that socket and when the helper said it was
@@ -125,7 +92,7 @@ def attack(world: World, intruder: Intruder, family: int, optname: int, value: b
     return held, time.monotonic()
 
 
-def assert_evicted(world: World, intruder: Intruder, what: str,
+def assert_evicted(world: Tenants, intruder: Intruder, what: str,
                    before: dict[str, dict[str, int]]) -> None:
     await_true(lambda: intruder.app not in registered(world.daemon),
                f"{intruder.app}'s registration ended")
@@ -137,7 +104,7 @@ def assert_evicted(world: World, intruder: Intruder, what: str,
 
 @pytest.mark.parametrize("family", [socket.AF_INET, socket.AF_INET6], ids=["ipv4", "ipv6"])
 def test_cleared_reuseport_is_set_back_and_the_app_evicted(
-    world: World, served: list[Loader], intruder: Intruder, family: int
+    world: Tenants, served: list[Loader], intruder: Intruder, family: int
 ) -> None:
     """Without the flag the intruder's socket would win every lookup on the port (it is the
     newest member): set back, the app evicted."""
@@ -156,7 +123,7 @@ def test_cleared_reuseport_is_set_back_and_the_app_evicted(
 
 
 def test_device_bound_socket_is_made_harmless_and_the_app_evicted(
-    world: World, served: list[Loader], intruder: Intruder
+    world: Tenants, served: list[Loader], intruder: Intruder
 ) -> None:
     """Bound to the interface the clients come in on, the intruder's socket (out of its
     group: the kernel rehashed it) would outscore every member for their datagrams. The
@@ -174,7 +141,7 @@ def test_device_bound_socket_is_made_harmless_and_the_app_evicted(
     assert_served(served)
 
 
-def short_headers_dropped(world: World, n: int) -> int:
+def short_headers_dropped(world: Tenants, n: int) -> int:
     """Send ``n`` short headers whose CID is in no layout to the IPv4 service address: only
     steerd's program drops them in the kernel (counted); any other program, or none, hands
     them to some socket. Returns how many more the daemon counts as dropped."""
@@ -195,7 +162,7 @@ def short_headers_dropped(world: World, n: int) -> int:
 
 
 def test_detached_program_is_attached_again(
-    world: World, served: list[Loader], intruder: Intruder
+    world: Tenants, served: list[Loader], intruder: Intruder
 ) -> None:
     """SO_DETACH_REUSEPORT_BPF on the intruder's socket removes the IPv4 group's program
     (the kernel would hash new datagrams over every member): the canary misses, the daemon
@@ -215,10 +182,27 @@ def test_detached_program_is_attached_again(
             assert "nobody known to have changed the program" in world.daemon.log()
     finally:
         held.close()
-    assert_served(served)
+    assert_served_through_the_window(served)
 
 
-def test_status_says_which_protection_is_in_force(world: World) -> None:
+# A detach runs before its 32-bit caller dies (docs/SECURITY.md §3): until the watchdog has
+# attached steerd's program again (<= 20 ms, measured), the kernel hashes new datagrams over
+# every member, so a new flight of another tenant may meet the wrong app and be refused. That
+# window is the gap this test pins down: at most a few new handshakes refused that way, never
+# an established connection broken, and every client served afterwards.
+WINDOW_FAILURES = 3
+
+
+def assert_served_through_the_window(loaders: list[Loader]) -> None:
+    for loader in loaders:
+        totals = loader.finish()
+        print("served through the detach window:", totals)
+        assert totals["ok"] >= 2, totals
+        assert totals["failed"] <= WINDOW_FAILURES, totals
+        assert all(error.startswith("handshake:") for error in totals["errors"]), totals
+
+
+def test_status_says_which_protection_is_in_force(world: Tenants) -> None:
     from steerd.daemon.service import format_status
 
     status = world.daemon.status()

@@ -119,6 +119,7 @@ class Dataplane:
         self._ncpus = counters.possible_cpus()
         try:
             self._fds = maps.open_maps(maps.map_specs(self.config), self.config.pin_dir)
+            guard.write_ghash_tables(self._fds["ghash_tables"])
         except DataplaneError:
             self.close()
             raise
@@ -301,6 +302,32 @@ class Dataplane:
 
     def disable_flood_guard(self) -> None:
         guard.disable_flood_guard(self.map_fd("guard_config"))
+
+    # -- kernel Retry and token check (docs/DATAPLANE.md "Kernel Retry") ----------------------
+
+    def set_retry(self, token_key: bytes, token_lifetime: float, rate: float = 0.0,
+                  burst: int = 1, total_rate: float = 0.0, total_burst: int = 1) -> None:
+        """The token key (tokens of ours are checked in the guard from now on) and the
+        Retries' budget per source prefix and in all; Retry mode is :meth:`set_retry_until`."""
+        guard.set_retry(self.map_fd("guard_config"), token_key=token_key,
+                        token_lifetime=token_lifetime, rate=rate, burst=burst,
+                        total_rate=total_rate, total_burst=total_burst)
+
+    def set_retry_until(self, until_ns: int) -> None:
+        """Kernel Retry mode on while CLOCK_MONOTONIC < ``until_ns`` (guard.RETRY_ALWAYS:
+        always, 0: off)."""
+        guard.set_retry_until(self.map_fd("guard_config"), until_ns)
+
+    def set_retry_auto(self, initial_rate: float, burst: int, hold: float) -> None:
+        """Retry mode on in the guard itself while token-less Initials exceed
+        ``initial_rate`` per second (then for ``hold`` s more)."""
+        guard.set_retry_auto(self.map_fd("guard_config"), initial_rate, burst, hold)
+
+    def disable_retry(self) -> None:
+        guard.disable_retry(self.map_fd("guard_config"))
+
+    def guard_config(self) -> guard.GuardConfig:
+        return guard.read_guard_config(self.map_fd("guard_config"))
 
     # -- counters -------------------------------------------------------------------------
 

@@ -37,16 +37,20 @@ import os
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from pathlib import Path
 
 from steerd.daemon.dataplane import DataplaneError
 from steerd.daemon.dataplane.btf import member_offsets
+from steerd.daemon.dataplane.cgroup import (
+    RootProgram,
+    attach_at_root,
+    cgroup2_root,
+    remove_from_root,
+)
 from steerd.daemon.dataplane.header import BPF_DIR, header_constants
 from steerd.daemon.dataplane.maps import (
     MAP_HASH,
     MAP_PERCPU_ARRAY,
     MapSpec,
-    detach_pinned,
     errno_of,
     libbcc,
     open_or_create_map,
@@ -62,7 +66,6 @@ BPF_CGROUP_INET6_BIND = 9
 BPF_CGROUP_INET4_CONNECT = 10
 BPF_CGROUP_INET6_CONNECT = 11
 BPF_CGROUP_SETSOCKOPT = 22
-BPF_F_ALLOW_MULTI = 2
 SO_NETNS_COOKIE = 71  # Linux >= 5.14
 MAX_DAEMON_CGROUPS = 16
 MAX_OFFENCES = 1024
@@ -202,22 +205,6 @@ def compat_offsets() -> dict[str, int]:
                                  f"bytes, compat.c reads {width}")
         out[flag] = found[path].offset
     return out
-
-
-def cgroup2_root(mounts: str = "/proc/self/mounts") -> str | None:
-    """Where the cgroup v2 hierarchy is mounted (``/sys/fs/cgroup``, or
-    ``/sys/fs/cgroup/unified`` on hybrid systems), None if nowhere."""
-    found: list[str] = []
-    try:
-        with open(mounts) as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) >= 3 and fields[2] == "cgroup2":
-                    found.append(fields[1])
-    except OSError:
-        return None
-    # The shortest mount point is the hierarchy's root as this process sees it.
-    return min(found, key=len) if found else None
 
 
 def netns_cookie() -> int:
@@ -391,29 +378,13 @@ class Jail:
         cflags = self._cflags()
         try:
             bpf = bcc.BPF(text=(BPF_DIR / "jail.c").read_bytes(), cflags=cflags)
-            progs = [(name, bpf.load_func(name.encode(), ptype, attach_type=atype).fd, atype)
+            progs = [RootProgram(name, bpf.load_func(name.encode(), ptype, attach_type=atype).fd,
+                                 atype, _pin_path(self.pin_dir, name))
                      for name, ptype, atype in HOOKS]
         except Exception as exc:
             raise DataplaneError(f"compiling steerd/bpf/jail.c failed: {exc}") from exc
         self._bpf.append(bpf)
-        lib = libbcc()
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        attached: list[tuple[int, int]] = []
-        try:
-            for name, prog_fd, atype in progs:
-                ret = lib.bpf_prog_attach(prog_fd, cg, atype, BPF_F_ALLOW_MULTI)
-                if ret != 0:
-                    for done_fd, done_type in attached:
-                        lib.bpf_prog_detach2(done_fd, cg, done_type)
-                    raise DataplaneError(
-                        f"attaching {name} to the cgroup v2 root {root} failed: "
-                        f"{os.strerror(errno_of(ret))}")
-                attached.append((prog_fd, atype))
-            for name, prog_fd, atype in progs:
-                detach_pinned(_pin_path(self.pin_dir, name), atype, lambda: cg)
-                pin_fd(prog_fd, _pin_path(self.pin_dir, name))
-        finally:
-            os.close(cg)
+        attach_at_root(root, progs)
         with contextlib.suppress(FileNotFoundError):  # the old programs are gone
             os.unlink(_pin_path(self.pin_dir, LEGACY_PIDS))
         try:
@@ -489,24 +460,12 @@ def _keys(fd: int, key_type: type[ct.c_uint32] | type[ct.c_uint64]) -> list[int]
 
 def remove_jail(pin_dir: str) -> list[str]:
     """Detach and unpin the jail under ``pin_dir`` (``steerd purge``); what was done."""
-    done: list[str] = []
     jail_dir = os.path.join(pin_dir, "jail")
     if not os.path.isdir(jail_dir):
-        return done
-    root = cgroup2_root()
-    if root is not None:
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            for name, _, atype in HOOKS:
-                if detach_pinned(_pin_path(pin_dir, name), atype, lambda: cg):
-                    done.append(f"detached {name} from {root}")
-        finally:
-            os.close(cg)
-    for entry in Path(jail_dir).iterdir():
-        entry.unlink()
-    os.rmdir(jail_dir)
-    done.append(f"removed {jail_dir}")
-    return done
+        return []
+    root, detached = remove_from_root(jail_dir, {name: atype for name, _, atype in HOOKS})
+    return [*(f"detached {name} from {root}" for name, _, _ in HOOKS if name in detached),
+            f"removed {jail_dir}"]
 
 
 def check_jail_prerequisites(probe: bool = True) -> list[Prerequisite]:

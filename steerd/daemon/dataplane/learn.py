@@ -32,9 +32,14 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from steerd.daemon.dataplane import Dataplane, DataplaneError
+from steerd.daemon.dataplane.cgroup import (
+    RootProgram,
+    attach_at_root,
+    cgroup2_root,
+    detach_from_root,
+)
 from steerd.daemon.dataplane.header import BPF_DIR, header_constants
-from steerd.daemon.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root
-from steerd.daemon.dataplane.maps import detach_pinned, errno_of, libbcc, pin_fd
+from steerd.daemon.dataplane.maps import libbcc
 
 PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
@@ -259,18 +264,8 @@ class Learner:
         except Exception as exc:
             raise DataplaneError(f"compiling steerd/bpf/learn.c failed: {exc}") from exc
         self._bpf = bpf
-        lib = libbcc()
-        path = os.path.join(self.dp.config.pin_dir, PIN_NAME)
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            ret = lib.bpf_prog_attach(prog_fd, cg, BPF_CGROUP_INET_EGRESS, BPF_F_ALLOW_MULTI)
-            if ret != 0:
-                raise DataplaneError(f"attaching steerd/bpf/learn.c to the cgroup v2 root {root} "
-                                     f"failed: {os.strerror(errno_of(ret))}")
-            detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
-            pin_fd(prog_fd, path)
-        finally:
-            os.close(cg)
+        attach_at_root(root, [RootProgram("steerd/bpf/learn.c", prog_fd, BPF_CGROUP_INET_EGRESS,
+                                          os.path.join(self.dp.config.pin_dir, PIN_NAME))])
 
     def close(self) -> None:
         """Release this process's handles; the pinned program stays attached."""
@@ -314,14 +309,7 @@ def socket_port(wire: int) -> int:
 def remove_learner(pin_dir: str) -> bool:
     """Detach and unpin a group's egress program (``steerd purge``); True if one was."""
     path = os.path.join(pin_dir, PIN_NAME)
-    root = cgroup2_root()
-    detached = False
-    if root is not None and os.path.exists(path):
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            detached = detach_pinned(path, BPF_CGROUP_INET_EGRESS, lambda: cg)
-        finally:
-            os.close(cg)
+    _, detached = detach_from_root({path: BPF_CGROUP_INET_EGRESS})
     if os.path.exists(path):
         os.unlink(path)
-    return detached
+    return path in detached

@@ -6,9 +6,10 @@ that Python creates (libbcc ``bcc_create_map``) can be pinned and found again by
 daemon, so routes, counters and the worker sockets apps still hold survive a restart. The C
 refers to them with ``bpf_pseudo_fd`` (their fds are -D flags, see programs.py).
 
-Also the other users of pins: the socket jail and learned mode (jail.py, learn.py) pin their
-own maps and programs with the same helpers, and retire an earlier run's attachment by its
-pin (:func:`detach_pinned`).
+Also the other users of pins: the socket jail, learned mode and the non-unicast filter
+(jail.py, learn.py, unicast.py) pin their own maps and programs with the same helpers, and
+retire an earlier run's attachment by its pin (:func:`detach_pinned`; at the cgroup v2 root
+through cgroup.py's :func:`~steerd.daemon.dataplane.cgroup.attach_at_root`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from quic import ghash
 from steerd.daemon.dataplane.errors import DataplaneError
 from steerd.daemon.dataplane.header import header_constants
 from steerd.daemon.dataplane.netns import run_in_netns
@@ -101,6 +103,10 @@ def map_specs(config: DataplaneConfig) -> list[MapSpec]:
         MapSpec("guard_config", MAP_ARRAY, 4, k["STEERD_GUARD_CONFIG_SIZE"], 1),
         MapSpec("flood_buckets", MAP_LRU_HASH, k["STEERD_BUCKET_KEY_SIZE"], 8,
                 c.bucket_capacity),
+        # the kernel Retry (guard.c): GHASH tables per QUIC version (quic/ghash.py), and
+        # per-CPU room to build a Retry in
+        MapSpec("ghash_tables", MAP_ARRAY, 4, ghash.TABLE_VALUE_SIZE, len(ghash.VERSION_INDEX)),
+        MapSpec("guard_scratch", MAP_PERCPU_ARRAY, 4, k["STEERD_GUARD_SCRATCH_SIZE"], 1),
         # learned mode (steerd/bpf/learn.c, steerd/daemon/dataplane/learn.py)
         MapSpec("learned_cids", MAP_HASH, k["STEERD_ROUTE_KEY_SIZE"],
                 k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),

@@ -31,21 +31,23 @@ import os
 import socket
 import struct
 import tempfile
-from pathlib import Path
 
+from steerd.daemon.dataplane.cgroup import (
+    RootProgram,
+    attach_at_root,
+    cgroup2_root,
+    remove_from_root,
+)
 from steerd.daemon.dataplane.errors import DataplaneError
 from steerd.daemon.dataplane.header import BPF_DIR
-from steerd.daemon.dataplane.jail import BPF_F_ALLOW_MULTI, cgroup2_root, netns_cookie
+from steerd.daemon.dataplane.jail import netns_cookie
 from steerd.daemon.dataplane.learn import PROG_CGROUP_SKB
 from steerd.daemon.dataplane.maps import (
     MAP_HASH,
     MAP_PERCPU_ARRAY,
     MapSpec,
-    detach_pinned,
-    errno_of,
     libbcc,
     open_or_create_map,
-    pin_fd,
 )
 from steerd.daemon.dataplane.netns import run_in_netns
 from steerd.daemon.dataplane.programs import Prerequisite, find_kernel_headers
@@ -232,19 +234,9 @@ class UnicastFilter:
         if root is None:
             raise DataplaneError("no cgroup v2 hierarchy is mounted: the non-unicast filter "
                                  "needs one")
-        prog_fd = self._compile()
-        lib = libbcc()
-        path = os.path.join(self.directory, PROG_PIN)
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            ret = lib.bpf_prog_attach(prog_fd, cg, BPF_CGROUP_INET_INGRESS, BPF_F_ALLOW_MULTI)
-            if ret != 0:
-                raise DataplaneError(f"attaching steerd/bpf/unicast.c to the cgroup v2 root "
-                                     f"{root} failed: {os.strerror(errno_of(ret))}")
-            detach_pinned(path, BPF_CGROUP_INET_INGRESS, lambda: cg)
-            pin_fd(prog_fd, path)
-        finally:
-            os.close(cg)
+        attach_at_root(root, [RootProgram("steerd/bpf/unicast.c", self._compile(),
+                                          BPF_CGROUP_INET_INGRESS,
+                                          os.path.join(self.directory, PROG_PIN))])
 
     def _compile(self) -> int:
         """Load the program; without the namespace test where the kernel does not give
@@ -301,24 +293,12 @@ class UnicastFilter:
 
 def remove_unicast_filter(pin_dir: str) -> list[str]:
     """Detach and unpin the filter under ``pin_dir`` (``steerd purge``); what was done."""
-    done: list[str] = []
     directory = os.path.join(pin_dir, SUBDIR)
     if not os.path.isdir(directory):
-        return done
-    root = cgroup2_root()
-    if root is not None:
-        cg = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-        try:
-            if detach_pinned(os.path.join(directory, PROG_PIN), BPF_CGROUP_INET_INGRESS,
-                             lambda: cg):
-                done.append(f"detached the non-unicast filter from {root}")
-        finally:
-            os.close(cg)
-    for entry in Path(directory).iterdir():
-        entry.unlink()
-    os.rmdir(directory)
-    done.append(f"removed {directory}")
-    return done
+        return []
+    root, detached = remove_from_root(directory, {PROG_PIN: BPF_CGROUP_INET_INGRESS})
+    return [*([f"detached the non-unicast filter from {root}"] if detached else []),
+            f"removed {directory}"]
 
 
 def check_unicast_prerequisites(probe: bool = True) -> list[Prerequisite]:
