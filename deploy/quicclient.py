@@ -65,11 +65,14 @@ class Session:
     conn: Any = field(init=False)
     h3: Any = None
     received: list[bytes] = field(default_factory=list)  # every datagram, raw
+    versions: list[int] | None = None  # QUIC versions to offer, first used (default: stack's)
 
     def __post_init__(self) -> None:
         self.mod = _stack(self.stack)
         config = self.mod["config"](is_client=True, alpn_protocols=[self.alpn],
                                     server_name=self.server_name, verify_mode=0)
+        if self.versions:
+            config.supported_versions = list(self.versions)
         self.conn = self.mod["conn"](configuration=config)
         self.conn.connect(self.server, now=time.time())
         self._events: list[Any] = []

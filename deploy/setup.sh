@@ -16,7 +16,7 @@ fi
 
 debs=(python3-bpfcc bpfcc-tools bpftool python3-venv python3-pip iproute2 tshark tcpdump
       ngtcp2-client chromium netsniff-ng ca-certificates systemd util-linux gcc libc6-dev
-      gcc-multilib)  # gcc -m32: the socket jail's tests run a real 32-bit program
+      gcc-multilib nftables)  # gcc -m32: the jail's tests run a 32-bit program; nft: steerd lb-config
 missing=()
 for p in "${debs[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")

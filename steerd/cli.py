@@ -12,6 +12,8 @@ import sys
 COMMAND_MODULES: tuple[str, ...] = (
     "steerd.tools.classify",  # steerd classify FILE
     "steerd.tools.doctor",  # steerd doctor
+    "steerd.tools.cid",  # steerd cid decode HEX
+    "steerd.tools.lbconfig",  # steerd lb-config HOSTS_FILE
     "steerd.daemon.config",  # steerd check-config FILE
     "steerd.daemon.service",  # steerd run, steerd status, steerd purge
     "steerd.app.exec",  # steerd exec -- CMD (sockets passed systemd-style)

@@ -28,7 +28,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from quic.cid import CR_UNROUTABLE, MAX_CID_LEN, MAX_SLOT_LEN, MIN_NONCE_LEN, CidLayout
+from quic.cid import (
+    BALANCERS,
+    CR_UNROUTABLE,
+    MAX_CID_LEN,
+    MAX_SLOT_LEN,
+    MIN_NONCE_LEN,
+    CidLayout,
+    balancer_problem,
+)
 from quic.errors import QuicError
 from quic.flight import MIN_INITIAL_DATAGRAM
 from quic.reassembly import DEFAULT_CRYPTO_CAP
@@ -490,10 +498,13 @@ def _parse_xdp(data: Mapping[str, Any], source: str) -> XdpConfig:
 def _parse_cid(data: Mapping[str, Any], source: str) -> CidLayout:
     """Every app encodes its server CIDs with this layout, so it is checked as a whole
     here too: a layout past QUIC's CID limit must stop the daemon at start-up, not fail
-    each app at its first connection."""
-    s = _section(data, source, "cid", ("config_id", "host_id", "host_id_len", "nonce_len",
-                                       "slot_len"))
+    each app at its first connection. Likewise a layout the named balancer would misread
+    (``balancer``, quic/cid.py) is refused here: behind that balancer every connection would
+    lose its host at the client's first address change."""
+    s = _section(data, source, "cid", ("balancer", "config_id", "host_id", "host_id_len",
+                                       "nonce_len", "slot_len"))
     dc = CidLayout()
+    balancer = s.choice("balancer", dc.balancer, BALANCERS)
     config_id = s.int_range("config_id", dc.config_id, 0, CR_UNROUTABLE - 1)
     host_id_len = s.int_range("host_id_len", dc.host_id_len, 0, 4)
     slot_len = s.int_range("slot_len", dc.slot_len, 1, MAX_SLOT_LEN)
@@ -506,10 +517,13 @@ def _parse_cid(data: Mapping[str, Any], source: str) -> CidLayout:
             f"{source}: [cid]: 1 + host_id_len + slot_len + nonce_len must be at most "
             f"{MAX_CID_LEN}, got {cid_len}"
         )
+    problem = balancer_problem(balancer, config_id, host_id_len, cid_len)
+    if problem:
+        raise s.fail(*problem)
     try:
         return CidLayout(
             config_id=config_id, host_id=host_id, host_id_len=host_id_len,
-            slot_len=slot_len, nonce_len=nonce_len,
+            slot_len=slot_len, nonce_len=nonce_len, balancer=balancer,
         )
     except QuicError as e:  # the layout's own checks, should they be stricter than ours
         raise ConfigError(f"{source}: [cid]: {e.detail}") from None
@@ -799,7 +813,8 @@ def summary(config: Config) -> list[str]:
         + (f"{', '.join(config.xdp.interfaces)} ({config.xdp.mode})" if config.xdp.interfaces
            else "off"),
         f"cid: {c.cid_len} bytes (config_id {c.config_id}, host_id {c.host_id} in "
-        f"{c.host_id_len} bytes, slot {c.slot_len} bytes, nonce {c.nonce_len} bytes)",
+        f"{c.host_id_len} bytes, slot {c.slot_len} bytes, nonce {c.nonce_len} bytes; "
+        f"balancer {c.balancer})",
         f"control: {ctl.path} mode {ctl.mode:04o}"
         + (f" group {ctl.group}" if ctl.group is not None else ""),
         "metrics: "

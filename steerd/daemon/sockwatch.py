@@ -262,6 +262,12 @@ class _Handle:
     stray: bool = False  # out of its group for good (connected to nowhere by a repair)
     misses: int = 0  # scans in a row that found no holder
 
+    @property
+    def gone(self) -> bool:
+        """No process has held it for GONE_AFTER scans: closed for good (a socket nobody
+        holds cannot come back), so no scan looks for it again."""
+        return self.holder is None and self.misses >= GONE_AFTER
+
 
 @dataclass(eq=False)
 class _Watched:
@@ -387,8 +393,8 @@ class SocketWatchdog:
                     log.warning("watchdog: a canary through the group on %s came late; its "
                                 "program was steerd's", group.address)
             scan = now >= self._next_scan and any(
-                h.holder is None for w in (*self._live.values(), *self._released)
-                for h in w.sockets)
+                h.holder is None and not h.gone
+                for w in (*self._live.values(), *self._released) for h in w.sockets)
             if scan:
                 self._next_scan = now + HOLDER_SCAN_INTERVAL
         if scan:
@@ -455,12 +461,12 @@ class SocketWatchdog:
         of /proc runs without the lock (it may take milliseconds)."""
         with self._lock:
             wanted = {h.inode for w in (*self._live.values(), *self._released)
-                      for h in w.sockets if h.holder is None}
+                      for h in w.sockets if h.holder is None and not h.gone}
         found = holders(wanted, set(self.own_pids()))
         with self._lock:
             for watched in (*self._live.values(), *self._released):
                 for handle in watched.sockets:
-                    if handle.holder is not None:
+                    if handle.holder is not None or handle.gone:
                         continue
                     where = found.get(handle.inode)
                     if where is None:
@@ -472,7 +478,7 @@ class SocketWatchdog:
                     except OSError:  # it exited meanwhile
                         handle.misses += 1
             for watched in list(self._released):
-                if all(h.holder is None and h.misses >= GONE_AFTER for h in watched.sockets):
+                if all(h.gone for h in watched.sockets):
                     self._released.remove(watched)
 
     # -- the thread -----------------------------------------------------------------------------

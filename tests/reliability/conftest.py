@@ -87,9 +87,13 @@ def usage(daemon: Daemon, timeout: float = 10.0) -> Usage:
                 targets = []
                 for fd in os.listdir(f"/proc/{pid}/fd"):
                     try:
-                        targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
                     except OSError:
                         continue  # closed meanwhile
+                    # the socket watchdog's scan for holders has /proc directories open for
+                    # a moment: not the daemon's to keep, not a leak
+                    if not target.startswith("/proc"):
+                        targets.append(target)
                 rss = next(
                     int(line.split()[1])
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines()

@@ -311,7 +311,8 @@ class Dataplane:
         Retries' budget per source prefix and in all; Retry mode is :meth:`set_retry_until`."""
         guard.set_retry(self.map_fd("guard_config"), token_key=token_key,
                         token_lifetime=token_lifetime, rate=rate, burst=burst,
-                        total_rate=total_rate, total_burst=total_burst)
+                        total_rate=total_rate, total_burst=total_burst,
+                        buckets_fd=self.map_fd("flood_buckets"))
 
     def set_retry_until(self, until_ns: int) -> None:
         """Kernel Retry mode on while CLOCK_MONOTONIC < ``until_ns`` (guard.RETRY_ALWAYS:

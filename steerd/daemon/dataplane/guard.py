@@ -262,12 +262,13 @@ def disable_flood_guard(config_fd: int) -> None:
 def set_retry(config_fd: int, *, token_key: bytes, token_lifetime: float,
               rate: float = 0.0, burst: int = 1, total_rate: float = 0.0,
               total_burst: int = 1, v4_prefix_len: int | None = None,
-              v6_prefix_len: int | None = None) -> None:
+              v6_prefix_len: int | None = None, buckets_fd: int | None = None) -> None:
     """Give the guard the token key (from now on it checks every token of ours) and the
     Retries' budget: ``rate`` Retries per second per source prefix, ``burst`` at once (0: no
-    per-prefix bound), ``total_rate`` for all prefixes together (0: none). Retry mode itself
-    is :func:`set_retry_until`. Prefix lengths, when given, replace the flood guard's (both
-    budgets key buckets by them)."""
+    per-prefix bound), ``total_rate`` for all prefixes together (0: none); with
+    ``buckets_fd`` the prefixes' bucket states of the old budget are forgotten (as
+    :func:`set_flood_guard` does). Retry mode itself is :func:`set_retry_until`. Prefix
+    lengths, when given, replace the flood guard's (both budgets key buckets by them)."""
     from quic.token import token_key_words
 
     if rate < 0 or burst < 1 or total_rate < 0 or total_burst < 1 or token_lifetime <= 0:
@@ -290,6 +291,8 @@ def set_retry(config_fd: int, *, token_key: bytes, token_lifetime: float,
     if v6_prefix_len is not None:
         cfg.v6_prefix_len = v6_prefix_len
     write_guard_config(config_fd, cfg)
+    if buckets_fd is not None:  # states of the old budget mean nothing under the new one
+        clear_map(buckets_fd)
 
 
 def set_retry_until(config_fd: int, until_ns: int) -> None:
