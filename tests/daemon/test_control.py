@@ -153,7 +153,8 @@ def test_deregister_and_disconnect_free_everything(daemon: Daemon) -> None:
         a.close()
         b.close()
     daemon.wait_until(lambda: daemon.server.connections == 0)
-    assert len(socket_inodes()) == baseline
+    # the daemon's ends of the connections are closed by its closer thread, off the loop
+    daemon.wait_until(lambda: len(socket_inodes()) == baseline)
 
 
 def test_replace_starts_a_generation_and_old_one_drains(daemon: Daemon) -> None:
@@ -505,15 +506,16 @@ def test_data_plane_refusal_rolls_back_to_the_old_generation(daemon: Daemon) -> 
         daemon.sink.workers[2] = []  # the data plane will refuse slot 2
     with ControlClient(daemon.path) as c:
         r1 = c.register("web", ["h3"], workers=1)
-        daemon.in_loop(lambda: None)  # the daemon's copies of r1's sockets are closed
+        # the daemon's copies of r1's sockets are closed (by its closer thread, off the loop)
+        mine = [os.fstat(sock.fileno()).st_ino for sock in r1.sockets]
+        daemon.wait_until(lambda: all(socket_inodes().get(ino) == 1 for ino in mine))
         before = socket_inodes()
         with pytest.raises(ControlError) as e:
             c.register("web", ["h3", "h2"], workers=2, replace=True)  # slots 1 and 2
         assert (e.value.reason, str(e.value)) == (
             "internal_error", "register: internal error: ValueError: slot 2 is already in use"
         )
-        daemon.in_loop(lambda: None)
-        assert socket_inodes() == before  # the four sockets made for it are closed
+        daemon.wait_until(lambda: socket_inodes() == before)  # the four made for it: closed
         assert daemon.sink.calls == [("add", 0), ("add", 1), ("remove", 1)]
         gens = c.status()["apps"][0]["generations"]
         assert [(g["generation"], g["state"]) for g in gens] == [(1, "active")]

@@ -358,6 +358,33 @@ def grown(old: dict[int, dict[str, int]], new: dict[int, dict[str, int]], slot: 
     return new[slot].get(name, 0) - old.get(slot, {}).get(name, 0)
 
 
+# Ports no earlier test of the module drew: the kernel's ephemeral range is 32768-60999.
+FRESH_PORTS = "61000 64999"
+
+
+@pytest.fixture
+def fresh_client_ports(daemon: Daemon) -> Iterator[None]:  # noqa: F811
+    """Client sockets bound from ports no earlier connection of the module used. A learned
+    client address lives learned_ttl (300 s) and the first writer keeps it: a new
+    connection to the other learned app from a port an earlier one drew would meet that
+    entry (counted as learn_conflict, rightly), which is port reuse, not what this test is
+    about. net.ipv4.ip_local_port_range is per network namespace."""
+    path = "/proc/sys/net/ipv4/ip_local_port_range"
+
+    def sysctl(value: str | None = None) -> str:
+        args = ["nsenter", f"--net={netns_path(daemon.pair.client)}", "sh", "-c",
+                f"echo '{value}' > {path}" if value else f"cat {path}"]
+        return subprocess.run(args, check=True, capture_output=True, text=True).stdout.strip()
+
+    old = " ".join(sysctl().split())
+    sysctl(FRESH_PORTS)
+    try:
+        yield
+    finally:
+        sysctl(old)
+
+
+@pytest.mark.usefixtures("fresh_client_ports")
 def test_mixed_load_across_learned_and_layout_apps(
     daemon: Daemon, plain_aioquic: Plain, plain_qh3: Plain, sdk_web: RunningApp,  # noqa: F811
     sessions: list[Session],  # noqa: F811
