@@ -30,12 +30,13 @@ The watchdog holds no socket of an app: a descriptor of its own would keep a dea
 socket alive, a member of its group, and the steering program would go on sending that
 worker's clients there instead of to a classifier (which answers them with a stateless
 reset). It finds, by a scan of /proc, a process that holds each watched socket (by inode),
-keeps a pidfd of it, and borrows the socket for each look (``pidfd_getfd``: a copy that is
-closed again at once). A socket whose holders are all gone has left its group with its last
-descriptor; its record goes after :data:`GONE_AFTER` scans find no holder (the first scans
-may run while the socket is still in flight to the app, in an SCM_RIGHTS message, which no
-process table shows: docs/SECURITY.md §2.7). Scans run when a socket is new or its holder
-exited, at most every :data:`HOLDER_SCAN_INTERVAL` seconds.
+and borrows the socket from it for each look (``pidfd_open`` and ``pidfd_getfd``: a copy
+closed again at once; the daemon keeps no descriptor of it between looks). A socket whose
+holders are all gone has left its group with its last descriptor; its record goes after
+:data:`GONE_AFTER` scans find no holder (the first scans may run while the socket is still
+in flight to the app, in an SCM_RIGHTS message, which no process table shows:
+docs/SECURITY.md §2.7). Scans run when a socket is new or its holder exited, at most every
+:data:`HOLDER_SCAN_INTERVAL` seconds.
 """
 
 from __future__ import annotations
@@ -258,7 +259,7 @@ class _Handle:
 
     address: str
     inode: int
-    holder: tuple[int, int] | None = None  # (pidfd, fd number) of a process holding it
+    holder: tuple[int, int] | None = None  # (pid, fd number) of a process holding it
     stray: bool = False  # out of its group for good (connected to nowhere by a repair)
     misses: int = 0  # scans in a row that found no holder
 
@@ -427,11 +428,20 @@ class SocketWatchdog:
 
     def _borrow(self, handle: _Handle) -> socket.socket | None:
         """A copy of the watched socket from its holder, or None (holder gone: the next scan
-        looks for another)."""
+        looks for another). A pidfd is opened for the borrowing only, so the daemon keeps no
+        descriptor between looks; a pid reused by another process cannot pass for the
+        holder, since the copy must be the watched inode."""
         if handle.holder is None:
             return None
-        pidfd, fd = handle.holder
-        got = int(_libc.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0))
+        pid, fd = handle.holder
+        try:
+            pidfd = os.pidfd_open(pid)
+        except OSError:
+            pidfd = -1
+        got = -1
+        if pidfd >= 0:
+            got = int(_libc.syscall(_NR_PIDFD_GETFD, pidfd, fd, 0))
+            os.close(pidfd)
         if got >= 0:
             try:
                 if os.fstat(got).st_ino == handle.inode:
@@ -439,8 +449,7 @@ class SocketWatchdog:
             except OSError:
                 pass
             os.close(got)
-        os.close(pidfd)  # the holder exited or closed it: find another
-        handle.holder = None
+        handle.holder = None  # the holder exited or closed it: find another
         self._next_scan = min(self._next_scan, time.monotonic())
         return None
 
@@ -472,11 +481,8 @@ class SocketWatchdog:
                     if where is None:
                         handle.misses += 1
                         continue
-                    try:
-                        handle.holder = (os.pidfd_open(where[0]), where[1])
-                        handle.misses = 0
-                    except OSError:  # it exited meanwhile
-                        handle.misses += 1
+                    handle.holder = where
+                    handle.misses = 0
             for watched in list(self._released):
                 if all(h.gone for h in watched.sockets):
                     self._released.remove(watched)
@@ -516,9 +522,7 @@ class SocketWatchdog:
         with self._lock:
             for watched in (*self._live.values(), *self._released):
                 for handle in watched.sockets:
-                    if handle.holder is not None:
-                        os.close(handle.holder[0])
-                        handle.holder = None
+                    handle.holder = None
             self._live.clear()
             self._released.clear()
             self._groups.clear()

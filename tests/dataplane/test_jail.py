@@ -34,6 +34,7 @@ from steerd.daemon.dataplane.jail import (
 from steerd.daemon.dataplane.maps import MAP_PERCPU_ARRAY, libbcc
 from steerd.daemon.dataplane.programs import find_kernel_headers
 from tests.dataplane.uring import Ring
+from tests.security.intruder import errno_of
 
 pytestmark = pytest.mark.root
 
@@ -115,14 +116,6 @@ def jailed() -> Iterator[Jailed]:
         remove_jail(pin_dir)
         os.close(counters)
         os.rmdir(pin_dir)
-
-
-def errno_of(call: Callable[[], object]) -> int:
-    try:
-        call()
-    except OSError as exc:
-        return exc.errno or -1
-    return 0
 
 
 def in_child(body: Callable[[], int], uid: int | None = None) -> int:

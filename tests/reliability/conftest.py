@@ -73,6 +73,32 @@ def daemon_pid(daemon: Daemon) -> int:
     return pid
 
 
+def fd_targets(pid: int) -> list[str]:
+    """What the process's descriptors point at, once."""
+    targets = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue  # closed meanwhile
+    return targets
+
+
+def stable_fds(pid: int) -> list[str]:
+    """The daemon's descriptors as they stay: two listings in a row that agree. Its threads
+    hold some for a moment only (the socket watchdog borrows each worker socket for a look
+    and has /proc directories open while it scans for holders): not the daemon's to keep,
+    not a leak."""
+    last = sorted(fd_targets(pid))
+    for _ in range(50):
+        time.sleep(0.005)  # between two listings, to let a borrowed descriptor go
+        now = sorted(fd_targets(pid))
+        if now == last:
+            return now
+        last = now
+    return last
+
+
 def usage(daemon: Daemon, timeout: float = 10.0) -> Usage:
     """The daemon's resources, read while our status connection is open (so it is counted,
     always exactly once: earlier connections' ends were handled before this request was).
@@ -84,16 +110,7 @@ def usage(daemon: Daemon, timeout: float = 10.0) -> Usage:
         try:
             with ControlClient(daemon.control) as c:
                 status = c.status()
-                targets = []
-                for fd in os.listdir(f"/proc/{pid}/fd"):
-                    try:
-                        target = os.readlink(f"/proc/{pid}/fd/{fd}")
-                    except OSError:
-                        continue  # closed meanwhile
-                    # the socket watchdog's scan for holders has /proc directories open for
-                    # a moment: not the daemon's to keep, not a leak
-                    if not target.startswith("/proc"):
-                        targets.append(target)
+                targets = stable_fds(pid)
                 rss = next(
                     int(line.split()[1])
                     for line in Path(f"/proc/{pid}/status").read_text().splitlines()
