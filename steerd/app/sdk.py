@@ -75,6 +75,7 @@ from aioquic.quic.connection import NetworkAddress, QuicConnection
 from aioquic.quic.packet import QuicPacketType, encode_quic_retry, pull_quic_header
 from aioquic.tls import SessionTicket
 
+from quic.builders import NO_APPLICATION_PROTOCOL
 from quic.cid import CidLayout
 from quic.reset import reset_token
 from quic.token import is_retry_token, read_retry_token
@@ -151,6 +152,28 @@ class SteerdQuicConnection(QuicConnection):
         first.stateless_reset_token = issuer.token(first.cid)
         self.host_cid = first.cid
         self._local_initial_source_connection_id = first.cid
+        self.misdelivered = False  # see receive_datagram
+
+    def receive_datagram(self, data: bytes, addr: NetworkAddress, now: float) -> None:
+        """aioquic's, except that a ClientHello offering none of our ALPNs ends the
+        connection in silence instead of with a CONNECTION_CLOSE.
+
+        Why: the classifier hands a new flight only to an app that owns one of its ALPNs, so
+        such a ClientHello reached us without it: the kernel hashed it over the group while
+        another tenant had detached the steering program (docs/SECURITY.md §3, until the
+        watchdog attaches it again). Refusing it would end another tenant's handshake;
+        dropping it lets the client retransmit, and its next Initial meets steerd's program
+        again. Counted in ``misdelivered_initials``; nothing was sent for this connection."""
+        super().receive_datagram(data, addr, now)
+        event = self._close_event
+        if (self._close_pending and event is not None
+                and event.error_code == NO_APPLICATION_PROTOCOL
+                and not self._handshake_complete):
+            self._close_pending = False
+            self._close_end()  # TERMINATED: nothing more to send; the server forgets us
+            self.misdelivered = True
+            log.info("dropped a ClientHello from %s offering none of our ALPNs (a "
+                     "misdelivery: the classifier never sends one here)", addr)
 
     def _replenish_connection_ids(self) -> None:
         super()._replenish_connection_ids()
@@ -194,6 +217,7 @@ class SteerdQuicServer(QuicServer):
         self.issuer = issuer
         self.accepted = 0
         self.refused_layout_initials = 0  # Initials naming our slot that no classifier decided
+        self.misdelivered_initials = 0  # ClientHellos for none of our ALPNs, dropped unanswered
 
     def datagram_received(self, data: bytes | str, addr: NetworkAddress) -> None:
         data = cast(bytes, data)
@@ -211,7 +235,10 @@ class SteerdQuicServer(QuicServer):
             and not self._accept(data, addr, header)
         ):
             return
+        protocol = self._protocols.get(header.destination_cid)
         super().datagram_received(data, addr)
+        if protocol is not None and getattr(protocol._quic, "misdelivered", False):
+            self.misdelivered_initials += 1
 
     def _accept(self, data: bytes, addr: NetworkAddress, header: Any) -> bool:
         """Build the connection for a new client Initial; False when the datagram is spent

@@ -212,13 +212,12 @@ class _Transport:
         return default
 
 
-def _client_initial(dcid: bytes | None = None, token: bytes = b"") -> tuple[
-    QuicConnection, list[bytes]
-]:
+def _client_initial(dcid: bytes | None = None, token: bytes = b"",
+                    alpn: str = "smb") -> tuple[QuicConnection, list[bytes]]:
     """A real aioquic client's first flight; ``dcid`` replaces the DCID it picked (before
     connect, which derives the Initial keys from it), ``token`` is the token it echoes."""
     client = QuicConnection(configuration=QuicConfiguration(
-        is_client=True, alpn_protocols=["smb"], verify_mode=0, server_name="localhost"))
+        is_client=True, alpn_protocols=[alpn], verify_mode=0, server_name="localhost"))
     if dcid is not None:
         client._peer_cid.cid = dcid
     client._peer_token = token
@@ -274,6 +273,36 @@ def test_initials_naming_a_slot_create_no_connection(cert: tuple[Path, Path],
             assert server.accepted == 1 and len(server.connections()) == 1
             assert server.refused_layout_initials == refused
             assert len(transport.sent) > int(retry), "the server answered the handshake"
+        finally:
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_client_hello_for_none_of_our_alpns_gets_no_answer(cert: tuple[Path, Path]) -> None:
+    """A ClientHello offering none of the worker's ALPNs can only be a misdelivery (the
+    kernel hashing over the group while another tenant detached steerd's program): the
+    worker sends nothing, so the client retransmits into the repaired data plane instead of
+    failing its handshake; the connection is forgotten and counted. A ClientHello for one
+    of our ALPNs from the same kind of client is answered as usual (positive control)."""
+
+    async def scenario() -> None:
+        transport = _Transport()
+        server = SteerdQuicServer(issuer=CidIssuer(LAYOUT, SLOT, KEY),
+                                  configuration=server_config(cert))
+        server.connection_made(transport)  # type: ignore[arg-type]
+        try:
+            for n in (1, 2):  # its retransmission is dropped alike
+                _, datagrams = _client_initial(alpn="doq")
+                for data in datagrams:
+                    server.datagram_received(data, CLIENT_ADDR)
+                assert server.misdelivered_initials == n
+                assert transport.sent == [] and not server.connections()
+            _, datagrams = _client_initial(alpn="h3")
+            for data in datagrams:
+                server.datagram_received(data, CLIENT_ADDR)
+            assert len(server.connections()) == 1 and transport.sent
+            assert server.misdelivered_initials == 2
         finally:
             server.close()
 
