@@ -522,7 +522,12 @@ def demo(verbose: bool) -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("-v", "--verbose", action="store_true", help="print steerd's log at the end")
+    p.add_argument("--hosts", type=int, metavar="N",
+                   help="N steerd hosts behind a load balancer instead (deploy/multihost.py)")
     args = p.parse_args(argv)
+    if args.hosts is not None:
+        from deploy.multihost import main as multihost_main
+        return multihost_main(argv)
     if os.geteuid() != 0:
         log("needs root (network namespaces, BPF): sudo ./demo.sh")
         return 1
