@@ -197,6 +197,7 @@ class ControlServer:
         on_change: Callable[[], None] | None = None,
         socket_refusal: Callable[[int], tuple[str, str] | None] | None = None,
         on_load: Callable[[], None] | None = None,
+        settle: Callable[[Callable[[], None]], None] | None = None,
     ) -> None:
         self.config = config
         self.registry = registry
@@ -218,6 +219,9 @@ class ControlServer:
         # daemon's steering program or socket jail is not attached yet. None from it, or no
         # callable, lets them go.
         self.socket_refusal = socket_refusal
+        # Runs a reply once what it reports is in force everywhere flights are decided (the
+        # daemon's classifier processes hold the new registry); default: at once.
+        self.settle = settle or (lambda reply: reply())
         self.path = config.control.path
         self._listener: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -408,11 +412,21 @@ class ControlServer:
         finally:
             conn.request_fds = []
             self._closer.close(fds)  # off the loop: a peer's descriptor may linger
+        assert self._loop is not None
+        # Until the reply is out, this connection's next requests wait in its queue, so
+        # replies keep their order however long ``settle`` holds one.
+        self._loop.remove_reader(conn.sock.fileno())
+        self.settle(lambda: self._finish(conn, reply, send_fds, cleanup))
+
+    def _finish(self, conn: _Connection, reply: bytes, fds: Sequence[int],
+                cleanup: Sequence[socket.socket]) -> None:
         try:
-            self._send(conn, reply, send_fds)
+            self._send(conn, reply, fds)
         finally:
             for s in cleanup:
                 s.close()
+        if not conn.closed and self._loop is not None:
+            self._loop.add_reader(conn.sock.fileno(), self._readable, conn)
 
     def _send(self, conn: _Connection, reply: bytes, fds: Sequence[int]) -> None:
         """Reply; an app that cannot take its reply (queue full, gone) is disconnected rather

@@ -42,6 +42,7 @@ log = logging.getLogger("steerd")
 RESPAWN_BACKOFF = 1.0  # seconds: a process that dies younger than this is respawned after it
 CHANNEL_BUFFER = 4 << 20
 MESSAGE_MAX = 1 << 22  # a registry snapshot or a report
+SYNC_TIMEOUT = 2.0  # seconds a control reply waits at most for every process's new snapshot
 
 
 @dataclass
@@ -83,6 +84,7 @@ class ClassifierPool:
         self._dirty = False
         self._push_scheduled = False
         self._frozen = False
+        self._waiters: list[tuple[int, Callable[[], None], asyncio.TimerHandle]] = []
         self.restarts = 0
 
     # -- life ------------------------------------------------------------------------------
@@ -118,6 +120,7 @@ class ClassifierPool:
     def freeze(self) -> None:
         """No more pushes (the daemon is stopping: the registry is about to be emptied)."""
         self._frozen = True
+        self._wake()
 
     def stop(self) -> None:
         self._frozen = True
@@ -144,6 +147,47 @@ class ClassifierPool:
         if urgent and not self._push_scheduled and self._loop is not None:
             self._push_scheduled = True
             self._loop.call_soon(self._push)
+
+    def when_synced(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once every process holds the registry as it is now (at once if
+        it does; after ``SYNC_TIMEOUT`` at the latest, logged).
+
+        Why: a control reply says the change is in force. An app told "registered" sends
+        its address to clients at once; a process still deciding flights on the old
+        snapshot would refuse their first ones for an ALPN nobody owned a moment ago."""
+        # an urgent change of this loop iteration is pushed as the next version; load-only
+        # changes (not urgent, pushed at the next tick) hold no reply
+        target = self._version + (1 if self._push_scheduled else 0)
+        if self._loop is None or self._synced(target):
+            callback()
+            return
+        timer = self._loop.call_later(SYNC_TIMEOUT, self._sync_timeout, target, callback)
+        self._waiters.append((target, callback, timer))
+
+    def _synced(self, target: int) -> bool:
+        # version 0: nothing pushed yet, every process forked with the registry as it is
+        return (self._frozen or target <= 0
+                or all(m.version >= target for m in self._members.values()))
+
+    def _sync_timeout(self, target: int, callback: Callable[[], None]) -> None:
+        for i, (t, cb, _) in enumerate(self._waiters):
+            if t == target and cb is callback:
+                del self._waiters[i]
+                behind = sorted(m.index for m in self._members.values() if m.version < target)
+                log.warning("classifier process(es) %s did not take the registry within %g s: "
+                            "replying anyway", behind, SYNC_TIMEOUT)
+                callback()
+                return
+
+    def _wake(self) -> None:
+        """Call back whoever waits for a registry version every process now holds."""
+        if not self._waiters:
+            return
+        due = [w for w in self._waiters if self._synced(w[0])]
+        self._waiters = [w for w in self._waiters if not self._synced(w[0])]
+        for _, callback, timer in due:
+            timer.cancel()
+            callback()
 
     def _push(self) -> None:
         self._push_scheduled = False
@@ -194,12 +238,14 @@ class ClassifierPool:
                 member.ready = True
                 self._on_ready(member.index)
             self._on_report(member.index, tally, report)
+            self._wake()
 
     def _lost(self, member: _Member) -> None:
         assert self._loop is not None
         self._close(member)
         self._members.pop(member.index, None)
         self._on_lost(member.index)
+        self._wake()  # its replacement starts from the latest snapshot
         with contextlib.suppress(ChildProcessError):
             os.waitpid(member.pid, 0)
         if self._frozen:

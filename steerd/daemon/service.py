@@ -34,7 +34,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -355,7 +355,7 @@ class Daemon:
             config, self.registry, self, metrics=self.metrics, reset_key=reset_key,
             status_extra=self._status_extra, on_change=self._registry_changed,
             on_load=lambda: self._registry_changed(urgent=False),
-            socket_refusal=self.socket_refusal,
+            socket_refusal=self.socket_refusal, settle=self._settle,
         )
         # The socket jail (steerd/bpf/jail.c): opened before anything binds, attached with the
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
@@ -890,8 +890,10 @@ class Daemon:
                 with contextlib.suppress(DataplaneError):
                     group.dataplane.remove_classifier(index)
 
-        def ready(index: int) -> None:
+        def ready(index: int) -> None:  # at start, its sockets are in the map already
             for group in self.groups:
+                with contextlib.suppress(DataplaneError):
+                    group.dataplane.remove_classifier(index)
                 group.dataplane.set_classifier(index, group.sockets[index])
 
         def report(index: int, tally: Any, rep: ClassifierReport) -> None:
@@ -946,6 +948,7 @@ class Daemon:
                             raise SystemExit(0)
                         version, (classifier.registry, classifier.hold_unowned_until) = (
                             pickle.loads(message))
+                        next_report = time.monotonic()  # say at once: control replies wait
                         continue
                     group = key.data
                     now = time.monotonic()
@@ -992,6 +995,14 @@ class Daemon:
                                    for g in a["generations"] for w in g["workers"]}
         if self.pool is not None:
             self.pool.changed(urgent)
+
+    def _settle(self, reply: Callable[[], None]) -> None:
+        """Send a control reply once every classifier holds the registry it describes
+        (``ClassifierPool.when_synced``); the in-process classifier reads it directly."""
+        if self.pool is None:
+            reply()
+        else:
+            self.pool.when_synced(reply)
 
     def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
         self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)

@@ -105,3 +105,69 @@ def test_a_dead_process_is_taken_out_replaced_and_brought_back() -> None:
             pool.stop()
         assert not any(os.path.exists(f"/proc/{pid}") for pid in (victim,))
     asyncio.run(main())
+
+
+def mute_child(index: int, channel: socket.socket) -> NoReturn:
+    """Like ``child``, but never acknowledges a snapshot whose payload is "mute" (a process
+    wedged on it)."""
+    code = 0
+    try:
+        channel.send(pickle.dumps((-1, None, {"index": index, "payload": None})))
+        while message := channel.recv(1 << 20):
+            version, payload = pickle.loads(message)
+            if payload != "mute":
+                channel.send(pickle.dumps((version, None, {"index": index,
+                                                           "payload": payload})))
+    except OSError:
+        code = 1
+    os._exit(code)
+
+
+def test_a_reply_waits_until_every_process_holds_the_change(
+        monkeypatch: Any) -> None:
+    """``when_synced``: at once when nothing is pending; after an urgent change only once
+    every process has reported the new version (what a control reply to a register waits
+    for, so the first flight of a newly registered ALPN is never refused by a process still
+    on the old registry); not for a load-only change; and at most SYNC_TIMEOUT for a
+    process that never takes it."""
+    import steerd.daemon.pool as pool_module
+
+    monkeypatch.setattr(pool_module, "SYNC_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        rec = Recorder()
+        pool = ClassifierPool(2, mute_child, lambda: rec.state, lambda i, t, r: None,
+                              on_lost=lambda i: None, on_ready=lambda i: None)
+        pool.start()
+        seen: list[list[int]] = []
+
+        def reply() -> None:
+            seen.append(sorted(m.version for m in pool._members.values()))
+
+        try:
+            await rec.until(lambda: len(pool._members) == 2
+                            and all(m.ready for m in pool._members.values()))
+            pool.when_synced(reply)
+            assert seen == [[-1, -1]]  # nothing pushed, nothing pending: synchronously
+            rec.state = "s1"
+            pool.changed()
+            pool.when_synced(reply)
+            assert len(seen) == 1  # held: the push has not even gone out
+            await rec.until(lambda: len(seen) == 2)
+            assert seen[1] == [1, 1]  # called only once both processes hold version 1
+            pool.changed(urgent=False)  # a load report holds no reply
+            pool.when_synced(reply)
+            assert len(seen) == 3
+            pool.tick()  # version 2 out
+            await rec.until(lambda: all(m.version == 2 for m in pool._members.values()))
+            rec.state = "mute"
+            pool.changed()
+            pool.when_synced(reply)
+            await asyncio.sleep(0.1)
+            assert len(seen) == 3  # still waiting for the wedged processes
+            await rec.until(lambda: len(seen) == 4)  # ... but not longer than the timeout
+            assert seen[3] == [2, 2]
+        finally:
+            pool.stop()
+
+    asyncio.run(main())
