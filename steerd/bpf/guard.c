@@ -139,6 +139,39 @@ static __always_inline int retry_budget(const struct steerd_bucket_key *src,
     return FLOOD_OK;
 }
 
+/* Proven addresses (steerd_guard_config.proven_ttl_ns): the whole source address, in the
+ * buckets' LRU map under its own kind, so a flood of new prefixes can only push them out
+ * (their clients then meet a Retry again), never grow memory. */
+static __always_inline void proven_key(struct steerd_bucket_key *key,
+                                       const struct steerd_bucket_key *src)
+{
+    *key = *src;
+    key->pad[0] = STEERD_BUCKET_PROVEN;
+}
+
+static __always_inline void prove(const struct steerd_bucket_key *src, __u64 until)
+{
+    struct steerd_bucket_key key;
+
+    proven_key(&key, src);
+    bpf_map_update_elem(BUCKETS, &key, &until, BPF_ANY);
+}
+
+/* 1: ``src`` is proven and within its budget of Initials that skip Retry mode. */
+static __always_inline int proven(const struct steerd_bucket_key *src, __u64 now,
+                                  const struct steerd_guard_config *cfg)
+{
+    struct steerd_bucket_key key;
+    __u64 *until;
+
+    proven_key(&key, src);
+    until = bpf_map_lookup_elem(BUCKETS, &key);
+    if (!until || now >= *until)
+        return 0;
+    key.pad[1] = 1;   /* its budget */
+    return prefix_step(&key, now, cfg->proven_interval_ns, cfg->proven_burst_ns);
+}
+
 /* ---- Kernel Retry and token check (docs/DATAPLANE.md "Kernel Retry") -------------------
  *
  * Why here: under a flood of spoofed Initials every Initial that reaches Python costs a
@@ -483,6 +516,8 @@ static __always_inline int initial(void *data, void *end, struct ethhdr *eth,
             steerd_count(verdict);
             if (verdict != STEERD_CNT_XDP_TOKEN_VALID)
                 return DROP;
+            if (cfg->proven_ttl_ns)   /* it received our Retry at this address */
+                prove(src, now + cfg->proven_ttl_ns);
         }
     } else {
         /* Someone else's token (an app's NEW_TOKEN): it passes, unless Retry mode is on. Then
@@ -500,6 +535,10 @@ static __always_inline int initial(void *data, void *end, struct ethhdr *eth,
         if (cfg->retry_until_ns != STEERD_RETRY_ALWAYS)
             cfg->retry_until_ns = now + cfg->auto_hold_ns;
         steerd_count(STEERD_CNT_XDP_RETRY_AUTO);
+    }
+    if (retry && cfg && now < cfg->retry_until_ns && cfg->proven_ttl_ns && proven(src, now, cfg)) {
+        steerd_count(STEERD_CNT_XDP_RETRY_PROVEN);
+        retry = 0;   /* on to the flood guard, whose prefix budget still bounds it */
     }
     if (retry && cfg && now < cfg->retry_until_ns) {
         s = bpf_map_lookup_elem(SCRATCH, &zero);

@@ -141,8 +141,6 @@
                                                   * unproven and expires */
 /* the guard's kernel Retry and token check (guard.c, docs/DATAPLANE.md "Kernel Retry"). Past
  * STEERD_CANARY_SECRET (63), hence STEERD_CNT_MAX 96: a daemon of an older layout must purge. */
-/* (64: free. Token-less Initials are xdp_initial - xdp_token_* + xdp_retry_* + the flood
- * guard's Initial drops: an extra counter per Initial would change every guard delta.) */
 #define STEERD_CNT_XDP_RETRY_AUTO 64             /* a token-less Initial over retry_initial_rate:
                                                   * Retry mode on (or held on) in "auto" */
 #define STEERD_CNT_XDP_RETRY_SENT 65             /* token-less Initial answered with a Retry */
@@ -163,6 +161,9 @@
                                                   * passed (the classifier checks it) */
 #define STEERD_CNT_XDP_DROP_RETRY_FAILED 75     /* the Retry was built but the frame could not
                                                   * be trimmed: dropped */
+#define STEERD_CNT_XDP_RETRY_PROVEN 76           /* token-less Initial in Retry mode from a
+                                                  * proven address within its budget: not
+                                                  * retried, passed on to the flood guard */
 #define STEERD_CNT_MAX 96
 
 /* initial_routes: LRU hash, client-chosen DCID -> worker slot. The key is zero-padded past
@@ -222,10 +223,21 @@ struct steerd_guard_config {
     __u64 auto_burst_ns;
     __u64 auto_hold_ns;
     __u64 auto_tat_ns;                /* written by the guard */
-};                                    /* 160 bytes */
+    /* A source address that presented a valid token of ours is "proven" for proven_ttl_ns
+     * (an entry in flood_buckets, key pad[0] = STEERD_BUCKET_PROVEN, the whole address):
+     * its token-less Initials skip Retry mode and meet only the flood guard, so a real
+     * client pays the Retry round trip once per proven_ttl, not per connection. 0: never.
+     * Each proven address may skip it proven_interval_ns apart (GCRA, burst proven_burst_ns;
+     * key pad[1] = 1); past that its Initials are retried again, so a sender spoofing a
+     * proven address reaches Python at that rate at most. */
+    __u64 proven_ttl_ns;
+    __u64 proven_interval_ns;
+    __u64 proven_burst_ns;
+};                                    /* 184 bytes */
 #define STEERD_RETRY_ALWAYS 0xffffffffffffffff
 #define STEERD_BUCKET_INITIAL 0           /* steerd_bucket_key.pad[0]: the Initials' budget */
 #define STEERD_BUCKET_RETRY 1             /* ... the Retries' budget */
+#define STEERD_BUCKET_PROVEN 2            /* ... a proven address (value: until when, ns) */
 /* The kernel Retry's SCID: the unroutable config-rotation codepoint (never a layout CID, so
  * the retried Initial reaches a classifier), length bits, then random bytes; as long as
  * steerd/daemon/classifier.py RETRY_CID_LEN. */
@@ -315,7 +327,7 @@ struct steerd_learn_config {
 
 #define STEERD_ROUTE_KEY_SIZE 24
 #define STEERD_ROUTE_VALUE_SIZE 16
-#define STEERD_GUARD_CONFIG_SIZE 160
+#define STEERD_GUARD_CONFIG_SIZE 184
 #define STEERD_BUCKET_KEY_SIZE 20
 #define STEERD_LEARN_SOCKET_SIZE 8
 #define STEERD_PEER_KEY_SIZE 24

@@ -263,6 +263,9 @@ class FloodConfig:
     retry_rate: float = 20000.0  # Retries sent per second at most (all classifiers together)
     retry_burst: int = 2000
     token_lifetime: float = 10.0  # seconds a Retry token is valid
+    # seconds an address that presented a valid token skips the guard's Retry mode (0: never)
+    retry_proven_ttl: float = 30.0
+    retry_proven_rate: float = 100.0  # ... for at most this many Initials per second each
     guard_rate: float = 0.0  # new Initials per second per source prefix; 0: no bucket
     guard_burst: int = 64
     guard_v4_prefix_len: int = 24
@@ -762,6 +765,9 @@ def _parse_flood(data: Mapping[str, Any], source: str, xdp: XdpConfig) -> FloodC
         retry_rate=s.number("retry_rate", df.retry_rate, 1, 10**7, "Retries per second"),
         retry_burst=s.int_range("retry_burst", df.retry_burst, 1, 10**7),
         token_lifetime=s.number("token_lifetime", df.token_lifetime, 1, 60),
+        retry_proven_ttl=s.number("retry_proven_ttl", df.retry_proven_ttl, 0, 3600),
+        retry_proven_rate=s.number("retry_proven_rate", df.retry_proven_rate, 1, 10**6,
+                                   "Initials per second"),
         guard_rate=s.number("guard_rate", df.guard_rate, 0, 10**7, "Initials per second"),
         guard_burst=s.int_range("guard_burst", df.guard_burst, 1, 10**7),
         guard_v4_prefix_len=s.int_range("guard_v4_prefix_len", df.guard_v4_prefix_len, 0, 32),

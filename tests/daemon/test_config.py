@@ -229,7 +229,8 @@ def test_full_config_parses() -> None:
         ("[flood]\nretries = 1",
          "[flood] retries: unknown key (known: guard_burst, guard_rate, guard_total_burst, "
          "guard_total_rate, guard_v4_prefix_len, guard_v6_prefix_len, retry, retry_burst, "
-         "retry_hold, retry_initial_rate, retry_pending_fraction, retry_rate, token_lifetime)"),
+         "retry_hold, retry_initial_rate, retry_pending_fraction, retry_proven_rate, "
+         "retry_proven_ttl, retry_rate, token_lifetime)"),
         ('[xdp]\ninterfaces = ["eth0"]\n[flood]\nguard_total_rate = 100',
          "[flood] guard_total_rate: needs the per-prefix bucket: set guard_rate too"),
     ],

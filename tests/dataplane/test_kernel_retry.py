@@ -362,3 +362,48 @@ def test_auto_mode_turns_retry_on_in_the_guard_when_initials_exceed_the_rate(
         dp.set_retry_auto(1.0, 1, hold=0.0)
         dp.set_retry_until(guard.RETRY_ALWAYS)
         sock.close()
+
+
+def test_a_proven_address_skips_retry_mode_within_its_budget(
+    pair: NetnsPair, retry_on: Loaded
+) -> None:
+    """A valid token proves its source address (``proven_ttl``): that address's next
+    token-less Initial passes on to the flood guard instead of paying a Retry round trip
+    again; past the address's own budget (here one, then one per 100 s) it is retried as
+    before, and another address (the same client's IPv6 one) was never proven."""
+    dp = retry_on.dp
+    dp.set_retry(KEY, LIFETIME, rate=1000.0, burst=1000, proven_ttl=30.0, proven_rate=0.01)
+    socks = {f: pair.client_socket(f, socket.SOCK_DGRAM) for f in FAMILIES}
+    v4 = server_addr(pair, socket.AF_INET)
+    try:
+        conn = client_conn(VERSION_1)
+        retry = exchange(socks[socket.AF_INET], first_datagram(conn, v4), v4)
+        assert retry is not None and parse_long_header(retry, 0).packet_type is PacketType.RETRY
+        conn.receive_datagram(retry, v4, now=time.monotonic())
+        before = dp.counters()
+        socks[socket.AF_INET].sendto(conn.datagrams_to_send(now=time.monotonic())[0][0], v4)
+        wait_for(lambda: delta(before, dp.counters()).get("xdp_token_valid") == 1,
+                 lambda: delta(before, dp.counters()))
+
+        before = dp.counters()  # proven: passes up, no Retry
+        socks[socket.AF_INET].sendto(first_datagram(client_conn(VERSION_1), v4), v4)
+        wait_for(lambda: delta(before, dp.counters()).get("xdp_initial") == 1,
+                 lambda: delta(before, dp.counters()))
+        got = delta(before, dp.counters())
+        assert got.get("xdp_retry_proven") == 1 and "xdp_retry_sent" not in got, got
+
+        before = dp.counters()  # its budget spent: a Retry again
+        again = exchange(socks[socket.AF_INET], first_datagram(client_conn(VERSION_1), v4), v4)
+        assert again is not None and parse_long_header(again, 0).packet_type is PacketType.RETRY
+        got = delta(before, dp.counters())
+        assert got.get("xdp_retry_sent") == 1 and "xdp_retry_proven" not in got, got
+
+        v6 = server_addr(pair, socket.AF_INET6)  # never proven
+        before = dp.counters()
+        other = exchange(socks[socket.AF_INET6], first_datagram(client_conn(VERSION_1), v6), v6)
+        assert other is not None and parse_long_header(other, 0).packet_type is PacketType.RETRY
+        assert "xdp_retry_proven" not in delta(before, dp.counters())
+    finally:
+        dp.set_retry(KEY, LIFETIME, rate=1000.0, burst=1000)
+        for s in socks.values():
+            s.close()

@@ -306,13 +306,16 @@ class Dataplane:
     # -- kernel Retry and token check (docs/DATAPLANE.md "Kernel Retry") ----------------------
 
     def set_retry(self, token_key: bytes, token_lifetime: float, rate: float = 0.0,
-                  burst: int = 1, total_rate: float = 0.0, total_burst: int = 1) -> None:
-        """The token key (tokens of ours are checked in the guard from now on) and the
-        Retries' budget per source prefix and in all; Retry mode is :meth:`set_retry_until`."""
+                  burst: int = 1, total_rate: float = 0.0, total_burst: int = 1,
+                  proven_ttl: float = 0.0, proven_rate: float = 100.0) -> None:
+        """The token key (tokens of ours are checked in the guard from now on), the
+        Retries' budget per source prefix and in all, and how long a token proves its
+        address (``guard.set_retry``); Retry mode is :meth:`set_retry_until`."""
         guard.set_retry(self.map_fd("guard_config"), token_key=token_key,
                         token_lifetime=token_lifetime, rate=rate, burst=burst,
                         total_rate=total_rate, total_burst=total_burst,
-                        buckets_fd=self.map_fd("flood_buckets"))
+                        buckets_fd=self.map_fd("flood_buckets"), proven_ttl=proven_ttl,
+                        proven_rate=proven_rate)
 
     def set_retry_until(self, until_ns: int) -> None:
         """Kernel Retry mode on while CLOCK_MONOTONIC < ``until_ns`` (guard.RETRY_ALWAYS:

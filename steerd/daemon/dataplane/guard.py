@@ -156,7 +156,7 @@ def remove_pinned_guard(pin_dir: str, ifname: str, netns: str | None = None) -> 
 
 
 # struct steerd_guard_config (steerd/bpf/steerd.h), field by field; GCRA numbers in ns.
-_CONFIG = struct.Struct("=IBBHQQQQQ" "QQQQII" "QQQQQ" "QQQQ")
+_CONFIG = struct.Struct("=IBBHQQQQQ" "QQQQII" "QQQQQ" "QQQQ" "QQQ")
 RETRY_ALWAYS = (1 << 64) - 1  # STEERD_RETRY_ALWAYS: retry_until_ns that never passes
 
 
@@ -188,6 +188,9 @@ class GuardConfig:
     auto_burst_ns: int = 0
     auto_hold_ns: int = 0
     auto_tat_ns: int = 0
+    proven_ttl_ns: int = 0
+    proven_interval_ns: int = 0
+    proven_burst_ns: int = 0
 
     def pack(self) -> bytes:
         return _CONFIG.pack(
@@ -196,7 +199,8 @@ class GuardConfig:
             self.retry_until_ns, self.token_k0, self.token_k1, self.token_lifetime_ms,
             self.token_check, 0, self.retry_interval_ns, self.retry_burst_ns,
             self.retry_total_interval_ns, self.retry_total_burst_ns, self.retry_total_tat_ns,
-            self.auto_interval_ns, self.auto_burst_ns, self.auto_hold_ns, self.auto_tat_ns)
+            self.auto_interval_ns, self.auto_burst_ns, self.auto_hold_ns, self.auto_tat_ns,
+            self.proven_ttl_ns, self.proven_interval_ns, self.proven_burst_ns)
 
     @classmethod
     def unpack(cls, raw: bytes) -> GuardConfig:
@@ -262,18 +266,24 @@ def disable_flood_guard(config_fd: int) -> None:
 def set_retry(config_fd: int, *, token_key: bytes, token_lifetime: float,
               rate: float = 0.0, burst: int = 1, total_rate: float = 0.0,
               total_burst: int = 1, v4_prefix_len: int | None = None,
-              v6_prefix_len: int | None = None, buckets_fd: int | None = None) -> None:
+              v6_prefix_len: int | None = None, buckets_fd: int | None = None,
+              proven_ttl: float = 0.0, proven_rate: float = 100.0) -> None:
     """Give the guard the token key (from now on it checks every token of ours) and the
     Retries' budget: ``rate`` Retries per second per source prefix, ``burst`` at once (0: no
     per-prefix bound), ``total_rate`` for all prefixes together (0: none); with
     ``buckets_fd`` the prefixes' bucket states of the old budget are forgotten (as
     :func:`set_flood_guard` does). Retry mode itself is :func:`set_retry_until`. Prefix
-    lengths, when given, replace the flood guard's (both budgets key buckets by them)."""
+    lengths, when given, replace the flood guard's (both budgets key buckets by them).
+    ``proven_ttl``: seconds a source address that presented a valid token skips Retry mode
+    (0: never), with at most ``proven_rate`` such Initials per second per address (a quarter
+    second of it at once); steerd.h ``proven_ttl_ns``."""
     from quic.token import token_key_words
 
-    if rate < 0 or burst < 1 or total_rate < 0 or total_burst < 1 or token_lifetime <= 0:
+    if (rate < 0 or burst < 1 or total_rate < 0 or total_burst < 1 or token_lifetime <= 0
+            or proven_ttl < 0 or proven_rate <= 0):
         raise DataplaneError("kernel Retry: rate >= 0, burst >= 1, total_rate >= 0, "
-                             "total_burst >= 1, token_lifetime > 0")
+                             "total_burst >= 1, token_lifetime > 0, proven_ttl >= 0, "
+                             "proven_rate > 0")
     try:
         k0, k1 = token_key_words(token_key)
     except Exception as exc:
@@ -286,6 +296,10 @@ def set_retry(config_fd: int, *, token_key: bytes, token_lifetime: float,
     cfg.retry_interval_ns, cfg.retry_burst_ns = interval, (burst - 1) * interval
     cfg.retry_total_interval_ns, cfg.retry_total_burst_ns = total, (total_burst - 1) * total
     cfg.retry_total_tat_ns = 0
+    cfg.proven_ttl_ns = int(proven_ttl * 1e9)
+    proven_interval = int(1e9 / proven_rate)
+    cfg.proven_interval_ns = proven_interval
+    cfg.proven_burst_ns = (max(1, int(proven_rate / 4)) - 1) * proven_interval
     if v4_prefix_len is not None:
         cfg.v4_prefix_len = v4_prefix_len
     if v6_prefix_len is not None:
