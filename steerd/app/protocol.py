@@ -31,6 +31,11 @@ to reset a dead worker's clients. An app gets only its own slots' keys (never th
 which the Retry token key also derives), so it cannot forge resets for other apps'
 connections nor mint Retry tokens.
 
+A reply is sent once what it reports is in force: with several classifier processes, a
+register's (or deregister's, drain's) reply waits until every process holds the new registry
+(at most 2 s), so a client the app tells about itself at once is not refused by a process
+still deciding on the old one. Requests on one connection are answered in order.
+
 Errors: ``{"ok": false, "op": OP or null, "reason": TOKEN, "error": MESSAGE}``; the daemon
 carries on, and the connection stays open (except when the daemon cannot reply at all).
 Reasons: bad_json, bad_message, unknown_op, bad_request, too_large, unexpected_fds, bad_resume,
