@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import itertools
 import json
 import os
@@ -73,6 +74,8 @@ from deploy.quicclient import RequestFailed, Session, _stack
 from quic.cid import CidLayout, katran_host_id
 from quic.packet import PacketType, parse_long_header
 from steerd.daemon.dataplane.netns import netns_path, run_in_netns
+from steerd.tools.lbconfig import HASH_SEED
+from steerd.tools.lbconfig import TABLE as LB_TABLE
 
 PREFIX = "steerd-mh-"
 BALANCER = "katran-v2"
@@ -197,6 +200,42 @@ class Topology:
                 raise RuntimeError(f"nft -f (from {path}): {load.stderr.strip()}")
         self.balanced = ids
 
+    def set_plain_l4(self, host_ids: Iterable[int]) -> None:
+        """Replace the balancer's ruleset by what a plain L4 balancer does (every packet
+        DNATed by a hash of its 4-tuple, ``plain_l4_ruleset``), in the same table, so
+        ``set_balanced`` puts steerd's ruleset back in one transaction. The tests use it to
+        show what breaks without host-ID routing."""
+        ids = tuple(sorted(host_ids))
+        for family in (socket.AF_INET, socket.AF_INET6):
+            load = subprocess.run(["nsenter", f"--net={netns_path(self.balancer)}", "nft",
+                                   "-f", "-"], input=plain_l4_ruleset(self, ids, family),
+                                  capture_output=True, text=True, timeout=60, check=False)
+            if load.returncode != 0:
+                raise RuntimeError(f"nft -f (plain L4 ruleset): {load.stderr.strip()}")
+        self.balanced = ids
+
+    def dnat_host(self, family: int, sport: int) -> int | None:
+        """The host the balancer's conntrack sends the client's flow from source port
+        ``sport`` to (its reply source), or None if it holds no such flow: where the nat
+        hook put that 4-tuple's first packet."""
+        table = subprocess.run(["nsenter", f"--net={netns_path(self.balancer)}", "cat",
+                                "/proc/net/nf_conntrack"], capture_output=True, text=True,
+                               timeout=30, check=True).stdout
+        by_addr = {ipaddress.ip_address(h.link.server_addr(family)): h.id
+                   for h in self.hosts.values()}
+        for line in table.splitlines():
+            fields = line.split()
+            if fields[:1] != ["ipv4" if family == socket.AF_INET else "ipv6"] or \
+                    "udp" not in fields:
+                continue
+            pairs = [f.split("=", 1) for f in fields if "=" in f]
+            # original direction first (src, dst, sport, dport), then the reply's
+            srcs = [v for k, v in pairs if k == "src"]
+            sports = [v for k, v in pairs if k == "sport"]
+            if len(srcs) >= 2 and sports[:1] == [str(sport)]:
+                return by_addr.get(ipaddress.ip_address(srcs[1]))
+        return None
+
     # ---- hosts ---------------------------------------------------------------------------
 
     def who(self, pid: Any) -> tuple[int | None, str | None]:
@@ -233,16 +272,23 @@ class Topology:
 
     # ---- clients -------------------------------------------------------------------------
 
+    def client_socket(self, family: int, address: str | None = None) -> socket.socket:
+        """A UDP socket in the client namespace on a source port never used before (see
+        ``ports``), bound to ``address`` if given (a second client address: migration)."""
+        sock = run_in_netns(self.client, lambda: socket.socket(family, socket.SOCK_DGRAM))
+        try:
+            any_addr = "::" if family == socket.AF_INET6 else "0.0.0.0"
+            sock.bind((address or any_addr, next(self.ports)))
+        except OSError:
+            sock.close()
+            raise
+        return sock
+
     def session(self, stack: str, kind: str, family: int, timeout: float = 20.0) -> Session:
         """An established connection from the client namespace to the VIP (handshake done).
         The socket lives in the client namespace; the session may be driven from any
         thread."""
-        sock = run_in_netns(self.client, lambda: socket.socket(family, socket.SOCK_DGRAM))
-        try:
-            sock.bind(("::" if family == socket.AF_INET6 else "0.0.0.0", next(self.ports)))
-        except OSError:
-            sock.close()
-            raise
+        sock = self.client_socket(family)
         server_name = SITE if kind == "h3" else FILES
         s = Session(stack, sock, (self.vip(family), PORT), KINDS[kind][0],
                     server_name=server_name, timeout=timeout)
@@ -326,6 +372,28 @@ def hosts_file(topo: Topology, ids: tuple[int, ...], family: int) -> str:
         parts += ["[[host]]", f"id = {hid}",
                   f'address = "{topo.hosts[hid].link.server_addr(family)}"']
     return "\n".join(parts) + "\n"
+
+
+def plain_l4_ruleset(topo: Topology, ids: tuple[int, ...], family: int) -> str:
+    """What a plain L4 balancer does, in steerd lb-config's table: every packet to the VIP,
+    long or short header, DNATed by ``jhash saddr . sport`` (the same hash and seed as
+    lb-config's long-header rule, so a connection's first flight lands where it would with
+    steerd's ruleset). A rebound or migrated client is a new 4-tuple, hashed afresh."""
+    fam = "ip6" if family == socket.AF_INET6 else "ip"
+    by_hash = ", ".join(f"{i} : {topo.hosts[h].link.server_addr(family)}"
+                        for i, h in enumerate(ids))
+    return "\n".join([
+        f"table {fam} {LB_TABLE}",
+        f"delete table {fam} {LB_TABLE}",
+        f"table {fam} {LB_TABLE} {{",
+        "\tchain prerouting {",
+        "\t\ttype nat hook prerouting priority dstnat; policy accept;",
+        f"\t\t{fam} daddr {topo.vip(family)} udp dport {PORT} dnat to jhash {fam} saddr . "
+        f"udp sport mod {len(ids)} seed 0x{HASH_SEED:x} map {{ {by_hash} }}",
+        "\t}",
+        "}",
+        "",
+    ])
 
 
 def server_cid(s: Session) -> bytes:

@@ -23,6 +23,7 @@ import json
 import select
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,20 @@ class RequestFailed(Exception):
     pass
 
 
+# Held while a stack is imported: client threads that imported qh3 at once have met it
+# half-initialised (ImportError on a name its package had not bound yet); with one lock the
+# first import finishes before any other thread looks.
+_IMPORT_LOCK = threading.Lock()
+
+
 def _stack(name: str) -> dict[str, Any]:
+    """The stack's classes, imported on first use (the demo needs neither stack to start),
+    under a lock so client threads may call it at once."""
+    with _IMPORT_LOCK:
+        return _import_stack(name)
+
+
+def _import_stack(name: str) -> dict[str, Any]:
     if name == "aioquic":
         from aioquic.h3 import events as h3e
         from aioquic.h3.connection import H3Connection
