@@ -595,7 +595,9 @@ class Daemon:
                      rate=flood.retry_rate / RETRY_PREFIX_SHARE,
                      burst=max(1, flood.retry_burst // 10),
                      total_rate=flood.retry_rate, total_burst=flood.retry_burst,
-                     proven_ttl=flood.retry_proven_ttl, proven_rate=flood.retry_proven_rate)
+                     # "always" means every token-less Initial: none is let past
+                     proven_ttl=flood.retry_proven_ttl if flood.retry == "auto" else 0.0,
+                     proven_rate=flood.retry_proven_rate)
         dp.set_retry_until(guard_mod.RETRY_ALWAYS if flood.retry == "always" else 0)
         if flood.retry == "auto":
             # A quarter second of the rate as burst: a legitimate spike passes, a flood
