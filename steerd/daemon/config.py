@@ -309,7 +309,7 @@ class Config:
 T = TypeVar("T")
 
 
-class _Section:
+class Section:
     """One TOML table being read: typed getters that raise exact, located errors."""
 
     def __init__(self, source: str, where: str, table: Mapping[str, Any], known: tuple[str, ...]):
@@ -389,7 +389,7 @@ class _Section:
         return self.get(key, default, check)
 
 
-def _ip(value: Any) -> str:
+def parse_ip(value: Any) -> str:
     bad = ValueError(f"must be an IPv4 or IPv6 address, got {render(value)}")
     if not isinstance(value, str):
         raise bad
@@ -421,7 +421,7 @@ def _alpn_or_any(value: Any) -> str:
     return check_alpn(value)  # "*" is a valid ALPN string and means "any" in an ACL rule
 
 
-def _table(source: str, where: str, value: Any) -> Mapping[str, Any]:
+def table(source: str, where: str, value: Any) -> Mapping[str, Any]:
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: {where}: must be a table, got {render(value)}")
     return value
@@ -440,7 +440,7 @@ def parse_config(data: Mapping[str, Any], source: str) -> Config:
     _check_section_names(data, source)
     listen = _parse_listen(data, source)
     xdp = _parse_xdp(data, source)
-    cid = _parse_cid(data, source)
+    cid = parse_cid(data, source)
     control = _parse_control(data, source)
     metrics = _parse_metrics(data, source)
     acl = _parse_acl(data, source)
@@ -467,22 +467,22 @@ def _check_section_names(data: Mapping[str, Any], source: str) -> None:
         )
 
 
-def _section(
+def section(
     data: Mapping[str, Any], source: str, name: str, known: tuple[str, ...]
-) -> _Section:
+) -> Section:
     """A section may be left out (every key has a default) but, when present, it must be a
     table of known keys: this is where a stray ``listen = 443`` or a typo in a key is
     caught, before any value is read."""
-    return _Section(source, f"[{name}]", _table(source, f"[{name}]", data.get(name, {})), known)
+    return Section(source, f"[{name}]", table(source, f"[{name}]", data.get(name, {})), known)
 
 
 def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
     """The port and addresses every worker socket and classifier socket is bound to: an
     empty list would leave the daemon serving nothing, so it is refused."""
-    s = _section(data, source, "listen", ("addresses", "port"))
+    s = section(data, source, "listen", ("addresses", "port"))
     d = ListenConfig()
     return ListenConfig(
-        addresses=s.items("addresses", d.addresses, _ip, "IP addresses", nonempty=True),
+        addresses=s.items("addresses", d.addresses, parse_ip, "IP addresses", nonempty=True),
         port=s.int_range("port", d.port, 1, 65535),
     )
 
@@ -490,7 +490,7 @@ def _parse_listen(data: Mapping[str, Any], source: str) -> ListenConfig:
 def _parse_xdp(data: Mapping[str, Any], source: str) -> XdpConfig:
     """The guard's interfaces are only names here (they may not exist yet at check time);
     the mode is one of the attach modes the data plane knows."""
-    s = _section(data, source, "xdp", ("interfaces", "mode"))
+    s = section(data, source, "xdp", ("interfaces", "mode"))
     dx = XdpConfig()
     return XdpConfig(
         interfaces=s.items("interfaces", dx.interfaces, _ifname, "interface names"),
@@ -498,13 +498,13 @@ def _parse_xdp(data: Mapping[str, Any], source: str) -> XdpConfig:
     )
 
 
-def _parse_cid(data: Mapping[str, Any], source: str) -> CidLayout:
+def parse_cid(data: Mapping[str, Any], source: str) -> CidLayout:
     """Every app encodes its server CIDs with this layout, so it is checked as a whole
     here too: a layout past QUIC's CID limit must stop the daemon at start-up, not fail
     each app at its first connection. Likewise a layout the named balancer would misread
     (``balancer``, quic/cid.py) is refused here: behind that balancer every connection would
     lose its host at the client's first address change."""
-    s = _section(data, source, "cid", ("balancer", "config_id", "host_id", "host_id_len",
+    s = section(data, source, "cid", ("balancer", "config_id", "host_id", "host_id_len",
                                        "nonce_len", "slot_len"))
     dc = CidLayout()
     balancer = s.choice("balancer", dc.balancer, BALANCERS)
@@ -536,7 +536,7 @@ def _parse_control(data: Mapping[str, Any], source: str) -> ControlConfig:
     """The socket's path, mode and group decide who may register apps at all, so each
     must be exactly what the operator meant: an octal mode written in decimal, or a path
     longer than a unix socket address holds, is refused rather than mangled."""
-    s = _section(data, source, "control", ("group", "mode", "path"))
+    s = section(data, source, "control", ("group", "mode", "path"))
     dk = ControlConfig()
 
     def abs_path(k: str, v: Any) -> str:
@@ -570,12 +570,12 @@ def _parse_control(data: Mapping[str, Any], source: str) -> ControlConfig:
 def _parse_metrics(data: Mapping[str, Any], source: str) -> MetricsConfig:
     """The metrics name apps and count clients: where they listen is the operator's
     explicit choice, so the address must be a literal IP (no name to resolve)."""
-    s = _section(data, source, "metrics", ("address", "enabled", "port"))
+    s = section(data, source, "metrics", ("address", "enabled", "port"))
     dm = MetricsConfig()
 
     def ip(k: str, v: Any) -> str:
         try:
-            return _ip(v)
+            return parse_ip(v)
         except ValueError as e:
             raise s.fail(k, str(e)) from None
 
@@ -598,8 +598,8 @@ def _parse_acl(data: Mapping[str, Any], source: str) -> tuple[AclRule, ...]:
     rules = []
     for n, raw in enumerate(raw_acl, 1):
         where = f"[[acl]] #{n}"
-        s = _Section(
-            source, where, _table(source, where, raw),
+        s = Section(
+            source, where, table(source, where, raw),
             ("alpn", "gids", "groups", "server_names", "uids", "users"),
         )
         rule = AclRule(
@@ -627,7 +627,7 @@ def _parse_policy(data: Mapping[str, Any], source: str) -> PolicyConfig:
     """``no_owner`` and ``default_app`` only make sense together: a default app without
     ``no_owner = "default_app"`` would be silently ignored, and the reverse has nowhere to
     send unowned connections."""
-    s = _section(data, source, "policy", ("alpn_order", "alpn_preference", "default_app",
+    s = section(data, source, "policy", ("alpn_order", "alpn_preference", "default_app",
                                           "no_owner"))
     dp = PolicyConfig()
 
@@ -656,7 +656,7 @@ def _parse_limits(
     """Every bound on what clients and apps can make the daemon hold; two depend on other
     sections: the slot pool cannot outgrow what the CID's slot bytes can name, and one
     app's sockets (workers x listen addresses) must fit in one control message."""
-    s = _section(data, source, "limits", tuple(LimitsConfig.__dataclass_fields__))
+    s = section(data, source, "limits", tuple(LimitsConfig.__dataclass_fields__))
     dl = LimitsConfig()
 
     def pending_bytes(k: str, v: Any) -> int:
@@ -753,7 +753,7 @@ def _parse_flood(data: Mapping[str, Any], source: str, xdp: XdpConfig) -> FloodC
     """The flood defences; a rate set without what enforces it (the guard needs [xdp]
     interfaces, the total cap the per-prefix bucket) would look like protection while
     doing nothing, so it is refused."""
-    s = _section(data, source, "flood", tuple(FloodConfig.__dataclass_fields__))
+    s = section(data, source, "flood", tuple(FloodConfig.__dataclass_fields__))
     df = FloodConfig()
     flood = FloodConfig(
         retry=s.choice("retry", df.retry, RETRY_MODES),
@@ -785,7 +785,7 @@ def _parse_flood(data: Mapping[str, Any], source: str, xdp: XdpConfig) -> FloodC
 
 def _parse_security(data: Mapping[str, Any], source: str) -> SecurityConfig:
     """Switches that weaken tenant isolation: off unless written out, as booleans only."""
-    s = _section(data, source, "security", tuple(SecurityConfig.__dataclass_fields__))
+    s = section(data, source, "security", tuple(SecurityConfig.__dataclass_fields__))
     return SecurityConfig(
         allow_unjailed=s.boolean("allow_unjailed", SecurityConfig().allow_unjailed),
     )

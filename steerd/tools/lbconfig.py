@@ -41,12 +41,12 @@ from typing import Any
 from quic.cid import CidLayout
 from steerd.daemon.config import (
     ConfigError,
-    _ip,
-    _parse_cid,
-    _Section,
-    _section,
-    _table,
+    Section,
+    parse_cid,
+    parse_ip,
     render,
+    section,
+    table,
 )
 
 ENGINES = ("nftables",)
@@ -88,15 +88,15 @@ def parse_hosts(data: Mapping[str, Any], source: str) -> HostsFile:
         raise ConfigError(
             f"{source}: unknown section [{unknown[0]}] (known: {', '.join(_HOSTS_SECTIONS)})"
         )
-    raw_cid = _table(source, "[cid]", data.get("cid", {}))
+    raw_cid = table(source, "[cid]", data.get("cid", {}))
     if "host_id" in raw_cid:
         raise ConfigError(f"{source}: [cid] host_id: not used in a hosts file (each [[host]] "
                           "has its own id)")
-    layout = _parse_cid(data, source)
+    layout = parse_cid(data, source)
     if layout.host_id_len == 0:
         raise ConfigError(f"{source}: [cid] host_id_len: must be 1..4 for a balancer to route "
                           "by host ID, got 0")
-    b = _section(data, source, "balancer", ("address", "port"))
+    b = section(data, source, "balancer", ("address", "port"))
     port = b.int_range("port", 443, 1, 65535)
     address = b.get("address", None, lambda k, v: _checked_ip(b, k, v))
     raw_hosts = data.get("host", [])
@@ -107,7 +107,7 @@ def parse_hosts(data: Mapping[str, Any], source: str) -> HostsFile:
     max_id = 256**layout.host_id_len - 1
     for n, raw in enumerate(raw_hosts, 1):
         where = f"[[host]] #{n}"
-        s = _Section(source, where, _table(source, where, raw), ("address", "id"))
+        s = Section(source, where, table(source, where, raw), ("address", "id"))
         for key in ("id", "address"):
             if key not in s.table:
                 raise s.fail(key, "missing")
@@ -127,9 +127,9 @@ def parse_hosts(data: Mapping[str, Any], source: str) -> HostsFile:
     return HostsFile(layout, tuple(sorted(hosts, key=lambda h: h.id)), port, address)
 
 
-def _checked_ip(s: _Section, key: str, value: Any) -> str:
+def _checked_ip(s: Section, key: str, value: Any) -> str:
     try:
-        return _ip(value)
+        return parse_ip(value)
     except ValueError as e:
         raise s.fail(key, str(e)) from None
 
