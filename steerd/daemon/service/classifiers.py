@@ -104,19 +104,7 @@ class ClassifierMixin:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             self._socket_index = index
             self.reinjector = Reinjector()  # raw sockets of its own
-            limits = self.config.limits
-            classifier = Classifier(
-                self.registry, self._write_route, self.reinjector.send, self._reply,
-                layout=self.config.cid, reset_key=self.classifier.reset_key,
-                assembler=self.classifier.front.assembler.config,
-                decided_ttl=limits.route_ttl,
-                decided_max=-(-first_flight_capacity(limits) // limits.classifiers),  # its share
-                send_rate=self.classifier.send_rate / limits.classifiers,
-                send_burst=max(1, self.classifier.send_burst // limits.classifiers),
-                hold_unowned_until=self.classifier.hold_unowned_until,
-                retry=retry_config(self.config, self.classifier.reset_key or b"",
-                                   limits.classifiers),
-            )
+            classifier = self._child_classifier()
             port = self.config.listen.port
             sel = selectors.DefaultSelector()
             for group in self.groups:
@@ -156,6 +144,22 @@ class ClassifierMixin:
             log.exception("classifier process %d failed", index)
             code = 1
         os._exit(code)
+
+    def _child_classifier(self) -> Classifier:
+        """The classifier of a classifier process: its share of the bounds and budgets."""
+        limits = self.config.limits
+        return Classifier(
+            self.registry, self._write_route, self.reinjector.send, self._reply,
+            layout=self.config.cid, reset_key=self.classifier.reset_key,
+            assembler=self.classifier.front.assembler.config,
+            decided_ttl=limits.route_ttl,
+            decided_max=-(-first_flight_capacity(limits) // limits.classifiers),  # its share
+            send_rate=self.classifier.send_rate / limits.classifiers,
+            send_burst=max(1, self.classifier.send_burst // limits.classifiers),
+            hold_unowned_until=self.classifier.hold_unowned_until,
+            retry=retry_config(self.config, self.classifier.reset_key or b"",
+                               limits.classifiers),
+        )
 
     def _write_route(self, group: int, dcid: bytes, slot: int) -> None:
         self.groups[group].dataplane.add_route(dcid, slot, ttl=self.config.limits.route_ttl)

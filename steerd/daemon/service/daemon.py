@@ -40,6 +40,8 @@ from steerd.daemon.watchdog import LoopWatchdog, watchdog_requested
 class Daemon(StartupMixin, TickMixin, ClassifierMixin, SinkMixin, StatusMixin):
     """Everything ``steerd run`` starts; :meth:`start` and :meth:`stop` bracket its life."""
 
+    # Long on purpose: the state of every part (startup.py, tick.py, classifiers.py, sink.py,
+    # status.py), made in one place, each piece with why it is there.
     def __init__(self, config: Config, *, pin_dir: str = DEFAULT_PIN_DIR) -> None:
         self.config = config
         self.pin_dir = pin_dir

@@ -78,65 +78,16 @@ class StartupMixin:
             self._loop.add_signal_handler(sig, self._stopped.set)  # is still a clean stop
         cfg, limits = self.config, self.config.limits
         try:
-            for index, address in enumerate(cfg.listen.addresses):
-                dp = Dataplane(
-                    DataplaneConfig(
-                        layout=cfg.cid,
-                        port=cfg.listen.port,
-                        classifier_slots=limits.classifiers,
-                        worker_slots=limits.worker_slots,
-                        route_capacity=first_flight_capacity(limits),
-                        learned_capacity=limits.learned_capacity,
-                        pin_dir=group_pin_dir(self.pin_dir, address),
-                    )
-                )
-                group = _Group(index, address, dp)
-                self.groups.append(group)
-                dp.open_maps()
-                # The canary's secret, before any program of ours (a previous run's too) runs.
-                write_every_cpu(dp.map_fd("counters"), dp.ncpus, _CANARY_SECRET_INDEX,
-                                int.from_bytes(self._canary_secret, sys.byteorder))
+            self._open_groups()
             self.sockwatch.start()  # watches nothing until the first registration
-            if self.groups:
-                # Before binding: a previous run's jail is still attached and refuses binds
-                # to the port from any process it does not list. The classifier processes
-                # forked later inherit the cgroup.
-                self.jail = Jail(self.pin_dir, cfg.listen.port,
-                                 self.groups[0].dataplane.map_fd("counters"))
-                self.jail.open()
-                self.jail.enter_own_cgroup()
-                # A previous run's filter stays attached until this run's is; the
-                # broadcast addresses it needs are kept current from here on.
-                self.unicast = UnicastFilter(self.pin_dir, cfg.listen.port,
-                                             self.groups[0].dataplane.map_fd("counters"))
-                self.unicast.open()
-                self.unicast.sync_broadcasts()
-                self._loop.add_reader(self.unicast.watch(), self.unicast.changed)
-            for group in self.groups:
-                address, dp = group.address, group.dataplane
-                for j in range(limits.classifiers):
-                    sock = bind_group_socket(address, cfg.listen.port, classifier=True)
-                    group.sockets.append(sock)
-                    dp.set_classifier(j, sock)
-                    if limits.classifiers == 1:
-                        self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+            self._open_jail()
+            self._bind_classifiers()
             # A group whose apps all left died with them, and its new one (our classifier
             # sockets) has no program: the kernel would hash. The previous run's pinned
             # program steers at once, until this run's is compiled.
             self.steering_attached = bool(self.groups) and all(
                 g.dataplane.attach_pinned_steering(g.sockets[0]) for g in self.groups)
-            # Slots a previous run handed out whose sockets are still in the data plane:
-            # their apps serve on; nobody else gets them until the apps resume or exit.
-            orphans = [slot for slot in range(limits.worker_slots) if self._slot_alive(slot)]
-            self.registry.reserve_orphans(orphans)
-            if orphans:
-                # Their claims too, before the control socket opens: nobody else may take
-                # them while the apps resume.
-                for why in self.registry.reserve_claims(
-                        load_claims(claims_path(cfg)), time.monotonic() + CLAIM_RESERVATION):
-                    log.warning("claims of the previous run: %s", why)
-            if orphans:
-                log.info("slots %s still serve a previous run's apps: awaiting resume", orphans)
+            self._reserve_previous_run()
             self._configure_learning()  # keeps the lengths the orphans' learned entries use
             if limits.classifiers > 1:
                 self._start_children()
@@ -161,6 +112,75 @@ class StartupMixin:
             await self.stop()
             raise
 
+    def _open_groups(self) -> None:
+        """One data plane per listen address, its pinned maps reopened (start, step 1)."""
+        cfg, limits = self.config, self.config.limits
+        for index, address in enumerate(cfg.listen.addresses):
+            dp = Dataplane(
+                DataplaneConfig(
+                    layout=cfg.cid,
+                    port=cfg.listen.port,
+                    classifier_slots=limits.classifiers,
+                    worker_slots=limits.worker_slots,
+                    route_capacity=first_flight_capacity(limits),
+                    learned_capacity=limits.learned_capacity,
+                    pin_dir=group_pin_dir(self.pin_dir, address),
+                )
+            )
+            group = _Group(index, address, dp)
+            self.groups.append(group)
+            dp.open_maps()
+            # The canary's secret, before any program of ours (a previous run's too) runs.
+            write_every_cpu(dp.map_fd("counters"), dp.ncpus, _CANARY_SECRET_INDEX,
+                            int.from_bytes(self._canary_secret, sys.byteorder))
+
+    def _open_jail(self) -> None:
+        """The socket jail and the non-unicast filter opened (start, step 2)."""
+        cfg = self.config
+        if self.groups:
+            # Before binding: a previous run's jail is still attached and refuses binds
+            # to the port from any process it does not list. The classifier processes
+            # forked later inherit the cgroup.
+            self.jail = Jail(self.pin_dir, cfg.listen.port,
+                             self.groups[0].dataplane.map_fd("counters"))
+            self.jail.open()
+            self.jail.enter_own_cgroup()
+            # A previous run's filter stays attached until this run's is; the
+            # broadcast addresses it needs are kept current from here on.
+            self.unicast = UnicastFilter(self.pin_dir, cfg.listen.port,
+                                         self.groups[0].dataplane.map_fd("counters"))
+            self.unicast.open()
+            self.unicast.sync_broadcasts()
+            self._loop.add_reader(self.unicast.watch(), self.unicast.changed)
+
+    def _bind_classifiers(self) -> None:
+        """Each group's classifier sockets bound and put in its map (start, step 3)."""
+        cfg, limits = self.config, self.config.limits
+        for group in self.groups:
+            address, dp = group.address, group.dataplane
+            for j in range(limits.classifiers):
+                sock = bind_group_socket(address, cfg.listen.port, classifier=True)
+                group.sockets.append(sock)
+                dp.set_classifier(j, sock)
+                if limits.classifiers == 1:
+                    self._loop.add_reader(sock.fileno(), self._readable, group, sock)
+
+    def _reserve_previous_run(self) -> None:
+        """The previous run's slots and claims held for its apps (start, step 4)."""
+        cfg, limits = self.config, self.config.limits
+        # Slots a previous run handed out whose sockets are still in the data plane:
+        # their apps serve on; nobody else gets them until the apps resume or exit.
+        orphans = [slot for slot in range(limits.worker_slots) if self._slot_alive(slot)]
+        self.registry.reserve_orphans(orphans)
+        if orphans:
+            # Their claims too, before the control socket opens: nobody else may take
+            # them while the apps resume.
+            for why in self.registry.reserve_claims(
+                    load_claims(claims_path(cfg)), time.monotonic() + CLAIM_RESERVATION):
+                log.warning("claims of the previous run: %s", why)
+        if orphans:
+            log.info("slots %s still serve a previous run's apps: awaiting resume", orphans)
+
     def _load_programs(self, done: threading.Event) -> None:
         """Compile and attach (in a thread: the event loop keeps classifying meanwhile). The
         jail first: until it holds, apps of other uids get no sockets. ``done`` is set when
@@ -172,18 +192,7 @@ class StartupMixin:
 
     def _load_programs_now(self) -> None:
         cfg = self.config
-        if self.jail is not None:
-            try:
-                self.jail.attach()
-                log.info("socket jail attached (cgroup hooks for UDP port %d; 32-bit "
-                         "setsockopt: %s)", cfg.listen.port,
-                         "callers killed by the compat hook" if self.jail.compat_error is None
-                         else f"not hooked: {self.jail.compat_error}")
-            except DataplaneError as exc:
-                self._jail_error = str(exc)
-                log.error("socket jail: %s; worker sockets go only to uid %d%s", exc,
-                          os.geteuid(), " and, as [security] allow_unjailed says, to every "
-                          "other uid too (UNSAFE)" if cfg.security.allow_unjailed else "")
+        self._attach_jail()
         # A stop during start-up waits for this thread (it holds the maps' fds): give up
         # between compiles rather than compile on for a daemon that is going away.
         if self._stopping:
@@ -219,6 +228,28 @@ class StartupMixin:
             except DataplaneError as exc:  # layout-mode apps do not need it
                 self._learn_error = str(exc)
                 log.error("learned mode unavailable: %s", exc)
+        self._attach_guard()
+
+    def _attach_jail(self) -> None:
+        """The jail's hooks attached (the first step of the programs' thread)."""
+        cfg = self.config
+        if self.jail is not None:
+            try:
+                self.jail.attach()
+                log.info("socket jail attached (cgroup hooks for UDP port %d; 32-bit "
+                         "setsockopt: %s)", cfg.listen.port,
+                         "callers killed by the compat hook" if self.jail.compat_error is None
+                         else f"not hooked: {self.jail.compat_error}")
+            except DataplaneError as exc:
+                self._jail_error = str(exc)
+                log.error("socket jail: %s; worker sockets go only to uid %d%s", exc,
+                          os.geteuid(), " and, as [security] allow_unjailed says, to every "
+                          "other uid too (UNSAFE)" if cfg.security.allow_unjailed else "")
+
+    def _attach_guard(self) -> None:
+        """The guard on the configured interfaces, its flood guard and kernel Retry (the last
+        step of the programs' thread)."""
+        cfg = self.config
         if self.groups:
             dp0 = self.groups[0].dataplane
             for ifname in cfg.xdp.interfaces:
