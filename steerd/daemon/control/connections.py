@@ -35,6 +35,10 @@ class _Connection:
 class ConnectionsMixin:
     """The connections of :class:`~steerd.daemon.control.ControlServer`."""
 
+    # The state it uses, made in ControlServer.__init__ (server.py): config, registry, sink,
+    # clock, settle, _listener, _loop, _conns, _next_id, _max_message, _max_conns,
+    # _max_uid_conns, _closer.
+
     def _accept(self) -> None:
         assert self._listener is not None and self._loop is not None
         while True:

@@ -15,6 +15,9 @@ from steerd.daemon.control.requests import _Refused
 class OpsMixin:
     """deregister, drain, load and status of :class:`~steerd.daemon.control.ControlServer`."""
 
+    # The state it uses, made in ControlServer.__init__ (server.py): registry, sink,
+    # status_extra, on_load, _conns.
+
     def _app_of(self, op: str, m: Mapping[str, Any]) -> str:
         app = m["app"]
         if not isinstance(app, str):

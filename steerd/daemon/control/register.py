@@ -25,6 +25,9 @@ from steerd.daemon.registry import Generation
 class RegisterOpMixin:
     """The register op of :class:`~steerd.daemon.control.ControlServer`."""
 
+    # The state it uses, made in ControlServer.__init__ (server.py): config, registry, sink,
+    # reset_key, socket_factory, socket_refusal.
+
     def _op_register(
         self, conn: _Connection, m: Mapping[str, Any]
     ) -> tuple[dict[str, Any], list[int], list[socket.socket]]:

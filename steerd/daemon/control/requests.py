@@ -27,6 +27,9 @@ class _Refused(Exception):
 class RequestsMixin:
     """Request decoding and dispatch of :class:`~steerd.daemon.control.ControlServer`."""
 
+    # The state it uses, made in ControlServer.__init__ (server.py): config, metrics, clock,
+    # _max_message.
+
     def _handle(
         self, conn: _Connection, data: bytes, flags: int
     ) -> tuple[bytes, list[int], list[socket.socket]]:

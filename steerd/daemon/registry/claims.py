@@ -12,6 +12,7 @@ from typing import Any
 
 from steerd.app.protocol import CID_MODES, LEARNED_CID_LEN, Steering
 from steerd.daemon.config import (
+    AclRule,
     check_alpn,
     check_server_name,
     render,
@@ -32,6 +33,13 @@ from steerd.daemon.registry.model import (
 
 class ClaimsMixin:
     """The claim and ACL checks of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    acl: tuple[AclRule, ...]
+    workers_per_app: int
+    app_generations: int | None
+    _apps: dict[str, _App]
+    _claims: dict[tuple[str, str], str]
 
     # The steps of register, in the order it takes them: checks first (their order decides
     # which refusal a bad request gets), then the state changes, which cannot fail.

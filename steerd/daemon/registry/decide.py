@@ -6,11 +6,18 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from steerd.daemon.registry.model import ANY_NAME, MAX_NAME_LEN, Decision, Generation
+from steerd.daemon.config import PolicyConfig
+from steerd.daemon.registry.model import ANY_NAME, MAX_NAME_LEN, Decision, Generation, _App
 
 
 class DecideMixin:
     """``decide`` of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    policy: PolicyConfig
+    _apps: dict[str, _App]
+    _claims: dict[tuple[str, str], str]
+    _server_rank: dict[str, int]
 
     def decide(self, sni: str | None, alpns: Sequence[str]) -> Decision | None:
         """Pick app, generation and worker for a ClientHello, or None: close the connection.

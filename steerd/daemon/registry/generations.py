@@ -3,7 +3,8 @@ reports; and ``_remove``, where a generation's slots go back to the free pool (q
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections import deque
+from collections.abc import Callable, Hashable, Mapping
 
 from steerd.daemon.config import (
     render,
@@ -13,6 +14,12 @@ from steerd.daemon.registry.model import Generation, RegistryError, _App, _FreeS
 
 class GenerationsMixin:
     """Generation life of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    clock: Callable[[], float]
+    _free: deque[_FreeSlot]
+    _apps: dict[str, _App]
+    _claims: dict[tuple[str, str], str]
 
     def _retire_active(self, record: _App) -> Generation | None:
         """The app's current generation starts draining, keeping its slots for its live

@@ -12,11 +12,18 @@ from steerd.daemon.config import (
     check_app_name,
     check_server_name,
 )
-from steerd.daemon.registry.model import ANY_NAME, Reservation, _checked, _short
+from steerd.daemon.registry.model import ANY_NAME, Reservation, _App, _checked, _short
 
 
 class RecordsMixin:
     """The claims records of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    worker_slots: int
+    _orphans: set[int]
+    _orphan_records: list[Reservation]
+    _reservations: list[Reservation]
+    _apps: dict[str, _App]
 
     def claims_snapshot(self) -> list[dict[str, Any]]:
         """What the daemon persists so that claims survive its restart (JSON-ready): one

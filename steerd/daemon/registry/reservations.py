@@ -6,7 +6,7 @@ the uid slot limit); reads ``_orphans`` (slots.py) and ``_claims``."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 from steerd.daemon.config import (
@@ -24,6 +24,13 @@ from steerd.daemon.registry.model import (
 
 class ReservationsMixin:
     """Reservations and resume of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    clock: Callable[[], float]
+    _orphans: set[int]
+    _orphan_records: list[Reservation]
+    _reservations: list[Reservation]
+    _claims: dict[tuple[str, str], str]
 
     def _check_resume(self, resume: Sequence[int] | None, workers: int) -> None:
         """Only orphans can be resumed: a slot that is free or held by a live generation

@@ -11,11 +11,23 @@ from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 
 from steerd.app.protocol import Steering
-from steerd.daemon.registry.model import Generation, RegistryError, Reservation, _FreeSlot
+from steerd.daemon.registry.model import Generation, RegistryError, Reservation, _App, _FreeSlot
 
 
 class SlotsMixin:
     """The slot pool of :class:`~steerd.daemon.registry.Registry`."""
+
+    # The registry's state this part reads or writes (made in Registry.__init__, facade.py).
+    worker_slots: int
+    slot_quarantine: float
+    clock: Callable[[], float]
+    uid_worker_slots: int | None
+    learned_slots: int | None
+    _free: deque[_FreeSlot]
+    _orphans: set[int]
+    _orphan_records: list[Reservation]
+    _reservations: list[Reservation]
+    _apps: dict[str, _App]
 
     def uid_slots(self, uid: int) -> int:
         """The worker slots ``uid`` holds: its generations' (draining ones too: their slots

@@ -52,6 +52,9 @@ def retry_config(config: Config, secret: bytes, share: int = 1) -> RetryConfig:
 class ClassifierMixin:
     """The classifier side of :class:`~steerd.daemon.service.Daemon`."""
 
+    # The state it uses, made in Daemon.__init__ (daemon.py): config, metrics, registry, groups,
+    # reinjector, classifier, pool, _reports, _socket_index.
+
     def _readable(self, group: _Group, sock: socket.socket) -> None:
         now = time.monotonic()
         for data, origin in receive(sock, group.index, group.address, self.config.listen.port,

@@ -22,6 +22,10 @@ log = logging.getLogger("steerd")
 class SinkMixin:
     """The control-facing operations of :class:`~steerd.daemon.service.Daemon`."""
 
+    # The state it uses, made in Daemon.__init__ (daemon.py): config, registry, groups, jail,
+    # _jail_error, sockwatch, _learned_counts, _unproven_counts, _slot_apps, _saved_claims,
+    # _maps_lock, steering_attached, pool, _stopping.
+
     def add_worker(self, slot: int, sockets: Sequence[socket.socket]) -> None:
         for group, sock in zip(self.groups, sockets, strict=True):
             group.dataplane.set_worker(slot, sock)

@@ -66,6 +66,12 @@ class _Group:
 class StartupMixin:
     """start, the program loading and stop of :class:`~steerd.daemon.service.Daemon`."""
 
+    # The state it uses, made in Daemon.__init__ (daemon.py): config, pin_dir, metrics,
+    # registry, groups, reinjector, classifier, control, jail, _jail_error, _kernel_retry_dp,
+    # sockwatch, _canary_secret, unicast, _unicast_error, _learn_error, _lock, _loading,
+    # _maps_lock, steering_attached, _tick, _watchdog, _loop, pool, _stopping, metrics_address,
+    # _stopped.
+
     async def start(self) -> None:
         """Open the data plane, the classifier sockets and the control socket, then load the
         programs. The order is what makes a restart seamless: a previous run's program stays

@@ -22,6 +22,10 @@ _OFFENCE_MEMORY = 2.0  # seconds a 32-bit offence stays the suspect for a progra
 class StatusMixin:
     """Status, metrics sources and watchdog findings of :class:`~steerd.daemon.service.Daemon`."""
 
+    # The state it uses, made in Daemon.__init__ (daemon.py): config, metrics, registry, groups,
+    # control, jail, _repairs, _evictions, _offences, _unicast_error, _learn_error, _slot_apps,
+    # _maps_lock, steering_attached, _loop, pool, _stopping, metrics_address.
+
     def counters(self) -> dict[str, int]:
         """BPF counters summed over the groups (each group counts what it steered). Also
         called from the metrics server's threads: under the lock stop() closes maps with."""

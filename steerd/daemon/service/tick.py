@@ -24,6 +24,11 @@ _SWEEP_INTERVAL = 5.0  # seconds between sweeps of the learned tables (expiry, q
 class TickMixin:
     """The periodic work of :class:`~steerd.daemon.service.Daemon`."""
 
+    # The state it uses, made in Daemon.__init__ (daemon.py): config, metrics, registry, groups,
+    # classifier, _kernel_retry_dp, _learned_counts, _unproven_counts, _next_sweep, _maps_lock,
+    # _watchdog, _ping_systemd, _loop, pool, _reports, _expired_counted, _early_expired_counted,
+    # _stopping.
+
     async def _ticker(self) -> None:
         while True:
             await asyncio.sleep(_REPORT_INTERVAL)
