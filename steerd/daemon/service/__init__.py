@@ -13,11 +13,11 @@ pushes registry replicas to the classifier processes and updates the gauges. The
 sees a TLS key or a 1-RTT byte.
 
 Where each part lives: daemon.py (the ``Daemon`` facade and its state), startup.py (start,
-the programs' load, stop), tick.py (the periodic work), classifiers.py (the classifier
-sockets and processes), sink.py (what the control server calls: worker sockets into the
-data plane, refusals, registry changes), status.py (status, metrics sources, watchdog
-findings), datagrams.py (reading a classifier socket), files.py (lock, keys, claims file,
-pin dirs), cli.py (``steerd run`` / ``purge`` / ``status``).
+stop), programs.py (the programs' compile and attach thread), tick.py (the periodic work),
+classifiers.py (the classifier sockets and processes), sink.py (what the control server
+calls: worker sockets into the data plane, refusals, registry changes), status.py (status,
+metrics sources, watchdog findings), datagrams.py (reading a classifier socket), files.py
+(lock, keys, claims file, pin dirs), cli.py (``steerd run`` / ``purge`` / ``status``).
 """
 
 from steerd.daemon.control import IP_PKTINFO
@@ -56,13 +56,8 @@ from steerd.daemon.service.files import (
     runtime_dir,
     save_claims,
 )
-from steerd.daemon.service.startup import (
-    _CANARY_COUNTER_INDEX,
-    _CANARY_SECRET_INDEX,
-    RESUME_GRACE,
-    RETRY_PREFIX_SHARE,
-    _Group,
-)
+from steerd.daemon.service.programs import _CANARY_COUNTER_INDEX, RETRY_PREFIX_SHARE
+from steerd.daemon.service.startup import _CANARY_SECRET_INDEX, RESUME_GRACE, _Group
 from steerd.daemon.service.status import _OFFENCE_MEMORY
 from steerd.daemon.service.tick import _REPORT_INTERVAL, _SWEEP_INTERVAL
 

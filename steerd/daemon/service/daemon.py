@@ -1,7 +1,8 @@
 """``Daemon``: everything ``steerd run`` starts, as a facade over its parts: its state is
-made here (``__init__``); start-up and stop (startup.py), the tick (tick.py), the
-classifiers and their processes (classifiers.py), what the control server calls
-(sink.py), status and watchdog findings (status.py) are mixed in."""
+made here (``__init__``); start-up and stop (startup.py), the programs' compile and attach
+thread (programs.py), the tick (tick.py), the classifiers and their processes
+(classifiers.py), what the control server calls (sink.py), status and watchdog findings
+(status.py) are mixed in."""
 
 import asyncio
 import math
@@ -26,6 +27,7 @@ from steerd.daemon.registry import Registry
 from steerd.daemon.reinject import Reinjector
 from steerd.daemon.service.classifiers import ClassifierMixin, retry_config
 from steerd.daemon.service.files import load_reset_key, reset_key_path
+from steerd.daemon.service.programs import ProgramsMixin
 from steerd.daemon.service.sink import SinkMixin
 from steerd.daemon.service.startup import StartupMixin, _Group
 from steerd.daemon.service.status import StatusMixin
@@ -37,11 +39,11 @@ from steerd.daemon.sockwatch import (
 from steerd.daemon.watchdog import LoopWatchdog, watchdog_requested
 
 
-class Daemon(StartupMixin, TickMixin, ClassifierMixin, SinkMixin, StatusMixin):
+class Daemon(StartupMixin, ProgramsMixin, TickMixin, ClassifierMixin, SinkMixin, StatusMixin):
     """Everything ``steerd run`` starts; :meth:`start` and :meth:`stop` bracket its life."""
 
-    # Long on purpose: the state of every part (startup.py, tick.py, classifiers.py, sink.py,
-    # status.py), made in one place, each piece with why it is there.
+    # Long on purpose: the state of every part (startup.py, programs.py, tick.py,
+    # classifiers.py, sink.py, status.py), made in one place, each piece with why it is there.
     def __init__(self, config: Config, *, pin_dir: str = DEFAULT_PIN_DIR) -> None:
         self.config = config
         self.pin_dir = pin_dir
