@@ -776,18 +776,18 @@ PARTS = (
     ("prometheus_client/", "metrics (prometheus-client)"),
     ("steerd/daemon/reinject.py", "re-injection (build IP/UDP, raw sendto)"),
     ("steerd/daemon/dataplane/", "route write (initial_routes, bpf syscall)"),
-    ("steerd/daemon/registry.py", "decision (registry)"),
+    ("steerd/daemon/registry/", "decision (registry)"),
     ("quic/crypto.py", "Initial keys + header protection + AEAD open"),
     ("quic/tls.py", "ClientHello parse"),
     ("quic/flight.py", "first-flight assembly (quic/flight.py)"),
     ("quic/", "header, frames, CRYPTO reassembly (other quic/)"),
     ("steerd/daemon/classifier.py", "classifier bookkeeping"),
-    ("steerd/daemon/service.py", "daemon I/O (recvmsg, pktinfo; pickles between processes)"),
+    ("steerd/daemon/service/", "daemon I/O (recvmsg, pktinfo; pickles between processes)"),
 )
 # Frames under which a sample is classifier work: the single-process read handler, a
 # classifier process's loop, and the main process's reader of their events.
-HANDLERS = ("_readable (steerd/daemon/service.py", "run_front (steerd/daemon/service.py",
-            "_front_readable (steerd/daemon/service.py")
+HANDLERS = ("_readable (steerd/daemon/service/", "run_front (steerd/daemon/service/",
+            "_front_readable (steerd/daemon/service/")
 
 
 def py_spy_parts(path: str) -> dict[str, float]:

@@ -2,7 +2,7 @@
 
 Why one module for both sides: the message format, the constants and the few types an app
 gets back (a Registration, a ControlError) are the contract; the daemon's server
-(steerd/daemon/control.py) and the app's client (steerd/app/client.py) both import them from
+(steerd/daemon/control/) and the app's client (steerd/app/client.py) both import them from
 here, so the two cannot drift, and an app imports nothing of the daemon.
 
 Protocol (one JSON object per packet, UTF-8; every request may carry an ``"id"`` (string or

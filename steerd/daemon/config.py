@@ -650,6 +650,8 @@ def _parse_policy(data: Mapping[str, Any], source: str) -> PolicyConfig:
     return policy
 
 
+# Long on purpose: one field of [limits] after another, each checked as it is read, next to
+# the checks that tie fields (and the other sections) together.
 def _parse_limits(
     data: Mapping[str, Any], source: str, cid: CidLayout, listen: ListenConfig
 ) -> LimitsConfig:

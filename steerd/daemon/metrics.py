@@ -114,6 +114,8 @@ class _ScrapeCollector(Collector):
 class Metrics:
     """All of the daemon's metric objects; one instance per daemon."""
 
+    # Long on purpose: every metric defined once, one after another, each with its labels'
+    # meaning; split up, they would only be harder to find.
     def __init__(self) -> None:
         self.registry = r = CollectorRegistry()
         # label ``result``: routed (an app owns an offered ALPN, or the default app took it:

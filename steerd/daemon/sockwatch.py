@@ -24,7 +24,7 @@ seconds at the programs:
   own program again, and reports it once the next canary shows it was not ours.
 
 Each finding is repaired at once, in the thread, then reported (``on_finding``) for the
-daemon to log, count and evict the app whose socket changed (steerd/daemon/service.py).
+daemon to log, count and evict the app whose socket changed (steerd/daemon/service/status.py).
 
 The watchdog holds no socket of an app: a descriptor of its own would keep a dead worker's
 socket alive, a member of its group, and the steering program would go on sending that

@@ -1,4 +1,4 @@
-"""The runtime directory (steerd/daemon/service.py ``runtime_dir``, ``lock_pin_dir``): made
+"""The runtime directory (steerd/daemon/service/files.py ``runtime_dir``, ``lock_pin_dir``): made
 root's and 0755 when missing, refused with an exact error when anyone else could write in it.
 
 Run against directories under pytest's tmp_path (as root, to chown them), never the live

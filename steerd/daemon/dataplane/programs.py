@@ -95,6 +95,7 @@ def _bpffs_root(pin_dir: str) -> str:
     return str(path)
 
 
+# Long on purpose: one real probe after another, in the order steerd doctor reports them.
 def check_prerequisites(pin_dir: str = DEFAULT_PIN_DIR) -> list[Prerequisite]:
     """Every prerequisite of loading the data plane, each checked for real."""
     checks: list[Prerequisite] = []

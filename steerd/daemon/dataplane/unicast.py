@@ -6,8 +6,8 @@ Why: the kernel hands a datagram sent to a broadcast or multicast address to eve
 wildcard-bound socket of the port, one clone each, without reuseport selection; the steering
 program never sees it, and each worker of each app would answer the (spoofed) sender. The
 group sockets the daemon makes leave multicast groups alone (``IP_MULTICAST_ALL`` off,
-steerd/daemon/control.py ``bind_group_socket``), but an app can turn that back on or join a
-group on the socket it holds, and broadcast has no such switch. This program runs for every
+steerd/daemon/control/sockets.py ``bind_group_socket``), but an app can turn that back on or
+join a group on the socket it holds, and broadcast has no such switch. This program runs for every
 socket delivery, each clone included, and no app can remove it.
 
 A subnet's directed broadcast (198.18.0.255) may arrive in a unicast frame, and only the
