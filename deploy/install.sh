@@ -88,11 +88,13 @@ pip=("$prefix/bin/python" -m pip --disable-pip-version-check -q)
 log "building the wheel from $top"
 mkdir "$work/src"
 cp "$top/pyproject.toml" "$top/README.md" "$work/src/"
+# the top-level directories of the packages, and of the ones mapped elsewhere (bpf/)
 packages=$("$python" - "$top/pyproject.toml" <<'EOF'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
-    packages = tomllib.load(f)["tool"]["setuptools"]["packages"]
-print(" ".join(sorted({p.split(".")[0] for p in packages})))
+    tool = tomllib.load(f)["tool"]["setuptools"]
+dirs = {p.split(".")[0] for p in tool["packages"]} | set(tool.get("package-dir", {}).values())
+print(" ".join(sorted(d.split("/")[0] for d in dirs)))
 EOF
 )
 for pkg in $packages; do

@@ -112,7 +112,9 @@ def test_wheel_holds_the_packages_and_the_bpf_sources(installed: Installed) -> N
         for pkg in ("steerd", "quic")
         for p in (ROOT / pkg).rglob("*")
         if p.is_file() and "__pycache__" not in p.parts
-        and (p.suffix in (".py", ".c", ".h") or p.name == "py.typed")
+        and (p.suffix == ".py" or p.name == "py.typed")
+    } | {  # the top-level bpf/ is mapped into the package (pyproject.toml's package-dir)
+        f"steerd/bpf/{p.name}" for p in (ROOT / "bpf").iterdir() if p.suffix in (".c", ".h")
     }
     assert {"steerd/bpf/steer.c", "steerd/bpf/steerd.h", "steerd/py.typed",
             "steerd/daemon/dataplane/__init__.py"} <= want

@@ -21,16 +21,16 @@ hits all alike, each on a fresh socket group:
 - steer: the SK_REUSEPORT steering program picks the socket by CID;
 - steer+xdp: both, as deployed on a NIC;
 - steer+tc: steering + the same guard at TC ingress (tcx), the choice for veth;
-- steer-learned: learned mode (steerd/bpf/learn.c, steerd/daemon/dataplane/learn.py): the
+- steer-learned: learned mode (bpf/learn.c, steerd/daemon/dataplane/learn.py): the
   DCIDs are random 8-byte CIDs outside the layout, pre-inserted into learned_cids for the 4
   worker slots, so every packet fails the layout decode and is steered by a learned_cids lookup;
 - steer-learned-peer: DCIDs no table knows; the client's address and its 8 source ports are
   pre-inserted into learned_peers, so every packet misses learned_cids and is steered by
   learned_peers (the slowest path that still delivers);
-- steer+unicast: steer, with the non-unicast filter (steerd/bpf/unicast.c) attached at the
+- steer+unicast: steer, with the non-unicast filter (bpf/unicast.c) attached at the
   cgroup v2 root, as the daemon always has it: it runs for every datagram delivered to a
   socket; its cost on unicast traffic (which it passes);
-- steer+learner: steer, with the learned-mode egress program (steerd/bpf/learn.c) attached at the
+- steer+learner: steer, with the learned-mode egress program (bpf/learn.c) attached at the
   cgroup v2 root, as it is whenever one app runs in learned mode: the sender's own egress
   passes through it (it exits early: not from the service port), its cost on traffic that
   is not learned.
@@ -150,7 +150,7 @@ def learned_route(slot: int) -> bytes:
 
 
 def insert_learned(dp: Dataplane, cids: list[bytes], client_v4: str) -> None:
-    """What steerd/bpf/learn.c would have learned from 4 learned-mode workers: each CID for slot
+    """What bpf/learn.c would have learned from 4 learned-mode workers: each CID for slot
     i % 4 (struct steerd_route_key: len, CID zero-padded to 20, 3 pad), and the client's
     address with source port SRC_PORT_BASE + i for slot i % 4 (struct steerd_peer_key:
     family, pad, peer port and local port in network order, pad2, address)."""

@@ -3,10 +3,10 @@
     .venv/bin/python bench/jail/run.py [--calls N] [--rounds R] [--json]
 
 A C loop (syscalls.c, built with gcc at run time) times ``getppid()`` (any syscall: the
-32-bit hook, steerd/bpf/compat.c, sits on the sys_enter raw tracepoint and so runs, and
+32-bit hook, bpf/compat.c, sits on the sys_enter raw tracepoint and so runs, and
 returns at its first comparison, for every syscall of the machine) and
 ``setsockopt(SO_RCVBUF)`` on a UDP socket bound to the jailed port (the cgroup setsockopt
-hook, steerd/bpf/jail.c, then looks the option up in the allowlist), and on a socket of
+hook, bpf/jail.c, then looks the option up in the allowlist), and on a socket of
 another port (the hook returns at the port check). Modes, interleaved round by round so
 machine noise hits both alike: ``plain`` (no jail) and ``jail`` (cgroup hooks and compat hook
 attached for the port). Reported: median ns per call per mode and jail/plain ratios.

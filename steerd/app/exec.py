@@ -37,7 +37,7 @@ Two CID modes. ``layout`` (the default and the best): CMD issues every CID in th
 above, so steering is stateless, survives migration, and steerd can reset the clients of a
 worker that died. ``learned`` (``--cid-mode learned --cid-len N``): CMD picks its own random
 CIDs, all N bytes long (8 for aioquic, qh3 and hypercorn), and the kernel learns them, and
-the client addresses CMD serves, from CMD's own packets (steerd/bpf/learn.c). This runs servers
+the client addresses CMD serves, from CMD's own packets (bpf/learn.c). This runs servers
 nobody wrote for steerd unchanged, e.g. ``steerd exec --app web --alpn h3 --cid-mode
 learned --cid-len 8 -- hypercorn --quic-bind fd://3 app:app``; it gives up migration to a
 new CID, steerd's resets and steerd's Retry (docs/DATAPLANE.md, "Learned mode").

@@ -79,7 +79,7 @@ class Steering:
     """How an app's packets find its workers: ``layout`` (every CID it issues is in steerd's
     CID layout: stateless, survives migration, steerd can reset its connections) or
     ``learned`` (it picks its own CIDs, all ``cid_len`` bytes long; the kernel learns them
-    from its packets, see steerd/bpf/learn.c and docs/DATAPLANE.md for what that gives up)."""
+    from its packets, see bpf/learn.c and docs/DATAPLANE.md for what that gives up)."""
 
     mode: str = "layout"
     cid_len: int = 0  # learned mode only

@@ -220,7 +220,7 @@ class LimitsConfig:
     control_message_bytes: int = 65536
     control_rate: float = 20.0  # messages per second per control connection, sustained
     control_burst: int = 40
-    # Learned mode (servers with their own CIDs, steerd/bpf/learn.c): the kernel tables of learned
+    # Learned mode (servers with their own CIDs, bpf/learn.c): the kernel tables of learned
     # server CIDs and of learned client addresses hold this many each; one worker slot may
     # hold learned_quota of each; an entry unused for learned_ttl seconds expires (longer
     # than the apps' QUIC idle timeout, or idle connections lose their steering).
@@ -280,7 +280,7 @@ class SecurityConfig:
     """Tenant isolation switches (docs/SECURITY.md)."""
 
     # Hand worker sockets to apps of another uid than the daemon's even when the socket jail
-    # (cgroup BPF hooks, steerd/bpf/jail.c) cannot be attached. UNSAFE: any such app can then take
+    # (cgroup BPF hooks, bpf/jail.c) cannot be attached. UNSAFE: any such app can then take
     # the whole port from the others (replace the group's steering program, connect() or
     # bind to device its socket, bind new sockets to the port).
     allow_unjailed: bool = False

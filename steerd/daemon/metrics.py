@@ -222,14 +222,14 @@ class Metrics:
         self._bpf = _ScrapeCollector(
             "steerd_bpf_events",
             "Data-plane counters (guard, reuseport steering, socket jail, learning), per "
-            "branch, summed over CPUs; names as steerd/bpf/steerd.h defines them (STEERD_CNT_*).",
+            "branch, summed over CPUs; names as bpf/steerd.h defines them (STEERD_CNT_*).",
             ["counter"])
         r.register(self._bpf)
         self._app_packets = _ScrapeCollector(
             "steerd_app_packets",
             "Per app, how its packets were steered and what its servers' packets showed "
             "(steered_learned_cid, steered_learned_peer, egress_long, egress_learned, "
-            "egress_off_mode, egress_refused, egress_conflict, egress_full; steerd/bpf/steerd.h "
+            "egress_off_mode, egress_refused, egress_conflict, egress_full; bpf/steerd.h "
             "STEERD_SLOT_*), summed over its workers; from zero when a slot is handed out.",
             ["app", "what"])
         r.register(self._app_packets)

@@ -1,6 +1,6 @@
 """The socket watchdog: every worker socket keeps its flags, every group keeps steerd's program.
 
-Why: the socket jail (steerd/bpf/jail.c) refuses the calls that would take the port, but not
+Why: the socket jail (bpf/jail.c) refuses the calls that would take the port, but not
 on every path. A 32-bit ``setsockopt`` (``int $0x80`` from a 64-bit process, or
 ``socketcall``) skips the cgroup setsockopt hook, and a raw tracepoint that sees it can only
 kill the caller after the call ran; a ring made with a 32-bit ``io_uring_setup`` skips the
@@ -19,7 +19,7 @@ seconds at the programs:
   ``SO_DETACH_REUSEPORT_BPF`` on any member replace or remove it for the whole group, and
   the kernel then hashes new datagrams over all members). No syscall reports a group's
   program, so a :class:`Canary` datagram goes through each group: only steerd's program
-  knows the per-run secret it carries (steerd/bpf/steerd.h, ``STEERD_CANARY_*``), counts it
+  knows the per-run secret it carries (bpf/steerd.h, ``STEERD_CANARY_*``), counts it
   and drops it. A canary not counted within :data:`CANARY_GRACE`: the daemon attaches its
   own program again, and reports it once the next canary shows it was not ours.
 

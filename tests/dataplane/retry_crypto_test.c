@@ -1,4 +1,4 @@
-/* retry_crypto_test.c: a test-only harness around steerd/bpf/siphash.h and ghash.h, run with
+/* retry_crypto_test.c: a test-only harness around bpf/siphash.h and ghash.h, run with
  * BPF_PROG_TEST_RUN by tests/dataplane/test_retry_crypto.py.
  *
  * Why a harness: the guard inlines these functions deep in its XDP and TC programs, where a

@@ -1,4 +1,4 @@
-"""steerd/bpf/steerd.h and quic/ must agree on every shared number; the C must compile as the
+"""bpf/steerd.h and quic/ must agree on every shared number; the C must compile as the
 header describes it. These run without root."""
 
 from __future__ import annotations

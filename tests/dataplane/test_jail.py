@@ -1,6 +1,6 @@
 """The socket jail's selftests: its allowlist, its 32-bit hook and io_uring, on a throw-away jail.
 
-Each test attaches a real jail (steerd/bpf/jail.c at the cgroup v2 root, steerd/bpf/compat.c on
+Each test attaches a real jail (bpf/jail.c at the cgroup v2 root, bpf/compat.c on
 the sys_enter raw tracepoint) for a fresh loopback port of its own, makes the calls an app
 holding a worker socket could make, and removes everything afterwards. The test process is
 not in the listed cgroup, so it plays the app; a forked child plays the daemon where needed.

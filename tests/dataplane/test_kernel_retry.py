@@ -1,4 +1,4 @@
-"""The guard's kernel Retry and token check (steerd/bpf/guard.c, docs/DATAPLANE.md "Kernel
+"""The guard's kernel Retry and token check (bpf/guard.c, docs/DATAPLANE.md "Kernel
 Retry"), with real packets: aioquic-built client Initials (v1 and v2, IPv4 and IPv6) into the
 guard on the server veth (XDP native and TC, the ``loaded`` fixture's two runs).
 

@@ -1,5 +1,5 @@
-"""Learned mode in the kernel, selftest style: steerd/bpf/learn.c (egress) and the learned
-lookups of steerd/bpf/steer.c, loaded for real, with crafted server packets leaving real worker
+"""Learned mode in the kernel, selftest style: bpf/learn.c (egress) and the learned
+lookups of bpf/steer.c, loaded for real, with crafted server packets leaving real worker
 sockets.
 
 Each test builds its own tiny world (:class:`World`): a client and a server namespace joined

@@ -1,4 +1,4 @@
-"""The kernel's SipHash-2-4 and Retry Integrity Tag (steerd/bpf/siphash.h, ghash.h) loaded
+"""The kernel's SipHash-2-4 and Retry Integrity Tag (bpf/siphash.h, ghash.h) loaded
 into the kernel and run with BPF_PROG_TEST_RUN, compared with independent implementations.
 
 Why: the guard mints and checks Retry tokens and seals Retries in BPF; a wrong byte there is

@@ -1,4 +1,4 @@
-"""The non-unicast filter (steerd/bpf/unicast.c) on this kernel, with real frames on a veth.
+"""The non-unicast filter (bpf/unicast.c) on this kernel, with real frames on a veth.
 
 The threat, shown first without the filter: a datagram to a broadcast or multicast address
 is handed to every wildcard-bound socket of the port, one clone each, with no reuseport

@@ -1,7 +1,7 @@
 """quic/ghash.py: the Retry Integrity Tag by GHASH alone, and the kernel's tables, checked
 against AES-128-GCM (``cryptography``), the RFC vectors and quic.builders' AESGCM Retry.
 
-Why these oracles: the kernel (steerd/bpf/ghash.h) reads exactly these tables, so a wrong
+Why these oracles: the kernel (bpf/ghash.h) reads exactly these tables, so a wrong
 entry means Retries every client drops. The constants H and E_K(J0) are recomputed here with
 AES itself from the published key and nonce; every table entry is recomputed with the slow
 bit-by-bit multiplication; and the tag is compared with AESGCM at every length the kernel

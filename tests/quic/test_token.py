@@ -1,5 +1,5 @@
 """quic/token.py: Retry tokens bind the client's address and CIDs, are SipHash-keyed, expire,
-and have the one layout the kernel guard mints and checks too (steerd/bpf/steerd.h)."""
+and have the one layout the kernel guard mints and checks too (bpf/steerd.h)."""
 
 from __future__ import annotations
 

@@ -226,7 +226,7 @@ def test_initial_flood(pair: NetnsPair) -> None:
             guard = {k: counters.get(k, 0) - before.get(k, 0)
                      for k in ("xdp_drop_rate_limited", "xdp_initial", "xdp_token_valid",
                                *KERNEL_ANSWERED)}
-            # The guard's promise (GCRA per /24, steerd/bpf/guard.c): in any window, at most
+            # The guard's promise (GCRA per /24, bpf/guard.c): in any window, at most
             # burst + rate x window new Initials per prefix; the spoofed /16 has 256 prefixes,
             # the legitimate client one more. The 2% is the bucket's race across CPUs.
             bucket_bound = round(BUCKET_PREFIXES * (GUARD_BURST + 1 + GUARD_RATE * bucket_seconds)

@@ -219,7 +219,7 @@ def test_junk_floods_stay_in_the_kernel(pair: NetnsPair) -> None:  # noqa: F811
                 junk_to_python = (delta.get(JUNK_TO_PYTHON[name], 0) if name in JUNK_TO_PYTHON
                                   else estimate)
                 # what the guard's bucket lets one prefix pass in that window (2%: the
-                # bucket's race across CPUs, steerd/bpf/guard.c)
+                # bucket's race across CPUs, bpf/guard.c)
                 bucket_bound = round((GUARD_BURST + 1 + GUARD_RATE * bucket_window) * 1.02)
                 figures[name] = {
                     # the sender's speed: a figure, never a gate

@@ -1,6 +1,6 @@
 """Issue 18 item 7: spoofed Initials cannot fill the learned tables.
 
-The attack: a learned-mode server's answer to an Initial teaches the kernel (steerd/bpf/learn.c)
+The attack: a learned-mode server's answer to an Initial teaches the kernel (bpf/learn.c)
 its fresh SCID and the client's address. An attacker off the path sends Initials for the
 learned app's ALPN from forged sources; the app's own server answers each, so every Initial
 used to cost the app one entry of its quota ([limits] learned_quota), and at 220/s for five

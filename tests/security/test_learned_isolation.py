@@ -1,7 +1,7 @@
 """Tenant isolation in learned-CID mode, shown by attacking for real.
 
 What a learned-mode app holds beyond a layout-mode one: every datagram its worker socket
-sends teaches the kernel (steerd/bpf/learn.c) that the long-header SCID it carries, and the address
+sends teaches the kernel (bpf/learn.c) that the long-header SCID it carries, and the address
 it goes to, are its slot's. So the attack surface is the egress path: an intruder registered
 for real as uid nobody in learned mode sends crafted server packets from its worker socket
 (tests/security/intruder.py, op "long"), trying to learn

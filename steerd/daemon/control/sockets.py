@@ -74,7 +74,7 @@ def bind_group_socket(address: str, port: int, *, classifier: bool = False) -> s
     Multicast "all" is off: by default a wildcard-bound socket gets every multicast datagram
     to its port for any group some socket of the host joined (224.0.0.1 and ff02::1 always
     are), one clone per socket, bypassing the steering program. Off, it gets only the groups
-    it joins itself (none). The ingress filter (steerd/bpf/unicast.c) drops what an app lets
+    it joins itself (none). The ingress filter (bpf/unicast.c) drops what an app lets
     in again, and broadcasts.
     """
     family = socket.AF_INET6 if ":" in address else socket.AF_INET

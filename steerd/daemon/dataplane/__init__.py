@@ -1,10 +1,10 @@
-"""The steerd data plane: the SK_REUSEPORT steering program and the guard (steerd/bpf/),
+"""The steerd data plane: the SK_REUSEPORT steering program and the guard (bpf/),
 loaded with bcc, their maps pinned under a bpffs directory, driven from Python.
 
 This module is the facade: ``Dataplane`` holds one group's maps, programs and attachments
 and delegates each job to the module that owns it:
 
-- header.py: where the C lives and the numbers steerd/bpf/steerd.h shares with Python;
+- header.py: where the C lives and the numbers bpf/steerd.h shares with Python;
 - maps.py: libbcc, the maps (created by Python, pinned, found again by a restarted daemon);
 - programs.py: prerequisites, kernel headers, -D flags, compiling, loading and pinning;
 - steering.py: the reuseport attachment, the worker and classifier sockarrays, routes;
@@ -97,7 +97,7 @@ class Dataplane:
     # -- loading --------------------------------------------------------------------------
 
     def cflags(self) -> list[str]:
-        """The -D flags that specialise steerd/bpf/*.c for this deployment and these maps."""
+        """The -D flags that specialise bpf/*.c for this deployment and these maps."""
         return programs.cflags(self.config, self._fds)
 
     def load(self) -> None:
@@ -336,5 +336,5 @@ class Dataplane:
     # -- counters -------------------------------------------------------------------------
 
     def counters(self) -> dict[str, int]:
-        """Every counter named in steerd/bpf/steerd.h, summed over CPUs."""
+        """Every counter named in bpf/steerd.h, summed over CPUs."""
         return counters.read_counters(self.map_fd("counters"), self.ncpus, self._counter_names)

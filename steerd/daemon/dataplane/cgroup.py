@@ -43,7 +43,7 @@ def cgroup2_root(mounts: str = "/proc/self/mounts") -> str | None:
 class RootProgram(NamedTuple):
     """One loaded program to attach at the cgroup v2 root, and where it is pinned."""
 
-    what: str  # how an error names it ("steerd/bpf/learn.c", or the jail hook's function)
+    what: str  # how an error names it ("bpf/learn.c", or the jail hook's function)
     fd: int
     attach_type: int
     pin: str  # its pin path: the previous run's program there is retired, this one pinned

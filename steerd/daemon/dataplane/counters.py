@@ -3,7 +3,7 @@ names steerd reports them by.
 
 Why per-CPU: the programs count every branch of every packet; in a PERCPU_ARRAY each CPU
 bumps its own copy without atomics, and Python adds the copies up when asked.
-The names are steerd/bpf/steerd.h's ``STEERD_CNT_*`` defines, lower-cased without the prefix,
+The names are bpf/steerd.h's ``STEERD_CNT_*`` defines, lower-cased without the prefix,
 so a counter added in C shows up in ``steerd status`` and the metrics with no Python change.
 """
 

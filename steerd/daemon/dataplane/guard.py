@@ -1,4 +1,4 @@
-"""The guard (steerd/bpf/guard.c) on an interface: attaching it at XDP or TC ingress,
+"""The guard (bpf/guard.c) on an interface: attaching it at XDP or TC ingress,
 removing it (also what an earlier run left), and its flood guard settings (``guard_config``).
 
 Why two hooks: XDP sees packets before an skb exists (the cheapest place to drop), but on
@@ -155,7 +155,7 @@ def remove_pinned_guard(pin_dir: str, ifname: str, netns: str | None = None) -> 
 # The flood guard (guard_config, flood_buckets)
 
 
-# struct steerd_guard_config (steerd/bpf/steerd.h), field by field; GCRA numbers in ns.
+# struct steerd_guard_config (bpf/steerd.h), field by field; GCRA numbers in ns.
 _CONFIG = struct.Struct("=IBBHQQQQQ" "QQQQII" "QQQQQ" "QQQQ" "QQQ")
 RETRY_ALWAYS = (1 << 64) - 1  # STEERD_RETRY_ALWAYS: retry_until_ns that never passes
 

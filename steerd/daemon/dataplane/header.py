@@ -1,5 +1,5 @@
 """Where the C lives, and the numbers it shares with Python: every ``#define`` of
-steerd/bpf/steerd.h.
+bpf/steerd.h.
 
 Why read the header: fixed numbers (map bounds, key and value sizes, counter indexes, learned
 mode's constants) are written once, in C; Python sizes its maps, validates a configuration
@@ -13,8 +13,17 @@ import functools
 import re
 from pathlib import Path
 
-# The C sources ship inside the package (package data, in the wheel too): steerd/bpf.
-BPF_DIR = Path(__file__).resolve().parents[2] / "bpf"
+
+def _bpf_dir() -> Path:
+    """The C sources: bpf/ at the top of a checkout; in a wheel, the same files mapped into
+    the package as steerd/bpf (pyproject.toml's package-dir), since an installed steerd
+    compiles them on the machine it runs on."""
+    here = Path(__file__).resolve()
+    installed, checkout = here.parents[2] / "bpf", here.parents[3] / "bpf"
+    return installed if (installed / "steerd.h").is_file() else checkout
+
+
+BPF_DIR = _bpf_dir()
 HEADER = BPF_DIR / "steerd.h"
 
 

@@ -1,7 +1,7 @@
 """A 32-bit setsockopt from this 64-bit process: ``int $0x80`` with i386 syscall 366.
 
 Why it exists: the kernel runs the cgroup setsockopt hook only for native calls, so the
-socket jail's 32-bit path (steerd/bpf/compat.c) has to be proven with a real 32-bit call;
+socket jail's 32-bit path (bpf/compat.c) has to be proven with a real 32-bit call;
 ``steerd doctor`` and the tests make one on a socket of a throw-away jail and check that the
 caller was killed. x86-64 only: ``int $0x80`` reaches the i386 syscall table there when the
 kernel has CONFIG_IA32_EMULATION; the buffers it names must lie in the low 4 GiB

@@ -1,4 +1,4 @@
-"""The socket jail: BPF hooks (steerd/bpf/jail.c, steerd/bpf/compat.c) that stop apps from
+"""The socket jail: BPF hooks (bpf/jail.c, bpf/compat.c) that stop apps from
 turning the worker sockets they hold into keys to the whole port.
 
 Why: the kernel lets the holder of any member socket of a reuseport group replace or remove
@@ -73,7 +73,7 @@ COMPAT_HOOK = "steerd_jail_compat"
 COMPAT_LINK = "compat_link"  # the pinned raw tracepoint link (sys_enter)
 LEGACY_PIDS = "jail_pids"  # the map of releases that listed the daemon by pid
 
-# (function in steerd/bpf/jail.c, program type, cgroup attach type): one program per hook.
+# (function in bpf/jail.c, program type, cgroup attach type): one program per hook.
 HOOKS = (
     ("steerd_jail_setsockopt", PROG_CGROUP_SOCKOPT, BPF_CGROUP_SETSOCKOPT),
     ("steerd_jail_connect4", PROG_CGROUP_SOCK_ADDR, BPF_CGROUP_INET4_CONNECT),
@@ -83,7 +83,7 @@ HOOKS = (
 )
 
 _SOL_SOCKET, _IP, _IPV6, _UDP = socket.SOL_SOCKET, socket.IPPROTO_IP, socket.IPPROTO_IPV6, 17
-ALLOW, ON_ONLY = 1, 2  # STEERD_JAIL_ALLOW, STEERD_JAIL_ON_ONLY in steerd/bpf/steerd.h
+ALLOW, ON_ONLY = 1, 2  # STEERD_JAIL_ALLOW, STEERD_JAIL_ON_ONLY in bpf/steerd.h
 
 
 @dataclass(frozen=True)
@@ -382,7 +382,7 @@ class Jail:
                                  atype, _pin_path(self.pin_dir, name))
                      for name, ptype, atype in HOOKS]
         except Exception as exc:
-            raise DataplaneError(f"compiling steerd/bpf/jail.c failed: {exc}") from exc
+            raise DataplaneError(f"compiling bpf/jail.c failed: {exc}") from exc
         self._bpf.append(bpf)
         attach_at_root(root, progs)
         with contextlib.suppress(FileNotFoundError):  # the old programs are gone
@@ -415,11 +415,11 @@ class Jail:
         except DataplaneError:
             raise
         except Exception as exc:
-            raise DataplaneError(f"compiling steerd/bpf/compat.c failed: {exc}") from exc
+            raise DataplaneError(f"compiling bpf/compat.c failed: {exc}") from exc
         self._bpf.append(bpf)
         link = libbcc().bpf_attach_raw_tracepoint(prog_fd, b"sys_enter")
         if link < 0:
-            raise DataplaneError("attaching steerd/bpf/compat.c to raw tracepoint sys_enter "
+            raise DataplaneError("attaching bpf/compat.c to raw tracepoint sys_enter "
                                  f"failed: {os.strerror(errno_of(link))}")
         path = _pin_path(self.pin_dir, COMPAT_LINK)
         try:
@@ -567,7 +567,7 @@ def _probe_compat(jail: Jail, member: socket.socket) -> Prerequisite:
     return Prerequisite(
         name, ok,
         "32-bit setsockopt outside the allowlist: the caller is killed by the compat hook "
-        "(raw tracepoint sys_enter, steerd/bpf/compat.c); the call itself still runs and "
+        "(raw tracepoint sys_enter, bpf/compat.c); the call itself still runs and "
         "the daemon's watchdog repairs it" if ok else
         f"the compat hook is attached but a 32-bit caller was not killed and recorded "
         f"(status {status:#x}, recorded {recorded})",

@@ -1,4 +1,4 @@
-"""Learned mode: steering servers that pick their own random CIDs (steerd/bpf/learn.c).
+"""Learned mode: steering servers that pick their own random CIDs (bpf/learn.c).
 
 Why: only servers that write every CID in steerd's layout can be steered without state.
 A plain aioquic, qh3 or hypercorn server picks random CIDs; the egress program learns them
@@ -45,12 +45,12 @@ PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
 PIN_NAME = "prog_learn"
 
-MODE_LAYOUT = 1  # steerd/bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
+MODE_LAYOUT = 1  # bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
 MODE_LEARNED = 2  # STEERD_MODE_LEARNED
 
 
 def _h() -> dict[str, int]:
-    """steerd/bpf/steerd.h's numbers, read when first needed (not at import: ``steerd exec`` and
+    """bpf/steerd.h's numbers, read when first needed (not at import: ``steerd exec`` and
     ``steerd status`` import this module and never touch the data plane)."""
     return header_constants()
 
@@ -250,7 +250,7 @@ class Learner:
     # -- the egress program ---------------------------------------------------------------
 
     def attach(self) -> None:
-        """Compile steerd/bpf/learn.c against this group's maps and attach it at the cgroup v2
+        """Compile bpf/learn.c against this group's maps and attach it at the cgroup v2
         root, then retire a previous run's (attached first: no packet goes unwatched)."""
         import bcc
 
@@ -262,9 +262,9 @@ class Learner:
             prog_fd = bpf.load_func(b"steerd_learn", PROG_CGROUP_SKB,
                                     attach_type=BPF_CGROUP_INET_EGRESS).fd
         except Exception as exc:
-            raise DataplaneError(f"compiling steerd/bpf/learn.c failed: {exc}") from exc
+            raise DataplaneError(f"compiling bpf/learn.c failed: {exc}") from exc
         self._bpf = bpf
-        attach_at_root(root, [RootProgram("steerd/bpf/learn.c", prog_fd, BPF_CGROUP_INET_EGRESS,
+        attach_at_root(root, [RootProgram("bpf/learn.c", prog_fd, BPF_CGROUP_INET_EGRESS,
                                           os.path.join(self.dp.config.pin_dir, PIN_NAME))])
 
     def close(self) -> None:

@@ -91,7 +91,7 @@ class MapSpec:
 
 
 def map_specs(config: DataplaneConfig) -> list[MapSpec]:
-    """Every map of one group, sized for ``config`` (layouts: steerd/bpf/steerd.h)."""
+    """Every map of one group, sized for ``config`` (layouts: bpf/steerd.h)."""
     c, k = config, header_constants()
     slots = c.effective_worker_slots()
     return [
@@ -107,7 +107,7 @@ def map_specs(config: DataplaneConfig) -> list[MapSpec]:
         # per-CPU room to build a Retry in
         MapSpec("ghash_tables", MAP_ARRAY, 4, ghash.TABLE_VALUE_SIZE, len(ghash.VERSION_INDEX)),
         MapSpec("guard_scratch", MAP_PERCPU_ARRAY, 4, k["STEERD_GUARD_SCRATCH_SIZE"], 1),
-        # learned mode (steerd/bpf/learn.c, steerd/daemon/dataplane/learn.py)
+        # learned mode (bpf/learn.c, steerd/daemon/dataplane/learn.py)
         MapSpec("learned_cids", MAP_HASH, k["STEERD_ROUTE_KEY_SIZE"],
                 k["STEERD_ROUTE_VALUE_SIZE"], c.learned_capacity),
         MapSpec("learned_peers", MAP_HASH, k["STEERD_PEER_KEY_SIZE"],

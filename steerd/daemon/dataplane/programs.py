@@ -1,4 +1,4 @@
-"""Getting steerd/bpf/steer.c and guard.c into the kernel: what the machine must have
+"""Getting bpf/steer.c and guard.c into the kernel: what the machine must have
 (prerequisites), which kernel headers bcc compiles against, the -D flags that specialise the
 C for one deployment, and compiling, loading and pinning the programs.
 
@@ -184,7 +184,7 @@ def require_prerequisites(pin_dir: str = DEFAULT_PIN_DIR) -> Path:
 
 
 def cflags(config: DataplaneConfig, map_fds: dict[str, int]) -> list[str]:
-    """The -D flags that specialise steerd/bpf/*.c for this deployment and these maps."""
+    """The -D flags that specialise bpf/*.c for this deployment and these maps."""
     c, layout = config, config.layout
     # The CID numbers come from CidLayout itself, so BPF and quic/ cannot disagree.
     flags = [
@@ -201,14 +201,14 @@ def cflags(config: DataplaneConfig, map_fds: dict[str, int]) -> list[str]:
 
 
 def compile_source(source: str, flags: list[str]) -> Any:
-    """steerd/bpf/``source`` compiled by bcc with ``flags``: a ``bcc.BPF``."""
+    """bpf/``source`` compiled by bcc with ``flags``: a ``bcc.BPF``."""
     import bcc
 
     text = (BPF_DIR / source).read_text()
     try:
         return bcc.BPF(text=text.encode(), cflags=flags)
     except Exception as exc:
-        raise DataplaneError(f"compiling steerd/bpf/{source} failed: {exc}") from exc
+        raise DataplaneError(f"compiling bpf/{source} failed: {exc}") from exc
 
 
 def _cleanup(bpfs: list[Any]) -> None:

@@ -1,4 +1,4 @@
-"""What the SK_REUSEPORT steering program (steerd/bpf/steer.c) reads, and its attachment to
+"""What the SK_REUSEPORT steering program (bpf/steer.c) reads, and its attachment to
 the reuseport group: the ``workers`` and ``classifiers`` sockarrays and the
 ``initial_routes`` of first flights.
 
@@ -95,7 +95,7 @@ def sockarray_cookie(fd: int, index: int) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------
-# initial_routes: struct steerd_route_key -> struct steerd_route (steerd/bpf/steerd.h)
+# initial_routes: struct steerd_route_key -> struct steerd_route (bpf/steerd.h)
 
 
 def route_key(dcid: bytes) -> ct.Array[ct.c_char]:

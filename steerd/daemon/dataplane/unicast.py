@@ -1,4 +1,4 @@
-"""Unicast only: the cgroup ingress program (steerd/bpf/unicast.c) that drops every broadcast
+"""Unicast only: the cgroup ingress program (bpf/unicast.c) that drops every broadcast
 and multicast datagram on its way into a service-port socket, and the host's broadcast
 addresses it needs.
 
@@ -228,13 +228,13 @@ class UnicastFilter:
         return resync
 
     def attach(self) -> None:
-        """Compile steerd/bpf/unicast.c for this port and namespace and attach it at the
+        """Compile bpf/unicast.c for this port and namespace and attach it at the
         cgroup v2 root, then retire a previous run's (attached first: no gap)."""
         root = cgroup2_root()
         if root is None:
             raise DataplaneError("no cgroup v2 hierarchy is mounted: the non-unicast filter "
                                  "needs one")
-        attach_at_root(root, [RootProgram("steerd/bpf/unicast.c", self._compile(),
+        attach_at_root(root, [RootProgram("bpf/unicast.c", self._compile(),
                                           BPF_CGROUP_INET_INGRESS,
                                           os.path.join(self.directory, PROG_PIN))])
 
@@ -267,7 +267,7 @@ class UnicastFilter:
             if not extra:
                 self.scope = "every network namespace (no bpf_get_netns_cookie here)"
             return fd
-        raise DataplaneError(f"compiling steerd/bpf/unicast.c failed: {first}")
+        raise DataplaneError(f"compiling bpf/unicast.c failed: {first}")
 
     def close_program(self) -> None:
         bpf, self._bpf = self._bpf, None

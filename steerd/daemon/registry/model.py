@@ -18,7 +18,7 @@ from steerd.daemon.config import (
 ANY_NAME = "*"
 
 
-MAX_LEARNED_LENGTHS = 4  # steerd/bpf/steerd.h STEERD_MAX_LEARN_LENGTHS: a lookup per length
+MAX_LEARNED_LENGTHS = 4  # bpf/steerd.h STEERD_MAX_LEARN_LENGTHS: a lookup per length
 
 
 MAX_NAME_LEN = 253  # a DNS name; claims are never longer

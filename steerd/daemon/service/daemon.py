@@ -81,7 +81,7 @@ class Daemon(StartupMixin, ProgramsMixin, TickMixin, ClassifierMixin, SinkMixin,
             on_load=lambda: self._registry_changed(urgent=False),
             socket_refusal=self.socket_refusal, settle=self._settle,
         )
-        # The socket jail (steerd/bpf/jail.c): opened before anything binds, attached with the
+        # The socket jail (bpf/jail.c): opened before anything binds, attached with the
         # programs; until it is attached, worker sockets go only to the daemon's own uid.
         self.jail: Jail | None = None
         self._jail_error = "not attached yet: the daemon is starting"

@@ -134,7 +134,10 @@ class ProgramsMixin:
         dp.set_retry(self.classifier.retry.key, flood.token_lifetime,
                      rate=flood.retry_rate / RETRY_PREFIX_SHARE,
                      burst=max(1, flood.retry_burst // 10),
-                     total_rate=flood.retry_rate, total_burst=flood.retry_burst)
+                     total_rate=flood.retry_rate, total_burst=flood.retry_burst,
+                     # "always" means every token-less Initial: none is let past
+                     proven_ttl=flood.retry_proven_ttl if flood.retry == "auto" else 0.0,
+                     proven_rate=flood.retry_proven_rate)
         dp.set_retry_until(guard_mod.RETRY_ALWAYS if flood.retry == "always" else 0)
         if flood.retry == "auto":
             # A quarter second of the rate as burst: a legitimate spike passes, a flood

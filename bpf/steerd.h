@@ -90,7 +90,7 @@
 #define STEERD_CNT_XDP_DROP_SMALL_UNKNOWN_VERSION 26
 #define STEERD_CNT_XDP_DROP_BAD_CID_LEN 27
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED 28
-/* the socket jail (cgroup hooks, steerd/bpf/jail.c): calls refused to a non-daemon process on a
+/* the socket jail (cgroup hooks, bpf/jail.c): calls refused to a non-daemon process on a
  * service-port UDP socket */
 #define STEERD_CNT_JAIL_REFUSED_SETSOCKOPT 32    /* reuseport program attach/detach, bind to device */
 #define STEERD_CNT_JAIL_REFUSED_CONNECT 33
@@ -106,7 +106,7 @@
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_0RTT 38
 /* the guard: within its prefix's budget, but over the budget of all prefixes together */
 #define STEERD_CNT_XDP_DROP_RATE_LIMITED_TOTAL 39
-/* steering by learned CIDs (steerd/bpf/learn.c learns them from the servers' own packets) */
+/* steering by learned CIDs (bpf/learn.c learns them from the servers' own packets) */
 #define STEERD_CNT_STEER_LEARNED_CID 40          /* DCID is a learned server CID -> worker */
 #define STEERD_CNT_STEER_LEARNED_PEER 41         /* short header, no CID known, client address
                                                   * learned -> worker */
@@ -127,7 +127,7 @@
                                                   * not be read: let through (the watchdog
                                                   * repairs) */
 /* non-unicast datagrams dropped on their way into a service socket, each clone of a
- * broadcast or multicast delivery counted (cgroup_skb/ingress, steerd/bpf/unicast.c) */
+ * broadcast or multicast delivery counted (cgroup_skb/ingress, bpf/unicast.c) */
 #define STEERD_CNT_UNICAST_DROP_MULTICAST 58     /* IPv4 224/4, IPv6 ff00::/8, or an L2 multicast */
 #define STEERD_CNT_UNICAST_DROP_BROADCAST 59     /* 240/4 (255.255.255.255), a local broadcast
                                                   * address, or an L2 broadcast */
@@ -256,7 +256,7 @@ struct steerd_bucket_key {
     __u8 addr[16];                    /* masked to the prefix length */
 };                                    /* 20 bytes */
 
-/* Learned mode (steerd/bpf/learn.c, docs/DATAPLANE.md): servers that pick their own random CIDs
+/* Learned mode (bpf/learn.c, docs/DATAPLANE.md): servers that pick their own random CIDs
  * are steered by what their own long-header packets show on the way out.
  *
  * learn_sockets: HASH, socket cookie (u64) -> how that worker socket is steered. Written by
@@ -420,7 +420,7 @@ static __always_inline int steerd_canary(const __u8 *cid)
 }
 #endif
 
-/* Retry tokens (quic/token.py, steerd/bpf/siphash.h): one format for kernel- and
+/* Retry tokens (quic/token.py, bpf/siphash.h): one format for kernel- and
  * daemon-minted tokens, so either side validates the other's.
  *   token = magic u8 | issued_ms u64 big-endian | odcid_len u8 | odcid (<= 20) | MAC (8)
  * issued_ms is CLOCK_MONOTONIC in ms (bpf_ktime_get_ns() / 1000000 = time.monotonic() * 1000).

@@ -7,7 +7,7 @@
  * Connection ID of its long-header packets (Initial, Handshake, Retry), and that packet
  * passes through this hook before it leaves, with the socket it was sent from
  * (bpf_get_socket_cookie). So the kernel learns (length, server CID) -> slot before the
- * client can answer, and the steering program looks it up (steerd/bpf/steer.c). Every packet a
+ * client can answer, and the steering program looks it up (bpf/steer.c). Every packet a
  * learned-mode socket sends also keeps (client address:port, service port) -> slot, for a
  * client that switches to a CID the server sent it encrypted (NEW_CONNECTION_ID).
  *
