@@ -19,6 +19,7 @@ import argparse
 import grp
 import ipaddress
 import json
+import os
 import pwd
 import re
 import sys
@@ -906,3 +907,12 @@ def add_command(subparsers: argparse._SubParsersAction[argparse.ArgumentParser])
     )
     p.add_argument("file", metavar="FILE", help="the TOML file, e.g. " + DEFAULT_CONFIG_PATH)
     p.set_defaults(func=_check_config)
+
+
+def cli_config(path: str | None) -> Config:
+    """``--config``, else DEFAULT_CONFIG_PATH when it exists, else the embedded defaults: the
+    same for ``steerd run``, ``steerd purge`` (which must find what the run used) and the
+    tools that read the CID layout (``steerd cid decode``)."""
+    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
+        path = DEFAULT_CONFIG_PATH
+    return load_config(path) if path else Config()

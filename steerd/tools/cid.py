@@ -17,8 +17,7 @@ from typing import Any
 
 from quic.cid import CidLayout
 from quic.packet import MAX_CID_LEN
-from steerd.daemon.config import DEFAULT_CONFIG_PATH, ConfigError
-from steerd.daemon.service import _cli_config
+from steerd.daemon.config import DEFAULT_CONFIG_PATH, ConfigError, cli_config
 
 
 class CidHexError(ValueError):
@@ -90,7 +89,7 @@ def _text(d: dict[str, Any], layout: CidLayout) -> list[str]:
 def _decode(args: argparse.Namespace) -> int:
     try:
         cid = parse_hex(args.hex)
-        layout = _cli_config(args.config).cid
+        layout = cli_config(args.config).cid
     except (CidHexError, ConfigError) as e:
         print(f"steerd cid decode: {e}", file=sys.stderr)
         return 1

@@ -23,7 +23,6 @@ metrics sources, watchdog findings), datagrams.py (reading a classifier socket),
 from steerd.daemon.control import IP_PKTINFO
 from steerd.daemon.service.classifiers import _PR_SET_PDEATHSIG, retry_config
 from steerd.daemon.service.cli import (
-    _cli_config,
     _purge,
     _purge_locked,
     _run,
@@ -81,7 +80,6 @@ __all__ = [
     "Daemon",
     "_Group",
     "_check_private",
-    "_cli_config",
     "_local_address",
     "_lock_path",
     "_purge",

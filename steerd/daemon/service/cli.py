@@ -12,12 +12,7 @@ from typing import Any
 
 from steerd.app.client import ControlClient
 from steerd.app.protocol import DEFAULT_CONTROL_PATH, ControlError
-from steerd.daemon.config import (
-    DEFAULT_CONFIG_PATH,
-    Config,
-    ConfigError,
-    load_config,
-)
+from steerd.daemon.config import DEFAULT_CONFIG_PATH, Config, ConfigError, cli_config
 from steerd.daemon.dataplane import Dataplane, DataplaneConfig, DataplaneError
 from steerd.daemon.dataplane.jail import remove_jail
 from steerd.daemon.dataplane.learn import (
@@ -32,19 +27,11 @@ from steerd.daemon.watchdog import notify
 log = logging.getLogger("steerd")
 
 
-def _cli_config(path: str | None) -> Config:
-    """``--config``, else DEFAULT_CONFIG_PATH when it exists, else the embedded defaults: the
-    same for ``steerd run`` and ``steerd purge`` (which must find what the run used)."""
-    if path is None and os.path.exists(DEFAULT_CONFIG_PATH):
-        path = DEFAULT_CONFIG_PATH
-    return load_config(path) if path else Config()
-
-
 def _run(args: Any) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="steerd: %(message)s")
     try:
-        config = _cli_config(args.config)
+        config = cli_config(args.config)
     except ConfigError as exc:
         print(f"steerd: {exc}", file=sys.stderr)
         return 2
@@ -115,7 +102,7 @@ def _purge_locked(config: Config, pin_dir: str) -> list[str]:
 
 def _purge(args: Any) -> int:
     try:
-        config = _cli_config(args.config)
+        config = cli_config(args.config)
     except ConfigError as exc:
         print(f"steerd: {exc}", file=sys.stderr)
         return 2
