@@ -33,6 +33,7 @@
  */
 #ifndef STEERD_GHASH_H
 #define STEERD_GHASH_H
+/* Needs steerd.h first (steerd_load_le64, the table layout's sizes), as every user has it. */
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "ghash.h keeps GHASH blocks as little-endian words"
@@ -49,16 +50,6 @@ struct steerd_ghash_tables {
     __u8 ekj0[16];                    /* E_K(J0) */
 };                                    /* 65552 bytes */
 
-/* The 8 bytes at p as a little-endian word (byte loads: p need not be aligned). */
-static __always_inline __u64 steerd_ghash_le64(const __u8 *p)
-{
-    __u64 w = 0;
-
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-        w |= (__u64)p[j] << (8 * j);
-    return w;
-}
 
 /* (x0, x1) = (x0, x1) * H, through the tables. */
 static __always_inline void steerd_ghash_mul(const struct steerd_ghash_tables *tb, __u64 *x0,
@@ -109,7 +100,7 @@ static __always_inline int steerd_retry_tag(void *tables_map, __u32 version_inde
                 /* The last, partial block, zero-padded: its 15 bytes read (below the bound)
                  * and masked to rem, without a branch per byte (each would be a path for
                  * the verifier). */
-                __u64 w0 = steerd_ghash_le64(p), w1 = 0;
+                __u64 w0 = steerd_load_le64(p), w1 = 0;
 
 #pragma unroll
                 for (__u32 j = 0; j < 7; j++)
@@ -126,8 +117,8 @@ static __always_inline int steerd_retry_tag(void *tables_map, __u32 version_inde
             }
             break;
         }
-        x0 ^= steerd_ghash_le64(p);
-        x1 ^= steerd_ghash_le64(p + 8);
+        x0 ^= steerd_load_le64(p);
+        x1 ^= steerd_load_le64(p + 8);
         steerd_ghash_mul(tb, &x0, &x1);
     }
     /* The length block: bit length of A as 64 bits big-endian, then 0 (C is empty). */

@@ -243,15 +243,6 @@ static __always_inline __u64 load_be64(const __u8 *p)
     return v;
 }
 
-static __always_inline __u64 load_le64(const __u8 *p)
-{
-    __u64 v = 0;
-
-#pragma unroll
-    for (int i = 0; i < 8; i++)
-        v |= (__u64)p[i] << (8 * i);
-    return v;
-}
 
 /* A token of ours (format checked by the caller: t[0] magic, length 18 + t[9], t[9] <= 20)
  * on an Initial with DCID ``dcid`` from ``client``: the counter of its verdict. ``t`` must have
@@ -276,7 +267,7 @@ static __always_inline __u32 check_token(const __u8 *t, const __u8 *dcid, __u32 
     mlen = launder(s, mac_binding(s, 9 + odcid_len, client, dcid, dcid_len),
                    STEERD_TOKEN_MAC_INPUT_MAX);
     if (steerd_siphash24(cfg->token_k0, cfg->token_k1, s->mac, mlen) !=
-        load_le64(&s->tok[10 + odcid_len]))
+        steerd_load_le64(&s->tok[10 + odcid_len]))
         return STEERD_CNT_XDP_DROP_TOKEN_INVALID;
     issued = load_be64(&s->tok[1]);
     now_ms = now / 1000000;

@@ -343,6 +343,19 @@ struct steerd_learn_config {
 #define steerd_jail_option_key(level, optname) \
     ((((__u64)(__u32)(level)) << 32) | (__u64)(__u32)(optname))
 
+/* Shared BPF-side helper: the 8 bytes at p as a little-endian word, by byte loads (p need not
+ * be aligned). The one loader of the GHASH tables (ghash.h), the token key (guard.c) and
+ * the crypto selftest. */
+static __always_inline __u64 steerd_load_le64(const __u8 *p)
+{
+    __u64 w = 0;
+
+#pragma unroll
+    for (int j = 0; j < 8; j++)
+        w |= (__u64)p[j] << (8 * j);
+    return w;
+}
+
 /* Shared BPF-side helper: one per-CPU counter bump (only in programs given the counters fd). */
 #ifdef STEERD_FD_COUNTERS
 static __always_inline void steerd_count(__u32 idx)

@@ -34,15 +34,6 @@ struct scratch {
     __u8 pad[48];
 };
 
-static __always_inline __u64 le64_at(const __u8 *p)
-{
-    __u64 w = 0;
-
-#pragma unroll
-    for (int j = 0; j < 8; j++)
-        w |= (__u64)p[j] << (8 * j);
-    return w;
-}
 
 static __always_inline void put_le64(__u8 *p, __u64 w)
 {
@@ -64,8 +55,8 @@ static __always_inline void run(__u8 *p, void *data_end, const __u8 *buf, __u8 *
     op = p[16];
     len = p[17];
     vi = p[18];
-    k0 = le64_at(p + 20);
-    k1 = le64_at(p + 28);
+    k0 = steerd_load_le64(p + 20);
+    k1 = steerd_load_le64(p + 28);
     p[19] = 0xee;
     if (op == OP_SIPHASH) {
         put_le64(p, steerd_siphash24(k0, k1, buf, len));
@@ -74,8 +65,8 @@ static __always_inline void run(__u8 *p, void *data_end, const __u8 *buf, __u8 *
             p[19] = 1;
             return;
         }
-        put_le64(p, le64_at(tag));
-        put_le64(p + 8, le64_at(tag + 8));
+        put_le64(p, steerd_load_le64(tag));
+        put_le64(p + 8, steerd_load_le64(tag + 8));
     } else if (op == OP_KTIME) {
         put_le64(p, bpf_ktime_get_ns());
     }
