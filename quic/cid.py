@@ -3,7 +3,7 @@
 first octet: 3 config-rotation bits | 5 bits "length self-description" (CID length - 1)
 then the server ID = host ID (``host_id_len`` bytes) || worker slot (``slot_len`` bytes,
 big-endian), then a random nonce of ``nonce_len`` >= 4 bytes. The BPF programs use the same
-numbers: steerd/bpf/steerd.h repeats the fixed constants below (a test checks they agree) and the
+numbers: bpf/steerd.h repeats the fixed constants below (a test checks they agree) and the
 per-deployment ones are passed to the compiler as -D flags from a ``CidLayout``
 (``CidLayout.defines()``).
 

@@ -1,5 +1,5 @@
 """The Retry Integrity Tag (RFC 9001 §5.8, RFC 9369 §3.3.3) computed with GHASH alone, and
-the multiplication tables the kernel's copy of it (steerd/bpf/ghash.h) reads from a map.
+the multiplication tables the kernel's copy of it (bpf/ghash.h) reads from a map.
 
 Why no AES: the tag is AES-128-GCM under a key and nonce the RFCs publish, over an empty
 plaintext with the Retry pseudo-packet as associated data. With nothing to encrypt, GCM
@@ -13,7 +13,7 @@ Table layout (byte-wise, "Shoup-style" 8-bit tables): for a 16-byte GHASH block 
 X[0..15], ``X * H = XOR over i of T[i][X[i]]`` where ``T[i][b]`` is the product with H of the
 block whose only non-zero byte is byte i = b. 16 x 256 entries of 16 bytes = 64 KiB per
 version, then E_K(J0) (16 bytes): :data:`TABLE_VALUE_SIZE` bytes, one value of the BPF
-ARRAY map ``struct steerd_ghash_tables`` (steerd/bpf/ghash.h) per version, keyed by
+ARRAY map ``struct steerd_ghash_tables`` (bpf/ghash.h) per version, keyed by
 :data:`VERSION_INDEX`. Every entry is stored in GHASH byte order (the big-endian block as on
 the wire); the kernel XORs them as two native 64-bit words, which is byte-wise XOR.
 

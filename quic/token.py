@@ -16,7 +16,7 @@ Layout (opaque to clients, who only echo it)::
 
 MAC: SipHash-2-4 (64-bit output, written as its 8 little-endian bytes) under a 128-bit key,
 over one canonical input that the kernel builds byte for byte the same way (the XDP/TC guard
-mints and checks these tokens too: steerd/bpf/siphash.h, STEERD_TOKEN_* in steerd/bpf/steerd.h)::
+mints and checks these tokens too: bpf/siphash.h, STEERD_TOKEN_* in bpf/steerd.h)::
 
     issued_ms u64 BE | odcid_len u8 | odcid | addr_len u8 (4 or 16) | client address |
     scid_len u8 | Retry SCID
@@ -92,7 +92,7 @@ def _packed_ip(client_ip: str) -> bytes:
 
 
 def mac_input(issued_ms: int, original_dcid: bytes, client_ip: str, retry_scid: bytes) -> bytes:
-    """The canonical MAC input (module docstring; STEERD_TOKEN_* in steerd/bpf/steerd.h)."""
+    """The canonical MAC input (module docstring; STEERD_TOKEN_* in bpf/steerd.h)."""
     ip = _packed_ip(client_ip)
     return b"".join((
         _ISSUED.pack(issued_ms), bytes((len(original_dcid),)), original_dcid,
