@@ -56,7 +56,7 @@ def staged_tree() -> Path:
 
     top = Path(tempfile.mkdtemp(prefix="steerd-staged-"))
     os.chmod(top, 0o755)
-    for package in ("steerd", "quic", "deploy"):
+    for package in ("steerd", "quic", "deploy", "bpf"):
         shutil.copytree(ROOT / package, top / "src" / package,
                         ignore=shutil.ignore_patterns("__pycache__"))
     site = Path(subprocess.run(
