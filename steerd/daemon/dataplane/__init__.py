@@ -97,8 +97,12 @@ class Dataplane:
     # -- loading --------------------------------------------------------------------------
 
     def cflags(self) -> list[str]:
-        """The -D flags that specialise bpf/*.c for this deployment and these maps."""
-        return programs.cflags(self.config, self._fds)
+        """The -D flags that specialise bpf/*.c for this deployment."""
+        return programs.cflags(self.config)
+
+    def fd_macros(self) -> dict[str, int]:
+        """The macros bpf/*.c names this group's maps by, and their descriptors."""
+        return programs.fd_macros(self._fds)
 
     def load(self) -> None:
         """Check prerequisites, open or create the pinned maps, compile, load and pin both
@@ -128,7 +132,8 @@ class Dataplane:
         """Compile, load and pin the steering and guard programs against the open maps."""
         self._need_maps()
         try:
-            loaded = programs.load_programs(self.cflags(), self.config.pin_dir)
+            loaded = programs.load_programs(self.cflags(), self.fd_macros(),
+                                            self.config.pin_dir)
         except DataplaneError:
             self.close()
             raise
@@ -228,7 +233,7 @@ class Dataplane:
         mode "native" (driver), "generic" (SKB) or "auto" (native if the driver has it, else
         generic). Returns the mode used.
         """
-        used, flags = guard.attach_xdp(self._need_loaded().guard_fn, ifname, mode, netns)
+        used, flags = guard.attach_xdp(self._need_loaded().guard_fd, ifname, mode, netns)
         self._xdp[(netns, ifname)] = flags
         return used
 

@@ -20,7 +20,6 @@ import socket
 import struct
 import subprocess
 from dataclasses import dataclass
-from typing import Any
 
 from steerd.daemon.dataplane.errors import DataplaneError
 from steerd.daemon.dataplane.header import header_constants
@@ -39,28 +38,31 @@ _XDP_FLAG_OF = {"native": XDP_FLAGS_DRV_MODE, "generic": XDP_FLAGS_SKB_MODE}
 # XDP
 
 
-def attach_xdp(guard_fn: Any, ifname: str, mode: str = "auto",
+def attach_xdp(guard_fd: int, ifname: str, mode: str = "auto",
                netns: str | None = None) -> tuple[str, int]:
-    """Attach the XDP guard ``guard_fn`` (a bcc function) to ``ifname`` in ``netns``.
+    """Attach the XDP guard (program descriptor ``guard_fd``) to ``ifname`` in ``netns``.
 
     mode "native" (driver), "generic" (SKB) or "auto" (native if the driver has it, else
     generic). Returns the mode used and its XDP flags (detach_xdp needs them).
     """
-    import bcc
-
     if mode not in XDP_MODES:
         raise DataplaneError(f"unknown XDP mode {mode!r}")
     errors: list[str] = []
     dev = ifname.encode()
     for m in XDP_MODES[mode]:
         flags = _XDP_FLAG_OF[m]
-        try:
-            run_in_netns(netns, lambda f=flags: bcc.BPF.attach_xdp(dev, guard_fn, f))
-        except Exception as exc:
-            errors.append(f"{m}: {exc}")
-            continue
-        return m, flags
+        res = run_in_netns(netns, lambda f=flags: _attach_xdp_fd(dev, guard_fd, f))
+        if res == 0:
+            return m, flags
+        errors.append(f"{m}: {os.strerror(res)}")
     raise DataplaneError(f"attaching XDP to {ifname} failed: {'; '.join(errors)}")
+
+
+def _attach_xdp_fd(dev: bytes, fd: int, flags: int) -> int:
+    """libbcc's netlink attach: 0, or the errno."""
+    if libbcc().bpf_attach_xdp(dev, fd, flags) < 0:
+        return ct.get_errno() or errno.EIO
+    return 0
 
 
 def detach_xdp(ifname: str, flags: int = XDP_FLAGS_DRV_MODE, netns: str | None = None) -> None:

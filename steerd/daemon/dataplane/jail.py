@@ -38,7 +38,7 @@ import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from steerd.daemon.dataplane import DataplaneError
+from steerd.daemon.dataplane import DataplaneError, compiled
 from steerd.daemon.dataplane.btf import member_offsets
 from steerd.daemon.dataplane.cgroup import (
     RootProgram,
@@ -253,7 +253,7 @@ class Jail:
         self.port = port
         self.counters_fd = counters_fd
         self._fds: dict[str, int] = {}
-        self._bpf: list[object] = []
+        self._prog_fds: list[int] = []
         self._cgroup: str | None = None  # the cgroup this process entered, to leave at stop
         self.compat_error: str | None = None  # why the 32-bit hook is not in force
 
@@ -369,54 +369,50 @@ class Jail:
         cgroup v2 root, then retire a previous run's (attached first, detached after: the
         port is never unguarded). The 32-bit hook follows; if it cannot load on this kernel
         the cgroup hooks stay and ``compat_error`` says why."""
-        import bcc
-
         root = cgroup2_root()
         if root is None:
             raise DataplaneError("no cgroup v2 hierarchy is mounted (mount -t cgroup2 none "
                                  "/sys/fs/cgroup/unified): the socket jail needs one")
-        cflags = self._cflags()
-        try:
-            bpf = bcc.BPF(text=(BPF_DIR / "jail.c").read_bytes(), cflags=cflags)
-            progs = [RootProgram(name, bpf.load_func(name.encode(), ptype, attach_type=atype).fd,
-                                 atype, _pin_path(self.pin_dir, name))
-                     for name, ptype, atype in HOOKS]
-        except Exception as exc:
-            raise DataplaneError(f"compiling bpf/jail.c failed: {exc}") from exc
-        self._bpf.append(bpf)
+        flags, fds, words = self._macros()
+        loaded = compiled.load("jail.c", flags, [compiled.Entry(*hook) for hook in HOOKS],
+                               fds, words)
+        self._prog_fds += loaded.values()
+        progs = [RootProgram(name, loaded[name], atype, _pin_path(self.pin_dir, name))
+                 for name, _, atype in HOOKS]
         attach_at_root(root, progs)
         with contextlib.suppress(FileNotFoundError):  # the old programs are gone
             os.unlink(_pin_path(self.pin_dir, LEGACY_PIDS))
         try:
-            self._attach_compat(cflags)
+            self._attach_compat(flags, fds, words)
             self.compat_error = None
         except DataplaneError as exc:
             self.compat_error = str(exc)
 
-    def _cflags(self) -> list[str]:
-        return [
-            f"-I{BPF_DIR}", f"-DSTEERD_JAIL_PORT={self.port}",
-            f"-DSTEERD_JAIL_NETNS={netns_cookie()}ULL",
-            f"-DSTEERD_FD_JAIL_CGROUPS={self._need('jail_cgroups')}",
-            f"-DSTEERD_FD_JAIL_OPTIONS={self._need('jail_options')}",
-            f"-DSTEERD_FD_JAIL_OFFENCES={self._need('jail_offences')}",
-            f"-DSTEERD_FD_COUNTERS={self.counters_fd}",
-        ]
+    def _macros(self) -> tuple[list[str], dict[str, int], dict[str, int]]:
+        """The jail's flags, map descriptors and netns cookie (compiled.load's arguments)."""
+        flags = [f"-I{BPF_DIR}", f"-DSTEERD_JAIL_PORT={self.port}"]
+        fds = {
+            "STEERD_FD_JAIL_CGROUPS": self._need("jail_cgroups"),
+            "STEERD_FD_JAIL_OPTIONS": self._need("jail_options"),
+            "STEERD_FD_JAIL_OFFENCES": self._need("jail_offences"),
+            "STEERD_FD_COUNTERS": self.counters_fd,
+        }
+        return flags, fds, {"STEERD_JAIL_NETNS": netns_cookie()}
 
-    def _attach_compat(self, cflags: list[str]) -> None:
+    def _attach_compat(self, flags: list[str], fds: dict[str, int],
+                       words: dict[str, int]) -> None:
         """Load compat.c, attach it to the raw tracepoint sys_enter and pin the link (which
         keeps it attached past this process); the previous run's link is unpinned after."""
-        import bcc
-
         try:
             offsets = [f"-D{flag}={off}" for flag, off in compat_offsets().items()]
-            bpf = bcc.BPF(text=(BPF_DIR / "compat.c").read_bytes(), cflags=cflags + offsets)
-            prog_fd = bpf.load_func(COMPAT_HOOK.encode(), PROG_RAW_TRACEPOINT).fd
         except DataplaneError:
             raise
         except Exception as exc:
-            raise DataplaneError(f"compiling bpf/compat.c failed: {exc}") from exc
-        self._bpf.append(bpf)
+            raise DataplaneError(f"bpf/compat.c: reading the kernel's layout failed: {exc}") \
+                from exc
+        entry = compiled.Entry(COMPAT_HOOK, PROG_RAW_TRACEPOINT)
+        prog_fd = compiled.load("compat.c", flags + offsets, [entry], fds, words)[COMPAT_HOOK]
+        self._prog_fds.append(prog_fd)
         link = libbcc().bpf_attach_raw_tracepoint(prog_fd, b"sys_enter")
         if link < 0:
             raise DataplaneError("attaching bpf/compat.c to raw tracepoint sys_enter "
@@ -432,12 +428,9 @@ class Jail:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        bpfs, self._bpf = self._bpf, []
-        for bpf in bpfs:
-            try:
-                bpf.cleanup()  # type: ignore[attr-defined]
-            except Exception:  # best effort: the pinned programs keep the jail alive
-                pass
+        fds, self._prog_fds = self._prog_fds, []
+        for fd in fds:
+            os.close(fd)
 
     def _need(self, name: str) -> int:
         if name not in self._fds:

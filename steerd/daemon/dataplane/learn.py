@@ -31,18 +31,19 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from steerd.daemon.dataplane import Dataplane, DataplaneError
+from steerd.daemon.dataplane import Dataplane, DataplaneError, compiled
 from steerd.daemon.dataplane.cgroup import (
     RootProgram,
     attach_at_root,
     cgroup2_root,
     detach_from_root,
 )
-from steerd.daemon.dataplane.header import BPF_DIR, header_constants
+from steerd.daemon.dataplane.header import header_constants
 from steerd.daemon.dataplane.maps import libbcc
 
 PROG_CGROUP_SKB = 8
 BPF_CGROUP_INET_EGRESS = 1
+LEARN = compiled.Entry("steerd_learn", PROG_CGROUP_SKB, BPF_CGROUP_INET_EGRESS)
 PIN_NAME = "prog_learn"
 
 MODE_LAYOUT = 1  # bpf/steerd.h STEERD_MODE_LAYOUT (tests/dataplane/test_learn.py checks)
@@ -87,7 +88,7 @@ class Learner:
 
     def __init__(self, dp: Dataplane) -> None:
         self.dp = dp
-        self._bpf: object | None = None
+        self._prog_fd: int | None = None
         self._slots = dp.config.effective_worker_slots()
         # learn_counts: proven CIDs, proven peers, unproven CIDs, unproven peers (per slot)
         self._columns = _h()["STEERD_LEARN_COUNT_COLUMNS"]
@@ -252,29 +253,21 @@ class Learner:
     def attach(self) -> None:
         """Compile bpf/learn.c against this group's maps and attach it at the cgroup v2
         root, then retire a previous run's (attached first: no packet goes unwatched)."""
-        import bcc
-
         root = cgroup2_root()
         if root is None:
             raise DataplaneError("no cgroup v2 hierarchy is mounted: learned mode needs one")
-        try:
-            bpf = bcc.BPF(text=(BPF_DIR / "learn.c").read_bytes(), cflags=self.dp.cflags())
-            prog_fd = bpf.load_func(b"steerd_learn", PROG_CGROUP_SKB,
-                                    attach_type=BPF_CGROUP_INET_EGRESS).fd
-        except Exception as exc:
-            raise DataplaneError(f"compiling bpf/learn.c failed: {exc}") from exc
-        self._bpf = bpf
+        prog_fd = compiled.load("learn.c", self.dp.cflags(), [LEARN], self.dp.fd_macros())[
+            LEARN.name]
+        self.close()
+        self._prog_fd = prog_fd
         attach_at_root(root, [RootProgram("bpf/learn.c", prog_fd, BPF_CGROUP_INET_EGRESS,
                                           os.path.join(self.dp.config.pin_dir, PIN_NAME))])
 
     def close(self) -> None:
-        """Release this process's handles; the pinned program stays attached."""
-        bpf, self._bpf = self._bpf, None
-        if bpf is not None:
-            try:
-                bpf.cleanup()  # type: ignore[attr-defined]
-            except Exception:  # best effort: the pinned program keeps learning
-                pass
+        """Release this process's handle; the pinned program stays attached."""
+        fd, self._prog_fd = self._prog_fd, None
+        if fd is not None:
+            os.close(fd)
 
     # -- map helpers ----------------------------------------------------------------------
 

@@ -2,8 +2,9 @@
 (prerequisites), which kernel headers bcc compiles against, the -D flags that specialise the
 C for one deployment, and compiling, loading and pinning the programs.
 
-Why -D flags: per-deployment numbers (CID layout, slot counts, service ports, map fds) are
-compiled in, so the programs do no config lookups on the fast path.
+Why -D flags: per-deployment numbers (CID layout, slot counts, service ports) are compiled
+in, so the programs do no config lookups on the fast path; the map descriptors are filled in
+at load time (compiled.py), so one compile serves every run of a deployment.
 
 Why prerequisites are checked first and all at once: a missing header tree or an unmounted
 bpffs otherwise surfaces as a compiler or syscall error deep in start-up; every failure
@@ -13,12 +14,15 @@ becomes one DataplaneError whose message names what is missing and how to fix it
 
 from __future__ import annotations
 
+import contextlib
 import ctypes as ct
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
+from steerd.daemon.dataplane import compiled
+from steerd.daemon.dataplane.compiled import Entry
 from steerd.daemon.dataplane.errors import DataplaneError
 from steerd.daemon.dataplane.header import BPF_DIR
 from steerd.daemon.dataplane.maps import DEFAULT_PIN_DIR, MAP_ARRAY, libbcc, pin_fd
@@ -183,8 +187,9 @@ def require_prerequisites(pin_dir: str = DEFAULT_PIN_DIR) -> Path:
 # Compiling and loading
 
 
-def cflags(config: DataplaneConfig, map_fds: dict[str, int]) -> list[str]:
-    """The -D flags that specialise bpf/*.c for this deployment and these maps."""
+def cflags(config: DataplaneConfig) -> list[str]:
+    """The -D flags that specialise bpf/*.c for this deployment (the map descriptors are
+    ``fd_macros``: filled in at load time, so a compile serves every run)."""
     c, layout = config, config.layout
     # The CID numbers come from CidLayout itself, so BPF and quic/ cannot disagree.
     flags = [
@@ -196,63 +201,47 @@ def cflags(config: DataplaneConfig, map_fds: dict[str, int]) -> list[str]:
     flags += [f"-D{name}={value:#x}" for name, value in layout.defines().items()]
     flags += [f"-DSTEERD_PORT_{i}={p}" for i, p in enumerate(c.effective_guard_ports())]
     flags.append(f"-DSTEERD_LEARN_PORT={c.port}")
-    flags += [f"-DSTEERD_FD_{name.upper()}={fd}" for name, fd in map_fds.items()]
     return flags
 
 
-def compile_source(source: str, flags: list[str]) -> Any:
-    """bpf/``source`` compiled by bcc with ``flags``: a ``bcc.BPF``."""
-    import bcc
-
-    text = (BPF_DIR / source).read_text()
-    try:
-        return bcc.BPF(text=text.encode(), cflags=flags)
-    except Exception as exc:
-        raise DataplaneError(f"compiling bpf/{source} failed: {exc}") from exc
-
-
-def _cleanup(bpfs: list[Any]) -> None:
-    for bpf in bpfs:
-        try:
-            bpf.cleanup()
-        except Exception:  # bcc cleanup is best effort; nothing of ours depends on it
-            pass
-    bpfs.clear()
+def fd_macros(map_fds: dict[str, int]) -> dict[str, int]:
+    """The macro bpf/*.c names each map by (STEERD_FD_<NAME>) and the map's descriptor."""
+    return {f"STEERD_FD_{name.upper()}": fd for name, fd in map_fds.items()}
 
 
 @dataclass(slots=True)
 class Programs:
-    """One group's loaded steering and guard programs (the bcc objects that hold them)."""
+    """One group's loaded steering and guard programs (this process's descriptors)."""
 
-    bpfs: list[Any]
     steer_fd: int
-    guard_fn: Any  # the XDP function, as bcc.BPF.attach_xdp takes it
     guard_fd: int
     guard_tc_fd: int
 
     def close(self) -> None:
         """Release this process's handles; what is pinned or attached stays."""
-        _cleanup(self.bpfs)
+        for fd in (self.steer_fd, self.guard_fd, self.guard_tc_fd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
-def load_programs(flags: list[str], pin_dir: str) -> Programs:
-    """Compile, load and pin the steering and guard programs (the maps named in ``flags``
-    must be open)."""
-    bpfs: list[Any] = []
+STEER = [Entry("steerd_steer", PROG_SK_REUSEPORT)]
+GUARD = [Entry("steerd_guard", PROG_XDP), Entry("steerd_guard_tc", PROG_SCHED_CLS)]
+
+
+def load_programs(flags: list[str], fds: dict[str, int], pin_dir: str) -> Programs:
+    """Compile (or find compiled), load and pin the steering and guard programs against the
+    open maps ``fds`` (fd_macros)."""
+    loaded: dict[str, int] = {}
     try:
-        steer = compile_source("steer.c", flags)
-        bpfs.append(steer)
-        steer_fd = steer.load_func(b"steerd_steer", PROG_SK_REUSEPORT).fd
-        guard = compile_source("guard.c", flags)
-        bpfs.append(guard)
-        guard_fn = guard.load_func(b"steerd_guard", PROG_XDP)
-        guard_tc_fd = guard.load_func(b"steerd_guard_tc", PROG_SCHED_CLS).fd
-        pin_fd(steer_fd, os.path.join(pin_dir, STEER_PIN))
-        pin_fd(guard_fn.fd, os.path.join(pin_dir, GUARD_PIN))
-        pin_fd(guard_tc_fd, os.path.join(pin_dir, GUARD_TC_PIN))
+        loaded |= compiled.load("steer.c", flags, STEER, fds)
+        loaded |= compiled.load("guard.c", flags, GUARD, fds)
+        pin_fd(loaded["steerd_steer"], os.path.join(pin_dir, STEER_PIN))
+        pin_fd(loaded["steerd_guard"], os.path.join(pin_dir, GUARD_PIN))
+        pin_fd(loaded["steerd_guard_tc"], os.path.join(pin_dir, GUARD_TC_PIN))
     except Exception as exc:
-        _cleanup(bpfs)
+        for fd in loaded.values():
+            os.close(fd)
         if isinstance(exc, DataplaneError):
             raise
         raise DataplaneError(f"loading the BPF programs failed: {exc}") from exc
-    return Programs(bpfs, steer_fd, guard_fn, guard_fn.fd, guard_tc_fd)
+    return Programs(loaded["steerd_steer"], loaded["steerd_guard"], loaded["steerd_guard_tc"])

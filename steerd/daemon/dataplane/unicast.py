@@ -32,6 +32,7 @@ import socket
 import struct
 import tempfile
 
+from steerd.daemon.dataplane import compiled
 from steerd.daemon.dataplane.cgroup import (
     RootProgram,
     attach_at_root,
@@ -55,6 +56,7 @@ from steerd.daemon.dataplane.programs import Prerequisite, find_kernel_headers
 log = logging.getLogger("steerd")
 
 BPF_CGROUP_INET_INGRESS = 0
+UNICAST = compiled.Entry("steerd_unicast", PROG_CGROUP_SKB, BPF_CGROUP_INET_INGRESS)
 SUBDIR = "unicast"
 PROG_PIN = "prog_unicast"
 BROADCASTS = MapSpec("local_broadcasts", MAP_HASH, 4, 1, 1024)
@@ -145,7 +147,7 @@ class UnicastFilter:
         self.scope = "its network namespace only"
         self._map_fd = -1
         self._watch: socket.socket | None = None
-        self._bpf: object | None = None
+        self._prog_fd: int | None = None
 
     @property
     def directory(self) -> str:
@@ -243,37 +245,31 @@ class UnicastFilter:
         cgroup_skb programs bpf_get_netns_cookie (older kernels; 6.18 has it): the port is
         then guarded in every namespace, which costs other namespaces only their broadcast
         and multicast to it."""
-        import bcc
-
         headers, _ = find_kernel_headers()  # as the daemon's data plane set it, else found
         if headers is not None:
             os.environ.setdefault("BCC_KERNEL_SOURCE", str(headers))
         cookie = run_in_netns(self.netns, netns_cookie)
-        base = [f"-I{BPF_DIR}", f"-DSTEERD_UNICAST_PORT={self.port}",
-                f"-DSTEERD_FD_LOCAL_BROADCASTS={self._need_open()}",
-                f"-DSTEERD_FD_COUNTERS={self.counters_fd}"]
-        text = (BPF_DIR / "unicast.c").read_bytes()
+        flags = [f"-I{BPF_DIR}", f"-DSTEERD_UNICAST_PORT={self.port}"]
+        fds = {"STEERD_FD_LOCAL_BROADCASTS": self._need_open(),
+               "STEERD_FD_COUNTERS": self.counters_fd}
         first: Exception | None = None
-        for extra in ([f"-DSTEERD_UNICAST_NETNS={cookie}ULL"], []):
+        for words in ({"STEERD_UNICAST_NETNS": cookie}, {}):
             try:
-                bpf = bcc.BPF(text=text, cflags=base + extra)
-                fd: int = bpf.load_func(b"steerd_unicast", PROG_CGROUP_SKB,
-                                        attach_type=BPF_CGROUP_INET_INGRESS).fd
-            except Exception as exc:
+                fd = compiled.load("unicast.c", flags, [UNICAST], fds, words)[UNICAST.name]
+            except DataplaneError as exc:
                 first = first or exc
                 continue
             self.close_program()
-            self._bpf = bpf
-            if not extra:
+            self._prog_fd = fd
+            if not words:
                 self.scope = "every network namespace (no bpf_get_netns_cookie here)"
             return fd
-        raise DataplaneError(f"compiling bpf/unicast.c failed: {first}")
+        raise DataplaneError(f"{first}")
 
     def close_program(self) -> None:
-        bpf, self._bpf = self._bpf, None
-        if bpf is not None:
-            with contextlib.suppress(Exception):  # best effort: the pin keeps it attached
-                bpf.cleanup()  # type: ignore[attr-defined]
+        fd, self._prog_fd = self._prog_fd, None
+        if fd is not None:
+            os.close(fd)  # the pin keeps it attached
 
     def close(self) -> None:
         """Release this process's handles; the pins and the attachment stay."""
