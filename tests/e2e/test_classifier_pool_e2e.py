@@ -31,6 +31,8 @@ from tests.sdk.harness import start_demo_app, start_loader
 
 pytestmark = pytest.mark.root
 
+HANDSHAKES_BETWEEN = 3  # handshakes the new daemon carries before the next restart
+
 
 @pytest.fixture
 def pooled() -> Iterator[tuple[NetnsPair, Daemon]]:
@@ -100,7 +102,13 @@ def test_killed_classifier_is_replaced_and_no_connection_fails(
 def test_clean_restart_under_load_refuses_nothing(pooled: tuple[NetnsPair, Daemon]) -> None:
     """SIGTERM (a clean stop) with two classifier processes while connections start: the
     control socket's closing empties the registry, which must never reach the classifiers
-    still working (they would refuse flights in progress with no_application_protocol)."""
+    still working (they would refuse flights in progress with no_application_protocol).
+
+    A connection that starts while no daemon runs loses its Initial (steer_drop_no_classifier,
+    docs/OPERATIONS.md) and is served on its retransmission; each restart waits until the
+    new daemon has carried HANDSHAKES_BETWEEN handshakes, so no client meets more gaps than
+    a real restart gives it (the loader's clients come one after another: those handshakes
+    come after the one that met the gap has finished)."""
     pair, daemon = pooled
     app = start_demo_app(daemon, "h3", workers=2)
     loader = None
@@ -110,7 +118,11 @@ def test_clean_restart_under_load_refuses_nothing(pooled: tuple[NetnsPair, Daemo
             daemon.proc.terminate()
             assert daemon.proc.wait(20) == 0
             spawn_daemon(daemon, until="classifying")
-            await_status(daemon, lambda s: not s["slots"]["awaiting_resume"] and s["apps"])
+            status = await_status(
+                daemon, lambda s: not s["slots"]["awaiting_resume"] and s["apps"])
+            carried = status["counters"].get("steer_long_ours_worker", 0) + HANDSHAKES_BETWEEN
+            await_status(daemon,
+                         lambda s, n=carried: s["counters"].get("steer_long_ours_worker", 0) >= n)
         totals = loader.finish()
         loader = None
         assert totals["failed"] == 0 and totals["ok"] > 0, totals
