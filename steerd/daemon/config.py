@@ -266,7 +266,10 @@ class FloodConfig:
     token_lifetime: float = 10.0  # seconds a Retry token is valid
     # seconds an address that presented a valid token skips the guard's Retry mode (0: never)
     retry_proven_ttl: float = 30.0
-    retry_proven_rate: float = 100.0  # ... for at most this many Initials per second each
+    # ... for at most this many Initials per second each: a busy address (a NAT, a load
+    # generator) past it meets the Retry again, and under a flood from many prefixes the
+    # Retry budget is mostly the flood's (docs/RELIABILITY.md §1a)
+    retry_proven_rate: float = 1000.0
     guard_rate: float = 0.0  # new Initials per second per source prefix; 0: no bucket
     guard_burst: int = 64
     guard_v4_prefix_len: int = 24

@@ -312,7 +312,7 @@ class Dataplane:
 
     def set_retry(self, token_key: bytes, token_lifetime: float, rate: float = 0.0,
                   burst: int = 1, total_rate: float = 0.0, total_burst: int = 1,
-                  proven_ttl: float = 0.0, proven_rate: float = 100.0) -> None:
+                  proven_ttl: float = 0.0, proven_rate: float = 1000.0) -> None:
         """The token key (tokens of ours are checked in the guard from now on), the
         Retries' budget per source prefix and in all, and how long a token proves its
         address (``guard.set_retry``); Retry mode is :meth:`set_retry_until`."""

@@ -269,7 +269,7 @@ def set_retry(config_fd: int, *, token_key: bytes, token_lifetime: float,
               rate: float = 0.0, burst: int = 1, total_rate: float = 0.0,
               total_burst: int = 1, v4_prefix_len: int | None = None,
               v6_prefix_len: int | None = None, buckets_fd: int | None = None,
-              proven_ttl: float = 0.0, proven_rate: float = 100.0) -> None:
+              proven_ttl: float = 0.0, proven_rate: float = 1000.0) -> None:
     """Give the guard the token key (from now on it checks every token of ours) and the
     Retries' budget: ``rate`` Retries per second per source prefix, ``burst`` at once (0: no
     per-prefix bound), ``total_rate`` for all prefixes together (0: none); with

@@ -16,7 +16,12 @@ from steerd.daemon.dataplane.header import header_constants
 log = logging.getLogger("steerd")
 
 
-RETRY_PREFIX_SHARE = 100  # kernel Retry: one source prefix gets retry_rate / this
+# Kernel Retry: one source prefix gets retry_rate / this (and retry_burst / this at once).
+# When more prefixes than this flood at their full share, the Retry budget is spent before
+# a real client's first Initial asks for its Retry, which then comes with a probability of
+# this / the flooding prefixes: at 100, a flood from 256 /24s left that 0.39 (and cost a
+# client PTO after PTO), so a flood needs more than 1000 prefixes to reach it.
+RETRY_PREFIX_SHARE = 1000  # (burst: one second of that share)
 
 
 _CANARY_COUNTER_INDEX = header_constants()["STEERD_CNT_STEER_CANARY"]
@@ -129,11 +134,11 @@ class ProgramsMixin:
         off here and the classifier's Python Retry answers under load, as it does wherever
         no guard is attached."""
         flood = self.config.flood
-        # One source prefix may take 1% of the Retry budget (retry_rate, retry_burst bound
+        # One source prefix may take 0.1% of the Retry budget (retry_rate, retry_burst bound
         # all prefixes together), so a few prefixes cannot make steerd reflect at its cap.
         dp.set_retry(self.classifier.retry.key, flood.token_lifetime,
                      rate=flood.retry_rate / RETRY_PREFIX_SHARE,
-                     burst=max(1, flood.retry_burst // 10),
+                     burst=max(1, round(flood.retry_rate / RETRY_PREFIX_SHARE)),  # 1 s of it
                      total_rate=flood.retry_rate, total_burst=flood.retry_burst,
                      # "always" means every token-less Initial: none is let past
                      proven_ttl=flood.retry_proven_ttl if flood.retry == "auto" else 0.0,
