@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "daemon.py"
 

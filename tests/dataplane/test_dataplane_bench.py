@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 RUN = Path(__file__).resolve().parents[2] / "bench" / "datapath" / "run.py"
 

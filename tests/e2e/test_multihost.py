@@ -37,7 +37,7 @@ from deploy.netns import list_netns
 from deploy.quicclient import RequestFailed, Session
 from tests import tshark
 
-pytestmark = [pytest.mark.root, pytest.mark.tshark]
+pytestmark = [pytest.mark.root, pytest.mark.tshark, pytest.mark.serial]
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 MIXES = [(stack, kind, family) for stack in ("aioquic", "qh3") for kind in KINDS

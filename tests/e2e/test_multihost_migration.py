@@ -43,7 +43,7 @@ from deploy.quicclient import RequestFailed, Session
 from quic.cid import katran_host_id
 from steerd.daemon.dataplane.netns import netns_path
 
-pytestmark = [pytest.mark.root]
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 V4, V6 = socket.AF_INET, socket.AF_INET6
 CID_LEN = layout().cid_len

@@ -50,6 +50,7 @@ def test_round_trip_gives_the_original_dcid() -> None:
         (KEY, "::ffff:198.18.0.1", SCID, "token_invalid"),  # another family is another address
         (KEY, "198.18.0.1", SCID[:-1] + b"\x01", "token_invalid"),  # another Retry SCID
     ],
+    ids=["another-key", "another-address", "another-family", "another-scid"],  # KEY is random
 )
 def test_binding_is_checked(key: bytes, ip: str, scid: bytes, reason: str) -> None:
     token = build_retry_token(KEY, "198.18.0.1", ODCID, SCID, 100.0)

@@ -47,6 +47,8 @@ from tests.e2e.conftest import PORT, ROOT, Daemon, start_daemon
 from tests.reliability.conftest import FLOOD_DEADLINE, Flood
 from tests.sdk.harness import Session, start_demo_app, start_loader
 
+pytestmark = pytest.mark.serial  # loads the machine: runs alone (test.sh)
+
 SPOOF_C = ROOT / "bench" / "flood" / "spoof.c"
 SPOOF_NET, SPOOF_BITS = "198.19.0.0", 16  # RFC 2544 space, routed into the client namespace
 FLOOD_SECONDS = 12.0

@@ -26,6 +26,8 @@ from tests.reliability.fuzz_assembler import (
     write_seeds,
 )
 
+pytestmark = pytest.mark.serial  # loads the machine: runs alone (test.sh)
+
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURES = ROOT / "tests" / "fixtures"
 FUZZ_SECONDS = int(os.environ.get("STEERD_FUZZ_SECONDS", "15"))

@@ -56,7 +56,7 @@ from tests.reliability.test_flood import (  # one sender, one way to build its r
 )
 from tests.sdk.harness import chromium_get, start_demo_app, start_loader
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 SECONDS = 5.0
 JUNK_NET, JUNK_BITS = "198.19.7.0", 24  # one prefix: what a single attacking host has

@@ -17,7 +17,7 @@ import pytest
 
 from tests.e2e.conftest import PYTHON, ROOT
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 DEADLINE = 150.0  # s of bench runs (one takes ~5 s on an idle 2-core machine)
 

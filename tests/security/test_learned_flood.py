@@ -43,7 +43,7 @@ from tests.sdk.harness import session, start_demo_app, start_loader
 from tests.security.tenants import FILES_UID, acl_entry, counters, delta, tenant_daemon
 from tests.security.test_learned_isolation import PlainLoader, start_plain, steering
 
-pytestmark = pytest.mark.root
+pytestmark = [pytest.mark.root, pytest.mark.serial]
 
 VICTIM_UID = 64123
 QUOTA = 128  # [limits] learned_quota: the learned app's slot's proven CIDs (and addresses)

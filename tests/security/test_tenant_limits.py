@@ -48,7 +48,7 @@ from tests.security.tenants import (
     tenants_world,
 )
 
-pytestmark = [pytest.mark.root, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.root, pytest.mark.serial, pytest.mark.timeout(600)]
 
 LATE_UID = 64123
 UID_SLOTS, UID_CONNECTIONS = 64, 16  # the defaults: the config below sets no [limits]
