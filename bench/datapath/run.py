@@ -1,7 +1,7 @@
 """Benchmark: packets per second delivered to worker sockets, plain SO_REUSEPORT against
 steerd's steering program and steering + XDP guard, in one run.
 
-    .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--size B] [--json]
+    .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--stats-rounds N] [--size B] [--json]
 
 Set-up (root): a client and a server network namespace joined by veth (deploy/netns.py).
 In the server namespace, a reuseport group of 4 worker sockets and 1 classifier socket on
@@ -372,6 +372,8 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seconds", type=float, default=1.0, help="per mode and round")
     parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--stats-rounds", type=int, default=3,
+                        help="extra rounds with kernel BPF statistics on (program run time)")
     parser.add_argument("--size", type=int, default=100, help="UDP payload bytes")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
@@ -430,7 +432,7 @@ def with_namespaces(args: argparse.Namespace, results: list[dict[str, object]],
             stats_was = stats_file.read_text().strip()
             stats_file.write_text("1")
             try:
-                for _ in range(3):
+                for _ in range(args.stats_rounds):
                     for mode in STATS_MODES:
                         result = run_mode(mode, pair, dp, null, sender, receiver, tmpls,
                                           args.size, args.seconds)

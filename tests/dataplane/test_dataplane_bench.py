@@ -25,7 +25,8 @@ def test_bench_datapath_smoke() -> None:
     if not shutil.which("gcc"):
         pytest.skip("gcc is not installed (deploy/setup.sh installs it)")
     proc = subprocess.run(
-        [sys.executable, str(RUN), "--rounds", "1", "--seconds", "0.2", "--json"],
+        [sys.executable, str(RUN), "--rounds", "1", "--stats-rounds", "1", "--seconds", "0.2",
+         "--json"],
         capture_output=True, text=True, timeout=240, check=False,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
