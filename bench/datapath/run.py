@@ -1,7 +1,8 @@
 """Benchmark: packets per second delivered to worker sockets, plain SO_REUSEPORT against
 steerd's steering program and steering + XDP guard, in one run.
 
-    .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--stats-rounds N] [--size B] [--json]
+    .venv/bin/python bench/datapath/run.py [--seconds S] [--rounds R] [--stats-rounds N]
+        [--size B] [--json]
 
 Set-up (root): a client and a server network namespace joined by veth (deploy/netns.py).
 In the server namespace, a reuseport group of 4 worker sockets and 1 classifier socket on
