@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole test suite: sets up what is missing, then runs ruff and pytest as root. Reports the
 # suite's wall time and its slowest tests (pytest --durations), the figures to watch when the
-# suite grows (docs/ARCHITECTURE.md, "Tests").
+# suite grows (docs/PERFORMANCE.md, "The test suite").
 #
 # Two parts: every test not marked "serial" in two pytest-xdist workers (whole files per
 # worker: module fixtures are shared, and each test builds its own namespaces, pin dirs and

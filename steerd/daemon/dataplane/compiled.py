@@ -23,7 +23,7 @@ import logging
 import os
 import stat
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,22 +102,28 @@ def load(
 def relocate(insns: bytes, fd_of: Mapping[int, int], word_of: Mapping[int, int]) -> bytes:
     """``insns`` with every placeholder replaced by its real descriptor or word."""
     out = bytearray(insns)
-    i = 0
-    while i + 2 * _INSN <= len(out):
-        code, regs = out[i], out[i + 1]
-        if code != _LD_IMM64:
-            i += _INSN
-            continue
-        lo = struct.unpack_from("<I", out, i + 4)[0]
-        hi = struct.unpack_from("<I", out, i + _INSN + 4)[0]
-        if regs >> 4 == _PSEUDO_MAP_FD and lo in fd_of:
-            struct.pack_into("<i", out, i + 4, fd_of[lo])
-        elif regs >> 4 == 0 and (value := lo | hi << 32) in word_of:
+    for at, src, value in _loads64(insns):
+        lo = value & 0xFFFFFFFF
+        if src == _PSEUDO_MAP_FD and lo in fd_of:
+            struct.pack_into("<i", out, at + 4, fd_of[lo])
+        elif src == 0 and value in word_of:
             new = word_of[value] & (1 << 64) - 1
-            struct.pack_into("<II", out, i + 4, new & 0xFFFFFFFF, 0)
-            struct.pack_into("<I", out, i + _INSN + 4, new >> 32)
-        i += 2 * _INSN
+            struct.pack_into("<I", out, at + 4, new & 0xFFFFFFFF)
+            struct.pack_into("<I", out, at + _INSN + 4, new >> 32)
     return bytes(out)
+
+
+def _loads64(insns: bytes) -> Iterator[tuple[int, int, int]]:
+    """(offset, source register, 64-bit immediate) of each 64-bit load (two instructions)."""
+    at = 0
+    while at + 2 * _INSN <= len(insns):
+        if insns[at] != _LD_IMM64:
+            at += _INSN
+            continue
+        lo = struct.unpack_from("<I", insns, at + 4)[0]
+        hi = struct.unpack_from("<I", insns, at + _INSN + 4)[0]
+        yield at, insns[at + 1] >> 4, lo | hi << 32
+        at += 2 * _INSN
 
 
 def _compiled(source: str, flags: list[str], entries: Sequence[Entry],
@@ -131,7 +137,8 @@ def _compiled(source: str, flags: list[str], entries: Sequence[Entry],
             return found
     compiled = compile_now(source, flags, entries)
     for mark in word_marks:  # a word the compiler folded away would stay a placeholder
-        if not any(_holds_word(insns, mark) for insns in compiled.insns.values()):
+        if not any(src == 0 and value == mark for insns in compiled.insns.values()
+                   for _, src, value in _loads64(insns)):
             raise DataplaneError(f"bpf/{source}: a 64-bit constant macro was not compiled "
                                  "to a plain 64-bit load (cannot be filled in at load time)")
     if path is not None:
@@ -228,16 +235,6 @@ def _write(path: Path, compiled: Compiled) -> None:
     except OSError as exc:
         log.debug("BPF compile cache: writing %s failed: %s", path, exc)
         tmp.unlink(missing_ok=True)
-
-
-def _holds_word(insns: bytes, word: int) -> bool:
-    for i in range(0, len(insns) - _INSN, _INSN):
-        if insns[i] == _LD_IMM64 and insns[i + 1] >> 4 == 0:
-            lo = struct.unpack_from("<I", insns, i + 4)[0]
-            hi = struct.unpack_from("<I", insns, i + _INSN + 4)[0]
-            if lo | hi << 32 == word:
-                return True
-    return False
 
 
 _libc = ct.CDLL(None, use_errno=True)

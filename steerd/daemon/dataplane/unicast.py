@@ -252,7 +252,7 @@ class UnicastFilter:
         flags = [f"-I{BPF_DIR}", f"-DSTEERD_UNICAST_PORT={self.port}"]
         fds = {"STEERD_FD_LOCAL_BROADCASTS": self._need_open(),
                "STEERD_FD_COUNTERS": self.counters_fd}
-        first: Exception | None = None
+        first: DataplaneError | None = None
         for words in ({"STEERD_UNICAST_NETNS": cookie}, {}):
             try:
                 fd = compiled.load("unicast.c", flags, [UNICAST], fds, words)[UNICAST.name]
@@ -264,7 +264,8 @@ class UnicastFilter:
             if not words:
                 self.scope = "every network namespace (no bpf_get_netns_cookie here)"
             return fd
-        raise DataplaneError(f"{first}")
+        assert first is not None
+        raise first  # the namespace-scoped program's reason: the one that matters here
 
     def close_program(self) -> None:
         fd, self._prog_fd = self._prog_fd, None
